@@ -1,0 +1,276 @@
+//! Readers: iterate a stream from an offset or a time, optionally filtered
+//! by a NATS subject pattern, in offset order, across segments, while
+//! appends go on. A reader only sees whole, checksummed frames below the
+//! published (visible) length, so it never sees part of a batch; it verifies
+//! each frame's CRC and reports damage as an error naming file and position.
+
+use crate::error::{Error, Result};
+use crate::format::frame::{check_frame, flags, FrameCheck, FrameHeader, FRAME_HEADER_LENGTH};
+use crate::format::record::{RecordIter, StoredRecord};
+use crate::format::segment_header::SEGMENT_HEADER_LENGTH;
+use crate::segment::storage::StorageSegment;
+use crate::stream::StreamShared;
+use crate::subject::SubjectPattern;
+use bytes::Bytes;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Where a reader starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPosition {
+    /// The oldest record still stored.
+    Earliest,
+    /// Only records appended after the reader is created.
+    Latest,
+    /// The record with this offset (or the next one stored).
+    Offset(u64),
+    /// The first record, in offset order, whose timestamp is >= this (ns).
+    Time(i64),
+}
+
+/// Decodes the records of a checked frame.
+pub(crate) fn frame_records(
+    header: &FrameHeader,
+    frame: &Bytes,
+) -> std::result::Result<RecordIter, String> {
+    if header.flags & (flags::COMPRESSION_MASK | flags::ENCRYPTED) != 0 {
+        return Err(format!(
+            "frame flags {:#06x} ask for compression or encryption, which this build cannot decode",
+            header.flags
+        ));
+    }
+    debug_assert!(frame.len() >= FRAME_HEADER_LENGTH);
+    Ok(header.plain_records(frame))
+}
+
+/// All records of a checked frame.
+pub(crate) fn decode_frame(
+    header: &FrameHeader,
+    frame: &Bytes,
+) -> std::result::Result<Vec<StoredRecord>, String> {
+    frame_records(header, frame)?.collect()
+}
+
+/// An iterator over a stream. `next` never blocks: `Ok(None)` means the
+/// reader has caught up; `wait` then resolves when more may be there.
+pub struct Reader {
+    shared: Arc<StreamShared>,
+    filter: Option<SubjectPattern>,
+    segment: Option<Arc<StorageSegment>>,
+    window: Bytes,
+    position: u64,
+    frame_position: u64,
+    records: Option<RecordIter>,
+    next_offset: u64,
+    skip_before_time: Option<i64>,
+    visible: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Reader")
+            .field("stream", &self.shared.name)
+            .field("next_offset", &self.next_offset)
+            .finish()
+    }
+}
+
+impl Reader {
+    pub(crate) fn new(
+        shared: Arc<StreamShared>,
+        start: StartPosition,
+        filter: Option<SubjectPattern>,
+    ) -> Result<Reader> {
+        let visible = shared.visible.subscribe();
+        let mut reader = Reader {
+            shared,
+            filter,
+            segment: None,
+            window: Bytes::new(),
+            position: SEGMENT_HEADER_LENGTH as u64,
+            frame_position: 0,
+            records: None,
+            next_offset: 0,
+            skip_before_time: None,
+            visible,
+        };
+        let segments = reader.shared.segments_snapshot();
+        match start {
+            StartPosition::Earliest => {
+                reader.next_offset = segments.first().map_or(0, |segment| segment.base_offset());
+                reader.segment = segments.first().cloned();
+            }
+            StartPosition::Latest => {
+                let next = segments.last().map_or(0, |segment| segment.next_offset());
+                reader.seek_offset(&segments, next)?;
+            }
+            StartPosition::Offset(offset) => reader.seek_offset(&segments, offset)?,
+            StartPosition::Time(timestamp_ns) => {
+                let index = segments
+                    .partition_point(|segment| segment.timestamp_max_through() < timestamp_ns);
+                match segments.get(index) {
+                    Some(segment) => {
+                        reader.position = segment.seek_time(&reader.shared.cache, timestamp_ns)?;
+                        reader.next_offset = segment.base_offset();
+                        reader.segment = Some(Arc::clone(segment));
+                        reader.skip_before_time = Some(timestamp_ns);
+                    }
+                    None => {
+                        let next = segments.last().map_or(0, |segment| segment.next_offset());
+                        reader.seek_offset(&segments, next)?;
+                    }
+                }
+            }
+        }
+        Ok(reader)
+    }
+
+    fn seek_offset(&mut self, segments: &[Arc<StorageSegment>], offset: u64) -> Result<()> {
+        let index = segments
+            .partition_point(|segment| segment.base_offset() <= offset)
+            .saturating_sub(1);
+        self.next_offset = offset;
+        if let Some(segment) = segments.get(index) {
+            self.position = segment.seek_offset(&self.shared.cache, offset)?;
+            self.next_offset = offset.max(segment.base_offset());
+            self.segment = Some(Arc::clone(segment));
+        }
+        Ok(())
+    }
+
+    /// The offset this reader looks at next.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// The next matching record, or `Ok(None)` when caught up.
+    pub fn next(&mut self) -> Result<Option<StoredRecord>> {
+        loop {
+            if let Some(records) = &mut self.records {
+                let next_offset = self.next_offset;
+                let skip_before_time = self.skip_before_time;
+                let filter = self.filter.as_ref();
+                // While looking for the first record at or after the start
+                // time, every record at or after it counts, whatever its
+                // subject; afterwards only the filter decides.
+                let item = records.next_if(|offset, timestamp_ns, subject| {
+                    offset >= next_offset
+                        && match skip_before_time {
+                            Some(time) => timestamp_ns >= time,
+                            None => filter.is_none_or(|pattern| pattern.matches(subject)),
+                        }
+                });
+                match item {
+                    Some(Ok(Some(record))) => {
+                        self.skip_before_time = None;
+                        self.next_offset = record.offset + 1;
+                        if self
+                            .filter
+                            .as_ref()
+                            .is_none_or(|pattern| pattern.matches(&record.subject))
+                        {
+                            return Ok(Some(record));
+                        }
+                    }
+                    Some(Ok(None)) => {
+                        self.next_offset = self.next_offset.max(records.next_offset());
+                    }
+                    Some(Err(reason)) => return Err(self.damage(self.frame_position, reason)),
+                    None => self.records = None,
+                }
+                continue;
+            }
+            if !self.next_frame()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Loads the next frame's records; false when caught up.
+    fn next_frame(&mut self) -> Result<bool> {
+        loop {
+            let Some(segment) = self.segment.clone() else {
+                let segments = self.shared.segments_snapshot();
+                let Some(first) = segments.first() else {
+                    return Ok(false);
+                };
+                self.seek_offset(&segments, self.next_offset.max(first.base_offset()))?;
+                if self.segment.is_none() {
+                    return Ok(false);
+                }
+                continue;
+            };
+            if self.position >= self.window.len() as u64 {
+                self.visible.borrow_and_update();
+                let sealed = segment.is_sealed();
+                let visible = segment.visible_length();
+                if visible > self.window.len() as u64 {
+                    self.window = segment.visible_bytes(&self.shared.cache)?;
+                    continue;
+                }
+                if !sealed {
+                    return Ok(false);
+                }
+                let segments = self.shared.segments_snapshot();
+                let following = segments
+                    .iter()
+                    .find(|candidate| candidate.base_offset() > segment.base_offset());
+                match following {
+                    Some(next) => {
+                        self.segment = Some(Arc::clone(next));
+                        self.window = Bytes::new();
+                        self.position = SEGMENT_HEADER_LENGTH as u64;
+                        self.next_offset = self.next_offset.max(next.base_offset());
+                        continue;
+                    }
+                    None => return Ok(false),
+                }
+            }
+            let position = self.position as usize;
+            let header = match check_frame(&self.window[position..]) {
+                FrameCheck::Valid(header) => header,
+                FrameCheck::Defect(defect) => {
+                    return Err(self.damage(self.position, defect.to_string()))
+                }
+                FrameCheck::Unsupported(reason) => return Err(self.damage(self.position, reason)),
+            };
+            let frame = self
+                .window
+                .slice(position..position + header.frame_length as usize);
+            self.frame_position = self.position;
+            self.position += u64::from(header.frame_length);
+            if header.next_offset() <= self.next_offset {
+                continue;
+            }
+            if let Some(time) = self.skip_before_time {
+                if header.last_timestamp_ns < time {
+                    self.next_offset = header.next_offset();
+                    continue;
+                }
+            }
+            self.records = Some(
+                frame_records(&header, &frame)
+                    .map_err(|reason| self.damage(self.frame_position, reason))?,
+            );
+            return Ok(true);
+        }
+    }
+
+    fn damage(&self, position: u64, reason: String) -> Error {
+        let path = self
+            .segment
+            .as_ref()
+            .map(|segment| segment.path().to_path_buf())
+            .unwrap_or_default();
+        Error::corruption(path, position, reason)
+    }
+
+    /// Resolves when new records may be visible. Errors when the stream
+    /// closed.
+    pub async fn wait(&mut self) -> Result<()> {
+        self.visible.changed().await.map_err(|_| Error::Closed {
+            stream: self.shared.name.clone(),
+        })
+    }
+}

@@ -1,0 +1,288 @@
+//! SegmentWriter: appends whole frames to the active segment, rotates it by
+//! size and age, seals it (sync, cut to length, index), and keeps the active
+//! segment's checkpoint. Owned by the stream's writer thread alone.
+//!
+//! Invariants: frames are written at `write_position` only, which only grows
+//! within a segment; a segment is sealed only after all its bytes are
+//! synced; the directory is synced after every file create.
+
+use super::cache::SegmentCache;
+use super::storage::{IndexBuilder, SegmentProgress, StorageSegment};
+use crate::config::StreamConfig;
+use crate::error::{Error, Result};
+use crate::format::frame::FrameHeader;
+use crate::format::index::{encode_index, INDEX_FLAG_CLEAN, INDEX_FLAG_SEALED};
+use crate::format::segment_header::{SegmentHeader, SEGMENT_HEADER_LENGTH};
+use crate::io::{FileSystem, WritableFile};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+/// The segment being appended to.
+pub(crate) struct ActiveSegment {
+    pub segment: Arc<StorageSegment>,
+    pub file: Arc<dyn WritableFile>,
+    pub write_position: u64,
+    pub builder: IndexBuilder,
+    pub last_checkpoint_length: u64,
+    /// Wall-clock time of the first frame written into the segment.
+    pub first_write_ns: Option<i64>,
+}
+
+/// Where a frame landed.
+pub(crate) struct WrittenFrame {
+    pub segment: Arc<StorageSegment>,
+    pub file: Arc<dyn WritableFile>,
+    pub progress: SegmentProgress,
+}
+
+pub(crate) struct SegmentWriter {
+    file_system: Arc<dyn FileSystem>,
+    directory: PathBuf,
+    config: StreamConfig,
+    cache: Arc<SegmentCache>,
+    segments: Arc<RwLock<Vec<Arc<StorageSegment>>>>,
+    active: Option<ActiveSegment>,
+    next_offset: u64,
+    timestamp_max: i64,
+}
+
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl SegmentWriter {
+    pub fn new(
+        file_system: Arc<dyn FileSystem>,
+        directory: &Path,
+        config: StreamConfig,
+        cache: Arc<SegmentCache>,
+        segments: Arc<RwLock<Vec<Arc<StorageSegment>>>>,
+        active: Option<ActiveSegment>,
+        next_offset: u64,
+        timestamp_max: i64,
+    ) -> SegmentWriter {
+        SegmentWriter {
+            file_system,
+            directory: directory.to_path_buf(),
+            config,
+            cache,
+            segments,
+            active,
+            next_offset,
+            timestamp_max,
+        }
+    }
+
+    /// The offset the next record gets.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// What the next frame's `durable_position` must say.
+    pub fn durable_position(&self) -> u64 {
+        self.active
+            .as_ref()
+            .map_or(0, |active| active.segment.durable_length())
+    }
+
+    /// Makes sure an active segment with room for `frame_length` bytes
+    /// exists: seals a full or too old segment and creates the next one.
+    pub fn prepare(&mut self, frame_length: u64, now_ns: i64) -> Result<()> {
+        if frame_length > self.config.frame_capacity_bytes() {
+            return Err(Error::InvalidInput(format!(
+                "a frame of {frame_length} bytes cannot fit a segment of {} bytes",
+                self.config.segment_bytes_max
+            )));
+        }
+        if let Some(active) = &self.active {
+            let full = active.write_position + frame_length > active.file.capacity();
+            if full || self.too_old(active, now_ns) {
+                self.seal_active()?;
+            }
+        }
+        if self.active.is_none() {
+            self.create_segment(now_ns)?;
+        }
+        Ok(())
+    }
+
+    fn too_old(&self, active: &ActiveSegment, now_ns: i64) -> bool {
+        match (self.config.segment_age_max_ms, active.first_write_ns) {
+            (Some(age_max_ms), Some(first)) => {
+                now_ns.saturating_sub(first) >= (age_max_ms as i64).saturating_mul(1_000_000)
+            }
+            _ => false,
+        }
+    }
+
+    /// Seals the active segment if it is older than `segment_age_max_ms`.
+    pub fn rotate_if_old(&mut self, now_ns: i64) -> Result<bool> {
+        let old = self
+            .active
+            .as_ref()
+            .is_some_and(|active| self.too_old(active, now_ns));
+        if old {
+            self.seal_active()?;
+        }
+        Ok(old)
+    }
+
+    /// Copies a finished frame into the active segment (after [`prepare`]).
+    ///
+    /// [`prepare`]: SegmentWriter::prepare
+    pub fn write_frame(
+        &mut self,
+        frame: &[u8],
+        header: &FrameHeader,
+        now_ns: i64,
+    ) -> Result<WrittenFrame> {
+        let active = self.active.as_mut().ok_or_else(|| {
+            Error::InvalidInput("write_frame without an active segment".to_string())
+        })?;
+        debug_assert_eq!(header.base_offset, self.next_offset, "offsets are dense");
+        debug_assert!(active.write_position + frame.len() as u64 <= active.file.capacity());
+        let position = active.write_position;
+        active.file.write_at(position, frame)?;
+        active.write_position += frame.len() as u64;
+        if let Some(entry) = active.builder.add(position, header) {
+            active.segment.push_index_entry(entry);
+        }
+        active.first_write_ns.get_or_insert(now_ns);
+        self.next_offset = header.next_offset();
+        self.timestamp_max = self.timestamp_max.max(header.last_timestamp_ns);
+        Ok(WrittenFrame {
+            segment: Arc::clone(&active.segment),
+            file: Arc::clone(&active.file),
+            progress: active.builder.progress(active.write_position),
+        })
+    }
+
+    /// Bytes written into the active segment beyond its last checkpoint.
+    pub fn bytes_since_checkpoint(&self) -> u64 {
+        self.active.as_ref().map_or(0, |active| {
+            active.write_position - active.last_checkpoint_length
+        })
+    }
+
+    /// Syncs everything written to the active segment and publishes it.
+    pub fn sync_active(&mut self) -> Result<()> {
+        let Some(active) = &self.active else {
+            return Ok(());
+        };
+        let durable = active.segment.durable_length();
+        active
+            .file
+            .sync_range(durable.min(active.write_position), active.write_position)?;
+        active.segment.mark_durable(active.write_position);
+        active
+            .segment
+            .publish(active.builder.progress(active.write_position));
+        Ok(())
+    }
+
+    /// Syncs the active segment and rewrites its checkpoint, so a restart
+    /// validates only what was written after it.
+    pub fn checkpoint(&mut self, clean: bool) -> Result<()> {
+        self.sync_active()?;
+        let Some(active) = &mut self.active else {
+            return Ok(());
+        };
+        let mut header = active.builder.header(active.write_position);
+        if clean {
+            header.flags |= INDEX_FLAG_CLEAN;
+        }
+        let bytes = encode_index(&header, &active.builder.entries);
+        self.file_system
+            .write_atomic(active.segment.index_path(), &bytes)?;
+        active.last_checkpoint_length = active.write_position;
+        Ok(())
+    }
+
+    /// Syncs, cuts and indexes the active segment; the next frame goes to a
+    /// new segment. An error here is a failed sync: the caller poisons.
+    pub fn seal_active(&mut self) -> Result<()> {
+        let Some(active) = self.active.take() else {
+            return Ok(());
+        };
+        let length = active.write_position;
+        let durable = active.segment.durable_length().min(length);
+        let result = (|| {
+            active.file.sync_range(durable, length)?;
+            active.segment.mark_durable(length);
+            active.segment.publish(active.builder.progress(length));
+            active.file.set_length(length)?;
+            active.file.sync_all()?;
+            let image = active.file.view().bytes(0, length)?;
+            let segment_crc = crc32c::crc32c(&image);
+            let mut header = active.builder.header(length);
+            header.flags |= INDEX_FLAG_SEALED;
+            header.segment_crc = segment_crc;
+            let entries = active.segment.freeze_index();
+            self.file_system.write_atomic(
+                active.segment.index_path(),
+                &encode_index(&header, &entries),
+            )?;
+            active.segment.mark_sealed(segment_crc);
+            self.cache.insert(&active.segment);
+            tracing::debug!(segment = %active.segment.path().display(), length, "segment sealed");
+            Ok(())
+        })();
+        if result.is_err() {
+            // Keep the segment active: nothing more may be acknowledged, but
+            // the caller decides (it poisons the stream).
+            self.active = Some(active);
+        }
+        result
+    }
+
+    fn create_segment(&mut self, now_ns: i64) -> Result<()> {
+        let base_offset = self.next_offset;
+        let path = self
+            .directory
+            .join(crate::format::segment_file_name(base_offset));
+        let file = self
+            .file_system
+            .create_preallocated(&path, self.config.segment_bytes_max)?;
+        let header = SegmentHeader {
+            base_offset,
+            created_at_ns: now_ns,
+            key_id: 0,
+            compression: 0,
+        };
+        let written = file
+            .write_at(0, &header.encode())
+            .and_then(|()| file.sync_range(0, SEGMENT_HEADER_LENGTH as u64))
+            .and_then(|()| self.file_system.sync_directory(&self.directory));
+        if let Err(error) = written {
+            let _ = self.file_system.remove(&path);
+            return Err(error);
+        }
+        let builder = IndexBuilder::new(base_offset, self.config.index_interval_bytes);
+        let segment = Arc::new(StorageSegment::new(
+            Arc::clone(&self.file_system),
+            &self.directory,
+            base_offset,
+            builder.progress(SEGMENT_HEADER_LENGTH as u64),
+            false,
+        ));
+        segment.set_timestamp_max_through(self.timestamp_max);
+        segment.attach_active(file.view(), Vec::new());
+        self.segments
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Arc::clone(&segment));
+        tracing::debug!(segment = %path.display(), "segment created");
+        self.active = Some(ActiveSegment {
+            segment,
+            file,
+            write_position: SEGMENT_HEADER_LENGTH as u64,
+            builder,
+            last_checkpoint_length: SEGMENT_HEADER_LENGTH as u64,
+            first_write_ns: None,
+        });
+        Ok(())
+    }
+}
