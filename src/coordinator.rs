@@ -110,6 +110,7 @@ pub(crate) struct Pending {
     encoded_bytes: u64,
     permits: u32,
     completion: Completion,
+    enqueued_at: std::time::Instant,
 }
 
 impl Pending {
@@ -129,7 +130,7 @@ struct SyncJob {
     file: Arc<dyn crate::io::WritableFile>,
     progress: SegmentProgress,
     bytes: u64,
-    completions: Vec<(Completion, AppendOutcome)>,
+    completions: Vec<(Completion, AppendOutcome, std::time::Instant)>,
 }
 
 struct JobState {
@@ -149,6 +150,7 @@ pub(crate) struct Coordinator {
     jobs_space: Condvar,
     poisoned: AtomicBool,
     poison_cause: Mutex<Option<String>>,
+    prepared: Mutex<(Option<Arc<StorageSegment>>, u64)>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +180,7 @@ impl Coordinator {
             jobs_space: Condvar::new(),
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
+            prepared: Mutex::new((None, 0)),
         }
     }
 
@@ -276,6 +279,7 @@ impl StreamShared {
             encoded_bytes,
             permits,
             completion,
+            enqueued_at: std::time::Instant::now(),
         };
         let mut queue = lock(&coordinator.queue);
         if queue.closing {
@@ -306,6 +310,7 @@ pub(crate) fn run_writer(shared: Arc<StreamShared>, mut writer: SegmentWriter) {
     let maintenance_interval = Duration::from_millis(shared.config.maintenance_interval_ms);
     let mut builder = FrameBuilder::new();
     let mut taken: Vec<Pending> = Vec::new();
+    let mut sealers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     let mut last_maintenance = std::time::Instant::now();
     loop {
         let closing = {
@@ -320,7 +325,7 @@ pub(crate) fn run_writer(shared: Arc<StreamShared>, mut writer: SegmentWriter) {
                 queue.writer_waiting = false;
                 if wait.timed_out() && queue.items.is_empty() {
                     drop(queue);
-                    maintenance(&shared, &mut writer);
+                    maintenance(&shared, &mut writer, &mut sealers);
                     last_maintenance = std::time::Instant::now();
                     queue = lock(&coordinator.queue);
                 }
@@ -329,12 +334,12 @@ pub(crate) fn run_writer(shared: Arc<StreamShared>, mut writer: SegmentWriter) {
             queue.closing && queue.items.is_empty()
         };
         if !taken.is_empty() {
-            write_taken(&shared, &mut writer, &mut builder, &mut taken);
+            write_taken(&shared, &mut writer, &mut builder, &mut taken, &mut sealers);
         }
         // Under steady load the queue never goes idle: rotate by age and
         // apply retention here too.
         if last_maintenance.elapsed() >= maintenance_interval {
-            maintenance(&shared, &mut writer);
+            maintenance(&shared, &mut writer, &mut sealers);
             last_maintenance = std::time::Instant::now();
         }
         if closing && taken.is_empty() {
@@ -348,6 +353,9 @@ pub(crate) fn run_writer(shared: Arc<StreamShared>, mut writer: SegmentWriter) {
     }
     coordinator.jobs_signal.notify_all();
     let _ = syncer.join();
+    for sealer in sealers {
+        let _ = sealer.join();
+    }
     if !coordinator.is_poisoned() {
         if let Err(error) = writer.checkpoint(true) {
             coordinator.poison(&shared.name, &error);
@@ -398,10 +406,11 @@ fn fail_all(taken: &mut Vec<Pending>, coordinator: &Coordinator, error: &Error) 
 /// Encodes the taken appends as one frame, writes it and routes the
 /// completions by durability level.
 fn write_taken(
-    shared: &StreamShared,
+    shared: &Arc<StreamShared>,
     writer: &mut SegmentWriter,
     builder: &mut FrameBuilder,
     taken: &mut Vec<Pending>,
+    sealers: &mut Vec<std::thread::JoinHandle<()>>,
 ) {
     let coordinator = &shared.coordinator;
     if coordinator.is_poisoned() {
@@ -426,14 +435,21 @@ fn write_taken(
             builder.push(record, timestamp);
         }
     }
-    if let Err(error) = writer.prepare(builder.length() as u64, now) {
-        if matches!(error, Error::DiskFull { .. }) {
-            tracing::error!(stream = %shared.name, %error, "cannot create the next segment");
-        } else {
-            coordinator.poison(&shared.name, &error);
+    match writer.prepare(builder.length() as u64, now) {
+        Ok(sealed) => {
+            if let Some(sealed) = sealed {
+                spawn_finish_sealed(shared, sealed, sealers);
+            }
         }
-        fail_all(taken, coordinator, &error);
-        return;
+        Err(error) => {
+            if matches!(error, Error::DiskFull { .. }) {
+                tracing::error!(stream = %shared.name, %error, "cannot create the next segment");
+            } else {
+                coordinator.poison(&shared.name, &error);
+            }
+            fail_all(taken, coordinator, &error);
+            return;
+        }
     }
     let (frame, header) = builder.finish(frame_flags, writer.durable_position());
     let written = match writer.write_frame(frame, &header, now) {
@@ -456,7 +472,7 @@ fn write_taken(
             count,
         };
         next_offset += u64::from(count);
-        completions.push((pending.completion, outcome));
+        completions.push((pending.completion, outcome, pending.enqueued_at));
     }
     coordinator.budget.add_permits(permits);
     shared
@@ -467,7 +483,8 @@ fn write_taken(
         Durability::None | Durability::Interval { .. } => {
             written.segment.publish(written.progress);
             shared.notify_readers();
-            for (completion, outcome) in completions {
+            for (completion, outcome, enqueued_at) in completions {
+                shared.metrics.record_append_latency(enqueued_at.elapsed());
                 completion.complete(Ok(outcome));
             }
             if matches!(shared.config.durability, Durability::Interval { .. }) {
@@ -486,7 +503,7 @@ fn push_job(
     shared: &StreamShared,
     written: crate::segment::writer::WrittenFrame,
     bytes: u64,
-    completions: Vec<(Completion, AppendOutcome)>,
+    completions: Vec<(Completion, AppendOutcome, std::time::Instant)>,
 ) {
     let coordinator = &shared.coordinator;
     let mut jobs = lock(&coordinator.jobs);
@@ -592,11 +609,30 @@ fn sync_batch(shared: &StreamShared, batch: VecDeque<SyncJob>) {
     }
     shared.metrics.record_sync(started.elapsed());
     shared.notify_readers();
+    if let Some(last) = jobs.last() {
+        let end = last.progress.length;
+        const AHEAD: u64 = 8 << 20;
+        let mut prepared = lock(&coordinator.prepared);
+        if prepared
+            .0
+            .as_ref()
+            .is_none_or(|segment| !Arc::ptr_eq(segment, &last.segment))
+        {
+            *prepared = (Some(Arc::clone(&last.segment)), end);
+        }
+        if prepared.1 < end + AHEAD / 2 {
+            last.file.prepare_range(prepared.1.max(end), end + AHEAD);
+            prepared.1 = end + AHEAD;
+        }
+    }
     for (position, job) in jobs.into_iter().enumerate() {
-        for (completion, outcome) in job.completions {
+        for (completion, outcome, enqueued_at) in job.completions {
             let result = match &failure {
                 Some(error) if position >= synced_jobs => Err(error.duplicate()),
-                _ => Ok(outcome),
+                _ => {
+                    shared.metrics.record_append_latency(enqueued_at.elapsed());
+                    Ok(outcome)
+                }
             };
             completion.complete(result);
         }
@@ -607,15 +643,51 @@ fn sync_batch(shared: &StreamShared, batch: VecDeque<SyncJob>) {
     coordinator.jobs_space.notify_all();
 }
 
+/// Finishes a sealed segment on its own short-lived thread, so syncing,
+/// cutting and indexing it never stalls appends (rotation is rare: once per
+/// segment).
+fn spawn_finish_sealed(
+    shared: &Arc<StreamShared>,
+    sealed: crate::segment::writer::ActiveSegment,
+    sealers: &mut Vec<std::thread::JoinHandle<()>>,
+) {
+    sealers.retain(|sealer| !sealer.is_finished());
+    let thread_shared = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name(format!("natswal-seal-{}", shared.name))
+        .spawn(move || {
+            let shared = thread_shared;
+            let finished = crate::segment::writer::finish_sealed(
+                shared.file_system.as_ref(),
+                &shared.cache,
+                sealed,
+            );
+            if let Err(error) = finished {
+                shared.coordinator.poison(&shared.name, &error);
+            }
+            shared.notify_readers();
+        });
+    match spawned {
+        Ok(handle) => sealers.push(handle),
+        Err(error) => shared.coordinator.poison(
+            &shared.name,
+            &Error::io("cannot start a thread to seal a segment", error),
+        ),
+    }
+}
+
 /// Idle-time work: age rotation and retention.
-fn maintenance(shared: &StreamShared, writer: &mut SegmentWriter) {
+fn maintenance(
+    shared: &Arc<StreamShared>,
+    writer: &mut SegmentWriter,
+    sealers: &mut Vec<std::thread::JoinHandle<()>>,
+) {
     if shared.coordinator.is_poisoned() {
         return;
     }
-    match writer.rotate_if_old(now_ns()) {
-        Ok(true) => shared.notify_readers(),
-        Ok(false) => {}
-        Err(error) => shared.coordinator.poison(&shared.name, &error),
+    if let Some(sealed) = writer.rotate_if_old(now_ns()) {
+        spawn_finish_sealed(shared, sealed, sealers);
+        shared.notify_readers();
     }
     if let Err(error) = crate::retention::enforce(shared, now_ns()) {
         tracing::warn!(stream = %shared.name, %error, "retention failed; will retry");

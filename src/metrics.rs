@@ -8,6 +8,11 @@ use std::time::Duration;
 pub const SYNC_LATENCY_BOUNDS_US: [u64; 12] = [
     50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
 ];
+/// Upper bounds (microseconds) of the append-to-durable latency buckets.
+pub const APPEND_LATENCY_BOUNDS_US: [u64; 16] = [
+    100, 250, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 7_500, 10_000, 25_000, 50_000, 100_000,
+    250_000, 1_000_000,
+];
 /// Upper bounds of the records-per-frame histogram buckets.
 pub const FRAME_RECORDS_BOUNDS: [u64; 10] = [1, 2, 4, 16, 64, 256, 1024, 4096, 16384, 65536];
 
@@ -70,6 +75,8 @@ pub struct StreamMetrics {
     pub syncs: AtomicU64,
     pub sync_latency_us: Histogram<12>,
     pub frame_records: Histogram<10>,
+    /// From queueing an append to completing it at its durability level.
+    pub append_latency_us: Histogram<16>,
     pub retention_deleted_segments: AtomicU64,
     pub retention_deleted_records: AtomicU64,
 }
@@ -83,6 +90,7 @@ impl Default for StreamMetrics {
             syncs: AtomicU64::new(0),
             sync_latency_us: Histogram::new(&SYNC_LATENCY_BOUNDS_US),
             frame_records: Histogram::new(&FRAME_RECORDS_BOUNDS),
+            append_latency_us: Histogram::new(&APPEND_LATENCY_BOUNDS_US),
             retention_deleted_segments: AtomicU64::new(0),
             retention_deleted_records: AtomicU64::new(0),
         }
@@ -96,6 +104,10 @@ impl StreamMetrics {
             .fetch_add(u64::from(records), Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.frame_records.observe(u64::from(records));
+    }
+
+    pub(crate) fn record_append_latency(&self, elapsed: Duration) {
+        self.append_latency_us.observe(elapsed.as_micros() as u64);
     }
 
     pub(crate) fn record_sync(&self, elapsed: Duration) {

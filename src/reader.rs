@@ -209,7 +209,7 @@ impl Reader {
                     self.window = segment.visible_bytes(&self.shared.cache)?;
                     continue;
                 }
-                if !sealed {
+                if !sealed || (self.window.len() as u64) < segment.final_length() {
                     return Ok(false);
                 }
                 let segments = self.shared.segments_snapshot();

@@ -504,7 +504,7 @@ fn recover_segment(
                 progress_of(&index),
                 true,
             );
-            segment.mark_sealed(index.segment_crc);
+            segment.mark_indexed(index.segment_crc);
             return Ok((Arc::new(segment), None));
         }
     }
@@ -611,7 +611,7 @@ fn recover_segment(
         index.segment_crc = crc32c::crc32c(&image);
         file_system.write_atomic(&index_path, &encode_index(&index, &builder.entries))?;
         let segment = StorageSegment::new(Arc::clone(file_system), directory, base, progress, true);
-        segment.mark_sealed(index.segment_crc);
+        segment.mark_indexed(index.segment_crc);
         return Ok((Arc::new(segment), None));
     }
     let capacity = config.segment_bytes_max.max(file_length);
@@ -637,6 +637,7 @@ fn recover_segment(
         builder,
         last_checkpoint_length: start,
         first_write_ns: (progress.record_count > 0).then_some(header.created_at_ns),
+        crc: None,
     };
     Ok((segment, Some(active)))
 }

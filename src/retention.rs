@@ -38,7 +38,7 @@ pub(crate) fn enforce(shared: &StreamShared, now_ns: i64) -> Result<Vec<Retentio
     let mut doomed: Vec<(Arc<StorageSegment>, &'static str)> = Vec::new();
     // Never the last segment, and only sealed ones.
     for segment in segments.iter().take(segments.len().saturating_sub(1)) {
-        if !segment.is_sealed() {
+        if !segment.is_indexed() {
             break;
         }
         let too_old = policy.age_max_ms.is_some_and(|age_max_ms| {

@@ -314,7 +314,7 @@ impl Stream {
         self.shared
             .segments_snapshot()
             .iter()
-            .filter(|segment| segment.is_sealed())
+            .filter(|segment| segment.is_indexed())
             .map(|segment| SealedSegment {
                 path: segment.path().to_path_buf(),
                 base_offset: segment.base_offset(),

@@ -100,6 +100,19 @@ impl WritableFile for MmapFile {
         self.capacity
     }
 
+    fn prepare_range(&self, start: u64, end: u64) {
+        let end = end.min(self.capacity);
+        if start < end {
+            // A hint: on kernels without MADV_POPULATE_WRITE the writer
+            // simply takes the page faults itself.
+            let _ = self.map.advise_range(
+                memmap2::Advice::PopulateWrite,
+                start as usize,
+                (end - start) as usize,
+            );
+        }
+    }
+
     fn view(&self) -> Arc<dyn ReadableFile> {
         Arc::new(ReadOnlyMap::from_map(Arc::clone(&self.map), self.capacity))
     }

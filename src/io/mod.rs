@@ -127,6 +127,10 @@ pub trait WritableFile: Send + Sync {
 
     /// A read view of the same file.
     fn view(&self) -> Arc<dyn ReadableFile>;
+
+    /// Prepares `[start, end)` for writing ahead of time (maps the pages
+    /// writable), so the writer does not stop on page faults. A hint.
+    fn prepare_range(&self, _start: u64, _end: u64) {}
 }
 
 /// Zero-copy read access to a file.

@@ -5,8 +5,10 @@
 //!
 //! Invariants: `visible_length` and `next_offset` only grow while the stream
 //! is open; every byte below `visible_length` belongs to a whole, checksummed
-//! frame and is never written again; `sealed` is set only after the final
-//! `visible_length` is stored.
+//! frame and is never written again. A segment is `sealed` when the writer
+//! moved on (its `final_length` is then fixed; readers move to the next
+//! segment once they have read up to it) and `indexed` once it is synced, cut
+//! to length and its index file written (only then may retention delete it).
 
 use crate::error::{Error, Result};
 use crate::format::frame::{check_frame, FrameCheck, FrameHeader};
@@ -52,6 +54,10 @@ pub struct StorageSegment {
     /// Bytes of this segment known durable (synced).
     durable_length: AtomicU64,
     sealed: AtomicBool,
+    /// Length the segment will have once all its frames are visible (set
+    /// when sealed; `u64::MAX` before).
+    final_length: AtomicU64,
+    indexed: AtomicBool,
     /// Whole-file CRC of a sealed segment (from its index), 0 if unknown.
     segment_crc: AtomicU64,
     /// The map readers use; for sealed segments owned by the cache.
@@ -96,6 +102,8 @@ impl StorageSegment {
             timestamp_max_through: AtomicI64::new(progress.last_timestamp_ns),
             durable_length: AtomicU64::new(progress.length),
             sealed: AtomicBool::new(sealed),
+            final_length: AtomicU64::new(if sealed { progress.length } else { u64::MAX }),
+            indexed: AtomicBool::new(sealed),
             segment_crc: AtomicU64::new(0),
             source: Mutex::new(None),
             pinned: AtomicBool::new(false),
@@ -117,8 +125,19 @@ impl StorageSegment {
         &self.index_path
     }
 
+    /// No more frames will be written to this segment.
     pub fn is_sealed(&self) -> bool {
         self.sealed.load(Ordering::Acquire)
+    }
+
+    /// Synced, cut to length and indexed: a finished, shippable file.
+    pub fn is_indexed(&self) -> bool {
+        self.indexed.load(Ordering::Acquire)
+    }
+
+    /// The length a sealed segment has once all its frames are visible.
+    pub fn final_length(&self) -> u64 {
+        self.final_length.load(Ordering::Acquire)
     }
 
     pub fn visible_length(&self) -> u64 {
@@ -183,10 +202,17 @@ impl StorageSegment {
         self.durable_length.fetch_max(length, Ordering::AcqRel);
     }
 
-    pub(crate) fn mark_sealed(&self, segment_crc: u32) {
+    /// The writer moved on: no frame will follow `final_length`.
+    pub(crate) fn mark_sealed(&self, final_length: u64) {
+        self.final_length.store(final_length, Ordering::Release);
+        self.sealed.store(true, Ordering::Release);
+    }
+
+    /// The sealed segment is synced, cut and indexed.
+    pub(crate) fn mark_indexed(&self, segment_crc: u32) {
         self.segment_crc
             .store(u64::from(segment_crc), Ordering::Release);
-        self.sealed.store(true, Ordering::Release);
+        self.indexed.store(true, Ordering::Release);
     }
 
     /// Gives the active segment its (pinned) read source and index.
@@ -291,7 +317,7 @@ impl StorageSegment {
 
     /// Sparse index entries, loading or rebuilding them if needed.
     fn index_entries(self: &Arc<Self>, cache: &SegmentCache) -> Result<Arc<Vec<IndexEntry>>> {
-        if !self.is_sealed() || self.pinned.load(Ordering::Acquire) {
+        if !self.is_indexed() || self.pinned.load(Ordering::Acquire) {
             return Ok(Arc::new(self.growing_index_snapshot()));
         }
         if let IndexState::Loaded(entries) = &*self

@@ -1,10 +1,12 @@
 //! SegmentWriter: appends whole frames to the active segment, rotates it by
-//! size and age, seals it (sync, cut to length, index), and keeps the active
-//! segment's checkpoint. Owned by the stream's writer thread alone.
+//! size and age, and keeps the active segment's checkpoint. Owned by the
+//! stream's writer thread alone. Rotation only marks the old segment sealed
+//! and starts the next one; [`finish_sealed`] (run off the write path) syncs,
+//! cuts and indexes the old one.
 //!
 //! Invariants: frames are written at `write_position` only, which only grows
-//! within a segment; a segment is sealed only after all its bytes are
-//! synced; the directory is synced after every file create.
+//! within a segment; a sealed segment's index is written only after all its
+//! bytes are synced; the directory is synced after every file create.
 
 use super::cache::SegmentCache;
 use super::storage::{IndexBuilder, SegmentProgress, StorageSegment};
@@ -26,6 +28,9 @@ pub(crate) struct ActiveSegment {
     pub last_checkpoint_length: u64,
     /// Wall-clock time of the first frame written into the segment.
     pub first_write_ns: Option<i64>,
+    /// CRC32C of `[0, write_position)`, kept as frames are written; `None`
+    /// for a segment reopened by recovery (computed when it is sealed).
+    pub crc: Option<u32>,
 }
 
 /// Where a frame landed.
@@ -90,23 +95,32 @@ impl SegmentWriter {
 
     /// Makes sure an active segment with room for `frame_length` bytes
     /// exists: seals a full or too old segment and creates the next one.
-    pub fn prepare(&mut self, frame_length: u64, now_ns: i64) -> Result<()> {
+    /// Returns the segment it sealed, for [`finish_sealed`].
+    pub fn prepare(&mut self, frame_length: u64, now_ns: i64) -> Result<Option<ActiveSegment>> {
         if frame_length > self.config.frame_capacity_bytes() {
             return Err(Error::InvalidInput(format!(
                 "a frame of {frame_length} bytes cannot fit a segment of {} bytes",
                 self.config.segment_bytes_max
             )));
         }
+        let mut sealed = None;
         if let Some(active) = &self.active {
             let full = active.write_position + frame_length > active.file.capacity();
             if full || self.too_old(active, now_ns) {
-                self.seal_active()?;
+                sealed = self.seal_active();
             }
         }
         if self.active.is_none() {
-            self.create_segment(now_ns)?;
+            if let Err(error) = self.create_segment(now_ns) {
+                // The sealed segment still needs finishing; hand it back
+                // through the error path by finishing it here.
+                if let Some(old) = sealed {
+                    finish_sealed(self.file_system.as_ref(), &self.cache, old)?;
+                }
+                return Err(error);
+            }
         }
-        Ok(())
+        Ok(sealed)
     }
 
     fn too_old(&self, active: &ActiveSegment, now_ns: i64) -> bool {
@@ -119,15 +133,16 @@ impl SegmentWriter {
     }
 
     /// Seals the active segment if it is older than `segment_age_max_ms`.
-    pub fn rotate_if_old(&mut self, now_ns: i64) -> Result<bool> {
+    pub fn rotate_if_old(&mut self, now_ns: i64) -> Option<ActiveSegment> {
         let old = self
             .active
             .as_ref()
             .is_some_and(|active| self.too_old(active, now_ns));
         if old {
-            self.seal_active()?;
+            self.seal_active()
+        } else {
+            None
         }
-        Ok(old)
     }
 
     /// Copies a finished frame into the active segment (after [`prepare`]).
@@ -147,6 +162,7 @@ impl SegmentWriter {
         let position = active.write_position;
         active.file.write_at(position, frame)?;
         active.write_position += frame.len() as u64;
+        active.crc = active.crc.map(|crc| crc32c::crc32c_append(crc, frame));
         if let Some(entry) = active.builder.add(position, header) {
             active.segment.push_index_entry(entry);
         }
@@ -201,41 +217,12 @@ impl SegmentWriter {
         Ok(())
     }
 
-    /// Syncs, cuts and indexes the active segment; the next frame goes to a
-    /// new segment. An error here is a failed sync: the caller poisons.
-    pub fn seal_active(&mut self) -> Result<()> {
-        let Some(active) = self.active.take() else {
-            return Ok(());
-        };
-        let length = active.write_position;
-        let durable = active.segment.durable_length().min(length);
-        let result = (|| {
-            active.file.sync_range(durable, length)?;
-            active.segment.mark_durable(length);
-            active.segment.publish(active.builder.progress(length));
-            active.file.set_length(length)?;
-            active.file.sync_all()?;
-            let image = active.file.view().bytes(0, length)?;
-            let segment_crc = crc32c::crc32c(&image);
-            let mut header = active.builder.header(length);
-            header.flags |= INDEX_FLAG_SEALED;
-            header.segment_crc = segment_crc;
-            let entries = active.segment.freeze_index();
-            self.file_system.write_atomic(
-                active.segment.index_path(),
-                &encode_index(&header, &entries),
-            )?;
-            active.segment.mark_sealed(segment_crc);
-            self.cache.insert(&active.segment);
-            tracing::debug!(segment = %active.segment.path().display(), length, "segment sealed");
-            Ok(())
-        })();
-        if result.is_err() {
-            // Keep the segment active: nothing more may be acknowledged, but
-            // the caller decides (it poisons the stream).
-            self.active = Some(active);
-        }
-        result
+    /// Marks the active segment sealed at its current length; the next frame
+    /// goes to a new segment. Returns it for [`finish_sealed`].
+    pub fn seal_active(&mut self) -> Option<ActiveSegment> {
+        let active = self.active.take()?;
+        active.segment.mark_sealed(active.write_position);
+        Some(active)
     }
 
     fn create_segment(&mut self, now_ns: i64) -> Result<()> {
@@ -282,7 +269,41 @@ impl SegmentWriter {
             builder,
             last_checkpoint_length: SEGMENT_HEADER_LENGTH as u64,
             first_write_ns: None,
+            crc: Some(crc32c::crc32c(&header.encode())),
         });
         Ok(())
     }
+}
+
+/// Finishes a sealed segment: syncs its frames, cuts the file to their
+/// length, writes its index, and hands its map to the cache. Runs off the
+/// write path; an error is a failed sync (the caller poisons the stream).
+pub(crate) fn finish_sealed(
+    file_system: &dyn FileSystem,
+    cache: &SegmentCache,
+    active: ActiveSegment,
+) -> Result<()> {
+    let length = active.write_position;
+    let durable = active.segment.durable_length().min(length);
+    active.file.sync_range(durable, length)?;
+    active.segment.mark_durable(length);
+    active.segment.publish(active.builder.progress(length));
+    active.file.set_length(length)?;
+    active.file.sync_all()?;
+    let segment_crc = match active.crc {
+        Some(crc) => crc,
+        None => crc32c::crc32c(&active.file.view().bytes(0, length)?),
+    };
+    let mut header = active.builder.header(length);
+    header.flags |= INDEX_FLAG_SEALED;
+    header.segment_crc = segment_crc;
+    let entries = active.segment.freeze_index();
+    file_system.write_atomic(
+        active.segment.index_path(),
+        &encode_index(&header, &entries),
+    )?;
+    active.segment.mark_indexed(segment_crc);
+    cache.insert(&active.segment);
+    tracing::debug!(segment = %active.segment.path().display(), length, "segment sealed");
+    Ok(())
 }

@@ -1,0 +1,196 @@
+//! Offline commands on a stream directory: verify, repair, restore. They
+//! work on files only; the stream must not be open in a running server.
+
+use crate::error::{BridgeError, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use natswal::io::os::OsFileSystem;
+use natswal::io::{FileSystem, WriteMode};
+use natswal::segment::cache::SegmentCache;
+use natswal::{PointInTime, RecoveryManager, RecoveryMode, Stream, StreamOptions};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+fn file_system() -> Arc<dyn FileSystem> {
+    Arc::new(OsFileSystem::new(WriteMode::Mmap))
+}
+
+fn require_directory(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(BridgeError::InvalidArgument(format!(
+            "{} is not a directory (expected a stream directory such as data/streams/orders)",
+            dir.display()
+        )))
+    }
+}
+
+fn stream_name(dir: &Path) -> String {
+    dir.file_name()
+        .and_then(|name| name.to_str())
+        .filter(|name| natswal::stream::validate_stream_name(name).is_ok())
+        .unwrap_or("offline")
+        .to_string()
+}
+
+fn progress_bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn directory_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok())
+                .filter(|entry| entry.file_name().to_string_lossy().ends_with(".log"))
+                .filter_map(|entry| entry.metadata().ok())
+                .map(|metadata| metadata.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// `natswal verify DIR`: exit 0 when healthy, 1 when damaged.
+pub fn verify(dir: &Path) -> Result<ExitCode> {
+    require_directory(dir)?;
+    let bar = progress_bar(directory_bytes(dir), "verifying");
+    let report = RecoveryManager::verify(&file_system(), dir, &mut |done| bar.set_position(done))?;
+    bar.finish_and_clear();
+    println!(
+        "{}: {} segments, {} records, {} bytes, next offset {}",
+        dir.display(),
+        report.segments,
+        report.records,
+        report.bytes,
+        report.next_offset
+    );
+    if let Some(torn) = &report.torn_tail {
+        println!("torn tail (truncated on the next open, nothing acknowledged is in it): {torn}");
+    }
+    for problem in &report.problems {
+        println!("PROBLEM: {problem}");
+    }
+    if report.is_healthy() {
+        println!("OK");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "DAMAGED: run `natswal repair {}` to quarantine the damaged ranges",
+            dir.display()
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `natswal repair DIR`: opens the stream in repair mode and reports.
+pub fn repair(dir: &Path) -> Result<ExitCode> {
+    require_directory(dir)?;
+    let bar = ProgressBar::new_spinner();
+    bar.set_message(format!("repairing {}", dir.display()));
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    let options = StreamOptions {
+        recovery_mode: RecoveryMode::Repair,
+        ..StreamOptions::default()
+    };
+    let opened = Stream::open(
+        file_system(),
+        dir,
+        &stream_name(dir),
+        Arc::new(SegmentCache::new(16)),
+        options,
+    );
+    bar.finish_and_clear();
+    let (stream, report) = opened?;
+    let status = stream.status();
+    stream.close()?;
+    for tail in &report.truncated {
+        println!(
+            "truncated torn tail of {} at byte {}: {}",
+            tail.segment.display(),
+            tail.position,
+            tail.reason
+        );
+    }
+    for range in &report.quarantined {
+        println!(
+            "quarantined {} bytes [{}, {}) of {}: {} -> {}",
+            range.end - range.start,
+            range.start,
+            range.end,
+            range.segment.display(),
+            range.reason,
+            range.saved_to.display()
+        );
+    }
+    for index in &report.rebuilt_indexes {
+        println!("rebuilt index {}", index.display());
+    }
+    println!(
+        "repaired: {} segments, records at offsets {}..{}",
+        status.segments, status.first_offset, status.next_offset
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses RFC 3339 or Unix nanoseconds.
+pub fn parse_time(text: &str) -> Result<i64> {
+    if let Ok(nanoseconds) = text.parse::<i64>() {
+        return Ok(nanoseconds);
+    }
+    let time = humantime::parse_rfc3339_weak(text).map_err(|error| {
+        BridgeError::InvalidArgument(format!(
+            "time '{text}' is neither RFC 3339 (2026-11-24T10:00:00Z) nor Unix nanoseconds: {error}"
+        ))
+    })?;
+    let since_epoch = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| BridgeError::InvalidArgument(format!("time '{text}' is before 1970")))?;
+    Ok(since_epoch.as_nanos() as i64)
+}
+
+/// `natswal restore DIR --output OUT --to-offset N | --to-time T`.
+pub fn restore(
+    dir: &Path,
+    output: &Path,
+    to_offset: Option<u64>,
+    to_time: Option<&str>,
+) -> Result<ExitCode> {
+    require_directory(dir)?;
+    let point = match (to_offset, to_time) {
+        (Some(offset), None) => PointInTime::Offset(offset),
+        (None, Some(time)) => PointInTime::Time(parse_time(time)?),
+        _ => {
+            return Err(BridgeError::InvalidArgument(
+                "give exactly one of --to-offset or --to-time".to_string(),
+            ))
+        }
+    };
+    let report = RecoveryManager::restore(&file_system(), dir, output, point)?;
+    // Open once so indexes are built and the result is verified.
+    let (stream, _) = Stream::open(
+        file_system(),
+        output,
+        &stream_name(dir),
+        Arc::new(SegmentCache::new(16)),
+        StreamOptions::default(),
+    )?;
+    stream.close()?;
+    println!(
+        "restored {} records (offsets up to {}) into {}; {} later records left out",
+        report.records_kept,
+        report.next_offset.saturating_sub(1),
+        output.display(),
+        report.records_removed
+    );
+    Ok(ExitCode::SUCCESS)
+}
