@@ -82,3 +82,241 @@ pub fn assert_prefix(stored: &[StoredRecord], expected: &[Record]) {
         assert_eq!(got.payload, want.payload, "payload of record {index}");
     }
 }
+
+/// Options with `config` and the default (strict) recovery mode.
+pub fn options(config: StreamConfig) -> StreamOptions {
+    StreamOptions {
+        config,
+        ..StreamOptions::default()
+    }
+}
+
+/// Opens a stream with its own cache and returns the recovery report too.
+pub fn open_reported(
+    file_system: &Arc<dyn FileSystem>,
+    directory: &Path,
+    options: StreamOptions,
+) -> natswal::Result<(Stream, natswal::RecoveryReport)> {
+    Stream::open(
+        Arc::clone(file_system),
+        directory,
+        "test",
+        Arc::new(SegmentCache::new(8)),
+        options,
+    )
+}
+
+/// Asserts a stored record is `want` at `offset`, byte for byte.
+pub fn assert_record(got: &StoredRecord, want: &Record, offset: u64) {
+    assert_eq!(got.offset, offset, "offset");
+    assert_eq!(got.subject, want.subject, "subject of record {offset}");
+    assert_eq!(got.headers, want.headers, "headers of record {offset}");
+    assert_eq!(got.payload, want.payload, "payload of record {offset}");
+}
+
+/// Asserts `stored` is exactly `expected` with offsets 0..
+pub fn assert_exactly(stored: &[StoredRecord], expected: &[Record]) {
+    assert_eq!(
+        stored.len(),
+        expected.len(),
+        "number of records read back (first offsets read: {:?})",
+        stored.iter().take(3).map(|r| r.offset).collect::<Vec<_>>()
+    );
+    assert_prefix(stored, expected);
+}
+
+/// Reads from the start until caught up or an error; returns what was read
+/// and the error, if any.
+pub fn read_until_error(stream: &Stream) -> (Vec<StoredRecord>, Option<natswal::Error>) {
+    let mut records = Vec::new();
+    let mut reader = match stream.reader(StartPosition::Earliest, None) {
+        Ok(reader) => reader,
+        Err(error) => return (records, Some(error)),
+    };
+    // Bounded: a log never holds more records than this in these tests.
+    for _ in 0..10_000_000 {
+        match reader.next() {
+            Ok(Some(record)) => records.push(record),
+            Ok(None) => return (records, None),
+            Err(error) => return (records, Some(error)),
+        }
+    }
+    panic!("reader did not catch up after 10 million records");
+}
+
+/// Appends `records` with many in flight (one producer, so offsets follow
+/// the order of `records`) and returns their outcomes in order.
+pub async fn append_all(stream: &Stream, records: &[Record]) -> Vec<natswal::AppendOutcome> {
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    for (index, record) in records.iter().enumerate() {
+        let request = natswal::AppendRequest {
+            records: vec![record.clone()],
+            ..natswal::AppendRequest::default()
+        };
+        let completion = natswal::Completion::Channel {
+            sender: sender.clone(),
+            token: index as u64,
+        };
+        stream.submit(request, completion).await.unwrap();
+    }
+    drop(sender);
+    let mut outcomes = vec![None; records.len()];
+    let deadline = std::time::Duration::from_secs(60);
+    for _ in 0..records.len() {
+        let completed = tokio::time::timeout(deadline, receiver.recv())
+            .await
+            .expect("appends complete within a minute")
+            .expect("every append completes");
+        outcomes[completed.token as usize] = Some(completed.result.unwrap());
+    }
+    outcomes.into_iter().map(Option::unwrap).collect()
+}
+
+/// Waits, without polling, until `condition` holds: every change of the
+/// stream (appends made visible, segments sealed) wakes a reader's `wait`.
+pub async fn wait_until(
+    stream: &Stream,
+    what: &str,
+    timeout: std::time::Duration,
+    mut condition: impl FnMut() -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut reader = stream.reader(StartPosition::Latest, None).unwrap();
+    for _ in 0..1_000_000 {
+        if condition() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        assert!(now < deadline, "timed out waiting until {what}");
+        let _ = tokio::time::timeout(deadline - now, reader.wait()).await;
+    }
+    panic!("gave up waiting until {what} after a million wake-ups");
+}
+
+/// Waits until every segment but the active one is synced, cut and indexed.
+pub async fn wait_sealed_segments_indexed(stream: &Stream) {
+    wait_until(
+        stream,
+        "all sealed segments are indexed",
+        std::time::Duration::from_secs(30),
+        || stream.sealed_segments().len() + 1 == stream.status().segments,
+    )
+    .await;
+}
+
+/// A frame found in a segment file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSpan {
+    pub start: u64,
+    pub end: u64,
+    pub base_offset: u64,
+    pub record_count: u32,
+    pub atomic: bool,
+}
+
+/// The chain of valid frames of a segment image, from its header on.
+pub fn frames_of(bytes: &[u8]) -> Vec<FrameSpan> {
+    use natswal::format::frame::{check_frame, FrameCheck};
+    let mut frames = Vec::new();
+    let mut position = natswal::format::segment_header::SEGMENT_HEADER_LENGTH;
+    while position < bytes.len() {
+        let FrameCheck::Valid(header) = check_frame(&bytes[position..]) else {
+            break;
+        };
+        let end = position + header.frame_length as usize;
+        frames.push(FrameSpan {
+            start: position as u64,
+            end: end as u64,
+            base_offset: header.base_offset,
+            record_count: header.record_count,
+            atomic: header.is_atomic(),
+        });
+        position = end;
+    }
+    frames
+}
+
+/// Segment files (`.log`) of a stream directory, in offset order.
+pub fn segment_files(directory: &Path) -> Vec<std::path::PathBuf> {
+    let mut paths: Vec<_> = std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "log"))
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Copies the files of a stream directory (and its subdirectories) to
+/// `target`, skipping incomplete atomic writes (`*.tmp`). A file that
+/// vanishes while being copied (a checkpoint being renamed) makes it retry.
+pub fn copy_directory(source: &Path, target: &Path) {
+    for attempt in 0..10 {
+        match try_copy_directory(source, target) {
+            Ok(()) => return,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound && attempt < 9 => {
+                let _ = std::fs::remove_dir_all(target);
+            }
+            Err(error) => panic!(
+                "cannot copy {} to {}: {error}",
+                source.display(),
+                target.display()
+            ),
+        }
+    }
+}
+
+fn try_copy_directory(source: &Path, target: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(target)?;
+    for entry in std::fs::read_dir(source)? {
+        let entry = entry?;
+        let path = entry.path();
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".tmp") {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            try_copy_directory(&path, &target.join(&name))?;
+        } else {
+            std::fs::copy(&path, target.join(&name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every file under a directory with its bytes, for "unchanged" checks.
+pub fn directory_contents(directory: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut contents = Vec::new();
+    let mut pending = vec![directory.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        for entry in std::fs::read_dir(&current).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                contents.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    contents.sort();
+    contents
+}
+
+/// A small deterministic generator (SplitMix64), so a failing seeded trial
+/// can be replayed.
+pub struct Random(pub u64);
+
+impl Random {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut value = self.0;
+        value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        value = (value ^ (value >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        value ^ (value >> 31)
+    }
+
+    /// A value in `[0, bound)`; `bound` must be nonzero.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+}
