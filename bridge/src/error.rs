@@ -19,6 +19,14 @@ pub enum BridgeError {
         source: std::io::Error,
     },
 
+    /// A configuration value is wrong; `key` names it.
+    #[error("invalid configuration `{key}`: {reason}")]
+    Config { key: String, reason: String },
+
+    /// Talking to NATS failed.
+    #[error("NATS: {0}")]
+    Nats(String),
+
     /// A command-line argument or request field is not acceptable.
     #[error("{0}")]
     InvalidArgument(String),
@@ -30,5 +38,9 @@ impl BridgeError {
             context: context.into(),
             source,
         }
+    }
+
+    pub fn nats(context: impl std::fmt::Display, error: impl std::fmt::Display) -> Self {
+        BridgeError::Nats(format!("{context}: {error}"))
     }
 }

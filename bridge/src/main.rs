@@ -1,8 +1,20 @@
 //! The `natswal` binary: durable storage behind a NATS broker.
 
+mod ack;
+mod api;
 mod bench;
+mod client;
+mod config;
+mod dedup;
 mod error;
+mod headers;
+mod http;
+mod ingest;
+mod metrics;
+mod nats;
 mod offline;
+mod protocol;
+mod server;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -20,12 +32,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the server: capture the configured subjects, ack publishers, serve replay (coming with the bridge).
-    Serve,
-    /// Replay a stream over NATS to stdout or to other subjects (coming with the bridge).
-    Replay,
-    /// Show streams, offsets, sizes and lag of a running server (coming with the bridge).
-    Status,
+    /// Run the server: capture the configured subjects into streams, ack publishers once durable, serve replay.
+    Serve(ServeArgs),
+    /// Replay a stream from a running server to stdout (JSON lines or raw) or re-publish it to NATS.
+    Replay(client::ReplayArgs),
+    /// Show the streams of a running server: offsets, sizes, appends in flight, state.
+    Status(client::StatusArgs),
     /// Check every frame and index of a stream directory offline, without changing it.
     Verify {
         /// A stream directory (<data_dir>/streams/<name>).
@@ -55,6 +67,27 @@ enum Command {
     Bench(BenchCommand),
 }
 
+/// Options of `natswal serve`.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML config file (see deploy/natswal.toml); without it, defaults: one stream
+    /// `events` capturing `events.>` at fsync durability, NATS at nats://127.0.0.1:4222.
+    #[arg(long, short, env = "NATSWAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// NATS server URL(s), comma separated (overrides nats.servers).
+    #[arg(long, value_delimiter = ',')]
+    nats_url: Option<Vec<String>>,
+    /// Address of /metrics, /healthz, /readyz (overrides http.listen; empty disables).
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// The WAL engine alone: append throughput, latency, scan, memory and open time against the raw disk.
@@ -68,14 +101,22 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs its life at info; client and offline commands only
+    // warnings, so their output stays readable. RUST_LOG overrides both.
+    let default_level = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -92,12 +133,21 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> error::Result<ExitCode> {
     match command {
-        Command::Serve | Command::Replay | Command::Status => {
-            eprintln!(
-                "natswal: this subcommand arrives with the NATS bridge; see `natswal --help`"
-            );
-            Ok(ExitCode::from(2))
+        Command::Serve(args) => {
+            let overrides = config::Overrides {
+                data_dir: args.data_dir,
+                nats_servers: args.nats_url,
+                http_listen: args.http_listen,
+            };
+            let config = config::Config::load(args.config.as_deref(), &overrides)?;
+            if args.check {
+                println!("configuration OK: {} stream(s)", config.streams.len());
+                return Ok(ExitCode::SUCCESS);
+            }
+            server::serve(config).await.map(|()| ExitCode::SUCCESS)
         }
+        Command::Replay(args) => client::replay(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Status(args) => client::status(args).await.map(|()| ExitCode::SUCCESS),
         Command::Verify { dir } => offline::verify(&dir),
         Command::Repair { dir } => offline::repair(&dir),
         Command::Restore {

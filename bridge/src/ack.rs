@@ -1,0 +1,113 @@
+//! Publish acknowledgements in JetStream's PubAck JSON shape, so JetStream
+//! clients can publish to natswal: `{"stream":"orders","seq":42}`,
+//! `"duplicate":true` for a deduplicated `Nats-Msg-Id`, and
+//! `{"error":{"code":..,"err_code":..,"description":".."}}`.
+
+use bytes::Bytes;
+
+/// A JetStream-style API error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP-like status code.
+    pub code: u16,
+    /// JetStream's `err_code` (server/errors.json).
+    pub err_code: u32,
+    pub description: String,
+}
+
+impl ApiError {
+    pub fn new(code: u16, err_code: u32, description: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            err_code,
+            description: description.into(),
+        }
+    }
+
+    /// JSStreamMessageExceedsMaximumErr.
+    pub fn too_large() -> ApiError {
+        ApiError::new(400, 10054, "message size exceeds maximum allowed")
+    }
+
+    /// Maps an engine failure to the error a JetStream client expects.
+    pub fn from_engine(error: &natswal::Error) -> ApiError {
+        match error {
+            natswal::Error::RecordTooLarge { .. } => ApiError::too_large(),
+            // JSStorageResourcesExceededErr
+            natswal::Error::DiskFull { .. } => ApiError::new(
+                500,
+                10047,
+                format!("insufficient storage resources available: {error}"),
+            ),
+            // JSStreamStoreFailedF
+            other => ApiError::new(503, 10077, other.to_string()),
+        }
+    }
+}
+
+fn push_json_string(out: &mut String, text: &str) {
+    out.push('"');
+    for character in text.chars() {
+        match character {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            control if (control as u32) < 0x20 => {
+                out.push_str(&format!("\\u{:04x}", control as u32))
+            }
+            other => out.push(other),
+        }
+    }
+    out.push('"');
+}
+
+/// `{"stream":"<stream>","seq":<seq>}` (plus `"duplicate":true`).
+pub fn pub_ack(stream: &str, seq: u64, duplicate: bool) -> Bytes {
+    let mut out = String::with_capacity(48 + stream.len());
+    out.push_str("{\"stream\":");
+    push_json_string(&mut out, stream);
+    out.push_str(",\"seq\":");
+    out.push_str(&seq.to_string());
+    if duplicate {
+        out.push_str(",\"duplicate\":true");
+    }
+    out.push('}');
+    Bytes::from(out)
+}
+
+/// `{"error":{"code":..,"err_code":..,"description":".."}}`.
+pub fn error_ack(error: &ApiError) -> Bytes {
+    let mut out = String::with_capacity(64 + error.description.len());
+    out.push_str("{\"error\":{\"code\":");
+    out.push_str(&error.code.to_string());
+    out.push_str(",\"err_code\":");
+    out.push_str(&error.err_code.to_string());
+    out.push_str(",\"description\":");
+    push_json_string(&mut out, &error.description);
+    out.push_str("}}");
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_are_valid_json_of_jetstream_shape() {
+        let ack: serde_json::Value = serde_json::from_slice(&pub_ack("orders", 42, false)).unwrap();
+        assert_eq!(ack, serde_json::json!({"stream":"orders","seq":42}));
+        let duplicate: serde_json::Value =
+            serde_json::from_slice(&pub_ack("o\"x", 7, true)).unwrap();
+        assert_eq!(
+            duplicate,
+            serde_json::json!({"stream":"o\"x","seq":7,"duplicate":true})
+        );
+        let error: serde_json::Value =
+            serde_json::from_slice(&error_ack(&ApiError::new(503, 10077, "disk \"gone\"\n")))
+                .unwrap();
+        assert_eq!(error["error"]["description"], "disk \"gone\"\n");
+        assert_eq!(error["error"]["err_code"], 10077);
+    }
+}

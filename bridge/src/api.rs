@@ -1,0 +1,383 @@
+//! natswal's request/response API over NATS (docs/PROTOCOL.md):
+//! `<prefix>.REPLAY.<stream>` (pull-style replay) and `<prefix>.STATUS`.
+//!
+//! Replay is stateless and pull-based: each request names where to start
+//! and how many records it wants (`batch`); the server sends at most that
+//! many to the request's reply subject, then one status message that says
+//! where to continue. The server never sends more than asked, so a slow
+//! reader can pause as long as it likes and is never dropped by NATS.
+
+use crate::metrics::BridgeMetrics;
+use crate::protocol::*;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use natswal::{StartPosition, Stream, SubjectPattern};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Longest long-poll a request may ask for.
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+pub struct ApiService {
+    pub client: async_nats::Client,
+    pub streams: Arc<BTreeMap<String, Arc<Stream>>>,
+    pub metrics: Arc<BridgeMetrics>,
+    pub prefix: String,
+}
+
+/// Subscribes to the API subjects and serves until `shutdown`.
+pub async fn run(
+    service: ApiService,
+    mut shutdown: watch::Receiver<bool>,
+) -> crate::error::Result<()> {
+    let replay_subject = format!("{}.REPLAY.*", service.prefix);
+    let status_subject = format!("{}.STATUS", service.prefix);
+    let replay = service
+        .client
+        .subscribe(replay_subject.clone())
+        .await
+        .map_err(|error| {
+            crate::error::BridgeError::nats(format!("cannot subscribe to {replay_subject}"), error)
+        })?;
+    let status = service
+        .client
+        .subscribe(status_subject.clone())
+        .await
+        .map_err(|error| {
+            crate::error::BridgeError::nats(format!("cannot subscribe to {status_subject}"), error)
+        })?;
+    let mut requests = futures_util::stream::select(replay, status);
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            message = requests.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        let service = service.clone();
+        if message.subject.as_str() == status_subject {
+            tokio::spawn(async move { service.answer_status(message).await });
+        } else {
+            tokio::spawn(async move { service.answer_replay(message).await });
+        }
+    }
+    Ok(())
+}
+
+/// A status message: `Nwal-Status`, description, next offset, count.
+fn status_headers(
+    stream: &str,
+    status: u16,
+    description: &str,
+    next_offset: Option<u64>,
+    count: u64,
+) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(HEADER_STATUS, status.to_string().as_str());
+    headers.insert(HEADER_DESCRIPTION, description);
+    headers.insert(HEADER_STREAM, stream);
+    if let Some(next) = next_offset {
+        headers.insert(HEADER_NEXT_OFFSET, next.to_string().as_str());
+    }
+    headers.insert(HEADER_COUNT, count.to_string().as_str());
+    headers
+}
+
+#[derive(Serialize)]
+struct StatusReply {
+    version: &'static str,
+    streams: Vec<StreamStatusJson>,
+}
+
+#[derive(Serialize)]
+pub struct StreamStatusJson {
+    pub name: String,
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub segments: usize,
+    pub first_timestamp_ns: Option<i64>,
+    pub last_timestamp_ns: Option<i64>,
+    /// Records queued for writing or syncing that are not yet acknowledged.
+    pub appends_in_flight: u64,
+    pub poisoned: Option<String>,
+}
+
+impl ApiService {
+    async fn answer_status(&self, message: async_nats::Message) {
+        let Some(reply) = message.reply else { return };
+        let streams = self
+            .streams
+            .values()
+            .map(|stream| {
+                let status = stream.status();
+                let stored = stream.metrics().records.load(Ordering::Relaxed);
+                let completed = stream.metrics().append_latency_us.snapshot().2;
+                StreamStatusJson {
+                    name: status.name,
+                    first_offset: status.first_offset,
+                    next_offset: status.next_offset,
+                    records: status.records,
+                    bytes: status.bytes,
+                    segments: status.segments,
+                    first_timestamp_ns: status.first_timestamp_ns,
+                    last_timestamp_ns: status.last_timestamp_ns,
+                    appends_in_flight: stored.saturating_sub(completed),
+                    poisoned: status.poisoned,
+                }
+            })
+            .collect();
+        let body = serde_json::to_vec(&StatusReply {
+            version: env!("CARGO_PKG_VERSION"),
+            streams,
+        })
+        .unwrap_or_default();
+        let _ = self.client.publish(reply, Bytes::from(body)).await;
+    }
+
+    async fn answer_replay(&self, message: async_nats::Message) {
+        self.metrics.replay_requests.fetch_add(1, Ordering::Relaxed);
+        let Some(reply) = message.reply.clone() else {
+            tracing::debug!(subject = %message.subject, "replay request without a reply subject ignored");
+            return;
+        };
+        let stream_name = message
+            .subject
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if let Err((status, description)) = self.replay(&stream_name, &message, reply.clone()).await
+        {
+            self.metrics.replay_errors.fetch_add(1, Ordering::Relaxed);
+            let headers = status_headers(&stream_name, status, &description, None, 0);
+            let _ = self
+                .client
+                .publish_with_headers(reply, headers, Bytes::new())
+                .await;
+        }
+    }
+
+    /// Serves one replay request; `Err` is a status to send instead.
+    async fn replay(
+        &self,
+        stream_name: &str,
+        message: &async_nats::Message,
+        reply: async_nats::Subject,
+    ) -> Result<(), (u16, String)> {
+        let bad = |reason: String| (STATUS_BAD_REQUEST, format!("Bad Request: {reason}"));
+        let request: ReplayRequest = if message.payload.iter().all(u8::is_ascii_whitespace) {
+            ReplayRequest::default()
+        } else {
+            serde_json::from_slice(&message.payload)
+                .map_err(|error| bad(format!("invalid replay request JSON: {error}")))?
+        };
+        let stream = self.streams.get(stream_name).ok_or_else(|| {
+            (
+                STATUS_STREAM_NOT_FOUND,
+                format!("Stream Not Found: no stream named '{stream_name}'"),
+            )
+        })?;
+        let filter = request
+            .filter
+            .as_deref()
+            .map(SubjectPattern::parse)
+            .transpose()
+            .map_err(|error| bad(error.to_string()))?;
+        let start = match &request.start {
+            Start::Earliest => StartPosition::Earliest,
+            Start::Latest => StartPosition::Latest,
+            Start::Offset { offset } => StartPosition::Offset(*offset),
+            Start::Time { time } => StartPosition::Time(time.nanoseconds().map_err(bad)?),
+        };
+        let end = match &request.end {
+            None => None,
+            Some(End::Offset { offset }) => Some((Some(*offset), None)),
+            Some(End::Time { time }) => Some((None, Some(time.nanoseconds().map_err(bad)?))),
+        };
+        let batch = request.batch.unwrap_or(BATCH_DEFAULT);
+        if batch == 0 || batch > BATCH_MAX {
+            return Err(bad(format!("batch must be between 1 and {BATCH_MAX}")));
+        }
+        if request.limit == Some(0) {
+            return Err(bad("limit must be at least 1".to_string()));
+        }
+        let wanted = batch.min(request.limit.unwrap_or(u64::MAX));
+        let max_bytes = request.max_bytes.unwrap_or(u64::MAX).max(1);
+        let wait = Duration::from_millis(request.wait_ms.unwrap_or(0)).min(WAIT_MAX);
+        let mut reader = stream
+            .reader(start, filter)
+            .map_err(|error| (STATUS_STORAGE_ERROR, format!("Storage Error: {error}")))?;
+        let payload_max = self.client.server_info().max_payload.max(4096);
+        let mut sender = Sender::new(
+            &self.client,
+            reply.clone(),
+            stream.name(),
+            request.mode,
+            payload_max,
+        );
+        let deadline = Instant::now() + wait;
+        let mut reached_end = false;
+        let mut bytes_sent = 0u64;
+        while sender.count < wanted && bytes_sent < max_bytes {
+            let record = match reader.next() {
+                Ok(Some(record)) => record,
+                Ok(None) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if sender.count > 0 || remaining.is_zero() {
+                        break;
+                    }
+                    let _ = tokio::time::timeout(remaining, reader.wait()).await;
+                    continue;
+                }
+                Err(error) => {
+                    sender.flush().await;
+                    return Err((STATUS_STORAGE_ERROR, format!("Storage Error: {error}")));
+                }
+            };
+            let past_end = match end {
+                Some((Some(last_offset), _)) => record.offset > last_offset,
+                Some((_, Some(last_time))) => record.timestamp_ns > last_time,
+                _ => false,
+            };
+            if past_end {
+                reached_end = true;
+                break;
+            }
+            bytes_sent +=
+                (record.subject.len() + record.headers.len() + record.payload.len()) as u64;
+            sender.send(record).await;
+            if let Some((Some(last_offset), _)) = end {
+                if reader.next_offset() > last_offset {
+                    reached_end = true;
+                    break;
+                }
+            }
+        }
+        sender.flush().await;
+        let delivered = sender.count;
+        self.metrics
+            .replay_messages
+            .fetch_add(delivered, Ordering::Relaxed);
+        let limit_reached = request.limit.is_some_and(|limit| delivered >= limit);
+        let (status, description) = if reached_end || limit_reached {
+            (STATUS_END_OF_RANGE, "End Of Range")
+        } else if delivered == 0 {
+            (STATUS_NO_MESSAGES, "No Messages")
+        } else {
+            (STATUS_MORE, "More")
+        };
+        let headers = status_headers(
+            stream.name(),
+            status,
+            description,
+            Some(reader.next_offset()),
+            delivered,
+        );
+        let _ = self
+            .client
+            .publish_with_headers(reply, headers, Bytes::new())
+            .await;
+        Ok(())
+    }
+}
+
+/// Sends replayed records one per message or packed into records-v1
+/// batches no larger than the server's max payload.
+struct Sender<'a> {
+    client: &'a async_nats::Client,
+    reply: async_nats::Subject,
+    stream: String,
+    mode: Mode,
+    payload_max: usize,
+    buffer: BytesMut,
+    buffered: u64,
+    count: u64,
+}
+
+impl<'a> Sender<'a> {
+    fn new(
+        client: &'a async_nats::Client,
+        reply: async_nats::Subject,
+        stream: &str,
+        mode: Mode,
+        payload_max: usize,
+    ) -> Sender<'a> {
+        Sender {
+            client,
+            reply,
+            stream: stream.to_string(),
+            mode,
+            payload_max,
+            buffer: BytesMut::new(),
+            buffered: 0,
+            count: 0,
+        }
+    }
+
+    async fn send(&mut self, record: natswal::StoredRecord) {
+        self.count += 1;
+        match self.mode {
+            Mode::Messages => {
+                let mut headers = if record.headers.is_empty() {
+                    async_nats::HeaderMap::new()
+                } else {
+                    crate::headers::decode(&record.headers)
+                };
+                headers.insert(HEADER_STREAM, self.stream.as_str());
+                headers.insert(
+                    HEADER_SUBJECT,
+                    String::from_utf8_lossy(&record.subject).as_ref(),
+                );
+                headers.insert(HEADER_OFFSET, record.offset.to_string().as_str());
+                headers.insert(HEADER_TIMESTAMP, record.timestamp_ns.to_string().as_str());
+                let _ = self
+                    .client
+                    .publish_with_headers(self.reply.clone(), headers, record.payload)
+                    .await;
+            }
+            Mode::Batched => {
+                let entry = BATCH_ENTRY_OVERHEAD
+                    + record.subject.len()
+                    + record.headers.len()
+                    + record.payload.len();
+                if self.buffered > 0 && self.buffer.len() + entry > self.payload_max - 512 {
+                    self.flush().await;
+                }
+                encode_batched(
+                    &mut self.buffer,
+                    record.offset,
+                    record.timestamp_ns,
+                    &record.subject,
+                    &record.headers,
+                    &record.payload,
+                );
+                self.buffered += 1;
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        if self.buffered == 0 {
+            return;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(HEADER_FORMAT, FORMAT_RECORDS_V1);
+        headers.insert(HEADER_STREAM, self.stream.as_str());
+        headers.insert(HEADER_COUNT, self.buffered.to_string().as_str());
+        let body = self.buffer.split().freeze();
+        let _ = self
+            .client
+            .publish_with_headers(self.reply.clone(), headers, body)
+            .await;
+        self.buffered = 0;
+    }
+}

@@ -1,0 +1,732 @@
+//! Configuration of `natswal serve`: a TOML file (documented example in
+//! deploy/natswal.toml), overridden by `NATSWAL_*` environment variables,
+//! overridden by command-line flags. Validation names the offending key.
+
+use crate::error::{BridgeError, Result};
+use natswal::{Durability, RetentionPolicy, StreamConfig, SubjectPattern};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default API subject prefix (replay, status).
+pub const API_PREFIX_DEFAULT: &str = "$NWAL";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where streams are stored: `<data_dir>/streams/<name>`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub nats: NatsConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default = "default_streams")]
+    pub streams: Vec<StreamSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URLs; the client fails over between them.
+    #[serde(default = "default_servers")]
+    pub servers: Vec<String>,
+    #[serde(default = "default_client_name")]
+    pub name: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// File holding an nkey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (JWT and nkey seed).
+    pub creds_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Messages buffered per subscription before NATS drops them for a slow
+    /// consumer (every drop is counted and logged).
+    #[serde(default = "default_subscription_capacity")]
+    pub subscription_capacity: usize,
+    /// How long to keep trying the first connection.
+    #[serde(default = "default_connect_timeout", with = "duration_text")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA that signed the server certificate.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that verify clients.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS.
+    #[serde(default = "default_true")]
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`; empty disables HTTP.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Prefix of natswal's own subjects: `<prefix>.REPLAY.<stream>`, `<prefix>.STATUS`.
+    #[serde(default = "default_api_prefix")]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `mmap` (default) or `pwrite`.
+    #[serde(default = "default_write_mode")]
+    pub write_mode: String,
+    /// Sealed segments mapped at once, across all streams.
+    #[serde(default = "default_open_segments_max")]
+    pub open_segments_max: usize,
+}
+
+/// One `[[streams]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSection {
+    pub name: String,
+    /// NATS subject patterns captured into the stream.
+    pub subjects: Vec<String>,
+    /// `none`, `interval` or `fsync`.
+    #[serde(default = "default_durability")]
+    pub durability: String,
+    /// Sync period of `interval` durability.
+    #[serde(default = "default_sync_interval", with = "duration_text")]
+    pub sync_interval: Duration,
+    #[serde(default, with = "option_duration_text")]
+    pub max_age: Option<Duration>,
+    #[serde(default, with = "option_size_text")]
+    pub max_bytes: Option<u64>,
+    pub max_messages: Option<u64>,
+    #[serde(default = "default_segment_bytes", with = "size_text")]
+    pub segment_bytes: u64,
+    #[serde(default, with = "option_duration_text")]
+    pub segment_max_age: Option<Duration>,
+    /// Largest message (subject + headers + payload).
+    #[serde(default = "default_max_message_bytes", with = "size_text")]
+    pub max_message_bytes: u64,
+    /// How long a `Nats-Msg-Id` is remembered for deduplication.
+    #[serde(default = "default_duplicate_window", with = "duration_text")]
+    pub duplicate_window: Duration,
+    /// Most `Nats-Msg-Id`s remembered (bounds the window's memory).
+    #[serde(default = "default_duplicate_ids_max")]
+    pub duplicate_ids_max: usize,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+fn default_servers() -> Vec<String> {
+    vec!["nats://127.0.0.1:4222".to_string()]
+}
+fn default_client_name() -> String {
+    "natswal".to_string()
+}
+fn default_subscription_capacity() -> usize {
+    256 * 1024
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_http_listen() -> String {
+    "127.0.0.1:7777".to_string()
+}
+fn default_api_prefix() -> String {
+    API_PREFIX_DEFAULT.to_string()
+}
+fn default_write_mode() -> String {
+    "mmap".to_string()
+}
+fn default_open_segments_max() -> usize {
+    natswal::store::OPEN_SEGMENTS_MAX_DEFAULT
+}
+fn default_durability() -> String {
+    "fsync".to_string()
+}
+fn default_sync_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_segment_bytes() -> u64 {
+    StreamConfig::default().segment_bytes_max
+}
+fn default_max_message_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_duplicate_window() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_duplicate_ids_max() -> usize {
+    100_000
+}
+fn default_streams() -> Vec<StreamSection> {
+    vec![StreamSection {
+        name: "events".to_string(),
+        subjects: vec!["events.>".to_string()],
+        durability: default_durability(),
+        sync_interval: default_sync_interval(),
+        max_age: None,
+        max_bytes: None,
+        max_messages: None,
+        segment_bytes: default_segment_bytes(),
+        segment_max_age: None,
+        max_message_bytes: default_max_message_bytes(),
+        duplicate_window: default_duplicate_window(),
+        duplicate_ids_max: default_duplicate_ids_max(),
+    }]
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            servers: default_servers(),
+            name: default_client_name(),
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed_file: None,
+            creds_file: None,
+            tls: None,
+            subscription_capacity: default_subscription_capacity(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_http_listen(),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            prefix: default_api_prefix(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            write_mode: default_write_mode(),
+            open_segments_max: default_open_segments_max(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: default_data_dir(),
+            nats: NatsConfig::default(),
+            http: HttpConfig::default(),
+            api: ApiConfig::default(),
+            storage: StorageConfig::default(),
+            streams: default_streams(),
+        }
+    }
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> BridgeError {
+    BridgeError::Config {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses `10`, `64KiB`, `128MiB`, `10GiB`, `1GB`, `500kB`.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|character: char| !character.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (examples: 1048576, 64KiB, 128MiB, 10GiB)"))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => return Err(format!(
+            "unknown size unit '{other}' in '{text}' (use B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)"
+        )),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("size '{text}' is too large"))
+}
+
+/// Parses `250ms`, `10s`, `2m`, `7d`, `1h 30m` (humantime).
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|error| {
+        format!("'{text}' is not a duration ({error}; examples: 250ms, 10s, 2m, 7d)")
+    })
+}
+
+mod size_text {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum SizeValue {
+        Number(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+        match SizeValue::deserialize(deserializer)? {
+            SizeValue::Number(number) => Ok(number),
+            SizeValue::Text(text) => super::parse_size(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+mod option_size_text {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapper(#[serde(with = "super::size_text")] u64);
+        Ok(Option::<Wrapper>::deserialize(deserializer)?.map(|Wrapper(value)| value))
+    }
+}
+
+mod duration_text {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod option_duration_text {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapper(#[serde(with = "super::duration_text")] Duration);
+        Ok(Option::<Wrapper>::deserialize(deserializer)?.map(|Wrapper(value)| value))
+    }
+}
+
+/// Command-line overrides of `natswal serve`.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub nats_servers: Option<Vec<String>>,
+    pub http_listen: Option<String>,
+}
+
+impl Config {
+    /// Reads the file (if given), then environment variables, then flags,
+    /// then validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|error| {
+                    BridgeError::io(format!("cannot read config file {}", path.display()), error)
+                })?;
+                Config::parse(&text).map_err(|error| match error {
+                    BridgeError::Config { key, reason } => BridgeError::Config {
+                        key,
+                        reason: format!("{reason} (in {})", path.display()),
+                    },
+                    other => other,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_environment(|name| std::env::var(name).ok())?;
+        if let Some(data_dir) = &overrides.data_dir {
+            config.data_dir = data_dir.clone();
+        }
+        if let Some(servers) = &overrides.nats_servers {
+            config.nats.servers = servers.clone();
+        }
+        if let Some(listen) = &overrides.http_listen {
+            config.http.listen = listen.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; unknown keys and bad values are errors naming the key.
+    pub fn parse(text: &str) -> Result<Config> {
+        toml::from_str(text).map_err(|error| {
+            let message = error.message().to_string();
+            let key = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_string)
+                .unwrap_or_else(|| describe_span(text, error.span()));
+            invalid(key, message)
+        })
+    }
+
+    /// `NATSWAL_DATA_DIR`, `NATSWAL_NATS_SERVERS` (comma separated),
+    /// `NATSWAL_NATS_USER`, `NATSWAL_NATS_PASSWORD`, `NATSWAL_NATS_TOKEN`,
+    /// `NATSWAL_NATS_CREDS_FILE`, `NATSWAL_NATS_NKEY_SEED_FILE`,
+    /// `NATSWAL_HTTP_LISTEN`, `NATSWAL_API_PREFIX`, `NATSWAL_WRITE_MODE`.
+    pub fn apply_environment(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<()> {
+        if let Some(value) = get("NATSWAL_DATA_DIR") {
+            self.data_dir = PathBuf::from(value);
+        }
+        if let Some(value) = get("NATSWAL_NATS_SERVERS") {
+            self.nats.servers = value
+                .split(',')
+                .map(|server| server.trim().to_string())
+                .filter(|server| !server.is_empty())
+                .collect();
+        }
+        if let Some(value) = get("NATSWAL_NATS_USER") {
+            self.nats.user = Some(value);
+        }
+        if let Some(value) = get("NATSWAL_NATS_PASSWORD") {
+            self.nats.password = Some(value);
+        }
+        if let Some(value) = get("NATSWAL_NATS_TOKEN") {
+            self.nats.token = Some(value);
+        }
+        if let Some(value) = get("NATSWAL_NATS_CREDS_FILE") {
+            self.nats.creds_file = Some(PathBuf::from(value));
+        }
+        if let Some(value) = get("NATSWAL_NATS_NKEY_SEED_FILE") {
+            self.nats.nkey_seed_file = Some(PathBuf::from(value));
+        }
+        if let Some(value) = get("NATSWAL_HTTP_LISTEN") {
+            self.http.listen = value;
+        }
+        if let Some(value) = get("NATSWAL_API_PREFIX") {
+            self.api.prefix = value;
+        }
+        if let Some(value) = get("NATSWAL_WRITE_MODE") {
+            self.storage.write_mode = value;
+        }
+        Ok(())
+    }
+
+    pub fn write_mode(&self) -> Result<natswal::io::WriteMode> {
+        self.storage
+            .write_mode
+            .parse()
+            .map_err(|reason: String| invalid("storage.write_mode", reason))
+    }
+
+    /// Checks everything a running server relies on.
+    pub fn validate(&self) -> Result<()> {
+        if self.nats.servers.is_empty() {
+            return Err(invalid("nats.servers", "at least one server URL is needed"));
+        }
+        for server in &self.nats.servers {
+            server.parse::<async_nats::ServerAddr>().map_err(|error| {
+                invalid(
+                    "nats.servers",
+                    format!("'{server}' is not a NATS URL: {error}"),
+                )
+            })?;
+        }
+        let methods = [
+            self.nats.user.is_some() || self.nats.password.is_some(),
+            self.nats.token.is_some(),
+            self.nats.nkey_seed_file.is_some(),
+            self.nats.creds_file.is_some(),
+        ];
+        if methods.iter().filter(|used| **used).count() > 1 {
+            return Err(invalid(
+                "nats",
+                "use one authentication method: user/password, token, nkey_seed_file or creds_file",
+            ));
+        }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            return Err(invalid("nats.user", "user and password go together"));
+        }
+        if let Some(tls) = &self.nats.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return Err(invalid(
+                    "nats.tls.cert_file",
+                    "cert_file and key_file go together",
+                ));
+            }
+        }
+        if self.nats.subscription_capacity == 0 {
+            return Err(invalid("nats.subscription_capacity", "must be at least 1"));
+        }
+        self.write_mode()?;
+        if self.storage.open_segments_max == 0 {
+            return Err(invalid("storage.open_segments_max", "must be at least 1"));
+        }
+        let prefix = SubjectPattern::parse(&self.api.prefix)
+            .map_err(|error| invalid("api.prefix", error.to_string()))?;
+        if !prefix.is_literal() {
+            return Err(invalid("api.prefix", "must not contain wildcards"));
+        }
+        let api_subjects =
+            SubjectPattern::parse(&format!("{}.>", self.api.prefix)).expect("valid prefix");
+        if self.streams.is_empty() {
+            return Err(invalid(
+                "streams",
+                "at least one [[streams]] table is needed",
+            ));
+        }
+        let mut seen: Vec<(String, SubjectPattern)> = Vec::new();
+        for (index, stream) in self.streams.iter().enumerate() {
+            let key = |field: &str| format!("streams[{index}].{field}");
+            natswal::stream::validate_stream_name(&stream.name)
+                .map_err(|error| invalid(key("name"), error.to_string()))?;
+            if self
+                .streams
+                .iter()
+                .filter(|other| other.name == stream.name)
+                .count()
+                > 1
+            {
+                return Err(invalid(
+                    key("name"),
+                    format!("stream name '{}' is used twice", stream.name),
+                ));
+            }
+            if stream.subjects.is_empty() {
+                return Err(invalid(
+                    key("subjects"),
+                    "at least one subject pattern is needed",
+                ));
+            }
+            for subject in &stream.subjects {
+                let pattern = SubjectPattern::parse(subject)
+                    .map_err(|error| invalid(key("subjects"), error.to_string()))?;
+                if pattern.overlaps(&api_subjects) {
+                    return Err(invalid(
+                        key("subjects"),
+                        format!(
+                            "'{subject}' would capture natswal's own API subjects ({}.>); choose another pattern or api.prefix",
+                            self.api.prefix
+                        ),
+                    ));
+                }
+                if subject.starts_with("$JS.") || subject == ">" || subject.starts_with("_INBOX.") {
+                    return Err(invalid(
+                        key("subjects"),
+                        format!("'{subject}' would capture NATS system, JetStream API or reply inbox subjects"),
+                    ));
+                }
+                if let Some((other, _)) = seen.iter().find(|(_, other)| other.overlaps(&pattern)) {
+                    return Err(invalid(
+                        key("subjects"),
+                        format!("'{subject}' of stream '{}' overlaps subjects of stream '{other}': a message must belong to one stream", stream.name),
+                    ));
+                }
+                seen.push((stream.name.clone(), pattern));
+            }
+            stream.engine_config().map_err(|error| match error {
+                natswal::Error::InvalidConfig { key: field, reason } => {
+                    invalid(key(&field), reason)
+                }
+                other => invalid(key("?"), other.to_string()),
+            })?;
+            if stream.duplicate_ids_max == 0 {
+                return Err(invalid(key("duplicate_ids_max"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn describe_span(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return "(file)".to_string();
+    };
+    let line = text[..span.start.min(text.len())].lines().count().max(1);
+    let snippet: String = text[span.start.min(text.len())..span.end.min(text.len())]
+        .chars()
+        .take(40)
+        .collect();
+    format!("line {line} `{snippet}`")
+}
+
+impl StreamSection {
+    pub fn durability(&self) -> std::result::Result<Durability, String> {
+        match self.durability.as_str() {
+            "none" => Ok(Durability::None),
+            "fsync" => Ok(Durability::Fsync),
+            "interval" => Ok(Durability::Interval {
+                interval_ms: self.sync_interval.as_millis() as u64,
+            }),
+            other => Err(format!(
+                "unknown durability '{other}' (expected none, interval or fsync)"
+            )),
+        }
+    }
+
+    /// The engine configuration this section describes.
+    pub fn engine_config(&self) -> natswal::Result<StreamConfig> {
+        let durability = self
+            .durability()
+            .map_err(|reason| natswal::Error::InvalidConfig {
+                key: "durability".to_string(),
+                reason,
+            })?;
+        // A message is stored as one record: subject, headers and payload
+        // plus 18 bytes of record header.
+        let record_bytes_max =
+            self.max_message_bytes + natswal::format::record::RECORD_OVERHEAD as u64;
+        let defaults = StreamConfig::default();
+        let config = StreamConfig {
+            durability,
+            segment_bytes_max: self.segment_bytes,
+            segment_age_max_ms: self.segment_max_age.map(|age| age.as_millis() as u64),
+            retention: RetentionPolicy {
+                age_max_ms: self.max_age.map(|age| age.as_millis() as u64),
+                bytes_max: self.max_bytes,
+                messages_max: self.max_messages,
+            },
+            record_bytes_max,
+            frame_bytes_max: defaults.frame_bytes_max.min(self.segment_bytes - 64),
+            queue_bytes_max: defaults.queue_bytes_max.max(record_bytes_max),
+            unsynced_bytes_max: defaults.unsynced_bytes_max.max(defaults.frame_bytes_max),
+            ..defaults
+        };
+        config.validate().map_err(|error| match error {
+            natswal::Error::InvalidConfig { key, reason } => natswal::Error::InvalidConfig {
+                key: match key.as_str() {
+                    "record_bytes_max" => "max_message_bytes".to_string(),
+                    "segment_bytes_max" => "segment_bytes".to_string(),
+                    "segment_age_max_ms" => "segment_max_age".to_string(),
+                    _ => key,
+                },
+                reason,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_one_stream_against_local_nats() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.nats.servers, vec!["nats://127.0.0.1:4222"]);
+        assert_eq!(config.streams[0].name, "events");
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let text = r#"
+data_dir = "/var/lib/natswal"
+[nats]
+servers = ["nats://a:4222", "tls://b:4222"]
+user = "u"
+password = "p"
+[[streams]]
+name = "orders"
+subjects = ["orders.>"]
+durability = "interval"
+sync_interval = "50ms"
+max_age = "7d"
+max_bytes = "10GiB"
+segment_bytes = "64MiB"
+"#;
+        let config = Config::parse(text).unwrap();
+        config.validate().unwrap();
+        let engine = config.streams[0].engine_config().unwrap();
+        assert_eq!(engine.durability, Durability::Interval { interval_ms: 50 });
+        assert_eq!(engine.retention.bytes_max, Some(10 << 30));
+        assert_eq!(engine.retention.age_max_ms, Some(7 * 86_400_000));
+        assert_eq!(engine.segment_bytes_max, 64 << 20);
+    }
+
+    fn error_of(text: &str) -> String {
+        match Config::parse(text).and_then(|config| config.validate()) {
+            Ok(()) => panic!("expected an error for {text}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn bad_configs_name_their_key() {
+        let unknown = error_of("data_dir = \"x\"\nbogus = 1\n");
+        assert!(unknown.contains("bogus"), "{unknown}");
+        let overlap = error_of(
+            "[[streams]]\nname = \"a\"\nsubjects = [\"orders.*\"]\n[[streams]]\nname = \"b\"\nsubjects = [\"orders.eu\"]\n",
+        );
+        assert!(
+            overlap.contains("streams[1].subjects") && overlap.contains("overlaps"),
+            "{overlap}"
+        );
+        let api = error_of("[[streams]]\nname = \"a\"\nsubjects = [\"$NWAL.>\"]\n");
+        assert!(api.contains("API subjects"), "{api}");
+        let wildcard_api = error_of("[[streams]]\nname = \"a\"\nsubjects = [\"*.REPLAY.x\"]\n");
+        assert!(wildcard_api.contains("API subjects"), "{wildcard_api}");
+        let size =
+            error_of("[[streams]]\nname = \"a\"\nsubjects = [\"a\"]\nsegment_bytes = \"1KiB\"\n");
+        assert!(size.contains("streams[0].segment_bytes"), "{size}");
+        let too_big = error_of("[[streams]]\nname = \"a\"\nsubjects = [\"a\"]\nsegment_bytes = \"1MiB\"\nmax_message_bytes = \"2MiB\"\n");
+        assert!(
+            too_big.contains("streams[0].max_message_bytes"),
+            "{too_big}"
+        );
+        let durability =
+            error_of("[[streams]]\nname = \"a\"\nsubjects = [\"a\"]\ndurability = \"always\"\n");
+        assert!(durability.contains("streams[0].durability"), "{durability}");
+        let bad_size =
+            error_of("[[streams]]\nname = \"a\"\nsubjects = [\"a\"]\nmax_bytes = \"10 parsecs\"\n");
+        assert!(bad_size.contains("size"), "{bad_size}");
+        let auth = error_of("[nats]\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\"\n");
+        assert!(auth.contains("one authentication method"), "{auth}");
+        let name = error_of("[[streams]]\nname = \"a b\"\nsubjects = [\"a\"]\n");
+        assert!(name.contains("streams[0].name"), "{name}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut config = Config::default();
+        config
+            .apply_environment(|name| match name {
+                "NATSWAL_NATS_SERVERS" => Some("nats://x:1, nats://y:2".to_string()),
+                "NATSWAL_DATA_DIR" => Some("/tmp/d".to_string()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.nats.servers, vec!["nats://x:1", "nats://y:2"]);
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/d"));
+    }
+}

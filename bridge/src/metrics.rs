@@ -1,0 +1,353 @@
+//! The bridge's counters and the Prometheus text rendering of them and of
+//! the engine's per-stream metrics.
+
+use natswal::Stream;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counters of one stream's ingest.
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    pub ingest_messages: AtomicU64,
+    pub ingest_bytes: AtomicU64,
+    pub acks: AtomicU64,
+    pub duplicates: AtomicU64,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl StreamCounters {
+    pub fn error(&self, kind: &'static str) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(kind)
+            .or_insert(0) += 1;
+    }
+}
+
+/// Process-wide counters.
+#[derive(Debug, Default)]
+pub struct BridgeMetrics {
+    pub slow_consumer_events: AtomicU64,
+    pub nats_disconnects: AtomicU64,
+    pub nats_connected: AtomicI64,
+    pub replay_requests: AtomicU64,
+    pub replay_messages: AtomicU64,
+    pub replay_errors: AtomicU64,
+    streams: Mutex<Vec<(Arc<Stream>, Arc<StreamCounters>)>>,
+}
+
+impl BridgeMetrics {
+    pub fn register(&self, stream: Arc<Stream>) -> Arc<StreamCounters> {
+        let counters = Arc::new(StreamCounters::default());
+        self.streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push((stream, Arc::clone(&counters)));
+        counters
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        let streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let counter = |out: &mut String, name: &str, help: &str, kind: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        counter(
+            &mut out,
+            "natswal_ingest_messages_total",
+            "Messages received from NATS for storage.",
+            "counter",
+        );
+        for (stream, counters) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_ingest_messages_total{{stream=\"{}\"}} {}",
+                stream.name(),
+                counters.ingest_messages.load(Ordering::Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_ingest_bytes_total",
+            "Payload bytes received from NATS for storage.",
+            "counter",
+        );
+        for (stream, counters) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_ingest_bytes_total{{stream=\"{}\"}} {}",
+                stream.name(),
+                counters.ingest_bytes.load(Ordering::Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_acks_total",
+            "Publish acknowledgements sent after durability.",
+            "counter",
+        );
+        for (stream, counters) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_acks_total{{stream=\"{}\"}} {}",
+                stream.name(),
+                counters.acks.load(Ordering::Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_duplicates_total",
+            "Messages not stored because their Nats-Msg-Id was in the duplicate window.",
+            "counter",
+        );
+        for (stream, counters) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_duplicates_total{{stream=\"{}\"}} {}",
+                stream.name(),
+                counters.duplicates.load(Ordering::Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_errors_total",
+            "Messages that could not be stored, by kind.",
+            "counter",
+        );
+        for (stream, counters) in &streams {
+            for (kind, count) in counters
+                .errors
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+            {
+                let _ = writeln!(
+                    out,
+                    "natswal_errors_total{{stream=\"{}\",kind=\"{kind}\"}} {count}",
+                    stream.name()
+                );
+            }
+        }
+        counter(
+            &mut out,
+            "natswal_stored_records_total",
+            "Records written to the log.",
+            "counter",
+        );
+        for (stream, _) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_stored_records_total{{stream=\"{}\"}} {}",
+                stream.name(),
+                stream.metrics().records.load(Ordering::Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_syncs_total",
+            "Group-commit syncs.",
+            "counter",
+        );
+        for (stream, _) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_syncs_total{{stream=\"{}\"}} {}",
+                stream.name(),
+                stream.metrics().syncs.load(Ordering::Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_stream_next_offset",
+            "Offset the next stored record gets.",
+            "gauge",
+        );
+        for (stream, _) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_stream_next_offset{{stream=\"{}\"}} {}",
+                stream.name(),
+                stream.status().next_offset
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_stream_bytes",
+            "Bytes stored in the stream's segments.",
+            "gauge",
+        );
+        for (stream, _) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_stream_bytes{{stream=\"{}\"}} {}",
+                stream.name(),
+                stream.status().bytes
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_stream_poisoned",
+            "1 when a failed sync made the stream read-only.",
+            "gauge",
+        );
+        for (stream, _) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_stream_poisoned{{stream=\"{}\"}} {}",
+                stream.name(),
+                u8::from(stream.status().poisoned.is_some())
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_retention_deleted_segments_total",
+            "Segments deleted by retention.",
+            "counter",
+        );
+        for (stream, _) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_retention_deleted_segments_total{{stream=\"{}\"}} {}",
+                stream.name(),
+                stream
+                    .metrics()
+                    .retention_deleted_segments
+                    .load(Ordering::Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_sync_latency_seconds",
+            "Duration of group-commit syncs.",
+            "histogram",
+        );
+        for (stream, _) in &streams {
+            let (buckets, sum, count) = stream.metrics().sync_latency_us.snapshot();
+            histogram(
+                &mut out,
+                "natswal_sync_latency_seconds",
+                stream.name(),
+                &buckets,
+                sum,
+                count,
+                1e-6,
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_append_latency_seconds",
+            "From queueing an append to its durability.",
+            "histogram",
+        );
+        for (stream, _) in &streams {
+            let (buckets, sum, count) = stream.metrics().append_latency_us.snapshot();
+            histogram(
+                &mut out,
+                "natswal_append_latency_seconds",
+                stream.name(),
+                &buckets,
+                sum,
+                count,
+                1e-6,
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_batch_records",
+            "Records per written batch frame.",
+            "histogram",
+        );
+        for (stream, _) in &streams {
+            let (buckets, sum, count) = stream.metrics().frame_records.snapshot();
+            histogram(
+                &mut out,
+                "natswal_batch_records",
+                stream.name(),
+                &buckets,
+                sum,
+                count,
+                1.0,
+            );
+        }
+        let global = [
+            (
+                "natswal_slow_consumer_events_total",
+                "Times NATS dropped messages because natswal consumed too slowly.",
+                "counter",
+                self.slow_consumer_events.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "natswal_nats_disconnects_total",
+                "Disconnections from NATS.",
+                "counter",
+                self.nats_disconnects.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "natswal_nats_connections",
+                "Open NATS connections.",
+                "gauge",
+                self.nats_connected.load(Ordering::Relaxed),
+            ),
+            (
+                "natswal_replay_requests_total",
+                "Replay requests served.",
+                "counter",
+                self.replay_requests.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "natswal_replay_messages_total",
+                "Records sent by replay.",
+                "counter",
+                self.replay_messages.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "natswal_replay_errors_total",
+                "Replay requests answered with an error.",
+                "counter",
+                self.replay_errors.load(Ordering::Relaxed) as i64,
+            ),
+        ];
+        for (name, help, kind, value) in global {
+            counter(&mut out, name, help, kind);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        out
+    }
+}
+
+fn histogram(
+    out: &mut String,
+    name: &str,
+    stream: &str,
+    buckets: &[(u64, u64)],
+    sum: u64,
+    count: u64,
+    scale: f64,
+) {
+    for (bound, cumulative) in buckets {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{stream=\"{stream}\",le=\"{}\"}} {cumulative}",
+            *bound as f64 * scale
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{stream=\"{stream}\",le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(
+        out,
+        "{name}_sum{{stream=\"{stream}\"}} {}",
+        sum as f64 * scale
+    );
+    let _ = writeln!(out, "{name}_count{{stream=\"{stream}\"}} {count}");
+}

@@ -1,0 +1,120 @@
+//! The NATS connection: server list, credentials, TLS (rustls, custom CA,
+//! client certificates), automatic reconnects with resubscription, and an
+//! event hook that counts slow-consumer drops and connection changes.
+
+use crate::config::NatsConfig;
+use crate::error::{BridgeError, Result};
+use crate::metrics::BridgeMetrics;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Connects with everything in `[nats]`. Fails with a clear error when the
+/// servers cannot be reached in `connect_timeout` or refuse the credentials.
+pub async fn connect(
+    config: &NatsConfig,
+    role: &str,
+    metrics: Arc<BridgeMetrics>,
+) -> Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("{}-{role}", config.name))
+        .subscription_capacity(config.subscription_capacity)
+        .connection_timeout(config.connect_timeout)
+        .max_reconnects(None);
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(path) = &config.nkey_seed_file {
+        let seed = std::fs::read_to_string(path).map_err(|error| {
+            BridgeError::io(
+                format!("cannot read nkey seed file {}", path.display()),
+                error,
+            )
+        })?;
+        options = options.nkey(seed.trim().to_string());
+    }
+    if let Some(path) = &config.creds_file {
+        options = options.credentials_file(path).await.map_err(|error| {
+            BridgeError::io(format!("cannot read creds file {}", path.display()), error)
+        })?;
+    }
+    if let Some(tls) = &config.tls {
+        for path in [&tls.ca_file, &tls.cert_file, &tls.key_file]
+            .into_iter()
+            .flatten()
+        {
+            if !path.is_file() {
+                return Err(BridgeError::Config {
+                    key: "nats.tls".to_string(),
+                    reason: format!("{} does not exist", path.display()),
+                });
+            }
+        }
+        options = options.require_tls(tls.required);
+        if let Some(ca) = &tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+    }
+    let role_name = role.to_string();
+    options = options.event_callback(move |event| {
+        let metrics = Arc::clone(&metrics);
+        let role = role_name.clone();
+        async move {
+            match event {
+                async_nats::Event::SlowConsumer(subscription) => {
+                    metrics.slow_consumer_events.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        role,
+                        subscription,
+                        "NATS dropped messages for a slow consumer: natswal could not keep up; unacknowledged publishers will retry"
+                    );
+                }
+                async_nats::Event::Disconnected => {
+                    metrics.nats_disconnects.fetch_add(1, Ordering::Relaxed);
+                    metrics.nats_connected.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(role, "disconnected from NATS; reconnecting");
+                }
+                async_nats::Event::Connected => {
+                    metrics.nats_connected.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(role, "connected to NATS");
+                }
+                other => tracing::info!(role, event = %other, "NATS event"),
+            }
+        }
+    });
+    let servers: Vec<async_nats::ServerAddr> = config
+        .servers
+        .iter()
+        .map(|server| {
+            server.parse().map_err(|error| BridgeError::Config {
+                key: "nats.servers".to_string(),
+                reason: format!("'{server}': {error}"),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let client = options.connect(servers).await.map_err(|error| {
+        BridgeError::nats(
+            format!("cannot connect to {}", config.servers.join(", ")),
+            describe_connect_error(&error),
+        )
+    })?;
+    Ok(client)
+}
+
+fn describe_connect_error(error: &async_nats::ConnectError) -> String {
+    use async_nats::ConnectErrorKind;
+    match error.kind() {
+        ConnectErrorKind::AuthorizationViolation => {
+            "authorization violation: the server refused natswal's credentials (check nats.user/password, token, nkey or creds)".to_string()
+        }
+        ConnectErrorKind::Authentication => format!("authentication failed: {error}"),
+        ConnectErrorKind::Tls => format!("TLS failed: {error} (check nats.tls.ca_file and the server certificate)"),
+        ConnectErrorKind::TimedOut => format!("timed out: {error} (is nats-server running and reachable?)"),
+        _ => error.to_string(),
+    }
+}

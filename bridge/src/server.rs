@@ -1,0 +1,162 @@
+//! `natswal serve`: opens the streams, connects to NATS, runs ingest, the
+//! API and the HTTP endpoint, and shuts down gracefully on SIGTERM/SIGINT:
+//! stop intake, write and sync what was accepted, send the acks that are
+//! due, close the streams, exit 0.
+
+use crate::config::Config;
+use crate::dedup::{now_ns, DuplicateWindow};
+use crate::error::{BridgeError, Result};
+use crate::metrics::BridgeMetrics;
+use natswal::{Store, Stream, StreamOptions};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+pub async fn serve(config: Config) -> Result<()> {
+    let metrics = Arc::new(BridgeMetrics::default());
+    let store = Arc::new(Store::open(
+        &config.data_dir,
+        config.write_mode()?,
+        config.storage.open_segments_max,
+    )?);
+    let mut streams: BTreeMap<String, Arc<Stream>> = BTreeMap::new();
+    let mut windows = BTreeMap::new();
+    for section in &config.streams {
+        let options = StreamOptions {
+            config: section.engine_config()?,
+            ..StreamOptions::default()
+        };
+        let opened_store = Arc::clone(&store);
+        let name = section.name.clone();
+        let (stream, report) =
+            tokio::task::spawn_blocking(move || opened_store.open_stream(&name, options))
+                .await
+                .map_err(|error| {
+                    BridgeError::InvalidArgument(format!("opening a stream panicked: {error}"))
+                })??;
+        for tail in &report.truncated {
+            tracing::warn!(stream = %section.name, segment = %tail.segment.display(), position = tail.position, reason = %tail.reason, "truncated a torn tail (nothing acknowledged was in it)");
+        }
+        let mut window = DuplicateWindow::new(section.duplicate_window, section.duplicate_ids_max);
+        let loaded = window.rebuild(&stream, now_ns())?;
+        let status = stream.status();
+        tracing::info!(
+            stream = %section.name,
+            next_offset = status.next_offset,
+            records = status.records,
+            duplicate_ids = loaded,
+            clean_shutdown = report.clean_shutdown,
+            "stream ready"
+        );
+        windows.insert(section.name.clone(), Arc::new(Mutex::new(window)));
+        streams.insert(section.name.clone(), stream);
+    }
+    let streams = Arc::new(streams);
+    let (shutdown_sender, shutdown) = watch::channel(false);
+    let readiness = Arc::new(crate::http::Readiness::default());
+    let http_task = if config.http.listen.is_empty() {
+        None
+    } else {
+        let listener = crate::http::bind(&config.http.listen).await?;
+        tracing::info!(listen = %config.http.listen, "HTTP endpoints /metrics /healthz /readyz");
+        Some(tokio::spawn(crate::http::run(
+            listener,
+            Arc::clone(&metrics),
+            Arc::clone(&readiness),
+            Arc::clone(&streams),
+            shutdown.clone(),
+        )))
+    };
+    let ingest_client = crate::nats::connect(&config.nats, "ingest", Arc::clone(&metrics)).await?;
+    let api_client = crate::nats::connect(&config.nats, "api", Arc::clone(&metrics)).await?;
+    let mut ingest_tasks = Vec::new();
+    for section in &config.streams {
+        let stream = Arc::clone(&streams[&section.name]);
+        let mut subscriptions = Vec::new();
+        for subject in &section.subjects {
+            let subscription = ingest_client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|error| {
+                    BridgeError::nats(format!("cannot subscribe to {subject}"), error)
+                })?;
+            subscriptions.push(subscription);
+        }
+        let context = crate::ingest::IngestContext {
+            counters: metrics.register(Arc::clone(&stream)),
+            stream,
+            client: ingest_client.clone(),
+            duplicates: Arc::clone(&windows[&section.name]),
+            max_message_bytes: section.max_message_bytes,
+        };
+        ingest_tasks.push(tokio::spawn(crate::ingest::run(
+            context,
+            subscriptions,
+            shutdown.clone(),
+        )));
+    }
+    let api = crate::api::ApiService {
+        client: api_client.clone(),
+        streams: Arc::clone(&streams),
+        metrics: Arc::clone(&metrics),
+        prefix: config.api.prefix.clone(),
+    };
+    let api_task = tokio::spawn(crate::api::run(api, shutdown.clone()));
+    // Subscriptions reach the server before we call ourselves ready.
+    ingest_client
+        .flush()
+        .await
+        .map_err(|error| BridgeError::nats("cannot flush subscriptions", error))?;
+    api_client
+        .flush()
+        .await
+        .map_err(|error| BridgeError::nats("cannot flush subscriptions", error))?;
+    readiness.serving.store(true, Ordering::Release);
+    tracing::info!(
+        streams = streams.len(),
+        servers = %config.nats.servers.join(","),
+        api = %format!("{}.REPLAY.<stream>, {}.STATUS", config.api.prefix, config.api.prefix),
+        "natswal serving"
+    );
+    println!(
+        "natswal ready: {} stream(s), NATS {}",
+        streams.len(),
+        config.nats.servers.join(",")
+    );
+    wait_for_signal().await?;
+    tracing::info!("shutting down: stopping intake, syncing, sending due acks");
+    readiness.serving.store(false, Ordering::Release);
+    let _ = shutdown_sender.send(true);
+    for task in ingest_tasks {
+        let _ = task.await;
+    }
+    let _ = api_task.await;
+    let closing = Arc::clone(&store);
+    let closed = tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .map_err(|error| {
+            BridgeError::InvalidArgument(format!("closing streams panicked: {error}"))
+        })?;
+    let _ = ingest_client.flush().await;
+    let _ = api_client.flush().await;
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
+    closed?;
+    tracing::info!("natswal stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|error| BridgeError::io("cannot handle SIGTERM", error))?;
+    let mut interrupt = signal(SignalKind::interrupt())
+        .map_err(|error| BridgeError::io("cannot handle SIGINT", error))?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
