@@ -145,6 +145,9 @@ impl Reader {
     }
 
     /// The next matching record, or `Ok(None)` when caught up.
+    // Not `Iterator::next`: `Ok(None)` only means "caught up for now"; the
+    // same reader returns more records after later appends.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<StoredRecord>> {
         loop {
             if let Some(records) = &mut self.records {

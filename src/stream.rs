@@ -20,10 +20,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
 
+/// Called for every segment retention deletes.
+pub type RetentionHook = Arc<dyn Fn(&RetentionDeletion) + Send + Sync>;
+
 /// Callbacks for events other layers record (audit log, metrics).
 #[derive(Clone, Default)]
 pub struct StreamHooks {
-    pub on_retention: Option<Arc<dyn Fn(&RetentionDeletion) + Send + Sync>>,
+    pub on_retention: Option<RetentionHook>,
 }
 
 impl std::fmt::Debug for StreamHooks {

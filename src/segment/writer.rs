@@ -59,6 +59,9 @@ pub(crate) fn now_ns() -> i64 {
 }
 
 impl SegmentWriter {
+    // Called once, by `Stream::open`, with what recovery handed over; a
+    // parameter struct would only restate these fields.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         file_system: Arc<dyn FileSystem>,
         directory: &Path,
