@@ -230,7 +230,8 @@ impl RecoveryManager {
         let mut active = None;
         let mut next_offset = 0u64;
         let mut timestamp_max = i64::MIN;
-        for (position, &base) in bases.iter().enumerate() {
+        let mut position = 0;
+        while let Some(&base) = bases.get(position) {
             if base < next_offset {
                 return Err(Error::corruption(
                     directory.join(segment_file_name(base)),
@@ -238,7 +239,41 @@ impl RecoveryManager {
                     format!("segment starts at offset {base} but the previous segment ends at offset {next_offset}"),
                 ));
             }
+            if let Some(&next_base) = bases.get(position + 1) {
+                if let Some((end, lost_from)) =
+                    interrupted_seal_lost_tail(file_system, directory, base, next_base, config)?
+                {
+                    // The log is a prefix: what was written after the lost
+                    // bytes goes with them, and this segment becomes the
+                    // active one again (its torn tail is cut below).
+                    let path = directory.join(segment_file_name(base));
+                    let later = bases.split_off(position + 1);
+                    for &later_base in &later {
+                        let later_path = directory.join(segment_file_name(later_base));
+                        file_system.remove(&later_path)?;
+                        let later_index = directory.join(index_file_name(later_base));
+                        if file_system.exists(&later_index) {
+                            file_system.remove(&later_index)?;
+                        }
+                        report.removed_files.push(later_path);
+                    }
+                    file_system.sync_directory(directory)?;
+                    let reason = format!(
+                        "a crash interrupted the sealing of this segment: its frames stop at offset \
+                         {lost_from}, before the next segment's first offset {next_base}; removed \
+                         {} later segment(s) written after the lost bytes",
+                        later.len()
+                    );
+                    tracing::warn!(segment = %path.display(), position = end, %reason, "torn tail across segments truncated");
+                    report.truncated.push(TruncatedTail {
+                        segment: path,
+                        position: end,
+                        reason,
+                    });
+                }
+            }
             let is_last = position + 1 == bases.len();
+            position += 1;
             let (segment, active_segment) = recover_segment(
                 file_system,
                 directory,
@@ -453,6 +488,68 @@ fn segment_never_written(file_system: &dyn FileSystem, path: &Path) -> Result<bo
     Ok(memchr::memmem::find(&bytes, FRAME_MAGIC).is_none())
 }
 
+/// The header of a sealed segment's index when it can be trusted without
+/// reading the segment: sealed, same base offset, same length as the file.
+fn trusted_sealed_index(
+    file_system: &dyn FileSystem,
+    index_path: &Path,
+    base: u64,
+    file_length: u64,
+) -> Option<crate::format::index::IndexHeader> {
+    file_system
+        .read_prefix(index_path, crate::format::index::INDEX_HEADER_LENGTH)
+        .ok()
+        .and_then(|bytes| decode_index_header(&bytes).ok())
+        .map(|(header, _)| header)
+        .filter(|index| {
+            index.is_sealed() && index.base_offset == base && index.data_length == file_length
+        })
+}
+
+/// Detects a segment that is not the last one, whose sealing a crash
+/// interrupted, and whose frames stop short of the next segment's base
+/// offset. Returns the position and offset at which its frames stop.
+///
+/// Rotation starts the next segment before the old one is synced, cut and
+/// indexed (that runs off the write path), so after a power loss the old
+/// segment's unsynced tail can be missing while pages of the next segment,
+/// written later, did reach the disk. Those later frames follow a hole: the
+/// log would have a gap of offsets and records after lost ones. Nothing
+/// there can be an acknowledged `fsync` append: syncs complete in write
+/// order, so a synced frame in the next segment means the old segment's
+/// frames were synced before it. A segment whose seal finished is cut to
+/// its last frame (or has a valid sealed index), so a gap after it (left by
+/// a repair) is not mistaken for a lost tail.
+fn interrupted_seal_lost_tail(
+    file_system: &Arc<dyn FileSystem>,
+    directory: &Path,
+    base: u64,
+    next_base: u64,
+    config: &StreamConfig,
+) -> Result<Option<(u64, u64)>> {
+    let path = directory.join(segment_file_name(base));
+    let index_path = directory.join(index_file_name(base));
+    let file_length = file_system.file_length(&path)?;
+    if trusted_sealed_index(file_system.as_ref(), &index_path, base, file_length).is_some() {
+        return Ok(None);
+    }
+    let file = file_system.open_readable(&path)?;
+    let bytes = file.bytes(0, file.length())?;
+    if SegmentHeader::decode(&bytes, &path).is_err() {
+        // recover_segment reports (or repairs) a damaged header.
+        return Ok(None);
+    }
+    let mut builder = IndexBuilder::new(base, config.index_interval_bytes);
+    let end = match scan_frames(&bytes, SEGMENT_HEADER_LENGTH as u64, &mut builder, false) {
+        ScanEnd::Clean { end } | ScanEnd::Torn { end, .. } => end,
+        // Damage and format errors are recover_segment's to report.
+        ScanEnd::Corrupt { .. } | ScanEnd::Unsupported { .. } => return Ok(None),
+    };
+    let still_preallocated = end < file_length;
+    Ok((still_preallocated && builder.next_offset < next_base)
+        .then_some((end, builder.next_offset)))
+}
+
 /// Recovers one segment. Returns it, and the active state when it is the
 /// last, unsealed segment.
 fn recover_segment(
@@ -490,23 +587,17 @@ fn recover_segment(
         ));
     }
     // Trust a sealed segment's index without reading the segment.
-    let index_header = file_system
-        .read_prefix(&index_path, crate::format::index::INDEX_HEADER_LENGTH)
-        .ok()
-        .and_then(|bytes| decode_index_header(&bytes).ok())
-        .map(|(header, _)| header);
-    if let Some(index) = index_header {
-        if index.is_sealed() && index.base_offset == base && index.data_length == file_length {
-            let segment = StorageSegment::new(
-                Arc::clone(file_system),
-                directory,
-                base,
-                progress_of(&index),
-                true,
-            );
-            segment.mark_indexed(index.segment_crc);
-            return Ok((Arc::new(segment), None));
-        }
+    if let Some(index) = trusted_sealed_index(file_system.as_ref(), &index_path, base, file_length)
+    {
+        let segment = StorageSegment::new(
+            Arc::clone(file_system),
+            directory,
+            base,
+            progress_of(&index),
+            true,
+        );
+        segment.mark_indexed(index.segment_crc);
+        return Ok((Arc::new(segment), None));
     }
     // Read and validate what could be torn.
     let checkpoint = if is_last {
