@@ -443,11 +443,20 @@ fn write_taken(
         }
         Err(error) => {
             if matches!(error, Error::DiskFull { .. }) {
+                // Nothing was written: the stream stays writable.
                 tracing::error!(stream = %shared.name, %error, "cannot create the next segment");
+                fail_all(taken, coordinator, &error);
             } else {
+                // A failed sync (of the new segment's header, or of the
+                // sealed one): these appends fail like every later one, with
+                // `Poisoned`, so callers see one error for a read-only stream.
                 coordinator.poison(&shared.name, &error);
+                fail_all(
+                    taken,
+                    coordinator,
+                    &coordinator.poisoned_error(&shared.name),
+                );
             }
-            fail_all(taken, coordinator, &error);
             return;
         }
     }
@@ -456,7 +465,11 @@ fn write_taken(
         Ok(written) => written,
         Err(error) => {
             coordinator.poison(&shared.name, &error);
-            fail_all(taken, coordinator, &error);
+            fail_all(
+                taken,
+                coordinator,
+                &coordinator.poisoned_error(&shared.name),
+            );
             return;
         }
     };
