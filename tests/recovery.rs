@@ -1,0 +1,574 @@
+//! RecoveryManager on open (checkpoints, rebuilt indexes, damage, versions,
+//! unfinished segments) and its offline operations (point-in-time restore,
+//! durable suffix truncation).
+
+mod common;
+
+use common::*;
+use natswal::format::index::decode_index;
+use natswal::format::{index_file_name, segment_file_name};
+use natswal::io::memory::MemoryFileSystem;
+use natswal::io::FileSystem;
+use natswal::{
+    Error, PointInTime, Record, RecoveryManager, RecoveryMode, StartPosition, Stream, StreamConfig,
+    StreamOptions,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const BASE_TIME_NS: i64 = 1_700_000_000_000_000_000;
+
+/// Record `index` with an explicit timestamp that grows with it.
+fn timed(index: u64) -> Record {
+    let mut record = record(index);
+    record.timestamp_ns = BASE_TIME_NS + index as i64 * 1000;
+    record
+}
+
+/// A cleanly closed multi-segment stream of `count` timed records, written
+/// with many appends in flight (so frames hold several records).
+async fn closed_stream(directory: &Path, count: u64) -> Vec<Record> {
+    let expected: Vec<Record> = (0..count).map(timed).collect();
+    let stream = open(&os_file_system(), directory, small_config()).unwrap();
+    append_all(&stream, &expected).await;
+    assert!(stream.status().segments >= 3, "{:?}", stream.status());
+    stream.close().unwrap();
+    expected
+}
+
+fn repair_options(config: StreamConfig) -> StreamOptions {
+    StreamOptions {
+        config,
+        recovery_mode: RecoveryMode::Repair,
+        ..StreamOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn clean_reopen_validates_nothing() {
+    let directory = tempfile::tempdir().unwrap();
+    let expected = closed_stream(directory.path(), 3000).await;
+    let (stream, report) =
+        open_reported(&os_file_system(), directory.path(), options(small_config())).unwrap();
+    assert!(report.clean_shutdown, "{report:?}");
+    assert_eq!(report.validated_bytes, 0, "{report:?}");
+    assert!(report.truncated.is_empty() && report.rebuilt_indexes.is_empty());
+    assert_eq!(report.segments, stream.status().segments);
+    assert_exactly(&read_all(&stream).unwrap(), &expected);
+}
+
+#[tokio::test]
+async fn after_a_crash_only_the_tail_past_the_checkpoint_is_validated() {
+    let directory = tempfile::tempdir().unwrap();
+    // One large active segment, so validating all of it would be far more
+    // than the tail past its last checkpoint.
+    let config = StreamConfig {
+        segment_bytes_max: 4 << 20,
+        ..small_config()
+    };
+    let bound = config.checkpoint_interval_bytes + config.frame_bytes_max + 96;
+    let expected: Vec<Record> = (0..8000).map(record).collect();
+    let stream = open(&os_file_system(), directory.path(), config.clone()).unwrap();
+    append_all(&stream, &expected).await;
+    let status = stream.status();
+    assert_eq!(status.segments, 1);
+    assert!(status.bytes > 10 * bound, "{status:?}");
+    std::mem::forget(stream);
+    let crashed = tempfile::tempdir().unwrap();
+    copy_directory(directory.path(), crashed.path());
+    let (stream, report) =
+        open_reported(&os_file_system(), crashed.path(), options(config)).unwrap();
+    assert!(!report.clean_shutdown, "{report:?}");
+    assert!(
+        report.validated_bytes <= bound,
+        "validated {} bytes, more than a checkpoint interval and a frame ({bound})",
+        report.validated_bytes
+    );
+    assert!(
+        report.rebuilt_indexes.is_empty(),
+        "the checkpoint was used: {report:?}"
+    );
+    assert_exactly(&read_all(&stream).unwrap(), &expected);
+}
+
+fn flip_byte(path: &Path, position: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[position] ^= 0x5a;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn missing_or_corrupted_sealed_indexes_are_rebuilt() {
+    let directory = tempfile::tempdir().unwrap();
+    let expected = closed_stream(directory.path(), 4000).await;
+    let segments = segment_files(directory.path());
+    assert!(segments.len() >= 4, "{segments:?}");
+    let indexes: Vec<PathBuf> = segments
+        .iter()
+        .map(|path| path.with_extension("idx"))
+        .collect();
+    std::fs::remove_file(&indexes[0]).unwrap();
+    flip_byte(&indexes[1], 20); // header: caught on open
+    let entries_length = std::fs::read(&indexes[2]).unwrap().len();
+    flip_byte(&indexes[2], entries_length - 8); // entries: caught on first use
+    let (stream, report) =
+        open_reported(&os_file_system(), directory.path(), options(small_config())).unwrap();
+    assert!(report.rebuilt_indexes.contains(&indexes[0]), "{report:?}");
+    assert!(report.rebuilt_indexes.contains(&indexes[1]), "{report:?}");
+    assert_exactly(&read_all(&stream).unwrap(), &expected);
+    // Offset and time seeks land exactly, in every damaged segment.
+    for segment in &segments[..3] {
+        let bytes = std::fs::read(segment).unwrap();
+        let frames = frames_of(&bytes);
+        let middle = frames[frames.len() / 2];
+        let offset = middle.base_offset + u64::from(middle.record_count) / 2;
+        let mut reader = stream.reader(StartPosition::Offset(offset), None).unwrap();
+        assert_record(
+            &reader.next().unwrap().unwrap(),
+            &expected[offset as usize],
+            offset,
+        );
+        let time = expected[offset as usize].timestamp_ns;
+        for (start, first) in [(time, offset), (time - 1, offset), (time + 1, offset + 1)] {
+            let mut reader = stream.reader(StartPosition::Time(start), None).unwrap();
+            let stored = reader.next().unwrap().unwrap();
+            assert_record(&stored, &expected[first as usize], first);
+        }
+    }
+    // The rebuilt indexes are on disk again, whole and matching.
+    for (segment, index) in segments.iter().zip(&indexes).take(3) {
+        let (header, entries) = decode_index(&std::fs::read(index).unwrap())
+            .unwrap_or_else(|error| panic!("{}: {error}", index.display()));
+        assert!(header.is_sealed());
+        assert_eq!(
+            header.data_length,
+            std::fs::metadata(segment).unwrap().len()
+        );
+        assert!(!entries.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn damage_in_the_middle_of_the_active_segment_is_refused_then_quarantined() {
+    let directory = tempfile::tempdir().unwrap();
+    let config = StreamConfig {
+        segment_bytes_max: 1 << 20,
+        ..small_config()
+    };
+    let expected: Vec<Record> = (0..300).map(record).collect();
+    {
+        // One append at a time: each frame is synced before the next one is
+        // written, so every later frame proves the earlier ones were durable.
+        let stream = open(&os_file_system(), directory.path(), config.clone()).unwrap();
+        for record in &expected {
+            stream.append(record.clone()).await.unwrap();
+        }
+        stream.close().unwrap();
+    }
+    let log = segment_files(directory.path()).pop().unwrap();
+    // As after a crash: no checkpoint, so open validates the whole segment.
+    std::fs::remove_file(log.with_extension("idx")).unwrap();
+    let frames = frames_of(&std::fs::read(&log).unwrap());
+    assert_eq!(frames.len(), expected.len());
+    let damaged = frames[150];
+    flip_byte(&log, (damaged.start + 120) as usize);
+    let damaged_bytes =
+        std::fs::read(&log).unwrap()[damaged.start as usize..damaged.end as usize].to_vec();
+
+    let error = open_reported(&os_file_system(), directory.path(), options(config.clone()))
+        .expect_err("strict open refuses damage that is not a torn write");
+    match &error {
+        Error::Corruption { path, position, .. } => {
+            assert_eq!(path, &log);
+            assert_eq!(*position, damaged.start);
+        }
+        other => panic!("expected corruption, got {other}"),
+    }
+    let message = error.to_string();
+    assert!(message.contains(&log.display().to_string()), "{message}");
+    assert!(
+        message.contains(&format!("byte {}", damaged.start)),
+        "{message}"
+    );
+
+    let (stream, report) = open_reported(
+        &os_file_system(),
+        directory.path(),
+        repair_options(config.clone()),
+    )
+    .unwrap();
+    assert_eq!(report.quarantined.len(), 1, "{report:?}");
+    let range = &report.quarantined[0];
+    assert_eq!((range.start, range.end), (damaged.start, damaged.end));
+    assert_eq!(range.segment, log);
+    let log_name = log.file_name().unwrap().to_string_lossy().to_string();
+    let quarantine = directory.path().join("quarantine");
+    let saved = quarantine.join(format!(
+        "{log_name}.at-{}-{}.bin",
+        damaged.start, damaged.end
+    ));
+    assert_eq!(range.saved_to, saved);
+    assert_eq!(
+        std::fs::read(&saved).unwrap(),
+        damaged_bytes,
+        "the .bin holds exactly the damaged range"
+    );
+    assert!(quarantine
+        .join(format!(
+            "{log_name}.at-{}-{}.txt",
+            damaged.start, damaged.end
+        ))
+        .exists());
+    let check = |stream: &Stream, appended: bool| {
+        let records = read_all(stream).unwrap();
+        let total = expected.len() - 1 + usize::from(appended);
+        assert_eq!(records.len(), total);
+        for stored in &records {
+            assert_ne!(stored.offset, 150, "the damaged record is gone");
+            let want = expected
+                .get(stored.offset as usize)
+                .cloned()
+                .unwrap_or_else(|| record(300));
+            assert_record(stored, &want, stored.offset);
+        }
+    };
+    check(&stream, false);
+    assert_eq!(stream.append(record(300)).await.unwrap().first_offset, 300);
+    check(&stream, true);
+    stream.close().unwrap();
+    drop(stream);
+    // The repair is durable: a strict open now finds the same log.
+    let (stream, report) =
+        open_reported(&os_file_system(), directory.path(), options(config)).unwrap();
+    assert!(
+        report.quarantined.is_empty() && report.truncated.is_empty(),
+        "{report:?}"
+    );
+    check(&stream, true);
+}
+
+fn set_segment_version(path: &Path, version: u16) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[8..10].copy_from_slice(&version.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_segment_of_a_newer_format_version_is_refused_and_left_alone() {
+    let directory = tempfile::tempdir().unwrap();
+    closed_stream(directory.path(), 3000).await;
+    let segments = segment_files(directory.path());
+    for target in [&segments[0], segments.last().unwrap()] {
+        let trial = tempfile::tempdir().unwrap();
+        copy_directory(directory.path(), trial.path());
+        let path = trial.path().join(target.file_name().unwrap());
+        set_segment_version(&path, 2);
+        let before = directory_contents(trial.path());
+        for mode in [RecoveryMode::Strict, RecoveryMode::Repair] {
+            let options = StreamOptions {
+                config: small_config(),
+                recovery_mode: mode,
+                ..StreamOptions::default()
+            };
+            let error = open_reported(&os_file_system(), trial.path(), options)
+                .expect_err("a newer format version is refused");
+            match &error {
+                Error::UnsupportedVersion {
+                    path: named,
+                    found,
+                    supported,
+                } => {
+                    assert_eq!(named, &path);
+                    assert_eq!((*found, *supported), (2, 1));
+                }
+                other => panic!("expected UnsupportedVersion, got {other}"),
+            }
+            let message = error.to_string();
+            assert!(message.contains("version 2"), "{message}");
+            assert!(message.contains("upgrade natswal"), "{message}");
+            assert!(message.contains(&path.display().to_string()), "{message}");
+            assert_eq!(
+                directory_contents(trial.path()),
+                before,
+                "{mode:?} changed nothing"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_empty_or_zero_header_last_segment_is_removed() {
+    let directory = tempfile::tempdir().unwrap();
+    let expected = closed_stream(directory.path(), 3000).await;
+    for zeros in [0u64, 64 * 1024] {
+        let trial = tempfile::tempdir().unwrap();
+        copy_directory(directory.path(), trial.path());
+        // A crash between creating the next segment and syncing its header.
+        let next = expected.len() as u64;
+        let leftover = trial.path().join(segment_file_name(next));
+        std::fs::write(&leftover, vec![0u8; zeros as usize]).unwrap();
+        let (stream, report) =
+            open_reported(&os_file_system(), trial.path(), options(small_config())).unwrap();
+        assert!(report.removed_files.contains(&leftover), "{report:?}");
+        assert!(!leftover.exists(), "{} was removed", leftover.display());
+        assert_exactly(&read_all(&stream).unwrap(), &expected);
+        let outcome = stream.append(record(next)).await.unwrap();
+        assert_eq!(outcome.first_offset, next);
+        stream.close().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn restore_to_an_offset_or_a_time_gives_exactly_the_prefix() {
+    let directory = tempfile::tempdir().unwrap();
+    let source = directory.path().join("source");
+    let mut expected = closed_stream(&source, 3000).await;
+    {
+        // Atomic batches after the bulk, in the last segment.
+        let stream = open(&os_file_system(), &source, small_config()).unwrap();
+        for _ in 0..5 {
+            let first = expected.len() as u64;
+            let batch: Vec<Record> = (first..first + 4).map(timed).collect();
+            stream.append_batch(batch.clone()).await.unwrap();
+            expected.extend(batch);
+            let single = timed(expected.len() as u64);
+            stream.append(single.clone()).await.unwrap();
+            expected.push(single);
+        }
+        stream.close().unwrap();
+    }
+    let before = directory_contents(&source);
+    let segments = segment_files(&source);
+    let all_frames: Vec<(usize, FrameSpan)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(index, path)| {
+            frames_of(&std::fs::read(path).unwrap())
+                .into_iter()
+                .map(move |frame| (index, frame))
+        })
+        .collect();
+    // A multi-record frame in the first segment, and an atomic batch.
+    let &(_, split) = all_frames
+        .iter()
+        .find(|(segment, frame)| *segment == 0 && frame.record_count >= 3 && !frame.atomic)
+        .expect("a multi-record frame in the first segment");
+    let &(_, atomic) = all_frames
+        .iter()
+        .find(|(_, frame)| frame.atomic)
+        .expect("an atomic batch");
+    assert!(atomic.record_count == 4);
+    let cut = split.base_offset + 1;
+    let cases = [
+        ("offset", PointInTime::Offset(cut), cut + 1),
+        (
+            "time",
+            PointInTime::Time(expected[cut as usize].timestamp_ns),
+            cut + 1,
+        ),
+        (
+            "time between records",
+            PointInTime::Time(expected[cut as usize].timestamp_ns + 1),
+            cut + 1,
+        ),
+        (
+            "offset in an atomic batch",
+            PointInTime::Offset(atomic.base_offset + 2),
+            atomic.base_offset,
+        ),
+        (
+            "everything",
+            PointInTime::Offset(u64::MAX),
+            expected.len() as u64,
+        ),
+    ];
+    let file_system = os_file_system();
+    for (index, (name, point, kept)) in cases.into_iter().enumerate() {
+        let target = directory.path().join(format!("restored-{index}"));
+        let report = RecoveryManager::restore(&file_system, &source, &target, point)
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        assert_eq!(report.next_offset, kept, "{name}: {report:?}");
+        assert_eq!(report.records_kept, kept, "{name}: {report:?}");
+        assert_eq!(
+            report.records_kept + report.records_removed,
+            expected.len() as u64,
+            "{name}: {report:?}"
+        );
+        if kept == cut + 1 {
+            // The cut is in the first segment: every later one goes.
+            assert_eq!(
+                report.segments_removed,
+                segments.len() - 1,
+                "{name}: {report:?}"
+            );
+            assert_eq!(segment_files(&target).len(), 1, "{name}");
+        }
+        assert_eq!(
+            directory_contents(&source),
+            before,
+            "{name}: the source is unchanged"
+        );
+        let stream = open(&file_system, &target, small_config()).unwrap();
+        assert_exactly(&read_all(&stream).unwrap(), &expected[..kept as usize]);
+        let outcome = stream.append(record(kept)).await.unwrap();
+        assert_eq!(outcome.first_offset, kept, "{name}");
+    }
+    // The target must be new or empty.
+    let error = RecoveryManager::restore(
+        &file_system,
+        &source,
+        &directory.path().join("restored-0"),
+        PointInTime::Offset(1),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("not empty"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_suffix_is_durable_and_appends_continue_at_the_cut() {
+    let file_system = MemoryFileSystem::new();
+    let shared: Arc<dyn FileSystem> = Arc::new(file_system.clone());
+    let directory = Path::new("/data/s");
+    let expected: Vec<Record> = (0..3000).map(record).collect();
+    {
+        let stream = open(&shared, directory, small_config()).unwrap();
+        append_all(&stream, &expected).await;
+        assert!(stream.status().segments >= 3);
+        stream.close().unwrap();
+    }
+    let names = file_system.list(directory).unwrap();
+    let segments: Vec<PathBuf> = names
+        .iter()
+        .filter(|name| name.ends_with(".log"))
+        .map(|name| directory.join(name))
+        .collect();
+    // A multi-record frame in the second segment: the cut splits it.
+    let frames = frames_of(&file_system.read(&segments[1]).unwrap());
+    let split = frames
+        .iter()
+        .find(|frame| frame.record_count >= 3 && !frame.atomic)
+        .expect("a multi-record frame");
+    let cut = split.base_offset + 2;
+    let report = RecoveryManager::truncate_suffix(&shared, directory, cut).unwrap();
+    assert_eq!(report.next_offset, cut);
+    assert_eq!(report.records_kept, cut);
+    assert_eq!(report.segments_removed, segments.len() - 2);
+    // Power loss right after: the cut must have been durable.
+    for seed in 0..4 {
+        let crashed: Arc<dyn FileSystem> = Arc::new(file_system.crash(seed));
+        let stream = open(&crashed, directory, small_config()).unwrap();
+        assert_exactly(&read_all(&stream).unwrap(), &expected[..cut as usize]);
+        let outcome = stream.append(record(cut)).await.unwrap();
+        assert_eq!(outcome.first_offset, cut);
+        stream.close().unwrap();
+        drop(stream);
+        let stream = open(&crashed, directory, small_config()).unwrap();
+        let mut records = read_all(&stream).unwrap();
+        let appended = records.pop().unwrap();
+        assert_record(&appended, &record(cut), cut);
+        assert_exactly(&records, &expected[..cut as usize]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A segment whose sealing was interrupted by a crash.
+
+/// Makes `segment` look like the writer had moved on from it but a crash
+/// came before it was synced, cut and indexed: still preallocated, no
+/// index, and its last frames lost (zeros) or torn (partly written).
+fn interrupt_seal(segment: &Path, lost_frames: usize, torn: bool) -> u64 {
+    let bytes = std::fs::read(segment).unwrap();
+    let frames = frames_of(&bytes);
+    let first_lost = frames[frames.len() - lost_frames];
+    let mut image = bytes.clone();
+    let lost_from = if torn {
+        // The first lost frame's first half reached the disk.
+        (first_lost.start + (first_lost.end - first_lost.start) / 2) as usize
+    } else {
+        first_lost.start as usize
+    };
+    image[lost_from..].fill(0);
+    image.resize(64 * 1024, 0);
+    std::fs::write(segment, image).unwrap();
+    std::fs::remove_file(segment.with_extension("idx")).unwrap();
+    first_lost.base_offset
+}
+
+#[tokio::test]
+async fn a_lost_tail_of_an_unfinished_segment_truncates_the_log_there() {
+    let directory = tempfile::tempdir().unwrap();
+    let expected = closed_stream(directory.path(), 4000).await;
+    for torn in [false, true] {
+        let trial = tempfile::tempdir().unwrap();
+        copy_directory(directory.path(), trial.path());
+        let segments = segment_files(trial.path());
+        assert!(segments.len() >= 4);
+        let unfinished = &segments[1];
+        let kept = interrupt_seal(unfinished, 3, torn);
+        let (stream, report) =
+            open_reported(&os_file_system(), trial.path(), options(small_config())).unwrap_or_else(
+                |error| panic!("torn {torn}: a crash must not block open: {error}"),
+            );
+        assert_exactly(&read_all(&stream).unwrap(), &expected[..kept as usize]);
+        assert_eq!(stream.status().segments, 2);
+        for later in &segments[2..] {
+            assert!(report.removed_files.contains(later), "{report:?}");
+            assert!(!later.exists());
+        }
+        assert!(
+            report
+                .truncated
+                .iter()
+                .any(|tail| &tail.segment == unfinished),
+            "{report:?}"
+        );
+        // Appends continue at the cut, in the unfinished segment.
+        assert_eq!(
+            stream.append(record(kept)).await.unwrap().first_offset,
+            kept
+        );
+        stream.close().unwrap();
+        drop(stream);
+        let stream = open(&os_file_system(), trial.path(), small_config()).unwrap();
+        assert_eq!(read_all(&stream).unwrap().len() as u64, kept + 1);
+    }
+}
+
+#[tokio::test]
+async fn a_gap_left_by_a_repair_is_not_taken_for_a_lost_tail() {
+    let directory = tempfile::tempdir().unwrap();
+    let expected = closed_stream(directory.path(), 4000).await;
+    let segments = segment_files(directory.path());
+    // As after a repair moved the second segment to quarantine, and the
+    // first segment's index was lost too: the first segment is cut to its
+    // last frame, so the gap after it is not a crash's torn tail.
+    std::fs::remove_file(&segments[1]).unwrap();
+    std::fs::remove_file(segments[1].with_extension("idx")).unwrap();
+    std::fs::remove_file(segments[0].with_extension("idx")).unwrap();
+    let (stream, report) =
+        open_reported(&os_file_system(), directory.path(), options(small_config())).unwrap();
+    assert!(report.removed_files.is_empty(), "{report:?}");
+    let records = read_all(&stream).unwrap();
+    let second_base: u64 = segments[1]
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .parse()
+        .unwrap();
+    let third_base: u64 = segments[2]
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .parse()
+        .unwrap();
+    let kept: Vec<u64> = (0..second_base)
+        .chain(third_base..expected.len() as u64)
+        .collect();
+    assert_eq!(records.len(), kept.len());
+    for (stored, offset) in records.iter().zip(kept) {
+        assert_record(stored, &expected[offset as usize], offset);
+    }
+    assert!(std::fs::metadata(directory.path().join(index_file_name(0))).is_ok());
+}
