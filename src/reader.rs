@@ -209,7 +209,19 @@ impl Reader {
                 let sealed = segment.is_sealed();
                 let visible = segment.visible_length();
                 if visible > self.window.len() as u64 {
-                    self.window = segment.visible_bytes(&self.shared.cache)?;
+                    match segment.visible_bytes(&self.shared.cache) {
+                        Ok(window) => self.window = window,
+                        // Retention deleted the segment before this reader
+                        // mapped it (a reader holding the map reads on): its
+                        // records are gone, so go on from the oldest record
+                        // still stored, as a reader starting now would.
+                        Err(_) if self.is_deleted(&segment) => {
+                            self.segment = None;
+                            self.window = Bytes::new();
+                            self.position = SEGMENT_HEADER_LENGTH as u64;
+                        }
+                        Err(error) => return Err(error),
+                    }
                     continue;
                 }
                 if !sealed || (self.window.len() as u64) < segment.final_length() {
@@ -258,6 +270,16 @@ impl Reader {
             );
             return Ok(true);
         }
+    }
+
+    /// True once retention removed `segment` from the stream (it does so
+    /// before deleting the files).
+    fn is_deleted(&self, segment: &Arc<StorageSegment>) -> bool {
+        !self
+            .shared
+            .segments_snapshot()
+            .iter()
+            .any(|listed| Arc::ptr_eq(listed, segment))
     }
 
     fn damage(&self, position: u64, reason: String) -> Error {
