@@ -253,7 +253,6 @@ async fn readers_inside_deleted_segments_keep_reading() {
     for (offset, want) in expected.iter().enumerate().take(10) {
         assert_record(&reading.next().unwrap().unwrap(), want, offset as u64);
     }
-
     // Readers positioned inside doomed segments that have not read yet.
     let inside = sealed[1].base_offset + 7;
     let mut positioned = stream.reader(StartPosition::Offset(inside), None).unwrap();

@@ -1,0 +1,123 @@
+//! Bounded resources: with many streams of many sealed segments sharing one
+//! small SegmentCache, reading everything keeps at most the cache's
+//! capacity of sealed segments mapped, and neither open file descriptors
+//! nor memory maps grow with the number of segments.
+//!
+//! This binary holds a single test, so the process-wide counts it takes
+//! from /proc/self are its own.
+
+mod common;
+
+use natswal::{Durability, Record, Store, StreamConfig, StreamOptions};
+use std::path::Path;
+
+const STREAMS: usize = 6;
+const CACHE_CAPACITY: usize = 4;
+const RECORDS_PER_STREAM: u64 = 6000;
+
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Lines of /proc/self/maps that map a file under `directory`.
+fn maps_under(directory: &Path) -> Vec<String> {
+    let prefix = directory.display().to_string();
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+fn stream_record(stream: usize, index: u64) -> Record {
+    let mut record = common::record(index);
+    record.subject = format!("s{stream}.{index}").into();
+    record
+}
+
+#[tokio::test]
+async fn many_segments_of_many_streams_stay_within_the_cache() {
+    let root = tempfile::tempdir().unwrap();
+    let descriptors_before = open_descriptors();
+    let store = Store::open(root.path(), natswal::io::WriteMode::Mmap, CACHE_CAPACITY).unwrap();
+    let config = StreamConfig {
+        durability: Durability::None,
+        ..common::small_config()
+    };
+    let mut streams = Vec::new();
+    for index in 0..STREAMS {
+        let (stream, _) = store
+            .open_stream(
+                &format!("stream-{index}"),
+                StreamOptions {
+                    config: config.clone(),
+                    ..StreamOptions::default()
+                },
+            )
+            .unwrap();
+        let records: Vec<Record> = (0..RECORDS_PER_STREAM)
+            .map(|offset| stream_record(index, offset))
+            .collect();
+        common::append_all(&stream, &records).await;
+        common::wait_sealed_segments_indexed(&stream).await;
+        streams.push(stream);
+    }
+    let segments: usize = streams.iter().map(|stream| stream.status().segments).sum();
+    assert!(
+        segments >= STREAMS * 8,
+        "{segments} segments in {STREAMS} streams"
+    );
+    // Read every stream, interleaved, so the shared cache keeps evicting.
+    let mut readers: Vec<_> = streams
+        .iter()
+        .map(|stream| {
+            stream
+                .reader(natswal::StartPosition::Earliest, None)
+                .unwrap()
+        })
+        .collect();
+    let mut next = [0u64; STREAMS];
+    for _ in 0..RECORDS_PER_STREAM {
+        for (index, reader) in readers.iter_mut().enumerate() {
+            let stored = reader.next().unwrap().expect("a record");
+            common::assert_record(&stored, &stream_record(index, next[index]), next[index]);
+            next[index] += 1;
+            assert!(store.cache().mapped_count() <= CACHE_CAPACITY);
+        }
+    }
+    for reader in &mut readers {
+        assert!(reader.next().unwrap().is_none());
+    }
+    drop(readers);
+
+    let mapped = store.cache().mapped_count();
+    assert!(mapped <= CACHE_CAPACITY, "{mapped} sealed segments mapped");
+    assert!(
+        mapped > 0,
+        "reading mapped sealed segments through the cache"
+    );
+    let descriptors = open_descriptors();
+    // One descriptor per active segment, plus a little slack for the
+    // runtime; never one per segment.
+    assert!(
+        descriptors <= descriptors_before + STREAMS + 4,
+        "{descriptors} descriptors open, {descriptors_before} before; {segments} segments"
+    );
+    let maps = maps_under(root.path());
+    assert!(
+        maps.len() <= CACHE_CAPACITY + STREAMS,
+        "{} maps of {} files ({segments} segments):\n{}",
+        maps.len(),
+        root.path().display(),
+        maps.join("\n")
+    );
+    assert!(maps.len() >= STREAMS, "each active segment is mapped");
+    store.close().unwrap();
+    drop(streams);
+    drop(store);
+    assert!(
+        maps_under(root.path()).is_empty(),
+        "closing unmaps everything"
+    );
+}
