@@ -275,9 +275,11 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
         "TB" => 1_000_000_000_000,
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "unknown size unit '{other}' in '{text}' (use B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)"
-        )),
+        ))
+        }
     };
     number
         .checked_mul(multiplier)

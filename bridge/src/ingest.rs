@@ -23,6 +23,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 
+/// How long a graceful shutdown waits for in-flight messages to arrive.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the ack task owes a publisher, in arrival order.
 enum AckItem {
     Appended {
@@ -51,8 +54,9 @@ pub struct IngestContext {
 }
 
 /// Receives until `shutdown` turns true or the subscriptions end, then
-/// stops intake (unsubscribes) and waits until every accepted message has
-/// been acknowledged.
+/// stops intake (drains the subscriptions: unsubscribe, but take what is
+/// already on its way) and waits until every accepted message has been
+/// acknowledged.
 pub async fn run(
     context: IngestContext,
     subscriptions: Vec<async_nats::Subscriber>,
@@ -64,10 +68,25 @@ pub async fn run(
     let mut merged = futures_util::stream::select_all(subscriptions);
     let mut token = 0u64;
     let stream_name = context.stream.name().to_string();
+    // Once draining, messages already on their way to us are still taken
+    // and acknowledged; the subscriptions end when they are delivered.
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
     loop {
         let message = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; }, if drain_deadline.is_none() => {
+                for subscription in merged.iter_mut() {
+                    if let Err(error) = subscription.drain().await {
+                        tracing::warn!(stream = %stream_name, %error, "cannot drain a subscription");
+                    }
+                }
+                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+                continue;
+            }
+            _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if drain_deadline.is_some() => {
+                tracing::warn!(stream = %stream_name, "subscriptions did not finish draining in time; stopping intake");
+                break;
+            }
             message = merged.next() => match message {
                 Some(message) => message,
                 None => break,
@@ -79,10 +98,7 @@ pub async fn run(
             break;
         }
     }
-    // Stop intake: dropping the subscribers unsubscribes them.
-    for mut subscription in merged.into_iter() {
-        let _ = subscription.unsubscribe().await;
-    }
+    drop(merged);
     drop(items_sender);
     drop(completions_sender);
     if ack_task.await.is_err() {

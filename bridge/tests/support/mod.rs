@@ -1,0 +1,436 @@
+//! Test support: a real nats-server on a free port, the real `natswal`
+//! binary as a child process (killable with SIGKILL), and a replay client
+//! speaking docs/PROTOCOL.md.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The pinned nats-server that `scripts/setup` installs.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
+    assert!(
+        path.exists(),
+        "nats-server not found at {}: run scripts/setup (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A nats-server child process on loopback.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    directory: tempfile::TempDir,
+    config: Option<String>,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        NatsServer::start_with_config(None)
+    }
+
+    /// `config` is nats-server configuration text; `port` is set by us.
+    pub fn start_with_config(config: Option<String>) -> NatsServer {
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            directory: tempfile::tempdir().expect("temp dir"),
+            config,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn directory(&self) -> &Path {
+        self.directory.path()
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(nats_server_binary());
+        command
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(config) = &self.config {
+            let path = self.directory.path().join("nats.conf");
+            std::fs::write(&path, config).expect("write nats.conf");
+            command.arg("-c").arg(path);
+        }
+        self.child = Some(command.spawn().expect("start nats-server"));
+        let port = self.port;
+        wait_until("nats-server to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The natswal server as a child process.
+pub struct Natswal {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub http_port: u16,
+    log_lines: mpsc::Receiver<String>,
+}
+
+/// A `[[streams]]` table for the default test stream `events` on `events.>`.
+pub const EVENTS_STREAM: &str = "[[streams]]\nname = \"events\"\nsubjects = [\"events.>\"]\n";
+
+impl Natswal {
+    /// Writes a config (nats URL, data dir, HTTP port, then `extra`) and
+    /// starts `natswal serve`, waiting until it says it is ready.
+    pub fn start(nats_url: &str, data_dir: &Path, extra: &str) -> Natswal {
+        Natswal::try_start(nats_url, data_dir, extra)
+            .unwrap_or_else(|error| panic!("natswal did not start: {error}"))
+    }
+
+    pub fn try_start(nats_url: &str, data_dir: &Path, extra: &str) -> Result<Natswal, String> {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let http_port = free_port();
+        let config_path = data_dir.join("natswal.toml");
+        let mut config = format!(
+            "data_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+            data_dir.display()
+        );
+        if !extra.contains("[nats]") {
+            config.push_str(&format!(
+                "[nats]\nservers = [\"{nats_url}\"]\nconnect_timeout = \"5s\"\n"
+            ));
+        }
+        config.push_str(extra);
+        let mut file = std::fs::File::create(&config_path).expect("config file");
+        file.write_all(config.as_bytes()).expect("write config");
+        Natswal::spawn(data_dir, &config_path, http_port)
+    }
+
+    fn spawn(data_dir: &Path, config_path: &Path, http_port: u16) -> Result<Natswal, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_natswal"))
+            .args(["serve", "--config"])
+            .arg(config_path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start natswal");
+        let (sender, log_lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        for reader in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    if sender.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        // Only the reader threads hold senders now: the channel disconnects
+        // when natswal closes its output (exits).
+        drop(sender);
+        let mut natswal = Natswal {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            config_path: config_path.to_path_buf(),
+            http_port,
+            log_lines,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match natswal
+                .log_lines
+                .recv_timeout(left.max(Duration::from_millis(1)))
+            {
+                Ok(line) if line.starts_with("natswal ready") => return Ok(natswal),
+                Ok(line) => seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = natswal.child.as_mut().and_then(|child| child.wait().ok());
+                    natswal.child = None;
+                    return Err(format!("exit {status:?}, output:\n{}", seen.join("\n")));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    natswal.kill();
+                    return Err(format!(
+                        "not ready after 30 s, output:\n{}",
+                        seen.join("\n")
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Starts again with the same config and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        let restarted = Natswal::spawn(&self.data_dir, &self.config_path, self.http_port)
+            .expect("natswal restarts");
+        *self = restarted;
+    }
+
+    /// SIGKILL: no chance to sync or ack anything more.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) with a valid pid and signal touches no memory.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        child.wait().expect("wait for natswal")
+    }
+
+    /// Output lines printed so far.
+    pub fn output(&self) -> Vec<String> {
+        self.log_lines.try_iter().collect()
+    }
+
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let mut socket = TcpStream::connect(("127.0.0.1", self.http_port)).expect("connect HTTP");
+        write!(socket, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send request");
+        let mut response = String::new();
+        std::io::Read::read_to_string(&mut socket, &mut response).expect("read response");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        (status, body)
+    }
+}
+
+impl Drop for Natswal {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub async fn connect(url: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+        .expect("connect to NATS")
+}
+
+/// A replayed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    pub offset: u64,
+    pub timestamp_ns: i64,
+    pub subject: String,
+    /// Original headers (natswal's own `Nwal-*` removed), sorted.
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+}
+
+/// One response of a replay request: the records, then the status.
+#[derive(Debug, Clone)]
+pub struct ReplayResponse {
+    pub records: Vec<Replayed>,
+    pub status: u16,
+    pub description: String,
+    pub next_offset: Option<u64>,
+}
+
+fn header(headers: &async_nats::HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).map(|value| value.as_str().to_string())
+}
+
+/// Sends one replay request and collects its response.
+pub async fn replay_once(
+    client: &async_nats::Client,
+    stream: &str,
+    request: serde_json::Value,
+) -> ReplayResponse {
+    let inbox = client.new_inbox();
+    let mut subscription = client
+        .subscribe(inbox.clone())
+        .await
+        .expect("subscribe inbox");
+    client
+        .publish_with_reply(
+            format!("$NWAL.REPLAY.{stream}"),
+            inbox,
+            Bytes::from(request.to_string()),
+        )
+        .await
+        .expect("send replay request");
+    let mut records = Vec::new();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(20), subscription.next())
+            .await
+            .expect("replay response within 20 s")
+            .expect("subscription open");
+        let headers = message.headers.clone().unwrap_or_default();
+        if let Some(status) = header(&headers, "Nwal-Status") {
+            return ReplayResponse {
+                records,
+                status: status.parse().expect("numeric status"),
+                description: header(&headers, "Nwal-Description").unwrap_or_default(),
+                next_offset: header(&headers, "Nwal-Next-Offset")
+                    .and_then(|value| value.parse().ok()),
+            };
+        }
+        if header(&headers, "Nwal-Format").as_deref() == Some("records-v1") {
+            let mut position = 0usize;
+            let body = &message.payload;
+            while position < body.len() {
+                let read_u32 =
+                    |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap()) as usize;
+                let entry_length = read_u32(position);
+                let offset =
+                    u64::from_le_bytes(body[position + 4..position + 12].try_into().unwrap());
+                let timestamp_ns =
+                    i64::from_le_bytes(body[position + 12..position + 20].try_into().unwrap());
+                let subject_length =
+                    u16::from_le_bytes(body[position + 20..position + 22].try_into().unwrap())
+                        as usize;
+                let headers_length = read_u32(position + 22);
+                let subject_start = position + 26;
+                let headers_start = subject_start + subject_length;
+                let payload_start = headers_start + headers_length;
+                let end = position + 4 + entry_length;
+                let stored_headers =
+                    String::from_utf8_lossy(&body[headers_start..payload_start]).to_string();
+                let mut parsed: Vec<(String, String)> = stored_headers
+                    .lines()
+                    .skip(1)
+                    .filter_map(|line| {
+                        line.split_once(": ")
+                            .map(|(name, value)| (name.to_string(), value.to_string()))
+                    })
+                    .collect();
+                parsed.sort();
+                records.push(Replayed {
+                    offset,
+                    timestamp_ns,
+                    subject: String::from_utf8_lossy(&body[subject_start..headers_start])
+                        .to_string(),
+                    headers: parsed,
+                    payload: body.slice(payload_start..end),
+                });
+                position = end;
+            }
+            continue;
+        }
+        let mut original: Vec<(String, String)> = headers
+            .iter()
+            .flat_map(|(name, values)| {
+                let name: &str = name.as_ref();
+                values
+                    .iter()
+                    .map(move |value| (name.to_string(), value.as_str().to_string()))
+            })
+            .filter(|(name, _)| !name.starts_with("Nwal-"))
+            .collect();
+        original.sort();
+        records.push(Replayed {
+            offset: header(&headers, "Nwal-Offset")
+                .expect("offset header")
+                .parse()
+                .unwrap(),
+            timestamp_ns: header(&headers, "Nwal-Timestamp")
+                .expect("timestamp header")
+                .parse()
+                .unwrap(),
+            subject: header(&headers, "Nwal-Subject").expect("subject header"),
+            headers: original,
+            payload: message.payload.clone(),
+        });
+    }
+}
+
+/// Pulls every record from `start` to the end of the stream.
+pub async fn replay_all(
+    client: &async_nats::Client,
+    stream: &str,
+    mut request: serde_json::Value,
+) -> Vec<Replayed> {
+    let mut records = Vec::new();
+    for _ in 0..100_000 {
+        let response = replay_once(client, stream, request.clone()).await;
+        records.extend(response.records);
+        match response.status {
+            100 => {
+                request["start"] =
+                    serde_json::json!({ "offset": response.next_offset.expect("next offset") })
+            }
+            204 | 404 => return records,
+            other => panic!("replay failed with {other}: {}", response.description),
+        }
+    }
+    panic!("replay did not finish in 100000 requests");
+}
