@@ -292,10 +292,7 @@ async fn failed_sync_poisons_the_stream_and_loses_no_acknowledged_append() {
                             !failed,
                             "trial {trial}: producer {producer}'s append {sequence} succeeded after an earlier one failed"
                         );
-                        // Producer 0's sequence 0 was the warm-up's record too.
-                        if !(*producer == 0 && *sequence == 0) {
-                            acknowledged.push((*producer, *sequence, *offset));
-                        }
+                        acknowledged.push((*producer, *sequence, *offset));
                     }
                     Err(error) => {
                         assert_poisoned(error);
@@ -308,6 +305,15 @@ async fn failed_sync_poisons_the_stream_and_loses_no_acknowledged_append() {
         assert!(
             first_failure.is_some(),
             "trial {trial}: no append failed after syncs started failing"
+        );
+        // Syncs complete in offset order and a failed one fails everything
+        // after it: the acknowledged offsets are exactly 0..n, so no append
+        // succeeded after one that failed, across all producers.
+        let mut offsets: Vec<u64> = acknowledged.iter().map(|ack| ack.2).collect();
+        offsets.sort_unstable();
+        assert!(
+            offsets.iter().copied().eq(0..offsets.len() as u64),
+            "trial {trial}: acknowledged offsets have a hole: an append succeeded after a failed one"
         );
         let status = stream.status();
         let cause = status
