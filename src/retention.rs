@@ -1,7 +1,9 @@
 //! Retention: deletes whole sealed segments, oldest first, while the stream
 //! exceeds its age, byte or message limit. The active segment is never
 //! deleted. Readers that still hold a deleted segment keep reading it: its
-//! map stays valid after the unlink until they let go.
+//! map stays valid after the unlink until they let go. A reader positioned
+//! in a deleted segment it had not mapped yet continues from the oldest
+//! record still stored.
 
 use crate::error::Result;
 use crate::segment::storage::StorageSegment;
