@@ -92,6 +92,16 @@ struct ServeArgs {
 enum BenchCommand {
     /// The WAL engine alone: append throughput, latency, scan, memory and open time against the raw disk.
     Wal(bench::wal::WalBenchArgs),
+    /// natswal behind nats-server against JetStream and the broker's own limits, in one run.
+    Nats(bench::nats::NatsBenchArgs),
+    /// Internal: the no-op responder of `bench nats` (acks at once, stores nothing).
+    #[command(hide = true)]
+    NoopResponder {
+        #[arg(long)]
+        nats_url: String,
+        #[arg(long)]
+        subject: String,
+    },
     /// Internal: the child process of the crash-open case.
     #[command(hide = true)]
     WalWriter {
@@ -159,6 +169,10 @@ async fn run(command: Command) -> error::Result<ExitCode> {
         Command::Bench(BenchCommand::Wal(args)) => {
             bench::wal::run(args).await.map(|()| ExitCode::SUCCESS)
         }
+        Command::Bench(BenchCommand::Nats(args)) => bench::nats::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::NoopResponder { nats_url, subject }) => bench::nats::noop_responder(&nats_url, &subject)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::WalWriter { dir }) => bench::wal::writer_child(&dir)
             .await
             .map(|()| ExitCode::SUCCESS),

@@ -1,0 +1,562 @@
+//! `natswal bench nats`: natswal behind a real nats-server, beside its
+//! peers, in one run, with the same load generator for every target:
+//!
+//! - publishers that keep many messages in flight, each with a reply
+//!   subject, counting acknowledgements: natswal (`fsync`, `none`),
+//!   JetStream R1 file storage with default settings, JetStream with
+//!   `sync_interval: always` (a second nats-server), and the ceiling: a no-op
+//!   responder that acks at once without storing;
+//! - NATS core fan-out to one subscriber (no acks), the broker's own limit;
+//! - replay of 1 M records: natswal per-message and batched vs a JetStream
+//!   ordered consumer.
+//!
+//! natswal and the no-op responder run as child processes of this binary,
+//! JetStream inside nats-server: every target is its own process.
+
+use crate::error::{BridgeError, Result};
+use crate::protocol::*;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Options of `natswal bench nats`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsBenchArgs {
+    /// Directory for natswal's and JetStream's data (the same disk); emptied after.
+    #[arg(long, default_value = "bench-data")]
+    pub dir: PathBuf,
+    /// The nats-server binary (default: NATS_SERVER_BIN, else .tools/bin/nats-server).
+    #[arg(long)]
+    pub nats_server: Option<PathBuf>,
+    /// Seconds per ingest case.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Publisher tasks (spread over two connections).
+    #[arg(long, default_value_t = 4)]
+    pub publishers: usize,
+    /// Messages each publisher keeps waiting for an ack.
+    #[arg(long, default_value_t = 1024)]
+    pub in_flight: usize,
+    /// Payload sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "128,1024")]
+    pub sizes: Vec<usize>,
+    /// Records replayed by the replay cases (0 skips them).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub replay_records: u64,
+}
+
+fn nats_server_binary(args: &NatsBenchArgs) -> Result<PathBuf> {
+    let path = args
+        .nats_server
+        .clone()
+        .or_else(|| std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(".tools/bin/nats-server"));
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(BridgeError::InvalidArgument(format!(
+            "nats-server not found at {} (run scripts/setup, or pass --nats-server)",
+            path.display()
+        )))
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| BridgeError::io("cannot find a free port", error))?;
+    listener
+        .local_addr()
+        .map(|address| address.port())
+        .map_err(|error| BridgeError::io("cannot find a free port", error))
+}
+
+fn wait_for_port(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err(BridgeError::InvalidArgument(format!("{what} did not listen on port {port}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A child process killed when dropped.
+struct ChildProcess(Child);
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nats_server(binary: &Path, directory: &Path, name: &str, extra: &str) -> Result<(ChildProcess, String)> {
+    let port = free_port()?;
+    let store = directory.join(format!("jetstream-{name}"));
+    std::fs::create_dir_all(&store).map_err(|error| BridgeError::io(format!("cannot create {}", store.display()), error))?;
+    let config = format!(
+        "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n store_dir: \"{}\"\n{extra}}}\n",
+        store.display()
+    );
+    let config_path = directory.join(format!("nats-{name}.conf"));
+    std::fs::write(&config_path, config).map_err(|error| BridgeError::io("cannot write the nats-server config", error))?;
+    let child = Command::new(binary)
+        .arg("-c")
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|error| BridgeError::io(format!("cannot start {}", binary.display()), error))?;
+    let process = ChildProcess(child);
+    wait_for_port(port, "nats-server")?;
+    Ok((process, format!("nats://127.0.0.1:{port}")))
+}
+
+fn start_natswal(directory: &Path, url: &str) -> Result<ChildProcess> {
+    let data = directory.join("natswal");
+    let config = format!(
+        "data_dir = \"{}\"\n[nats]\nservers = [\"{url}\"]\n[http]\nlisten = \"\"\n\
+         [[streams]]\nname = \"fsync\"\nsubjects = [\"nw.fsync.>\"]\ndurability = \"fsync\"\nmax_message_bytes = \"4MiB\"\n\
+         [[streams]]\nname = \"none\"\nsubjects = [\"nw.none.>\"]\ndurability = \"none\"\nmax_message_bytes = \"4MiB\"\n",
+        data.display()
+    );
+    let config_path = directory.join("natswal.toml");
+    std::fs::write(&config_path, config).map_err(|error| BridgeError::io("cannot write the natswal config", error))?;
+    spawn_self(&["serve", "--config", &config_path.display().to_string()], "natswal ready")
+}
+
+/// Runs this binary with `arguments` and waits for a line starting with `ready`.
+fn spawn_self(arguments: &[&str], ready: &str) -> Result<ChildProcess> {
+    let executable = std::env::current_exe().map_err(|error| BridgeError::io("cannot find natswal's own executable", error))?;
+    let mut child = Command::new(executable)
+        .args(arguments)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|error| BridgeError::io("cannot start a natswal child process", error))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let process = ChildProcess(child);
+    let mut line = String::new();
+    let mut reader = std::io::BufReader::new(stdout);
+    loop {
+        line.clear();
+        let count = std::io::BufRead::read_line(&mut reader, &mut line).map_err(|error| BridgeError::io("cannot read child output", error))?;
+        if count == 0 {
+            return Err(BridgeError::InvalidArgument(format!("child `natswal {}` exited before it was ready", arguments.join(" "))));
+        }
+        if line.starts_with(ready) {
+            // Keep draining its stdout so it never blocks on a full pipe.
+            std::thread::spawn(move || {
+                let mut sink = String::new();
+                while std::io::BufRead::read_line(&mut reader, &mut sink).map(|count| count > 0).unwrap_or(false) {
+                    sink.clear();
+                }
+            });
+            return Ok(process);
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .client_capacity(1 << 16)
+        .connect(url)
+        .await
+        .map_err(|error| BridgeError::nats(format!("cannot connect to {url}"), error))
+}
+
+/// Result of one load case.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    messages: u64,
+    seconds: f64,
+    errors: u64,
+}
+
+impl Rate {
+    fn per_second(&self) -> f64 {
+        self.messages as f64 / self.seconds
+    }
+}
+
+/// Publishers with reply subjects, `in_flight` each, for `duration`;
+/// counts successful acks (a JSON body without "error").
+async fn acked_load(clients: &[async_nats::Client], subject_prefix: &str, payload_size: usize, args: &NatsBenchArgs, duration: Duration) -> Result<Rate> {
+    let payload = Bytes::from(vec![b'x'; payload_size]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for publisher in 0..args.publishers {
+        let client = clients[publisher % clients.len()].clone();
+        let reply = format!("{}.{publisher}", client.new_inbox());
+        let mut acks = client
+            .subscribe(reply.clone())
+            .await
+            .map_err(|error| BridgeError::nats("cannot subscribe to acks", error))?;
+        let window = Arc::new(tokio::sync::Semaphore::new(args.in_flight));
+        let counter = {
+            let window = Arc::clone(&window);
+            let acked = Arc::clone(&acked);
+            let errors = Arc::clone(&errors);
+            tokio::spawn(async move {
+                while let Some(message) = acks.next().await {
+                    window.add_permits(1);
+                    if message.status.is_some() || memchr_error(&message.payload) {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let stop = Arc::clone(&stop);
+        let payload = payload.clone();
+        let subject = format!("{subject_prefix}.{publisher}");
+        let in_flight = args.in_flight;
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_secs(5), window.acquire()).await {
+                    Ok(Ok(permit)) => permit.forget(),
+                    _ => break,
+                }
+                if client.publish_with_reply(subject.clone(), reply.clone(), payload.clone()).await.is_err() {
+                    break;
+                }
+            }
+            // Let the messages in flight be answered (so they do not load
+            // the next case), then stop counting.
+            let _ = client.flush().await;
+            let drained = Instant::now();
+            while window.available_permits() < in_flight && drained.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            counter.abort();
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let measured = acked.load(Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(Rate {
+        messages: measured,
+        seconds,
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+fn memchr_error(payload: &[u8]) -> bool {
+    payload.windows(8).any(|window| window == b"\"error\":")
+}
+
+/// NATS core: publishers without replies, one subscriber counting.
+async fn core_fanout(url: &str, payload_size: usize, args: &NatsBenchArgs, duration: Duration) -> Result<Rate> {
+    let subscriber_client = connect(url).await?;
+    let publisher_client = connect(url).await?;
+    let mut subscription = subscriber_client
+        .subscribe("core.bench.>")
+        .await
+        .map_err(|error| BridgeError::nats("cannot subscribe", error))?;
+    subscriber_client.flush().await.map_err(|error| BridgeError::nats("flush", error))?;
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = {
+        let received = Arc::clone(&received);
+        tokio::spawn(async move {
+            while subscription.next().await.is_some() {
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let payload = Bytes::from(vec![b'x'; payload_size]);
+    let mut tasks = Vec::new();
+    for publisher in 0..args.publishers {
+        let client = publisher_client.clone();
+        let stop = Arc::clone(&stop);
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let subject = format!("core.bench.{publisher}");
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if client.publish(subject.clone(), payload.clone()).await.is_err() {
+                    break;
+                }
+                sent += 1;
+                // Stay near what one subscriber can take, so NATS does not
+                // drop for a slow consumer and the count stays meaningful.
+                if sent % 1024 == 0 {
+                    let _ = client.flush().await;
+                }
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let messages = received.load(Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    counter.abort();
+    Ok(Rate { messages, seconds, errors: 0 })
+}
+
+/// The no-op responder child: acks every message at once, stores nothing.
+pub async fn noop_responder(url: &str, subject: &str) -> Result<()> {
+    let client = connect(url).await?;
+    let mut subscription = client
+        .subscribe(subject.to_string())
+        .await
+        .map_err(|error| BridgeError::nats(format!("cannot subscribe to {subject}"), error))?;
+    client.flush().await.map_err(|error| BridgeError::nats("flush", error))?;
+    println!("ready");
+    let mut sequence = 0u64;
+    while let Some(message) = subscription.next().await {
+        if let Some(reply) = message.reply {
+            let _ = client.publish(reply, crate::ack::pub_ack("noop", sequence, false)).await;
+        }
+        sequence += 1;
+    }
+    Ok(())
+}
+
+/// Fills a target with `count` records as fast as acks allow.
+async fn fill(clients: &[async_nats::Client], subject_prefix: &str, count: u64, payload_size: usize) -> Result<()> {
+    let payload = Bytes::from(vec![b'r'; payload_size]);
+    let client = &clients[0];
+    let reply = client.new_inbox();
+    let mut acks = client.subscribe(reply.clone()).await.map_err(|error| BridgeError::nats("subscribe", error))?;
+    let window = Arc::new(tokio::sync::Semaphore::new(4096));
+    let done = Arc::new(AtomicU64::new(0));
+    let counter = {
+        let window = Arc::clone(&window);
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            while let Some(message) = acks.next().await {
+                window.add_permits(1);
+                if message.status.is_none() && !memchr_error(&message.payload) {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    for index in 0..count {
+        window.acquire().await.expect("window open").forget();
+        client
+            .publish_with_reply(format!("{subject_prefix}.{}", index % 16), reply.clone(), payload.clone())
+            .await
+            .map_err(|error| BridgeError::nats("publish", error))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.load(Ordering::Relaxed) < count {
+        if Instant::now() > deadline {
+            return Err(BridgeError::InvalidArgument(format!(
+                "only {} of {count} records were acknowledged while filling {subject_prefix}",
+                done.load(Ordering::Relaxed)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    counter.abort();
+    Ok(())
+}
+
+/// Pulls `count` records from natswal's stream in the given mode.
+async fn natswal_replay(client: &async_nats::Client, stream: &str, count: u64, mode: Mode) -> Result<Rate> {
+    let started = Instant::now();
+    let mut received = 0u64;
+    let mut start = Start::Earliest;
+    let inbox = client.new_inbox();
+    let mut responses = client.subscribe(inbox.clone()).await.map_err(|error| BridgeError::nats("subscribe", error))?;
+    while received < count {
+        let request = ReplayRequest {
+            start: start.clone(),
+            batch: Some(BATCH_MAX.min(count - received)),
+            mode,
+            ..ReplayRequest::default()
+        };
+        client
+            .publish_with_reply(format!("$NWAL.REPLAY.{stream}"), inbox.clone(), Bytes::from(serde_json::to_vec(&request).expect("serializes")))
+            .await
+            .map_err(|error| BridgeError::nats("replay request", error))?;
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(30), responses.next())
+                .await
+                .map_err(|_| BridgeError::Nats("replay stalled".to_string()))?
+                .ok_or_else(|| BridgeError::Nats("replay inbox closed".to_string()))?;
+            let headers = message.headers.as_ref();
+            if let Some(status) = headers.and_then(|headers| headers.get(HEADER_STATUS)) {
+                let next = headers
+                    .and_then(|headers| headers.get(HEADER_NEXT_OFFSET))
+                    .and_then(|value| value.as_str().parse::<u64>().ok());
+                if status.as_str() != "100" && received < count {
+                    return Err(BridgeError::Nats(format!("replay ended early with status {} after {received}", status.as_str())));
+                }
+                if let Some(next) = next {
+                    start = Start::Offset { offset: next };
+                }
+                break;
+            }
+            received += match mode {
+                Mode::Messages => 1,
+                Mode::Batched => headers
+                    .and_then(|headers| headers.get(HEADER_COUNT))
+                    .and_then(|value| value.as_str().parse::<u64>().ok())
+                    .unwrap_or(0),
+            };
+        }
+    }
+    Ok(Rate {
+        messages: received,
+        seconds: started.elapsed().as_secs_f64(),
+        errors: 0,
+    })
+}
+
+/// Reads `count` records with a JetStream ordered push consumer.
+async fn jetstream_replay(client: &async_nats::Client, stream: &str, count: u64) -> Result<Rate> {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let stream = jetstream
+        .get_stream(stream)
+        .await
+        .map_err(|error| BridgeError::nats("get JetStream stream", error))?;
+    let started = Instant::now();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| BridgeError::nats("create ordered consumer", error))?;
+    let mut messages = consumer.messages().await.map_err(|error| BridgeError::nats("consume", error))?;
+    let mut received = 0u64;
+    while received < count {
+        match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
+            Ok(Some(Ok(_))) => received += 1,
+            Ok(Some(Err(error))) => return Err(BridgeError::nats("ordered consumer", error)),
+            _ => return Err(BridgeError::Nats(format!("ordered consumer stalled after {received}"))),
+        }
+    }
+    Ok(Rate {
+        messages: received,
+        seconds: started.elapsed().as_secs_f64(),
+        errors: 0,
+    })
+}
+
+async fn create_jetstream_stream(client: &async_nats::Client, name: &str, subjects: &str) -> Result<()> {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.to_string(),
+            subjects: vec![subjects.to_string()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| BridgeError::nats(format!("cannot create JetStream stream {name}"), error))?;
+    Ok(())
+}
+
+/// Runs the whole benchmark and prints a report.
+pub async fn run(args: NatsBenchArgs) -> Result<()> {
+    let binary = nats_server_binary(&args)?;
+    let version = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
+        .unwrap_or_default();
+    let directory = args.dir.join("nats-bench");
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory).map_err(|error| BridgeError::io(format!("cannot create {}", directory.display()), error))?;
+    let (_server, url) = start_nats_server(&binary, &directory, "default", "")?;
+    let (_server_always, url_always) = start_nats_server(&binary, &directory, "always", " sync_interval: always\n")?;
+    let _natswal = start_natswal(&directory, &url)?;
+    let _noop = spawn_self(&["bench", "noop-responder", "--nats-url", &url, "--subject", "noop.>"], "ready")?;
+    let clients = vec![connect(&url).await?, connect(&url).await?];
+    let clients_always = vec![connect(&url_always).await?, connect(&url_always).await?];
+    create_jetstream_stream(&clients[0], "JSDEFAULT", "js.default.>").await?;
+    create_jetstream_stream(&clients_always[0], "JSALWAYS", "js.always.>").await?;
+    let duration = Duration::from_secs_f64(args.seconds);
+    println!("# natswal bench nats");
+    println!();
+    println!(
+        "{version}; {} publishers x {} messages in flight, each with a reply subject; {:.1} s per case; data in {}",
+        args.publishers,
+        args.in_flight,
+        args.seconds,
+        directory.display()
+    );
+    println!();
+    println!("| payload | target | acked msgs/s | MB/s | x no-op ceiling | natswal fsync x this |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for &size in &args.sizes {
+        let noop = acked_load(&clients, "noop.bench", size, &args, duration).await?;
+        let natswal_fsync = acked_load(&clients, "nw.fsync.bench", size, &args, duration).await?;
+        let natswal_none = acked_load(&clients, "nw.none.bench", size, &args, duration).await?;
+        let jetstream_default = acked_load(&clients, "js.default.bench", size, &args, duration).await?;
+        let jetstream_always = acked_load(&clients_always, "js.always.bench", size, &args, duration).await?;
+        let core = core_fanout(&url, size, &args, duration).await?;
+        let ceiling = noop.per_second();
+        let fsync_rate = natswal_fsync.per_second();
+        for (name, rate, acked) in [
+            ("NATS core fan-out, 1 subscriber (no acks)", core, false),
+            ("no-op responder (acks, stores nothing)", noop, true),
+            ("natswal, durability fsync", natswal_fsync, true),
+            ("natswal, durability none", natswal_none, true),
+            ("JetStream R1 file, default (no fsync before ack)", jetstream_default, true),
+            ("JetStream R1 file, sync_interval: always", jetstream_always, true),
+        ] {
+            let versus = if acked && name.starts_with("JetStream") {
+                format!("{:.1}", fsync_rate / rate.per_second().max(1e-9))
+            } else {
+                "-".to_string()
+            };
+            let errors = if rate.errors > 0 { format!(" ({} errors)", rate.errors) } else { String::new() };
+            println!(
+                "| {size} B | {name}{errors} | {:.0} | {:.1} | {:.2} | {versus} |",
+                rate.per_second(),
+                rate.per_second() * size as f64 / 1e6,
+                rate.per_second() / ceiling.max(1e-9),
+            );
+        }
+    }
+    if args.replay_records > 0 {
+        let count = args.replay_records;
+        fill(&clients, "nw.none.replay", count, 128).await?;
+        fill(&clients, "js.default.replay", count, 128).await?;
+        // natswal's `none` stream also holds the ingest cases' records: the
+        // replay reads the first `count` of it, all 128 B or more.
+        let per_message = natswal_replay(&clients[0], "none", count, Mode::Messages).await?;
+        let batched = natswal_replay(&clients[0], "none", count, Mode::Batched).await?;
+        let ordered = jetstream_replay(&clients[0], "JSDEFAULT", count).await?;
+        println!();
+        println!("## Replay of {count} records");
+        println!();
+        println!("| reader | msgs/s | x JetStream ordered consumer |");
+        println!("| --- | --- | --- |");
+        for (name, rate) in [
+            ("JetStream ordered push consumer", ordered),
+            ("natswal replay, one message per record", per_message),
+            ("natswal replay, batched (records-v1)", batched),
+        ] {
+            println!("| {name} | {:.0} | {:.2} |", rate.per_second(), rate.per_second() / ordered.per_second().max(1e-9));
+        }
+    }
+    drop(clients);
+    drop(clients_always);
+    let _ = std::fs::remove_dir_all(&directory);
+    Ok(())
+}
