@@ -3,7 +3,7 @@
 //! `"duplicate":true` for a deduplicated `Nats-Msg-Id`, and
 //! `{"error":{"code":..,"err_code":..,"description":".."}}`.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// A JetStream-style API error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +75,50 @@ pub fn pub_ack(stream: &str, seq: u64, duplicate: bool) -> Bytes {
     }
     out.push('}');
     Bytes::from(out)
+}
+
+/// Writes PubAcks of one stream into a shared buffer: one allocation per
+/// few hundred acks instead of two per ack (acks are the hot path).
+pub struct AckWriter {
+    prefix: Bytes,
+    buffer: BytesMut,
+}
+
+impl AckWriter {
+    pub fn new(stream: &str) -> AckWriter {
+        let mut prefix = String::from("{\"stream\":");
+        push_json_string(&mut prefix, stream);
+        prefix.push_str(",\"seq\":");
+        AckWriter {
+            prefix: Bytes::from(prefix),
+            buffer: BytesMut::with_capacity(16 * 1024),
+        }
+    }
+
+    /// The same bytes as [`pub_ack`].
+    pub fn pub_ack(&mut self, seq: u64, duplicate: bool) -> Bytes {
+        if self.buffer.capacity() - self.buffer.len() < 128 {
+            self.buffer.reserve(16 * 1024);
+        }
+        self.buffer.put_slice(&self.prefix);
+        let mut digits = [0u8; 20];
+        let mut position = digits.len();
+        let mut value = seq;
+        loop {
+            position -= 1;
+            digits[position] = b'0' + (value % 10) as u8;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        self.buffer.put_slice(&digits[position..]);
+        if duplicate {
+            self.buffer.put_slice(b",\"duplicate\":true");
+        }
+        self.buffer.put_u8(b'}');
+        self.buffer.split().freeze()
+    }
 }
 
 /// `{"error":{"code":..,"err_code":..,"description":".."}}`.

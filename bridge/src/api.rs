@@ -204,8 +204,14 @@ impl ApiService {
             Some(End::Time { time }) => Some((None, Some(time.nanoseconds().map_err(bad)?))),
         };
         let batch = request.batch.unwrap_or(BATCH_DEFAULT);
-        if batch == 0 || batch > BATCH_MAX {
-            return Err(bad(format!("batch must be between 1 and {BATCH_MAX}")));
+        let batch_max = match request.mode {
+            Mode::Messages => BATCH_MAX,
+            Mode::Batched => BATCH_MAX_BATCHED,
+        };
+        if batch == 0 || batch > batch_max {
+            return Err(bad(format!(
+                "batch must be between 1 and {batch_max} in this mode"
+            )));
         }
         if request.limit == Some(0) {
             return Err(bad("limit must be at least 1".to_string()));
@@ -216,7 +222,8 @@ impl ApiService {
         let mut reader = stream
             .reader(start, filter)
             .map_err(|error| (STATUS_STORAGE_ERROR, format!("Storage Error: {error}")))?;
-        let payload_max = self.client.server_info().max_payload.max(4096);
+        // Batches of up to 1 MiB keep the pipe busy without long stalls.
+        let payload_max = self.client.server_info().max_payload.clamp(4096, 1 << 20);
         let mut sender = Sender::new(
             &self.client,
             reply.clone(),
@@ -290,6 +297,27 @@ impl ApiService {
     }
 }
 
+/// Header names of replayed records, built once (a name from a string
+/// allocates; a clone only counts a reference).
+struct RecordHeaderNames {
+    stream: async_nats::header::HeaderName,
+    subject: async_nats::header::HeaderName,
+    offset: async_nats::header::HeaderName,
+    timestamp: async_nats::header::HeaderName,
+}
+
+impl RecordHeaderNames {
+    fn new() -> RecordHeaderNames {
+        let name = |text: &str| text.parse().expect("valid header name");
+        RecordHeaderNames {
+            stream: name(HEADER_STREAM),
+            subject: name(HEADER_SUBJECT),
+            offset: name(HEADER_OFFSET),
+            timestamp: name(HEADER_TIMESTAMP),
+        }
+    }
+}
+
 /// Sends replayed records one per message or packed into records-v1
 /// batches no larger than the server's max payload.
 struct Sender<'a> {
@@ -301,6 +329,7 @@ struct Sender<'a> {
     buffer: BytesMut,
     buffered: u64,
     count: u64,
+    names: RecordHeaderNames,
 }
 
 impl<'a> Sender<'a> {
@@ -320,6 +349,7 @@ impl<'a> Sender<'a> {
             buffer: BytesMut::new(),
             buffered: 0,
             count: 0,
+            names: RecordHeaderNames::new(),
         }
     }
 
@@ -332,13 +362,19 @@ impl<'a> Sender<'a> {
                 } else {
                     crate::headers::decode(&record.headers)
                 };
-                headers.insert(HEADER_STREAM, self.stream.as_str());
+                headers.insert(self.names.stream.clone(), self.stream.as_str());
                 headers.insert(
-                    HEADER_SUBJECT,
+                    self.names.subject.clone(),
                     String::from_utf8_lossy(&record.subject).as_ref(),
                 );
-                headers.insert(HEADER_OFFSET, record.offset.to_string().as_str());
-                headers.insert(HEADER_TIMESTAMP, record.timestamp_ns.to_string().as_str());
+                headers.insert(
+                    self.names.offset.clone(),
+                    record.offset.to_string().as_str(),
+                );
+                headers.insert(
+                    self.names.timestamp.clone(),
+                    record.timestamp_ns.to_string().as_str(),
+                );
                 let _ = self
                     .client
                     .publish_with_headers(self.reply.clone(), headers, record.payload)

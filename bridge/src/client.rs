@@ -394,15 +394,8 @@ pub async fn status(args: StatusArgs) -> Result<()> {
         BridgeError::InvalidArgument(format!("unexpected status answer: {error}"))
     })?;
     println!(
-        "{:<20} {:>14} {:>14} {:>12} {:>14} {:>9} {:>10}  {}",
-        "STREAM",
-        "FIRST OFFSET",
-        "NEXT OFFSET",
-        "RECORDS",
-        "BYTES",
-        "SEGMENTS",
-        "IN FLIGHT",
-        "STATE"
+        "{:<20} {:>14} {:>14} {:>12} {:>14} {:>9} {:>10}  STATE",
+        "STREAM", "FIRST OFFSET", "NEXT OFFSET", "RECORDS", "BYTES", "SEGMENTS", "IN FLIGHT",
     );
     for stream in value["streams"].as_array().cloned().unwrap_or_default() {
         let state = match stream["poisoned"].as_str() {

@@ -169,10 +169,14 @@ async fn run(command: Command) -> error::Result<ExitCode> {
         Command::Bench(BenchCommand::Wal(args)) => {
             bench::wal::run(args).await.map(|()| ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCommand::Nats(args)) => bench::nats::run(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Bench(BenchCommand::NoopResponder { nats_url, subject }) => bench::nats::noop_responder(&nats_url, &subject)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Nats(args)) => {
+            bench::nats::run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::NoopResponder { nats_url, subject }) => {
+            bench::nats::noop_responder(&nats_url, &subject)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::WalWriter { dir }) => bench::wal::writer_child(&dir)
             .await
             .map(|()| ExitCode::SUCCESS),

@@ -18,6 +18,8 @@ pub async fn connect(
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("{}-{role}", config.name))
         .subscription_capacity(config.subscription_capacity)
+        // Room for many outgoing acks and replayed records between writes.
+        .client_capacity(64 * 1024)
         .connection_timeout(config.connect_timeout)
         .max_reconnects(None);
     if let (Some(user), Some(password)) = (&config.user, &config.password) {

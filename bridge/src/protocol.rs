@@ -34,8 +34,10 @@ pub const STATUS_BAD_REQUEST: u16 = 400;
 pub const STATUS_STREAM_NOT_FOUND: u16 = 410;
 pub const STATUS_STORAGE_ERROR: u16 = 500;
 
-/// Largest `batch` a request may ask for.
+/// Largest `batch` a request may ask for, one message per record.
 pub const BATCH_MAX: u64 = 65_536;
+/// Largest `batch` in batched mode (records travel many per message).
+pub const BATCH_MAX_BATCHED: u64 = 1 << 20;
 /// `batch` when the request does not say.
 pub const BATCH_DEFAULT: u64 = 256;
 

@@ -67,7 +67,8 @@ fn nats_server_binary(args: &NatsBenchArgs) -> Result<PathBuf> {
 }
 
 fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| BridgeError::io("cannot find a free port", error))?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|error| BridgeError::io("cannot find a free port", error))?;
     listener
         .local_addr()
         .map(|address| address.port())
@@ -78,7 +79,9 @@ fn wait_for_port(port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
-            return Err(BridgeError::InvalidArgument(format!("{what} did not listen on port {port}")));
+            return Err(BridgeError::InvalidArgument(format!(
+                "{what} did not listen on port {port}"
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -95,16 +98,23 @@ impl Drop for ChildProcess {
     }
 }
 
-fn start_nats_server(binary: &Path, directory: &Path, name: &str, extra: &str) -> Result<(ChildProcess, String)> {
+fn start_nats_server(
+    binary: &Path,
+    directory: &Path,
+    name: &str,
+    extra: &str,
+) -> Result<(ChildProcess, String)> {
     let port = free_port()?;
     let store = directory.join(format!("jetstream-{name}"));
-    std::fs::create_dir_all(&store).map_err(|error| BridgeError::io(format!("cannot create {}", store.display()), error))?;
+    std::fs::create_dir_all(&store)
+        .map_err(|error| BridgeError::io(format!("cannot create {}", store.display()), error))?;
     let config = format!(
         "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n store_dir: \"{}\"\n{extra}}}\n",
         store.display()
     );
     let config_path = directory.join(format!("nats-{name}.conf"));
-    std::fs::write(&config_path, config).map_err(|error| BridgeError::io("cannot write the nats-server config", error))?;
+    std::fs::write(&config_path, config)
+        .map_err(|error| BridgeError::io("cannot write the nats-server config", error))?;
     let child = Command::new(binary)
         .arg("-c")
         .arg(&config_path)
@@ -126,13 +136,18 @@ fn start_natswal(directory: &Path, url: &str) -> Result<ChildProcess> {
         data.display()
     );
     let config_path = directory.join("natswal.toml");
-    std::fs::write(&config_path, config).map_err(|error| BridgeError::io("cannot write the natswal config", error))?;
-    spawn_self(&["serve", "--config", &config_path.display().to_string()], "natswal ready")
+    std::fs::write(&config_path, config)
+        .map_err(|error| BridgeError::io("cannot write the natswal config", error))?;
+    spawn_self(
+        &["serve", "--config", &config_path.display().to_string()],
+        "natswal ready",
+    )
 }
 
 /// Runs this binary with `arguments` and waits for a line starting with `ready`.
 fn spawn_self(arguments: &[&str], ready: &str) -> Result<ChildProcess> {
-    let executable = std::env::current_exe().map_err(|error| BridgeError::io("cannot find natswal's own executable", error))?;
+    let executable = std::env::current_exe()
+        .map_err(|error| BridgeError::io("cannot find natswal's own executable", error))?;
     let mut child = Command::new(executable)
         .args(arguments)
         .env("RUST_LOG", "warn")
@@ -146,15 +161,22 @@ fn spawn_self(arguments: &[&str], ready: &str) -> Result<ChildProcess> {
     let mut reader = std::io::BufReader::new(stdout);
     loop {
         line.clear();
-        let count = std::io::BufRead::read_line(&mut reader, &mut line).map_err(|error| BridgeError::io("cannot read child output", error))?;
+        let count = std::io::BufRead::read_line(&mut reader, &mut line)
+            .map_err(|error| BridgeError::io("cannot read child output", error))?;
         if count == 0 {
-            return Err(BridgeError::InvalidArgument(format!("child `natswal {}` exited before it was ready", arguments.join(" "))));
+            return Err(BridgeError::InvalidArgument(format!(
+                "child `natswal {}` exited before it was ready",
+                arguments.join(" ")
+            )));
         }
         if line.starts_with(ready) {
             // Keep draining its stdout so it never blocks on a full pipe.
             std::thread::spawn(move || {
                 let mut sink = String::new();
-                while std::io::BufRead::read_line(&mut reader, &mut sink).map(|count| count > 0).unwrap_or(false) {
+                while std::io::BufRead::read_line(&mut reader, &mut sink)
+                    .map(|count| count > 0)
+                    .unwrap_or(false)
+                {
                     sink.clear();
                 }
             });
@@ -188,7 +210,13 @@ impl Rate {
 
 /// Publishers with reply subjects, `in_flight` each, for `duration`;
 /// counts successful acks (a JSON body without "error").
-async fn acked_load(clients: &[async_nats::Client], subject_prefix: &str, payload_size: usize, args: &NatsBenchArgs, duration: Duration) -> Result<Rate> {
+async fn acked_load(
+    clients: &[async_nats::Client],
+    subject_prefix: &str,
+    payload_size: usize,
+    args: &NatsBenchArgs,
+    duration: Duration,
+) -> Result<Rate> {
     let payload = Bytes::from(vec![b'x'; payload_size]);
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
@@ -228,7 +256,11 @@ async fn acked_load(clients: &[async_nats::Client], subject_prefix: &str, payloa
                     Ok(Ok(permit)) => permit.forget(),
                     _ => break,
                 }
-                if client.publish_with_reply(subject.clone(), reply.clone(), payload.clone()).await.is_err() {
+                if client
+                    .publish_with_reply(subject.clone(), reply.clone(), payload.clone())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -236,7 +268,9 @@ async fn acked_load(clients: &[async_nats::Client], subject_prefix: &str, payloa
             // the next case), then stop counting.
             let _ = client.flush().await;
             let drained = Instant::now();
-            while window.available_permits() < in_flight && drained.elapsed() < Duration::from_secs(5) {
+            while window.available_permits() < in_flight
+                && drained.elapsed() < Duration::from_secs(5)
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             counter.abort();
@@ -261,14 +295,22 @@ fn memchr_error(payload: &[u8]) -> bool {
 }
 
 /// NATS core: publishers without replies, one subscriber counting.
-async fn core_fanout(url: &str, payload_size: usize, args: &NatsBenchArgs, duration: Duration) -> Result<Rate> {
+async fn core_fanout(
+    url: &str,
+    payload_size: usize,
+    args: &NatsBenchArgs,
+    duration: Duration,
+) -> Result<Rate> {
     let subscriber_client = connect(url).await?;
     let publisher_client = connect(url).await?;
     let mut subscription = subscriber_client
         .subscribe("core.bench.>")
         .await
         .map_err(|error| BridgeError::nats("cannot subscribe", error))?;
-    subscriber_client.flush().await.map_err(|error| BridgeError::nats("flush", error))?;
+    subscriber_client
+        .flush()
+        .await
+        .map_err(|error| BridgeError::nats("flush", error))?;
     let received = Arc::new(AtomicU64::new(0));
     let counter = {
         let received = Arc::clone(&received);
@@ -289,7 +331,11 @@ async fn core_fanout(url: &str, payload_size: usize, args: &NatsBenchArgs, durat
             let subject = format!("core.bench.{publisher}");
             let mut sent = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                if client.publish(subject.clone(), payload.clone()).await.is_err() {
+                if client
+                    .publish(subject.clone(), payload.clone())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 sent += 1;
@@ -310,7 +356,11 @@ async fn core_fanout(url: &str, payload_size: usize, args: &NatsBenchArgs, durat
         let _ = task.await;
     }
     counter.abort();
-    Ok(Rate { messages, seconds, errors: 0 })
+    Ok(Rate {
+        messages,
+        seconds,
+        errors: 0,
+    })
 }
 
 /// The no-op responder child: acks every message at once, stores nothing.
@@ -320,12 +370,17 @@ pub async fn noop_responder(url: &str, subject: &str) -> Result<()> {
         .subscribe(subject.to_string())
         .await
         .map_err(|error| BridgeError::nats(format!("cannot subscribe to {subject}"), error))?;
-    client.flush().await.map_err(|error| BridgeError::nats("flush", error))?;
+    client
+        .flush()
+        .await
+        .map_err(|error| BridgeError::nats("flush", error))?;
     println!("ready");
     let mut sequence = 0u64;
     while let Some(message) = subscription.next().await {
         if let Some(reply) = message.reply {
-            let _ = client.publish(reply, crate::ack::pub_ack("noop", sequence, false)).await;
+            let _ = client
+                .publish(reply, crate::ack::pub_ack("noop", sequence, false))
+                .await;
         }
         sequence += 1;
     }
@@ -333,11 +388,19 @@ pub async fn noop_responder(url: &str, subject: &str) -> Result<()> {
 }
 
 /// Fills a target with `count` records as fast as acks allow.
-async fn fill(clients: &[async_nats::Client], subject_prefix: &str, count: u64, payload_size: usize) -> Result<()> {
+async fn fill(
+    clients: &[async_nats::Client],
+    subject_prefix: &str,
+    count: u64,
+    payload_size: usize,
+) -> Result<()> {
     let payload = Bytes::from(vec![b'r'; payload_size]);
     let client = &clients[0];
     let reply = client.new_inbox();
-    let mut acks = client.subscribe(reply.clone()).await.map_err(|error| BridgeError::nats("subscribe", error))?;
+    let mut acks = client
+        .subscribe(reply.clone())
+        .await
+        .map_err(|error| BridgeError::nats("subscribe", error))?;
     let window = Arc::new(tokio::sync::Semaphore::new(4096));
     let done = Arc::new(AtomicU64::new(0));
     let counter = {
@@ -355,7 +418,11 @@ async fn fill(clients: &[async_nats::Client], subject_prefix: &str, count: u64, 
     for index in 0..count {
         window.acquire().await.expect("window open").forget();
         client
-            .publish_with_reply(format!("{subject_prefix}.{}", index % 16), reply.clone(), payload.clone())
+            .publish_with_reply(
+                format!("{subject_prefix}.{}", index % 16),
+                reply.clone(),
+                payload.clone(),
+            )
             .await
             .map_err(|error| BridgeError::nats("publish", error))?;
     }
@@ -374,21 +441,39 @@ async fn fill(clients: &[async_nats::Client], subject_prefix: &str, count: u64, 
 }
 
 /// Pulls `count` records from natswal's stream in the given mode.
-async fn natswal_replay(client: &async_nats::Client, stream: &str, count: u64, mode: Mode) -> Result<Rate> {
+async fn natswal_replay(
+    client: &async_nats::Client,
+    stream: &str,
+    count: u64,
+    mode: Mode,
+) -> Result<Rate> {
     let started = Instant::now();
     let mut received = 0u64;
     let mut start = Start::Earliest;
     let inbox = client.new_inbox();
-    let mut responses = client.subscribe(inbox.clone()).await.map_err(|error| BridgeError::nats("subscribe", error))?;
+    let mut responses = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|error| BridgeError::nats("subscribe", error))?;
     while received < count {
         let request = ReplayRequest {
             start: start.clone(),
-            batch: Some(BATCH_MAX.min(count - received)),
+            batch: Some(
+                match mode {
+                    Mode::Messages => BATCH_MAX,
+                    Mode::Batched => BATCH_MAX_BATCHED,
+                }
+                .min(count - received),
+            ),
             mode,
             ..ReplayRequest::default()
         };
         client
-            .publish_with_reply(format!("$NWAL.REPLAY.{stream}"), inbox.clone(), Bytes::from(serde_json::to_vec(&request).expect("serializes")))
+            .publish_with_reply(
+                format!("$NWAL.REPLAY.{stream}"),
+                inbox.clone(),
+                Bytes::from(serde_json::to_vec(&request).expect("serializes")),
+            )
             .await
             .map_err(|error| BridgeError::nats("replay request", error))?;
         loop {
@@ -402,7 +487,10 @@ async fn natswal_replay(client: &async_nats::Client, stream: &str, count: u64, m
                     .and_then(|headers| headers.get(HEADER_NEXT_OFFSET))
                     .and_then(|value| value.as_str().parse::<u64>().ok());
                 if status.as_str() != "100" && received < count {
-                    return Err(BridgeError::Nats(format!("replay ended early with status {} after {received}", status.as_str())));
+                    return Err(BridgeError::Nats(format!(
+                        "replay ended early with status {} after {received}",
+                        status.as_str()
+                    )));
                 }
                 if let Some(next) = next {
                     start = Start::Offset { offset: next };
@@ -440,13 +528,20 @@ async fn jetstream_replay(client: &async_nats::Client, stream: &str, count: u64)
         })
         .await
         .map_err(|error| BridgeError::nats("create ordered consumer", error))?;
-    let mut messages = consumer.messages().await.map_err(|error| BridgeError::nats("consume", error))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|error| BridgeError::nats("consume", error))?;
     let mut received = 0u64;
     while received < count {
         match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
             Ok(Some(Ok(_))) => received += 1,
             Ok(Some(Err(error))) => return Err(BridgeError::nats("ordered consumer", error)),
-            _ => return Err(BridgeError::Nats(format!("ordered consumer stalled after {received}"))),
+            _ => {
+                return Err(BridgeError::Nats(format!(
+                    "ordered consumer stalled after {received}"
+                )))
+            }
         }
     }
     Ok(Rate {
@@ -456,7 +551,11 @@ async fn jetstream_replay(client: &async_nats::Client, stream: &str, count: u64)
     })
 }
 
-async fn create_jetstream_stream(client: &async_nats::Client, name: &str, subjects: &str) -> Result<()> {
+async fn create_jetstream_stream(
+    client: &async_nats::Client,
+    name: &str,
+    subjects: &str,
+) -> Result<()> {
     let jetstream = async_nats::jetstream::new(client.clone());
     jetstream
         .create_stream(async_nats::jetstream::stream::Config {
@@ -466,7 +565,9 @@ async fn create_jetstream_stream(client: &async_nats::Client, name: &str, subjec
             ..Default::default()
         })
         .await
-        .map_err(|error| BridgeError::nats(format!("cannot create JetStream stream {name}"), error))?;
+        .map_err(|error| {
+            BridgeError::nats(format!("cannot create JetStream stream {name}"), error)
+        })?;
     Ok(())
 }
 
@@ -480,11 +581,24 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
         .unwrap_or_default();
     let directory = args.dir.join("nats-bench");
     let _ = std::fs::remove_dir_all(&directory);
-    std::fs::create_dir_all(&directory).map_err(|error| BridgeError::io(format!("cannot create {}", directory.display()), error))?;
+    std::fs::create_dir_all(&directory).map_err(|error| {
+        BridgeError::io(format!("cannot create {}", directory.display()), error)
+    })?;
     let (_server, url) = start_nats_server(&binary, &directory, "default", "")?;
-    let (_server_always, url_always) = start_nats_server(&binary, &directory, "always", " sync_interval: always\n")?;
+    let (_server_always, url_always) =
+        start_nats_server(&binary, &directory, "always", " sync_interval: always\n")?;
     let _natswal = start_natswal(&directory, &url)?;
-    let _noop = spawn_self(&["bench", "noop-responder", "--nats-url", &url, "--subject", "noop.>"], "ready")?;
+    let _noop = spawn_self(
+        &[
+            "bench",
+            "noop-responder",
+            "--nats-url",
+            &url,
+            "--subject",
+            "noop.>",
+        ],
+        "ready",
+    )?;
     let clients = vec![connect(&url).await?, connect(&url).await?];
     let clients_always = vec![connect(&url_always).await?, connect(&url_always).await?];
     create_jetstream_stream(&clients[0], "JSDEFAULT", "js.default.>").await?;
@@ -506,8 +620,10 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
         let noop = acked_load(&clients, "noop.bench", size, &args, duration).await?;
         let natswal_fsync = acked_load(&clients, "nw.fsync.bench", size, &args, duration).await?;
         let natswal_none = acked_load(&clients, "nw.none.bench", size, &args, duration).await?;
-        let jetstream_default = acked_load(&clients, "js.default.bench", size, &args, duration).await?;
-        let jetstream_always = acked_load(&clients_always, "js.always.bench", size, &args, duration).await?;
+        let jetstream_default =
+            acked_load(&clients, "js.default.bench", size, &args, duration).await?;
+        let jetstream_always =
+            acked_load(&clients_always, "js.always.bench", size, &args, duration).await?;
         let core = core_fanout(&url, size, &args, duration).await?;
         let ceiling = noop.per_second();
         let fsync_rate = natswal_fsync.per_second();
@@ -516,15 +632,27 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
             ("no-op responder (acks, stores nothing)", noop, true),
             ("natswal, durability fsync", natswal_fsync, true),
             ("natswal, durability none", natswal_none, true),
-            ("JetStream R1 file, default (no fsync before ack)", jetstream_default, true),
-            ("JetStream R1 file, sync_interval: always", jetstream_always, true),
+            (
+                "JetStream R1 file, default (no fsync before ack)",
+                jetstream_default,
+                true,
+            ),
+            (
+                "JetStream R1 file, sync_interval: always",
+                jetstream_always,
+                true,
+            ),
         ] {
             let versus = if acked && name.starts_with("JetStream") {
                 format!("{:.1}", fsync_rate / rate.per_second().max(1e-9))
             } else {
                 "-".to_string()
             };
-            let errors = if rate.errors > 0 { format!(" ({} errors)", rate.errors) } else { String::new() };
+            let errors = if rate.errors > 0 {
+                format!(" ({} errors)", rate.errors)
+            } else {
+                String::new()
+            };
             println!(
                 "| {size} B | {name}{errors} | {:.0} | {:.1} | {:.2} | {versus} |",
                 rate.per_second(),
@@ -552,7 +680,11 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
             ("natswal replay, one message per record", per_message),
             ("natswal replay, batched (records-v1)", batched),
         ] {
-            println!("| {name} | {:.0} | {:.2} |", rate.per_second(), rate.per_second() / ordered.per_second().max(1e-9));
+            println!(
+                "| {name} | {:.0} | {:.2} |",
+                rate.per_second(),
+                rate.per_second() / ordered.per_second().max(1e-9)
+            );
         }
     }
     drop(clients);
