@@ -50,6 +50,30 @@ impl BridgeMetrics {
         counters
     }
 
+    /// One line per stream: received, acknowledged, duplicates, errors.
+    pub fn summary(&self) -> Vec<String> {
+        let streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        streams
+            .iter()
+            .map(|(stream, counters)| {
+                format!(
+                    "stream {}: received {}, acknowledged {}, duplicates {}, errors {:?}",
+                    stream.name(),
+                    counters.ingest_messages.load(Ordering::Relaxed),
+                    counters.acks.load(Ordering::Relaxed),
+                    counters.duplicates.load(Ordering::Relaxed),
+                    counters
+                        .errors
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                )
+            })
+            .collect()
+    }
+
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8192);

@@ -144,6 +144,9 @@ pub async fn serve(config: Config) -> Result<()> {
         let _ = task.await;
     }
     closed?;
+    for line in metrics.summary() {
+        tracing::info!("{line}");
+    }
     tracing::info!("natswal stopped cleanly");
     Ok(())
 }

@@ -164,7 +164,7 @@ impl Natswal {
         let mut child = Command::new(env!("CARGO_BIN_EXE_natswal"))
             .args(["serve", "--config"])
             .arg(config_path)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,natswal::server=info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
