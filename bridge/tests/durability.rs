@@ -33,9 +33,6 @@ fn subject(index: u64) -> String {
 struct Publisher {
     acked: Arc<Mutex<HashMap<u64, u64>>>,
     ack_count: Arc<AtomicU64>,
-    /// Acks plus "no responders" answers (sent by NATS while natswal was
-    /// not subscribed).
-    responses: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -48,7 +45,6 @@ impl Publisher {
     ) -> (Publisher, tokio::task::JoinHandle<u64>) {
         let acked = Arc::new(Mutex::new(HashMap::new()));
         let ack_count = Arc::new(AtomicU64::new(0));
-        let responses = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let prefix = format!("acks.{}", client.new_inbox().replace('.', "_"));
         let mut acks = client.subscribe(format!("{prefix}.*")).await.unwrap();
@@ -56,12 +52,10 @@ impl Publisher {
         {
             let acked = Arc::clone(&acked);
             let ack_count = Arc::clone(&ack_count);
-            let responses = Arc::clone(&responses);
             let window = Arc::clone(&window);
             tokio::spawn(async move {
                 while let Some(message) = acks.next().await {
                     window.add_permits(1);
-                    responses.fetch_add(1, Ordering::Relaxed);
                     if message.status.is_some() {
                         // 503 No Responders: nobody (natswal) was subscribed.
                         continue;
@@ -118,7 +112,6 @@ impl Publisher {
             Publisher {
                 acked,
                 ack_count,
-                responses,
                 stop,
             },
             publishing,

@@ -334,6 +334,12 @@ pub async fn replay_once(
             .await
             .expect("replay response within 20 s")
             .expect("subscription open");
+        if let Some(status) = message.status {
+            panic!(
+                "NATS answered the replay request on {stream} with status {status} {:?} (is natswal subscribed?)",
+                message.description
+            );
+        }
         let headers = message.headers.clone().unwrap_or_default();
         if let Some(status) = header(&headers, "Nwal-Status") {
             return ReplayResponse {
