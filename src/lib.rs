@@ -34,5 +34,5 @@ pub use format::record::{Record, StoredRecord};
 pub use reader::{Reader, StartPosition};
 pub use recovery::{PointInTime, RecoveryManager, RecoveryMode, RecoveryReport};
 pub use store::Store;
-pub use stream::{Stream, StreamOptions, StreamStatus};
+pub use stream::{Stream, StreamOptions, StreamStatus, FIRST_OFFSET};
 pub use subject::SubjectPattern;

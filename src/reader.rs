@@ -98,11 +98,15 @@ impl Reader {
         let segments = reader.shared.segments_snapshot();
         match start {
             StartPosition::Earliest => {
-                reader.next_offset = segments.first().map_or(0, |segment| segment.base_offset());
+                reader.next_offset = segments
+                    .first()
+                    .map_or(crate::stream::FIRST_OFFSET, |segment| segment.base_offset());
                 reader.segment = segments.first().cloned();
             }
             StartPosition::Latest => {
-                let next = segments.last().map_or(0, |segment| segment.next_offset());
+                let next = segments
+                    .last()
+                    .map_or(crate::stream::FIRST_OFFSET, |segment| segment.next_offset());
                 reader.seek_offset(&segments, next)?;
             }
             StartPosition::Offset(offset) => reader.seek_offset(&segments, offset)?,
@@ -117,7 +121,9 @@ impl Reader {
                         reader.skip_before_time = Some(timestamp_ns);
                     }
                     None => {
-                        let next = segments.last().map_or(0, |segment| segment.next_offset());
+                        let next = segments
+                            .last()
+                            .map_or(crate::stream::FIRST_OFFSET, |segment| segment.next_offset());
                         reader.seek_offset(&segments, next)?;
                     }
                 }

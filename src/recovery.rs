@@ -289,6 +289,9 @@ impl RecoveryManager {
             segments.push(segment);
             active = active_segment;
         }
+        if segments.is_empty() {
+            next_offset = crate::stream::FIRST_OFFSET;
+        }
         report.segments = segments.len();
         Ok(Recovered {
             segments,

@@ -23,6 +23,11 @@ use tokio::sync::{oneshot, watch};
 /// Called for every segment retention deletes.
 pub type RetentionHook = Arc<dyn Fn(&RetentionDeletion) + Send + Sync>;
 
+/// Offset of a new stream's first record. Offsets start at 1, like
+/// JetStream sequences, so that 0 can mean "none" (an empty stream's last
+/// offset, `Nats-Expected-Last-Sequence: 0`).
+pub const FIRST_OFFSET: u64 = 1;
+
 /// Callbacks for events other layers record (audit log, metrics).
 #[derive(Clone, Default)]
 pub struct StreamHooks {
@@ -283,7 +288,9 @@ impl Stream {
     pub fn status(&self) -> StreamStatus {
         let segments = self.shared.segments_snapshot();
         let records = segments.iter().map(|segment| segment.record_count()).sum();
-        let next_offset = segments.last().map_or(0, |segment| segment.next_offset());
+        let next_offset = segments
+            .last()
+            .map_or(FIRST_OFFSET, |segment| segment.next_offset());
         let first_offset = segments
             .iter()
             .find(|segment| segment.record_count() > 0)
