@@ -5,7 +5,9 @@
 mod common;
 
 use bytes::Bytes;
-use natswal::{AppendRequest, Completed, Completion, Record, StartPosition, StoredRecord};
+use natswal::{
+    AppendRequest, Completed, Completion, Record, StartPosition, StoredRecord, FIRST_OFFSET,
+};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,7 +64,7 @@ async fn eight_producers_and_a_concurrent_reader() {
         while read < TOTAL {
             match reader.next().unwrap() {
                 Some(stored) => {
-                    assert_eq!(stored.offset, read, "the reader sees no gap");
+                    assert_eq!(stored.offset, FIRST_OFFSET + read, "the reader sees no gap");
                     let (producer, sequence) = identify(&stored);
                     assert_eq!(
                         sequence, next_sequence[producer as usize],
@@ -77,7 +79,11 @@ async fn eight_producers_and_a_concurrent_reader() {
                 None => {
                     catch_ups += 1;
                     let now = tokio::time::Instant::now();
-                    assert!(now < deadline, "reader stuck at offset {read}");
+                    assert!(
+                        now < deadline,
+                        "reader stuck at offset {}",
+                        FIRST_OFFSET + read
+                    );
                     let _ = tokio::time::timeout(deadline - now, reader.wait()).await;
                 }
             }
@@ -149,8 +155,12 @@ async fn eight_producers_and_a_concurrent_reader() {
     assert_eq!(acknowledged.load(Ordering::Relaxed), TOTAL);
     all_offsets.sort_unstable();
     assert!(
-        all_offsets.iter().copied().eq(0..TOTAL),
-        "offsets are unique and dense 0..{TOTAL}"
+        all_offsets
+            .iter()
+            .copied()
+            .eq(FIRST_OFFSET..FIRST_OFFSET + TOTAL),
+        "offsets are unique and dense {FIRST_OFFSET}..{}",
+        FIRST_OFFSET + TOTAL
     );
 
     let (read, read_while_appending, catch_ups) = tokio::time::timeout(DEADLINE, reader)
@@ -163,7 +173,10 @@ async fn eight_producers_and_a_concurrent_reader() {
         "the reader followed the appends: {read_while_appending} records read while appending, caught up {catch_ups} times"
     );
     let status = stream.status();
-    assert_eq!((status.records, status.next_offset), (TOTAL, TOTAL));
+    assert_eq!(
+        (status.records, status.next_offset),
+        (TOTAL, FIRST_OFFSET + TOTAL)
+    );
     assert!(
         status.segments > 2,
         "the log rotated while read: {status:?}"

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use natswal::format::index::decode_index;
-use natswal::{Error, Record, RecoveryMode, StreamOptions};
+use natswal::{Error, Record, RecoveryMode, StreamOptions, FIRST_OFFSET};
 use std::path::{Path, PathBuf};
 
 /// Records written before the tail whose every byte is cut.
@@ -24,7 +24,7 @@ async fn write_log(directory: &Path) -> (natswal::Stream, Vec<Record>) {
     let mut expected: Vec<Record> = (0..BULK_RECORDS).map(record).collect();
     let outcomes = append_all(&stream, &expected).await;
     for (index, outcome) in outcomes.iter().enumerate() {
-        assert_eq!(outcome.first_offset, index as u64);
+        assert_eq!(outcome.first_offset, FIRST_OFFSET + index as u64);
     }
     // The tail must hold TAIL_FRAMES small frames in the last segment; a
     // rotation in the middle of it just means writing a little more.
@@ -33,18 +33,21 @@ async fn write_log(directory: &Path) -> (natswal::Stream, Vec<Record>) {
         let single = record(next);
         assert_eq!(
             stream.append(single.clone()).await.unwrap().first_offset,
-            next
+            FIRST_OFFSET + next
         );
         expected.push(single);
         let batch: Vec<Record> = (next + 1..next + 4).map(record).collect();
         let outcome = stream.append_batch(batch.clone()).await.unwrap();
-        assert_eq!((outcome.first_offset, outcome.count), (next + 1, 3));
+        assert_eq!(
+            (outcome.first_offset, outcome.count),
+            (FIRST_OFFSET + next + 1, 3)
+        );
         expected.extend(batch);
         for index in next + 4..next + 6 {
             let single = record(index);
             assert_eq!(
                 stream.append(single.clone()).await.unwrap().first_offset,
-                index
+                FIRST_OFFSET + index
             );
             expected.push(single);
         }
@@ -101,7 +104,7 @@ async fn cut_at_every_byte(base: &Path, expected: &[Record]) {
     let data_end = frames.last().unwrap().end;
     assert_eq!(
         frames.last().unwrap().base_offset + u64::from(frames.last().unwrap().record_count),
-        expected.len() as u64,
+        FIRST_OFFSET + expected.len() as u64,
         "the last frame holds the last record"
     );
     // What the active segment's checkpoint vouches for, if there is one: a
@@ -119,7 +122,9 @@ async fn cut_at_every_byte(base: &Path, expected: &[Record]) {
             .filter(|frame| frame.end <= position)
             .map(|frame| u64::from(frame.record_count))
             .sum();
-        let kept = segment_base + wholly_before;
+        // Offset after the records kept, and how many records that is.
+        let next_offset = segment_base + wholly_before;
+        let kept = index_of(next_offset);
         let inside = frames
             .iter()
             .find(|frame| frame.start < position && position < frame.end);
@@ -155,7 +160,7 @@ async fn cut_at_every_byte(base: &Path, expected: &[Record]) {
                     }
                     other => panic!("expected corruption, got {other}"),
                 }
-                assert_exactly(&records, &expected[..kept as usize]);
+                assert_exactly(&records, &expected[..kept]);
                 continue;
             }
             if let Some(error) = error {
@@ -164,10 +169,10 @@ async fn cut_at_every_byte(base: &Path, expected: &[Record]) {
                     records.len()
                 );
             }
-            assert_exactly(&records, &expected[..kept as usize]);
+            assert_exactly(&records, &expected[..kept]);
             assert_eq!(
                 stream.status().next_offset,
-                kept,
+                next_offset,
                 "{cut:?} cut at {position}"
             );
             // A cut strictly inside a frame is a torn tail, reported at the
@@ -187,8 +192,11 @@ async fn cut_at_every_byte(base: &Path, expected: &[Record]) {
             // Appends continue right after the kept records (sampled: each
             // costs a sync).
             if position % 16 == 0 || inside.is_none() {
-                let outcome = stream.append(record(kept)).await.unwrap();
-                assert_eq!(outcome.first_offset, kept, "{cut:?} cut at {position}");
+                let outcome = stream.append(record(kept as u64)).await.unwrap();
+                assert_eq!(
+                    outcome.first_offset, next_offset,
+                    "{cut:?} cut at {position}"
+                );
             }
             checked[cut as usize] += 1;
             stream.close().unwrap();
@@ -296,7 +304,7 @@ fn repair_and_check(directory: &Path, expected: &[Record], trial: &str) {
                 for stored in &records {
                     assert!(previous < Some(stored.offset), "{trial}: offsets go back");
                     previous = Some(stored.offset);
-                    assert_record(stored, &expected[stored.offset as usize], stored.offset);
+                    assert_record(stored, &expected[index_of(stored.offset)], stored.offset);
                 }
                 for range in &report.quarantined {
                     assert!(range.saved_to.starts_with(directory.join("quarantine")));

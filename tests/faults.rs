@@ -10,7 +10,7 @@ use natswal::io::FileSystem;
 use natswal::segment::cache::SegmentCache;
 use natswal::{
     AppendRequest, Completed, Completion, Durability, Error, Record, StartPosition, StoredRecord,
-    Stream, StreamConfig, StreamOptions,
+    Stream, StreamConfig, StreamOptions, FIRST_OFFSET,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -134,9 +134,10 @@ fn spawn_producers(
 }
 
 /// Reads the whole stream and checks what any crash must leave: offsets
-/// dense from 0, only submitted records, no duplicates, and each
+/// dense from `FIRST_OFFSET`, only submitted records, no duplicates, and each
 /// producer's records a prefix of what it submitted (offsets follow each
-/// producer's submission order). Returns the records by offset.
+/// producer's submission order). Returns the records in offset order (the
+/// record at offset `FIRST_OFFSET + i` is the `i`-th).
 fn check_recovered(stream: &Stream) -> Vec<(u64, u64)> {
     let mut reader = stream.reader(StartPosition::Earliest, None).unwrap();
     let mut identities = Vec::new();
@@ -146,7 +147,11 @@ fn check_recovered(stream: &Stream) -> Vec<(u64, u64)> {
         let Some(stored) = reader.next().unwrap() else {
             break;
         };
-        assert_eq!(stored.offset, identities.len() as u64, "offsets are dense");
+        assert_eq!(
+            stored.offset,
+            FIRST_OFFSET + identities.len() as u64,
+            "offsets are dense"
+        );
         let identity = identify(&stored);
         assert!(seen.insert(identity), "duplicate record {identity:?}");
         let expected = next_sequence.entry(identity.0).or_default();
@@ -163,6 +168,13 @@ fn check_recovered(stream: &Stream) -> Vec<(u64, u64)> {
         "more records than submitted"
     );
     identities
+}
+
+/// The recovered record at `offset` (`identities` as `check_recovered`
+/// returns them), if there is one.
+fn recovered_at(identities: &[(u64, u64)], offset: u64) -> Option<&(u64, u64)> {
+    let index = offset.checked_sub(FIRST_OFFSET)?;
+    identities.get(usize::try_from(index).ok()?)
 }
 
 async fn crash_while_appending(durability: Durability, seed: u64) {
@@ -202,7 +214,7 @@ async fn crash_while_appending(durability: Durability, seed: u64) {
     if durability == Durability::Fsync {
         for (producer, sequence, offset) in &acknowledged {
             assert_eq!(
-                identities.get(*offset as usize),
+                recovered_at(&identities, *offset),
                 Some(&(*producer, *sequence)),
                 "fsync seed {seed}: acknowledged append p{producer}/s{sequence} lost from offset {offset} ({} records recovered)",
                 identities.len()
@@ -211,7 +223,7 @@ async fn crash_while_appending(durability: Durability, seed: u64) {
     }
     // The recovered stream takes appends at its end.
     let outcome = recovered.append(submitted(0, 0)).await.unwrap();
-    assert_eq!(outcome.first_offset, identities.len() as u64);
+    assert_eq!(outcome.first_offset, FIRST_OFFSET + identities.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,12 +319,16 @@ async fn failed_sync_poisons_the_stream_and_loses_no_acknowledged_append() {
             "trial {trial}: no append failed after syncs started failing"
         );
         // Syncs complete in offset order and a failed one fails everything
-        // after it: the acknowledged offsets are exactly 0..n, so no append
+        // after it: the acknowledged offsets are exactly FIRST_OFFSET..
+        // FIRST_OFFSET + n, so no append
         // succeeded after one that failed, across all producers.
         let mut offsets: Vec<u64> = acknowledged.iter().map(|ack| ack.2).collect();
         offsets.sort_unstable();
         assert!(
-            offsets.iter().copied().eq(0..offsets.len() as u64),
+            offsets
+                .iter()
+                .copied()
+                .eq(FIRST_OFFSET..FIRST_OFFSET + offsets.len() as u64),
             "trial {trial}: acknowledged offsets have a hole: an append succeeded after a failed one"
         );
         let status = stream.status();
@@ -341,20 +357,20 @@ async fn failed_sync_poisons_the_stream_and_loses_no_acknowledged_append() {
         let mut reader = recovered.reader(StartPosition::Earliest, None).unwrap();
         let mut identities = Vec::new();
         while let Some(stored) = reader.next().unwrap() {
-            assert_eq!(stored.offset, identities.len() as u64);
+            assert_eq!(stored.offset, FIRST_OFFSET + identities.len() as u64);
             identities.push(identify(&stored));
             assert!(identities.len() as u64 <= PRODUCERS * PER_PRODUCER + 1);
         }
         for (producer, sequence, offset) in &acknowledged {
             assert_eq!(
-                identities.get(*offset as usize),
+                recovered_at(&identities, *offset),
                 Some(&(*producer, *sequence)),
                 "trial {trial}: acknowledged append p{producer}/s{sequence} lost from offset {offset}"
             );
         }
         assert!(recovered.status().poisoned.is_none());
         let outcome = recovered.append(submitted(2, 2)).await.unwrap();
-        assert_eq!(outcome.first_offset, identities.len() as u64);
+        assert_eq!(outcome.first_offset, FIRST_OFFSET + identities.len() as u64);
     }
 }
 
@@ -379,7 +395,7 @@ async fn failed_sync_while_creating_a_segment_poisons_the_stream() {
             break;
         }
         let outcome = stream.append(record.clone()).await.unwrap();
-        assert_eq!(outcome.first_offset, index);
+        assert_eq!(outcome.first_offset, FIRST_OFFSET + index);
         acknowledged.push(record);
     }
     assert_eq!(stream.status().segments, 1);
@@ -401,7 +417,10 @@ async fn failed_sync_while_creating_a_segment_poisons_the_stream() {
     let recovered = open_memory(&file_system.crash(3), config).unwrap();
     common::assert_exactly(&common::read_all(&recovered).unwrap(), &acknowledged);
     let outcome = recovered.append(submitted(2, 0)).await.unwrap();
-    assert_eq!(outcome.first_offset, acknowledged.len() as u64);
+    assert_eq!(
+        outcome.first_offset,
+        FIRST_OFFSET + acknowledged.len() as u64
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -440,7 +459,7 @@ async fn full_disk_fails_the_append_cleanly_and_recovers_when_space_returns() {
         let record = common::record(index);
         match stream.append(record.clone()).await {
             Ok(outcome) => {
-                assert_eq!(outcome.first_offset, index);
+                assert_eq!(outcome.first_offset, FIRST_OFFSET + index);
                 expected.push(record);
             }
             Err(error) => {
@@ -453,8 +472,9 @@ async fn full_disk_fails_the_append_cleanly_and_recovers_when_space_returns() {
     let message = error.to_string();
     assert!(matches!(error, Error::DiskFull { .. }), "{message}");
     assert!(message.contains("disk full"), "{message}");
-    let next_segment =
-        Path::new(DIRECTORY).join(natswal::format::segment_file_name(expected.len() as u64));
+    let next_segment = Path::new(DIRECTORY).join(natswal::format::segment_file_name(
+        FIRST_OFFSET + expected.len() as u64,
+    ));
     assert!(
         message.contains(&next_segment.display().to_string()),
         "the error names the segment it could not create: {message}"
@@ -468,7 +488,10 @@ async fn full_disk_fails_the_append_cleanly_and_recovers_when_space_returns() {
     let again = stream.append(common::record(9999)).await.unwrap_err();
     assert!(matches!(again, Error::DiskFull { .. }), "{again}");
     assert!(stream.status().poisoned.is_none());
-    assert_eq!(stream.status().next_offset, expected.len() as u64);
+    assert_eq!(
+        stream.status().next_offset,
+        FIRST_OFFSET + expected.len() as u64
+    );
 
     file_system.set_space_limit(u64::MAX);
     for _ in 0..20 {
@@ -476,7 +499,8 @@ async fn full_disk_fails_the_append_cleanly_and_recovers_when_space_returns() {
         let record = common::record(index);
         let outcome = stream.append(record.clone()).await.unwrap();
         assert_eq!(
-            outcome.first_offset, index,
+            outcome.first_offset,
+            FIRST_OFFSET + index,
             "no offset was used by the failed appends"
         );
         expected.push(record);

@@ -11,7 +11,7 @@ use natswal::io::memory::MemoryFileSystem;
 use natswal::io::FileSystem;
 use natswal::{
     Error, PointInTime, Record, RecoveryManager, RecoveryMode, StartPosition, Stream, StreamConfig,
-    StreamOptions,
+    StreamOptions, FIRST_OFFSET,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -125,14 +125,14 @@ async fn missing_or_corrupted_sealed_indexes_are_rebuilt() {
         let mut reader = stream.reader(StartPosition::Offset(offset), None).unwrap();
         assert_record(
             &reader.next().unwrap().unwrap(),
-            &expected[offset as usize],
+            &expected[index_of(offset)],
             offset,
         );
-        let time = expected[offset as usize].timestamp_ns;
+        let time = expected[index_of(offset)].timestamp_ns;
         for (start, first) in [(time, offset), (time - 1, offset), (time + 1, offset + 1)] {
             let mut reader = stream.reader(StartPosition::Time(start), None).unwrap();
             let stored = reader.next().unwrap().unwrap();
-            assert_record(&stored, &expected[first as usize], first);
+            assert_record(&stored, &expected[index_of(first)], first);
         }
     }
     // The rebuilt indexes are on disk again, whole and matching.
@@ -171,6 +171,7 @@ async fn damage_in_the_middle_of_the_active_segment_is_refused_then_quarantined(
     let frames = frames_of(&std::fs::read(&log).unwrap());
     assert_eq!(frames.len(), expected.len());
     let damaged = frames[150];
+    assert_eq!(damaged.base_offset, FIRST_OFFSET + 150);
     flip_byte(&log, (damaged.start + 120) as usize);
     let damaged_bytes =
         std::fs::read(&log).unwrap()[damaged.start as usize..damaged.end as usize].to_vec();
@@ -224,16 +225,23 @@ async fn damage_in_the_middle_of_the_active_segment_is_refused_then_quarantined(
         let total = expected.len() - 1 + usize::from(appended);
         assert_eq!(records.len(), total);
         for stored in &records {
-            assert_ne!(stored.offset, 150, "the damaged record is gone");
+            assert_ne!(
+                stored.offset,
+                FIRST_OFFSET + 150,
+                "the damaged record is gone"
+            );
             let want = expected
-                .get(stored.offset as usize)
+                .get(index_of(stored.offset))
                 .cloned()
                 .unwrap_or_else(|| record(300));
             assert_record(stored, &want, stored.offset);
         }
     };
     check(&stream, false);
-    assert_eq!(stream.append(record(300)).await.unwrap().first_offset, 300);
+    assert_eq!(
+        stream.append(record(300)).await.unwrap().first_offset,
+        FIRST_OFFSET + 300
+    );
     check(&stream, true);
     stream.close().unwrap();
     drop(stream);
@@ -307,7 +315,7 @@ async fn an_empty_or_zero_header_last_segment_is_removed() {
         copy_directory(directory.path(), trial.path());
         // A crash between creating the next segment and syncing its header.
         let next = expected.len() as u64;
-        let leftover = trial.path().join(segment_file_name(next));
+        let leftover = trial.path().join(segment_file_name(FIRST_OFFSET + next));
         std::fs::write(&leftover, vec![0u8; zeros as usize]).unwrap();
         let (stream, report) =
             open_reported(&os_file_system(), trial.path(), options(small_config())).unwrap();
@@ -315,7 +323,7 @@ async fn an_empty_or_zero_header_last_segment_is_removed() {
         assert!(!leftover.exists(), "{} was removed", leftover.display());
         assert_exactly(&read_all(&stream).unwrap(), &expected);
         let outcome = stream.append(record(next)).await.unwrap();
-        assert_eq!(outcome.first_offset, next);
+        assert_eq!(outcome.first_offset, FIRST_OFFSET + next);
         stream.close().unwrap();
     }
 }
@@ -360,17 +368,18 @@ async fn restore_to_an_offset_or_a_time_gives_exactly_the_prefix() {
         .find(|(_, frame)| frame.atomic)
         .expect("an atomic batch");
     assert!(atomic.record_count == 4);
+    // Each case: the point, and the offset after the last record kept.
     let cut = split.base_offset + 1;
     let cases = [
         ("offset", PointInTime::Offset(cut), cut + 1),
         (
             "time",
-            PointInTime::Time(expected[cut as usize].timestamp_ns),
+            PointInTime::Time(expected[index_of(cut)].timestamp_ns),
             cut + 1,
         ),
         (
             "time between records",
-            PointInTime::Time(expected[cut as usize].timestamp_ns + 1),
+            PointInTime::Time(expected[index_of(cut)].timestamp_ns + 1),
             cut + 1,
         ),
         (
@@ -381,22 +390,24 @@ async fn restore_to_an_offset_or_a_time_gives_exactly_the_prefix() {
         (
             "everything",
             PointInTime::Offset(u64::MAX),
-            expected.len() as u64,
+            FIRST_OFFSET + expected.len() as u64,
         ),
     ];
     let file_system = os_file_system();
-    for (index, (name, point, kept)) in cases.into_iter().enumerate() {
+    for (index, (name, point, next_offset)) in cases.into_iter().enumerate() {
+        // The records before `next_offset`, all of which are kept.
+        let kept = index_of(next_offset);
         let target = directory.path().join(format!("restored-{index}"));
         let report = RecoveryManager::restore(&file_system, &source, &target, point)
             .unwrap_or_else(|error| panic!("{name}: {error}"));
-        assert_eq!(report.next_offset, kept, "{name}: {report:?}");
-        assert_eq!(report.records_kept, kept, "{name}: {report:?}");
+        assert_eq!(report.next_offset, next_offset, "{name}: {report:?}");
+        assert_eq!(report.records_kept, kept as u64, "{name}: {report:?}");
         assert_eq!(
             report.records_kept + report.records_removed,
             expected.len() as u64,
             "{name}: {report:?}"
         );
-        if kept == cut + 1 {
+        if next_offset == cut + 1 {
             // The cut is in the first segment: every later one goes.
             assert_eq!(
                 report.segments_removed,
@@ -411,16 +422,16 @@ async fn restore_to_an_offset_or_a_time_gives_exactly_the_prefix() {
             "{name}: the source is unchanged"
         );
         let stream = open(&file_system, &target, small_config()).unwrap();
-        assert_exactly(&read_all(&stream).unwrap(), &expected[..kept as usize]);
-        let outcome = stream.append(record(kept)).await.unwrap();
-        assert_eq!(outcome.first_offset, kept, "{name}");
+        assert_exactly(&read_all(&stream).unwrap(), &expected[..kept]);
+        let outcome = stream.append(record(kept as u64)).await.unwrap();
+        assert_eq!(outcome.first_offset, next_offset, "{name}");
     }
     // The target must be new or empty.
     let error = RecoveryManager::restore(
         &file_system,
         &source,
         &directory.path().join("restored-0"),
-        PointInTime::Offset(1),
+        PointInTime::Offset(FIRST_OFFSET + 1),
     )
     .unwrap_err();
     assert!(error.to_string().contains("not empty"), "{error}");
@@ -451,24 +462,26 @@ async fn truncate_suffix_is_durable_and_appends_continue_at_the_cut() {
         .find(|frame| frame.record_count >= 3 && !frame.atomic)
         .expect("a multi-record frame");
     let cut = split.base_offset + 2;
+    // The records before the cut, all of which are kept.
+    let kept = index_of(cut);
     let report = RecoveryManager::truncate_suffix(&shared, directory, cut).unwrap();
     assert_eq!(report.next_offset, cut);
-    assert_eq!(report.records_kept, cut);
+    assert_eq!(report.records_kept, kept as u64);
     assert_eq!(report.segments_removed, segments.len() - 2);
     // Power loss right after: the cut must have been durable.
     for seed in 0..4 {
         let crashed: Arc<dyn FileSystem> = Arc::new(file_system.crash(seed));
         let stream = open(&crashed, directory, small_config()).unwrap();
-        assert_exactly(&read_all(&stream).unwrap(), &expected[..cut as usize]);
-        let outcome = stream.append(record(cut)).await.unwrap();
+        assert_exactly(&read_all(&stream).unwrap(), &expected[..kept]);
+        let outcome = stream.append(record(kept as u64)).await.unwrap();
         assert_eq!(outcome.first_offset, cut);
         stream.close().unwrap();
         drop(stream);
         let stream = open(&crashed, directory, small_config()).unwrap();
         let mut records = read_all(&stream).unwrap();
         let appended = records.pop().unwrap();
-        assert_record(&appended, &record(cut), cut);
-        assert_exactly(&records, &expected[..cut as usize]);
+        assert_record(&appended, &record(kept as u64), cut);
+        assert_exactly(&records, &expected[..kept]);
     }
 }
 
@@ -506,12 +519,14 @@ async fn a_lost_tail_of_an_unfinished_segment_truncates_the_log_there() {
         let segments = segment_files(trial.path());
         assert!(segments.len() >= 4);
         let unfinished = &segments[1];
-        let kept = interrupt_seal(unfinished, 3, torn);
+        let next_offset = interrupt_seal(unfinished, 3, torn);
+        // The records before the lost ones, all of which are kept.
+        let kept = index_of(next_offset);
         let (stream, report) =
             open_reported(&os_file_system(), trial.path(), options(small_config())).unwrap_or_else(
                 |error| panic!("torn {torn}: a crash must not block open: {error}"),
             );
-        assert_exactly(&read_all(&stream).unwrap(), &expected[..kept as usize]);
+        assert_exactly(&read_all(&stream).unwrap(), &expected[..kept]);
         assert_eq!(stream.status().segments, 2);
         for later in &segments[2..] {
             assert!(report.removed_files.contains(later), "{report:?}");
@@ -526,13 +541,17 @@ async fn a_lost_tail_of_an_unfinished_segment_truncates_the_log_there() {
         );
         // Appends continue at the cut, in the unfinished segment.
         assert_eq!(
-            stream.append(record(kept)).await.unwrap().first_offset,
-            kept
+            stream
+                .append(record(kept as u64))
+                .await
+                .unwrap()
+                .first_offset,
+            next_offset
         );
         stream.close().unwrap();
         drop(stream);
         let stream = open(&os_file_system(), trial.path(), small_config()).unwrap();
-        assert_eq!(read_all(&stream).unwrap().len() as u64, kept + 1);
+        assert_eq!(read_all(&stream).unwrap().len(), kept + 1);
     }
 }
 
@@ -563,12 +582,12 @@ async fn a_gap_left_by_a_repair_is_not_taken_for_a_lost_tail() {
         .to_string_lossy()
         .parse()
         .unwrap();
-    let kept: Vec<u64> = (0..second_base)
-        .chain(third_base..expected.len() as u64)
+    let kept: Vec<u64> = (FIRST_OFFSET..second_base)
+        .chain(third_base..FIRST_OFFSET + expected.len() as u64)
         .collect();
     assert_eq!(records.len(), kept.len());
     for (stored, offset) in records.iter().zip(kept) {
-        assert_record(stored, &expected[offset as usize], offset);
+        assert_record(stored, &expected[index_of(offset)], offset);
     }
-    assert!(std::fs::metadata(directory.path().join(index_file_name(0))).is_ok());
+    assert!(std::fs::metadata(directory.path().join(index_file_name(FIRST_OFFSET))).is_ok());
 }

@@ -8,7 +8,7 @@
 
 mod common;
 
-use natswal::{Durability, Record, Store, StreamConfig, StreamOptions};
+use natswal::{Durability, Record, Store, StreamConfig, StreamOptions, FIRST_OFFSET};
 use std::path::Path;
 
 const STREAMS: usize = 6;
@@ -57,7 +57,7 @@ async fn many_segments_of_many_streams_stay_within_the_cache() {
             )
             .unwrap();
         let records: Vec<Record> = (0..RECORDS_PER_STREAM)
-            .map(|offset| stream_record(index, offset))
+            .map(|record_index| stream_record(index, record_index))
             .collect();
         common::append_all(&stream, &records).await;
         common::wait_sealed_segments_indexed(&stream).await;
@@ -77,11 +77,16 @@ async fn many_segments_of_many_streams_stay_within_the_cache() {
                 .unwrap()
         })
         .collect();
+    // The index of the record each reader reads next (at FIRST_OFFSET + it).
     let mut next = [0u64; STREAMS];
     for _ in 0..RECORDS_PER_STREAM {
         for (index, reader) in readers.iter_mut().enumerate() {
             let stored = reader.next().unwrap().expect("a record");
-            common::assert_record(&stored, &stream_record(index, next[index]), next[index]);
+            common::assert_record(
+                &stored,
+                &stream_record(index, next[index]),
+                FIRST_OFFSET + next[index],
+            );
             next[index] += 1;
             assert!(store.cache().mapped_count() <= CACHE_CAPACITY);
         }

@@ -8,7 +8,9 @@ use common::*;
 use natswal::retention::RetentionDeletion;
 use natswal::segment::cache::SegmentCache;
 use natswal::stream::SealedSegment;
-use natswal::{Record, RetentionPolicy, StartPosition, Stream, StreamConfig, StreamOptions};
+use natswal::{
+    Record, RetentionPolicy, StartPosition, Stream, StreamConfig, StreamOptions, FIRST_OFFSET,
+};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -87,15 +89,17 @@ fn assert_deleted(
     assert!(directory.exists());
 }
 
-/// The stream now holds exactly `expected[first..]`, readable from Earliest.
+/// The stream now holds exactly the records of `expected` from offset
+/// `first` on (`expected[index_of(first)..]`), readable from Earliest.
 fn assert_holds_from(stream: &Stream, expected: &[Record], first: u64) {
     let status = stream.status();
+    let held = (expected.len() - index_of(first)) as u64;
     assert_eq!(status.first_offset, first, "{status:?}");
-    assert_eq!(status.records, expected.len() as u64 - first, "{status:?}");
+    assert_eq!(status.records, held, "{status:?}");
     let records = read_all(stream).unwrap();
-    assert_eq!(records.len() as u64, expected.len() as u64 - first);
+    assert_eq!(records.len() as u64, held);
     for (stored, offset) in records.iter().zip(first..) {
-        assert_record(stored, &expected[offset as usize], offset);
+        assert_record(stored, &expected[index_of(offset)], offset);
     }
 }
 
@@ -112,7 +116,8 @@ async fn retention_by_age_deletes_segments_whose_newest_record_is_too_old() {
     );
     let now = now_ns();
     let hour_ns = 3_600_000_000_000i64;
-    // Records 0..2500 are two hours old, the rest are from now.
+    // Records 0..2500 (offsets FIRST_OFFSET..FIRST_OFFSET + 2500) are two
+    // hours old, the rest are from now.
     let expected: Vec<Record> = (0..4000u64)
         .map(|index| {
             let mut record = record(index);
@@ -128,7 +133,7 @@ async fn retention_by_age_deletes_segments_whose_newest_record_is_too_old() {
     // Exactly the sealed segments holding only old records, oldest first.
     let old = sealed
         .iter()
-        .take_while(|segment| segment.next_offset <= 2500)
+        .take_while(|segment| segment.next_offset <= FIRST_OFFSET + 2500)
         .count();
     assert!(old >= 2 && old < sealed.len(), "{old} of {}", sealed.len());
     let deletions = stream.enforce_retention().unwrap();
@@ -170,7 +175,7 @@ async fn retention_never_deletes_the_active_segment() {
     let next = expected.len() as u64;
     assert_eq!(
         stream.append(record(next)).await.unwrap().first_offset,
-        next
+        FIRST_OFFSET + next
     );
 }
 
@@ -250,8 +255,12 @@ async fn readers_inside_deleted_segments_keep_reading() {
     let sealed = fill(&stream, &expected).await;
     // A reader in the middle of the first segment, its map in hand.
     let mut reading = stream.reader(StartPosition::Earliest, None).unwrap();
-    for (offset, want) in expected.iter().enumerate().take(10) {
-        assert_record(&reading.next().unwrap().unwrap(), want, offset as u64);
+    for (index, want) in expected.iter().enumerate().take(10) {
+        assert_record(
+            &reading.next().unwrap().unwrap(),
+            want,
+            FIRST_OFFSET + index as u64,
+        );
     }
     // Readers positioned inside doomed segments that have not read yet.
     let inside = sealed[1].base_offset + 7;
@@ -261,9 +270,9 @@ async fn readers_inside_deleted_segments_keep_reading() {
     assert!(deletions.len() >= 3, "{deletions:?}");
     let first_kept = sealed[deletions.len()].base_offset;
     for (name, reader, start) in [
-        ("reading", &mut reading, 10u64),
+        ("reading", &mut reading, FIRST_OFFSET + 10),
         ("positioned", &mut positioned, inside),
-        ("earliest", &mut earliest, 0),
+        ("earliest", &mut earliest, FIRST_OFFSET),
     ] {
         let mut previous = start.checked_sub(1);
         let mut count = 0u64;
@@ -287,7 +296,7 @@ async fn readers_inside_deleted_segments_keep_reading() {
                     stored.offset
                 );
             }
-            assert_record(&stored, &expected[stored.offset as usize], stored.offset);
+            assert_record(&stored, &expected[index_of(stored.offset)], stored.offset);
             previous = Some(stored.offset);
             offsets.push(stored.offset);
             count += 1;
@@ -295,7 +304,7 @@ async fn readers_inside_deleted_segments_keep_reading() {
         }
         assert_eq!(
             previous,
-            Some(expected.len() as u64 - 1),
+            Some(FIRST_OFFSET + expected.len() as u64 - 1),
             "{name} read to the end"
         );
         // Everything still stored, without a gap.
@@ -305,7 +314,9 @@ async fn readers_inside_deleted_segments_keep_reading() {
             .filter(|offset| *offset >= first_kept)
             .collect();
         assert!(
-            tail.iter().copied().eq(first_kept..expected.len() as u64),
+            tail.iter()
+                .copied()
+                .eq(first_kept..FIRST_OFFSET + expected.len() as u64),
             "{name}"
         );
         if name == "reading" {
@@ -316,7 +327,9 @@ async fn readers_inside_deleted_segments_keep_reading() {
                 .take_while(|offset| *offset < sealed[0].next_offset)
                 .collect();
             assert!(
-                own.iter().copied().eq(10..sealed[0].next_offset),
+                own.iter()
+                    .copied()
+                    .eq(FIRST_OFFSET + 10..sealed[0].next_offset),
                 "{name}: {own:?}"
             );
         }

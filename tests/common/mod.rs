@@ -4,7 +4,9 @@
 use natswal::io::os::OsFileSystem;
 use natswal::io::{FileSystem, WriteMode};
 use natswal::segment::cache::SegmentCache;
-use natswal::{Record, StartPosition, StoredRecord, Stream, StreamConfig, StreamOptions};
+use natswal::{
+    Record, StartPosition, StoredRecord, Stream, StreamConfig, StreamOptions, FIRST_OFFSET,
+};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -57,6 +59,16 @@ pub fn record(index: u64) -> Record {
     record
 }
 
+/// The index (from 0, in append order) of the record stored at `offset` in a
+/// stream whose first record has [`FIRST_OFFSET`]; panics for an offset
+/// below it, which no record may have.
+pub fn index_of(offset: u64) -> usize {
+    let index = offset
+        .checked_sub(FIRST_OFFSET)
+        .unwrap_or_else(|| panic!("offset {offset} is below the first offset {FIRST_OFFSET}"));
+    usize::try_from(index).unwrap()
+}
+
 /// Every record of a stream from the start.
 pub fn read_all(stream: &Stream) -> natswal::Result<Vec<StoredRecord>> {
     let mut reader = stream.reader(StartPosition::Earliest, None)?;
@@ -67,7 +79,9 @@ pub fn read_all(stream: &Stream) -> natswal::Result<Vec<StoredRecord>> {
     Ok(records)
 }
 
-/// Asserts `stored` is the first `stored.len()` of `expected`, with offsets 0..
+/// Asserts `stored` is the first `stored.len()` of `expected`, with dense
+/// offsets from [`FIRST_OFFSET`]: record `index` has offset
+/// `FIRST_OFFSET + index`.
 pub fn assert_prefix(stored: &[StoredRecord], expected: &[Record]) {
     assert!(
         stored.len() <= expected.len(),
@@ -76,7 +90,11 @@ pub fn assert_prefix(stored: &[StoredRecord], expected: &[Record]) {
         expected.len()
     );
     for (index, (got, want)) in stored.iter().zip(expected).enumerate() {
-        assert_eq!(got.offset, index as u64, "offset of record {index}");
+        assert_eq!(
+            got.offset,
+            FIRST_OFFSET + index as u64,
+            "offset of record {index}"
+        );
         assert_eq!(got.subject, want.subject, "subject of record {index}");
         assert_eq!(got.headers, want.headers, "headers of record {index}");
         assert_eq!(got.payload, want.payload, "payload of record {index}");
@@ -106,7 +124,8 @@ pub fn open_reported(
     )
 }
 
-/// Asserts a stored record is `want` at `offset`, byte for byte.
+/// Asserts a stored record is `want` at `offset`, byte for byte. `offset` is
+/// the absolute offset (the first record of a stream has [`FIRST_OFFSET`]).
 pub fn assert_record(got: &StoredRecord, want: &Record, offset: u64) {
     assert_eq!(got.offset, offset, "offset");
     assert_eq!(got.subject, want.subject, "subject of record {offset}");
@@ -114,7 +133,8 @@ pub fn assert_record(got: &StoredRecord, want: &Record, offset: u64) {
     assert_eq!(got.payload, want.payload, "payload of record {offset}");
 }
 
-/// Asserts `stored` is exactly `expected` with offsets 0..
+/// Asserts `stored` is exactly `expected` with dense offsets from
+/// [`FIRST_OFFSET`].
 pub fn assert_exactly(stored: &[StoredRecord], expected: &[Record]) {
     assert_eq!(
         stored.len(),
