@@ -378,7 +378,12 @@ impl RecoveryManager {
             expected_next = builder.next_offset;
             progress(report.bytes);
         }
-        report.next_offset = expected_next;
+        // A stream without segments starts at FIRST_OFFSET, as on open.
+        report.next_offset = if bases.is_empty() {
+            crate::stream::FIRST_OFFSET
+        } else {
+            expected_next
+        };
         Ok(report)
     }
 
@@ -881,6 +886,7 @@ fn cut_stream(
     keep: &dyn Fn(u64, i64) -> bool,
 ) -> Result<TruncateReport> {
     let bases = segment_bases(file_system.as_ref(), directory)?;
+    let segments_none = bases.is_empty();
     let mut report = TruncateReport::default();
     let mut cut_done = false;
     for base in bases {
@@ -931,6 +937,10 @@ fn cut_stream(
                 continue;
             }
             cut_done = true;
+            // The stream goes on at this frame's first offset unless part of
+            // it is kept (set below): without this, a cut before the first
+            // record of the stream reported next offset 0.
+            report.next_offset = header.base_offset;
             report.records_removed += (records.len() - kept) as u64;
             if kept > 0 && !header.is_atomic() {
                 let mut image = bytes[..position].to_vec();
@@ -955,6 +965,10 @@ fn cut_stream(
         } else if report.next_offset == 0 && position == SEGMENT_HEADER_LENGTH {
             report.next_offset = base;
         }
+    }
+    if segments_none {
+        // As recovery opens a stream without segments.
+        report.next_offset = crate::stream::FIRST_OFFSET;
     }
     file_system.sync_directory(directory)?;
     Ok(report)

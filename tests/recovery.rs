@@ -36,6 +36,18 @@ async fn closed_stream(directory: &Path, count: u64) -> Vec<Record> {
     expected
 }
 
+/// Appends timed records `first..first + count` to the stream in
+/// `directory` (as `closed_stream` does) and closes it; returns them.
+async fn closed_stream_continued(directory: &Path, first: u64, count: u64) -> Vec<Record> {
+    let records: Vec<Record> = (first..first + count).map(timed).collect();
+    let stream = open(&os_file_system(), directory, small_config()).unwrap();
+    let outcomes = append_all(&stream, &records).await;
+    assert_eq!(outcomes[0].first_offset, FIRST_OFFSET + first);
+    assert!(stream.status().segments >= 3, "{:?}", stream.status());
+    stream.close().unwrap();
+    records
+}
+
 fn repair_options(config: StreamConfig) -> StreamOptions {
     StreamOptions {
         config,
@@ -483,6 +495,123 @@ async fn truncate_suffix_is_durable_and_appends_continue_at_the_cut() {
         assert_record(&appended, &record(kept as u64), cut);
         assert_exactly(&records, &expected[..kept]);
     }
+}
+
+/// A cut before the first record (by offset, by time, or inside an atomic
+/// batch that is the first frame) leaves an empty stream whose next offset
+/// is `FIRST_OFFSET`, as the report says, and appends start there again.
+#[tokio::test]
+async fn a_cut_before_the_first_record_leaves_an_empty_stream_at_the_first_offset() {
+    let directory = tempfile::tempdir().unwrap();
+    let source = directory.path().join("source");
+    let mut expected: Vec<Record> = (0..4).map(timed).collect();
+    {
+        // The first frame is an atomic batch.
+        let stream = open(&os_file_system(), &source, small_config()).unwrap();
+        let outcome = stream.append_batch(expected.clone()).await.unwrap();
+        assert_eq!((outcome.first_offset, outcome.count), (FIRST_OFFSET, 4));
+        stream.close().unwrap();
+    }
+    expected.extend(closed_stream_continued(&source, 4, 3000).await);
+    let first_frame = frames_of(&std::fs::read(&segment_files(&source)[0]).unwrap())[0];
+    assert_eq!(first_frame.base_offset, FIRST_OFFSET);
+    assert!(first_frame.atomic && first_frame.record_count == 4);
+    let segments = segment_files(&source).len();
+    let file_system = os_file_system();
+    let cases = [
+        (
+            "offset before the first",
+            PointInTime::Offset(FIRST_OFFSET - 1),
+        ),
+        (
+            "time before the first",
+            PointInTime::Time(expected[0].timestamp_ns - 1),
+        ),
+        (
+            "offset inside the first, atomic, frame",
+            PointInTime::Offset(FIRST_OFFSET + 1),
+        ),
+    ];
+    let mut targets = Vec::new();
+    for (index, (name, point)) in cases.into_iter().enumerate() {
+        let target = directory.path().join(format!("restored-{index}"));
+        let report = RecoveryManager::restore(&file_system, &source, &target, point)
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        assert_eq!(report.next_offset, FIRST_OFFSET, "{name}: {report:?}");
+        assert_eq!(report.records_kept, 0, "{name}: {report:?}");
+        assert_eq!(
+            report.records_removed,
+            expected.len() as u64,
+            "{name}: {report:?}"
+        );
+        assert_eq!(report.segments_removed, segments - 1, "{name}: {report:?}");
+        targets.push((name, target));
+    }
+    // The same cut by truncation, in place.
+    let truncated = directory.path().join("truncated");
+    copy_directory(&source, &truncated);
+    let report = RecoveryManager::truncate_suffix(&file_system, &truncated, FIRST_OFFSET).unwrap();
+    assert_eq!(report.next_offset, FIRST_OFFSET, "{report:?}");
+    assert_eq!(report.records_kept, 0, "{report:?}");
+    assert_eq!(report.records_removed, expected.len() as u64, "{report:?}");
+    assert_eq!(report.segments_removed, segments - 1, "{report:?}");
+    targets.push(("truncate", truncated));
+    for (name, target) in targets {
+        let stream = open(&file_system, &target, small_config()).unwrap();
+        assert!(read_all(&stream).unwrap().is_empty(), "{name}");
+        let status = stream.status();
+        assert_eq!(
+            (status.first_offset, status.next_offset, status.records),
+            (FIRST_OFFSET, FIRST_OFFSET, 0),
+            "{name}: {status:?}"
+        );
+        let outcome = stream.append(record(0)).await.unwrap();
+        assert_eq!(outcome.first_offset, FIRST_OFFSET, "{name}");
+        assert_exactly(&read_all(&stream).unwrap(), &[record(0)]);
+    }
+}
+
+/// A stream that never took an append has no segment; verify and restore
+/// say its next offset is `FIRST_OFFSET`, as its status does.
+#[tokio::test]
+async fn a_stream_without_records_is_at_the_first_offset_offline_too() {
+    let directory = tempfile::tempdir().unwrap();
+    let source = directory.path().join("source");
+    let file_system = os_file_system();
+    {
+        let stream = open(&file_system, &source, small_config()).unwrap();
+        assert_eq!(stream.status().next_offset, FIRST_OFFSET);
+        stream.close().unwrap();
+    }
+    assert!(segment_files(&source).is_empty());
+    let verified = RecoveryManager::verify(&file_system, &source, &mut |_| {}).unwrap();
+    assert!(verified.is_healthy(), "{verified:?}");
+    assert_eq!(
+        (verified.segments, verified.records, verified.next_offset),
+        (0, 0, FIRST_OFFSET),
+        "{verified:?}"
+    );
+    let target = directory.path().join("restored");
+    let report = RecoveryManager::restore(
+        &file_system,
+        &source,
+        &target,
+        PointInTime::Offset(u64::MAX),
+    )
+    .unwrap();
+    assert_eq!(
+        report,
+        natswal::recovery::TruncateReport {
+            next_offset: FIRST_OFFSET,
+            ..Default::default()
+        }
+    );
+    let stream = open(&file_system, &target, small_config()).unwrap();
+    assert_eq!(stream.status().next_offset, FIRST_OFFSET);
+    assert_eq!(
+        stream.append(record(0)).await.unwrap().first_offset,
+        FIRST_OFFSET
+    );
 }
 
 // ---------------------------------------------------------------------------
