@@ -15,7 +15,7 @@
 //! one fail with [`Error::Poisoned`]; the sync is never retried.
 
 use crate::config::Durability;
-use crate::error::{Error, Result};
+use crate::error::{Error, PreconditionFailure, Result};
 use crate::format::frame::{flags, FrameBuilder};
 use crate::format::record::Record;
 use crate::segment::storage::{SegmentProgress, StorageSegment};
@@ -76,6 +76,19 @@ impl Completion {
     }
 }
 
+/// A condition the writer checks, in offset order, before it writes a
+/// request; a request whose condition fails is not written and completes
+/// with [`Error::PreconditionFailed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// The offset before the record must be this (0: nothing before it).
+    /// JetStream's `Nats-Expected-Last-Sequence`.
+    ExpectedLastOffset(u64),
+    /// The record before must carry this message id (only for the first
+    /// record of a request). JetStream's `Nats-Expected-Last-Msg-Id`.
+    ExpectedLastMessageId(String),
+}
+
 /// What a producer asks to append.
 #[derive(Debug, Clone, Default)]
 pub struct AppendRequest {
@@ -86,6 +99,12 @@ pub struct AppendRequest {
     /// nonzero index are never merged with others.
     pub raft_term: u64,
     pub raft_index: u64,
+    /// Conditions on the stream before record `index` of this request.
+    pub preconditions: Vec<(u32, Precondition)>,
+    /// The message id of the request's last record, if it has one; the
+    /// writer remembers the id of the last record written for
+    /// [`Precondition::ExpectedLastMessageId`].
+    pub last_message_id: Option<Arc<str>>,
 }
 
 enum PendingRecords {
@@ -111,6 +130,8 @@ pub(crate) struct Pending {
     permits: u32,
     completion: Completion,
     enqueued_at: std::time::Instant,
+    preconditions: Vec<(u32, Precondition)>,
+    last_message_id: Option<Arc<str>>,
 }
 
 impl Pending {
@@ -150,6 +171,9 @@ pub(crate) struct Coordinator {
     jobs_space: Condvar,
     poisoned: AtomicBool,
     poison_cause: Mutex<Option<String>>,
+    /// Message id of the last record written (written by the writer thread;
+    /// set once at start from the log).
+    last_message_id: Mutex<Option<Arc<str>>>,
     prepared: Mutex<(Option<Arc<StorageSegment>>, u64)>,
 }
 
@@ -180,8 +204,13 @@ impl Coordinator {
             jobs_space: Condvar::new(),
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
+            last_message_id: Mutex::new(None),
             prepared: Mutex::new((None, 0)),
         }
+    }
+
+    pub fn set_last_message_id(&self, id: Option<Arc<str>>) {
+        *lock(&self.last_message_id) = id;
     }
 
     pub fn is_poisoned(&self) -> bool {
@@ -265,7 +294,19 @@ impl StreamShared {
             atomic,
             raft_term,
             raft_index,
+            preconditions,
+            last_message_id,
         } = request;
+        if let Some((index, _)) = preconditions
+            .iter()
+            .find(|(index, _)| *index as usize >= records.len())
+        {
+            coordinator.budget.add_permits(permits as usize);
+            return Err(Error::InvalidInput(format!(
+                "precondition on record {index} of a request with {} records",
+                records.len()
+            )));
+        }
         let records = if records.len() == 1 && !atomic {
             PendingRecords::One(records.pop().expect("one record"))
         } else {
@@ -280,6 +321,8 @@ impl StreamShared {
             permits,
             completion,
             enqueued_at: std::time::Instant::now(),
+            preconditions,
+            last_message_id,
         };
         let mut queue = lock(&coordinator.queue);
         if queue.closing {
@@ -394,6 +437,70 @@ fn take_frame(
     }
 }
 
+/// Drops (and fails) the taken requests whose preconditions do not hold,
+/// checking each against the stream as the requests before it leave it.
+/// Returns the message id of the last record that will be written.
+fn check_preconditions(
+    taken: &mut Vec<Pending>,
+    next_offset: u64,
+    coordinator: &Coordinator,
+) -> Option<Arc<str>> {
+    if taken.iter().all(|pending| pending.preconditions.is_empty()) {
+        // The common case: nothing to check.
+        return taken
+            .last()
+            .and_then(|pending| pending.last_message_id.clone());
+    }
+    let mut last_message_id = lock(&coordinator.last_message_id).clone();
+    let mut next = next_offset;
+    let mut permits = 0usize;
+    taken.retain_mut(|pending| {
+        let failure = pending
+            .preconditions
+            .iter()
+            .find_map(|(index, precondition)| {
+                let last = next + u64::from(*index) - 1;
+                match precondition {
+                    Precondition::ExpectedLastOffset(expected) if *expected != last => {
+                        Some(PreconditionFailure::WrongLastOffset {
+                            expected: *expected,
+                            last,
+                        })
+                    }
+                    Precondition::ExpectedLastMessageId(expected) => {
+                        let actual = if *index == 0 {
+                            last_message_id.as_deref()
+                        } else {
+                            None
+                        };
+                        (actual != Some(expected.as_str())).then(|| {
+                            PreconditionFailure::WrongLastMessageId {
+                                expected: expected.clone(),
+                                last: actual.map(str::to_string),
+                            }
+                        })
+                    }
+                    _ => None,
+                }
+            });
+        match failure {
+            Some(failure) => {
+                permits += pending.permits as usize;
+                let completion = std::mem::replace(&mut pending.completion, Completion::None);
+                completion.complete(Err(Error::PreconditionFailed(failure)));
+                false
+            }
+            None => {
+                next += pending.records.as_slice().len() as u64;
+                last_message_id = pending.last_message_id.clone();
+                true
+            }
+        }
+    });
+    coordinator.budget.add_permits(permits);
+    last_message_id
+}
+
 fn fail_all(taken: &mut Vec<Pending>, coordinator: &Coordinator, error: &Error) {
     let mut permits = 0usize;
     for pending in taken.drain(..) {
@@ -419,6 +526,10 @@ fn write_taken(
             coordinator,
             &coordinator.poisoned_error(&shared.name),
         );
+        return;
+    }
+    let last_message_id = check_preconditions(taken, writer.next_offset(), coordinator);
+    if taken.is_empty() {
         return;
     }
     let now = now_ns();
@@ -473,6 +584,9 @@ fn write_taken(
             return;
         }
     };
+    // Only now that the frame is written does its last record count as
+    // the stream's last one.
+    *lock(&coordinator.last_message_id) = last_message_id;
     let frame_bytes = u64::from(header.frame_length);
     let mut permits = 0usize;
     let mut next_offset = header.base_offset;

@@ -68,6 +68,42 @@ pub enum Error {
     /// An injected fault (in-memory file system only).
     #[error("injected fault: {0}")]
     Injected(String),
+
+    /// A publish precondition did not hold when the writer checked it.
+    #[error("{0}")]
+    PreconditionFailed(PreconditionFailure),
+}
+
+/// Why a precondition failed, with the stream's actual state at the moment
+/// the writer checked it (in offset order, so racing appends cannot both
+/// pass).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PreconditionFailure {
+    /// The last offset was `last` (0: the stream is empty).
+    WrongLastOffset { expected: u64, last: u64 },
+    /// The last record carried message id `last` (None: no id).
+    WrongLastMessageId {
+        expected: String,
+        last: Option<String>,
+    },
+}
+
+impl std::fmt::Display for PreconditionFailure {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PreconditionFailure::WrongLastOffset { last, .. } => {
+                write!(formatter, "wrong last sequence: {last}")
+            }
+            PreconditionFailure::WrongLastMessageId { last, .. } => {
+                write!(
+                    formatter,
+                    "wrong last msg ID: {}",
+                    last.as_deref().unwrap_or("")
+                )
+            }
+        }
+    }
 }
 
 impl Error {
@@ -112,6 +148,7 @@ impl Error {
             Error::InvalidConfig { .. } => "invalid_config",
             Error::Closed { .. } => "closed",
             Error::Injected(_) => "injected",
+            Error::PreconditionFailed(_) => "precondition_failed",
         }
     }
 
@@ -164,6 +201,7 @@ impl Error {
                 stream: stream.clone(),
             },
             Error::Injected(message) => Error::Injected(message.clone()),
+            Error::PreconditionFailed(failure) => Error::PreconditionFailed(failure.clone()),
         }
     }
 }

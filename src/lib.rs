@@ -28,8 +28,8 @@ pub mod stream;
 pub mod subject;
 
 pub use config::{Durability, RetentionPolicy, StreamConfig};
-pub use coordinator::{AppendOutcome, AppendRequest, Completed, Completion};
-pub use error::{Error, Result};
+pub use coordinator::{AppendOutcome, AppendRequest, Completed, Completion, Precondition};
+pub use error::{Error, PreconditionFailure, Result};
 pub use format::record::{Record, StoredRecord};
 pub use reader::{Reader, StartPosition};
 pub use recovery::{PointInTime, RecoveryManager, RecoveryMode, RecoveryReport};

@@ -319,6 +319,22 @@ impl Stream {
         }
     }
 
+    /// Tells the writer the message id of the last stored record (read from
+    /// the log at start), for `ExpectedLastMessageId` preconditions.
+    pub fn set_last_message_id(&self, id: Option<Arc<str>>) {
+        self.shared.coordinator.set_last_message_id(id);
+    }
+
+    /// The last stored record, if any.
+    pub fn last_record(&self) -> Result<Option<crate::StoredRecord>> {
+        let next = self.status().next_offset;
+        if next <= FIRST_OFFSET {
+            return Ok(None);
+        }
+        let mut reader = self.reader(StartPosition::Offset(next - 1), None)?;
+        reader.next()
+    }
+
     /// Sealed segments, oldest first, as files with their CRC.
     pub fn sealed_segments(&self) -> Vec<SealedSegment> {
         self.shared
