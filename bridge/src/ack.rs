@@ -77,6 +77,21 @@ pub fn pub_ack(stream: &str, seq: u64, duplicate: bool) -> Bytes {
     Bytes::from(out)
 }
 
+/// A PubAck that closes a batch: `{"stream":..,"seq":..,"batch":..,"count":..}`.
+pub fn batch_ack(stream: &str, seq: u64, batch: &str, count: u64) -> Bytes {
+    let mut out = String::with_capacity(64 + stream.len() + batch.len());
+    out.push_str("{\"stream\":");
+    push_json_string(&mut out, stream);
+    out.push_str(",\"seq\":");
+    out.push_str(&seq.to_string());
+    out.push_str(",\"batch\":");
+    push_json_string(&mut out, batch);
+    out.push_str(",\"count\":");
+    out.push_str(&count.to_string());
+    out.push('}');
+    Bytes::from(out)
+}
+
 /// Writes PubAcks of one stream into a shared buffer: one allocation per
 /// few hundred acks instead of two per ack (acks are the hot path).
 pub struct AckWriter {

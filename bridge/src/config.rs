@@ -25,6 +25,8 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     #[serde(default = "default_streams")]
     pub streams: Vec<StreamSection>,
 }
@@ -95,6 +97,49 @@ pub struct StorageConfig {
     pub open_segments_max: usize,
 }
 
+/// Server-wide limits (`[limits]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Atomic batches open at once across all streams (JetStream: 1000).
+    #[serde(default = "default_atomic_batches_total")]
+    pub atomic_batches_max: usize,
+    /// Fast-ingest batches open at once across all streams (JetStream: 50000).
+    #[serde(default = "default_fast_batches_total")]
+    pub fast_batches_max: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            atomic_batches_max: default_atomic_batches_total(),
+            fast_batches_max: default_fast_batches_total(),
+        }
+    }
+}
+
+fn default_atomic_batches_total() -> usize {
+    1000
+}
+fn default_fast_batches_total() -> usize {
+    50_000
+}
+fn default_atomic_batch_messages() -> u64 {
+    1000
+}
+fn default_atomic_batches_per_stream() -> usize {
+    50
+}
+fn default_atomic_staging_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_fast_batches_per_stream() -> usize {
+    1000
+}
+fn default_batch_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
 /// One `[[streams]]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +171,27 @@ pub struct StreamSection {
     /// Most `Nats-Msg-Id`s remembered (bounds the window's memory).
     #[serde(default = "default_duplicate_ids_max")]
     pub duplicate_ids_max: usize,
+    /// Accept JetStream atomic batches (`Nats-Batch-Id` headers).
+    #[serde(default)]
+    pub allow_atomic: bool,
+    /// Accept JetStream fast-ingest batches (`...$FI` reply subjects).
+    #[serde(default)]
+    pub allow_batched: bool,
+    /// Messages in one atomic batch.
+    #[serde(default = "default_atomic_batch_messages")]
+    pub atomic_batch_max_messages: u64,
+    /// Atomic batches open at once in this stream.
+    #[serde(default = "default_atomic_batches_per_stream")]
+    pub atomic_batches_max: usize,
+    /// Memory all open atomic batches of this stream may stage.
+    #[serde(default = "default_atomic_staging_bytes", with = "size_text")]
+    pub atomic_staging_bytes: u64,
+    /// Fast-ingest batches open at once in this stream.
+    #[serde(default = "default_fast_batches_per_stream")]
+    pub fast_batches_max: usize,
+    /// A batch without messages for this long is abandoned.
+    #[serde(default = "default_batch_timeout", with = "duration_text")]
+    pub batch_timeout: Duration,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -190,6 +256,13 @@ fn default_streams() -> Vec<StreamSection> {
         max_message_bytes: default_max_message_bytes(),
         duplicate_window: default_duplicate_window(),
         duplicate_ids_max: default_duplicate_ids_max(),
+        allow_atomic: false,
+        allow_batched: false,
+        atomic_batch_max_messages: default_atomic_batch_messages(),
+        atomic_batches_max: default_atomic_batches_per_stream(),
+        atomic_staging_bytes: default_atomic_staging_bytes(),
+        fast_batches_max: default_fast_batches_per_stream(),
+        batch_timeout: default_batch_timeout(),
     }]
 }
 
@@ -243,6 +316,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             api: ApiConfig::default(),
             storage: StorageConfig::default(),
+            limits: LimitsConfig::default(),
             streams: default_streams(),
         }
     }
@@ -562,6 +636,30 @@ impl Config {
             })?;
             if stream.duplicate_ids_max == 0 {
                 return Err(invalid(key("duplicate_ids_max"), "must be at least 1"));
+            }
+            if stream.atomic_batch_max_messages == 0 {
+                return Err(invalid(
+                    key("atomic_batch_max_messages"),
+                    "must be at least 1",
+                ));
+            }
+            if stream.atomic_batches_max == 0 || stream.fast_batches_max == 0 {
+                return Err(invalid(
+                    key("atomic_batches_max"),
+                    "atomic_batches_max and fast_batches_max must be at least 1",
+                ));
+            }
+            if stream.atomic_staging_bytes < stream.max_message_bytes {
+                return Err(invalid(
+                    key("atomic_staging_bytes"),
+                    format!(
+                        "{} cannot stage even one message of max_message_bytes {}",
+                        stream.atomic_staging_bytes, stream.max_message_bytes
+                    ),
+                ));
+            }
+            if stream.batch_timeout.is_zero() {
+                return Err(invalid(key("batch_timeout"), "must be longer than 0"));
             }
         }
         Ok(())

@@ -10,10 +10,18 @@
 //! handles one queue entry and one completion per group instead of per
 //! message. It then queues one [`AckItem`] per message, in arrival order; the
 //! ack task answers them in that order as groups complete. Order matters for
-//! deduplication: a copy of a `Nats-Msg-Id` that is still pending is
-//! answered after its first copy, with the first copy's offset.
+//! deduplication (a copy of a `Nats-Msg-Id` that is still pending is answered
+//! after its first copy, with the first copy's offset) and for the batch
+//! protocols of [`crate::batch`] (a flow ack goes out only after every
+//! message before it is durable).
+//!
+//! Messages with preconditions and committed atomic batches are requests of
+//! their own, so the writer checks them in offset order.
 
 use crate::ack::{self, AckWriter, ApiError};
+use crate::batch::{
+    self, AtomicBatches, AtomicOutcome, BatchLimits, FastBatch, FastBatches, FastOperation,
+};
 use crate::dedup::{now_ns, DuplicateWindow, Seen};
 use crate::headers;
 use crate::metrics::StreamCounters;
@@ -23,6 +31,7 @@ use natswal::{AppendOutcome, AppendRequest, Completed, Completion, Record, Strea
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 
 /// Messages taken from the subscriptions at once (those already waiting).
@@ -31,16 +40,36 @@ const CHUNK_MESSAGES_MAX: usize = 1024;
 /// How long a graceful shutdown waits for in-flight messages to arrive.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What the ack task owes a publisher, in arrival order.
+/// How a grouped (submitted) message is answered once its group completes.
+enum GroupedKind {
+    /// A plain publish: a PubAck.
+    Plain {
+        message_number: u64,
+        message_id: Option<String>,
+    },
+    /// The commit of an atomic batch (a group of its own).
+    AtomicCommit {
+        batch_id: String,
+        count: u64,
+        message_ids: Vec<(u32, String, u64)>,
+    },
+    /// A fast-ingest message: a flow ack when due, or the final PubAck.
+    FastStored {
+        batch_id: String,
+        sequence: u64,
+        commit: bool,
+    },
+}
+
+/// What the ack task owes, in arrival order.
 enum AckItem {
     /// Record `index` of append group `group`; `last` marks the group's last.
-    Appended {
+    Grouped {
         group: u64,
         index: u32,
         last: bool,
-        message_number: u64,
         reply: Option<async_nats::Subject>,
-        message_id: Option<String>,
+        kind: GroupedKind,
     },
     Duplicate {
         reply: Option<async_nats::Subject>,
@@ -49,6 +78,32 @@ enum AckItem {
     Rejected {
         reply: Option<async_nats::Subject>,
         error: ApiError,
+    },
+    /// Send `body` as is (empty replies of staged atomic messages, the
+    /// fast-ingest gap and error messages, the first flow ack).
+    Raw {
+        reply: async_nats::Subject,
+        body: Bytes,
+    },
+    /// A fast-ingest message that counts as handled without being stored
+    /// (a duplicate, or a failed precondition in `ok` mode).
+    FastSkipped {
+        batch_id: String,
+        sequence: u64,
+        commit: bool,
+        reply: Option<async_nats::Subject>,
+    },
+    /// A fast-ingest batch ends (commit without storing, a gap or an error
+    /// in `fail` mode): a PubAck counting `count` messages.
+    FastEnd {
+        batch_id: String,
+        count: u64,
+        reply: Option<async_nats::Subject>,
+    },
+    /// A ping: resend the latest flow ack.
+    FastPing {
+        batch_id: String,
+        reply: async_nats::Subject,
     },
 }
 
@@ -60,6 +115,16 @@ pub struct IngestContext {
     pub counters: Arc<StreamCounters>,
     pub duplicates: Arc<Mutex<DuplicateWindow>>,
     pub max_message_bytes: u64,
+    pub limits: BatchLimits,
+    pub fast: Arc<Mutex<FastBatches>>,
+    /// Subject prefix of natswal's API (for batch advisories).
+    pub api_prefix: String,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Receives until `shutdown` turns true or the subscriptions end, then
@@ -77,7 +142,13 @@ pub async fn run(
     let mut merged =
         futures_util::stream::select_all(subscriptions).ready_chunks(CHUNK_MESSAGES_MAX);
     let stream_name = context.stream.name().to_string();
-    let mut numbers = Numbers::default();
+    let mut state = IngestState {
+        atomic: AtomicBatches::new(),
+        group: 0,
+        message: 0,
+    };
+    let mut sweep = tokio::time::interval(std::time::Duration::from_millis(500));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     loop {
         let chunk = tokio::select! {
@@ -95,12 +166,16 @@ pub async fn run(
                 tracing::warn!(stream = %stream_name, "subscriptions did not finish draining in time; stopping intake");
                 break;
             }
+            _ = sweep.tick() => {
+                expire_batches(&context, &mut state).await;
+                continue;
+            }
             chunk = merged.next() => match chunk {
                 Some(chunk) => chunk,
                 None => break,
             },
         };
-        let items = accept_chunk(&context, chunk, &mut numbers, &completions_sender).await;
+        let items = accept_chunk(&context, &mut state, chunk, &completions_sender).await;
         if items_sender.send(items).is_err() {
             break;
         }
@@ -113,11 +188,59 @@ pub async fn run(
     }
 }
 
-/// Counters that name groups and messages.
-#[derive(Default)]
-struct Numbers {
+/// State of the receiving task.
+struct IngestState {
+    atomic: AtomicBatches,
     group: u64,
     message: u64,
+}
+
+/// Abandons atomic batches and forgets fast-ingest batches that went quiet.
+async fn expire_batches(context: &IngestContext, state: &mut IngestState) {
+    let now = Instant::now();
+    for batch_id in state.atomic.expire(now, &context.limits) {
+        tracing::info!(stream = %context.stream.name(), batch = %batch_id, "atomic batch abandoned after inactivity");
+        publish_abandoned(context, &batch_id, batch::AbandonReason::Timeout).await;
+    }
+    let mut fast = lock(&context.fast);
+    let quiet: Vec<String> = fast
+        .batches
+        .iter()
+        .filter(|(_, batch)| now.duration_since(batch.last_activity) >= context.limits.timeout)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in quiet {
+        fast.batches.remove(&id);
+        context
+            .limits
+            .server
+            .fast_inflight
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The advisory of an abandoned atomic batch, on
+/// `<prefix>.ADVISORY.BATCH_ABANDONED.<stream>`.
+async fn publish_abandoned(context: &IngestContext, batch_id: &str, reason: batch::AbandonReason) {
+    let subject = format!(
+        "{}.ADVISORY.BATCH_ABANDONED.{}",
+        context.api_prefix,
+        context.stream.name()
+    );
+    let body = serde_json::json!({
+        "type": "io.nats.jetstream.advisory.v1.stream_batch_abandoned",
+        "time": humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
+        "stream": context.stream.name(),
+        "batch": batch_id,
+        "reason": reason.as_str(),
+    });
+    if let Err(error) = context
+        .client
+        .publish(subject, Bytes::from(body.to_string()))
+        .await
+    {
+        tracing::warn!(%error, "cannot publish a batch advisory");
+    }
 }
 
 /// A group of records that becomes one append request.
@@ -125,30 +248,141 @@ struct Group {
     token: u64,
     records: Vec<Record>,
     bytes: u64,
-    /// Position in the item list of the group's last Appended item.
+    /// Position in the item list of the group's last grouped item.
     last_item: Option<usize>,
+    last_message_id: Option<Arc<str>>,
 }
 
-/// Takes a chunk of messages: rejects, deduplicates or groups them, submits
-/// the groups, and returns the ack items in arrival order.
+impl Group {
+    fn new(token: u64) -> Group {
+        Group {
+            token,
+            records: Vec::new(),
+            bytes: 0,
+            last_item: None,
+            last_message_id: None,
+        }
+    }
+}
+
+/// Accumulates a chunk's groups and items.
+struct ChunkBuilder<'a> {
+    context: &'a IngestContext,
+    completions: &'a mpsc::UnboundedSender<Completed>,
+    items: Vec<AckItem>,
+    group: Group,
+}
+
+impl ChunkBuilder<'_> {
+    /// Adds a record to the current group (submitting the group first if
+    /// the record would overflow a frame).
+    async fn push(
+        &mut self,
+        state: &mut IngestState,
+        record: Record,
+        message_id: Option<&str>,
+        reply: Option<async_nats::Subject>,
+        kind: GroupedKind,
+    ) {
+        let size = record.encoded_length() as u64;
+        if !self.group.records.is_empty()
+            && self.group.bytes + size > self.context.stream.config().frame_bytes_max
+        {
+            self.flush(state).await;
+        }
+        self.group.bytes += size;
+        self.group.records.push(record);
+        self.group.last_message_id = message_id.map(Arc::from);
+        self.group.last_item = Some(self.items.len());
+        self.items.push(AckItem::Grouped {
+            group: self.group.token,
+            index: (self.group.records.len() - 1) as u32,
+            last: false,
+            reply,
+            kind,
+        });
+    }
+
+    /// Submits `records` as a request of its own (after the current group).
+    async fn push_alone(
+        &mut self,
+        state: &mut IngestState,
+        request: AppendRequest,
+        reply: Option<async_nats::Subject>,
+        kind: GroupedKind,
+    ) {
+        self.flush(state).await;
+        let count = request.records.len() as u32;
+        self.items.push(AckItem::Grouped {
+            group: self.group.token,
+            index: count - 1,
+            last: true,
+            reply,
+            kind,
+        });
+        let token = self.group.token;
+        state.group += 1;
+        self.group = Group::new(state.group);
+        submit(self.context, request, token, self.completions).await;
+    }
+
+    /// Submits the current group and starts the next.
+    async fn flush(&mut self, state: &mut IngestState) {
+        state.group += 1;
+        let full = std::mem::replace(&mut self.group, Group::new(state.group));
+        let Some(last_item) = full.last_item else {
+            return;
+        };
+        if let AckItem::Grouped { last, .. } = &mut self.items[last_item] {
+            *last = true;
+        }
+        let request = AppendRequest {
+            records: full.records,
+            last_message_id: full.last_message_id,
+            ..AppendRequest::default()
+        };
+        submit(self.context, request, full.token, self.completions).await;
+    }
+}
+
+/// Submits one request (waiting only for queue space).
+async fn submit(
+    context: &IngestContext,
+    request: AppendRequest,
+    token: u64,
+    completions: &mpsc::UnboundedSender<Completed>,
+) {
+    let completion = Completion::Channel {
+        sender: completions.clone(),
+        token,
+    };
+    if let Err(error) = context.stream.submit(request, completion).await {
+        // Not queued: report it through the same path as engine results.
+        let _ = completions.send(Completed {
+            token,
+            result: Err(error),
+        });
+    }
+}
+
+/// Takes a chunk of messages: rejects, deduplicates, stages or groups them,
+/// submits the groups, and returns the ack items in arrival order.
 async fn accept_chunk(
     context: &IngestContext,
+    state: &mut IngestState,
     messages: Vec<async_nats::Message>,
-    numbers: &mut Numbers,
     completions: &mpsc::UnboundedSender<Completed>,
 ) -> Vec<AckItem> {
     let counters = &context.counters;
-    let frame_budget = context.stream.config().frame_bytes_max;
-    let mut items = Vec::with_capacity(messages.len());
-    numbers.group += 1;
-    let mut group = Group {
-        token: numbers.group,
-        records: Vec::with_capacity(messages.len()),
-        bytes: 0,
-        last_item: None,
+    state.group += 1;
+    let mut chunk = ChunkBuilder {
+        context,
+        completions,
+        items: Vec::with_capacity(messages.len()),
+        group: Group::new(state.group),
     };
     for message in messages {
-        numbers.message += 1;
+        state.message += 1;
         counters.ingest_messages.fetch_add(1, Ordering::Relaxed);
         counters
             .ingest_bytes
@@ -157,7 +391,7 @@ async fn accept_chunk(
         let size = (message.subject.len() + stored_headers.len() + message.payload.len()) as u64;
         if size > context.max_message_bytes {
             counters.error("too_large");
-            items.push(AckItem::Rejected {
+            chunk.items.push(AckItem::Rejected {
                 reply: message.reply,
                 error: ApiError::too_large(),
             });
@@ -166,85 +400,473 @@ async fn accept_chunk(
         let message_id = message
             .headers
             .as_ref()
-            .and_then(|headers| headers.get("Nats-Msg-Id"))
+            .and_then(|headers| headers.get(batch::HEADER_MSG_ID))
             .map(|value| value.as_str().to_string())
             .filter(|id| !id.is_empty());
+        let record = Record {
+            timestamp_ns: 0,
+            subject: Bytes::copy_from_slice(message.subject.as_bytes()),
+            headers: stored_headers,
+            payload: message.payload,
+        };
+        let headers = message.headers.as_ref();
+        if let Some(fast) = message.reply.as_deref().and_then(batch::parse_fast_reply) {
+            let reply = message.reply.clone().expect("fast ingest has a reply");
+            accept_fast(&mut chunk, state, fast, reply, headers, record, message_id).await;
+            continue;
+        }
+        if let Some(control) = batch::atomic_headers(headers) {
+            accept_atomic(
+                &mut chunk,
+                state,
+                control,
+                message.reply,
+                headers,
+                record,
+                message_id,
+            )
+            .await;
+            continue;
+        }
+        let checked = batch::check_api_level(headers)
+            .and_then(|()| batch::preconditions(headers, context.stream.name()));
+        let preconditions = match checked {
+            Ok(preconditions) => preconditions,
+            Err(error) => {
+                counters.error("refused");
+                chunk.items.push(AckItem::Rejected {
+                    reply: message.reply,
+                    error,
+                });
+                continue;
+            }
+        };
         if let Some(id) = &message_id {
-            let mut window = context
-                .duplicates
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut window = lock(&context.duplicates);
             let now = now_ns();
             if window.check(id, now).is_some() {
                 counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                items.push(AckItem::Duplicate {
+                chunk.items.push(AckItem::Duplicate {
                     reply: message.reply,
                     message_id: id.clone(),
                 });
                 continue;
             }
-            window.insert(id, Seen::Pending(numbers.message), now);
+            window.insert(id, Seen::Pending(state.message), now);
         }
-        if !group.records.is_empty() && group.bytes + size > frame_budget {
-            numbers.group += 1;
-            let full = std::mem::replace(
-                &mut group,
-                Group {
-                    token: numbers.group,
-                    records: Vec::new(),
-                    bytes: 0,
-                    last_item: None,
-                },
-            );
-            submit(context, full, &mut items, completions).await;
+        let kind = GroupedKind::Plain {
+            message_number: state.message,
+            message_id: message_id.clone(),
+        };
+        if preconditions.is_empty() {
+            chunk
+                .push(state, record, message_id.as_deref(), message.reply, kind)
+                .await;
+        } else {
+            let request = AppendRequest {
+                records: vec![record],
+                preconditions: preconditions
+                    .into_iter()
+                    .map(|precondition| (0, precondition))
+                    .collect(),
+                last_message_id: message_id.as_deref().map(Arc::from),
+                ..AppendRequest::default()
+            };
+            chunk.push_alone(state, request, message.reply, kind).await;
         }
-        group.bytes += size;
-        group.records.push(Record {
-            timestamp_ns: 0,
-            subject: Bytes::copy_from_slice(message.subject.as_bytes()),
-            headers: stored_headers,
-            payload: message.payload,
-        });
-        group.last_item = Some(items.len());
-        items.push(AckItem::Appended {
-            group: group.token,
-            index: (group.records.len() - 1) as u32,
-            last: false,
-            message_number: numbers.message,
-            reply: message.reply,
-            message_id,
-        });
     }
-    submit(context, group, &mut items, completions).await;
-    items
+    chunk.flush(state).await;
+    chunk.items
 }
 
-/// Submits a group (waiting only for queue space) and marks its last item.
-async fn submit(
-    context: &IngestContext,
-    group: Group,
-    items: &mut [AckItem],
-    completions: &mpsc::UnboundedSender<Completed>,
+/// One message of an atomic batch.
+async fn accept_atomic(
+    chunk: &mut ChunkBuilder<'_>,
+    state: &mut IngestState,
+    control: batch::AtomicHeaders,
+    reply: Option<async_nats::Subject>,
+    headers: Option<&async_nats::HeaderMap>,
+    record: Record,
+    message_id: Option<String>,
 ) {
-    let Some(last_item) = group.last_item else {
+    let context = chunk.context;
+    let preconditions = match batch::preconditions(headers, context.stream.name()) {
+        Ok(preconditions) => preconditions,
+        Err(error) => {
+            // A message that can never pass fails its batch now rather
+            // than at commit; the batch is abandoned either way.
+            if state.atomic.abandon(&control.id, &context.limits) {
+                publish_abandoned(context, &control.id, batch::AbandonReason::Unsupported).await;
+            }
+            chunk.items.push(AckItem::Rejected { reply, error });
+            return;
+        }
+    };
+    match state.atomic.accept(
+        &context.limits,
+        control,
+        headers,
+        record,
+        message_id,
+        preconditions,
+        Instant::now(),
+    ) {
+        AtomicOutcome::Staged => {
+            if let Some(reply) = reply {
+                chunk.items.push(AckItem::Raw {
+                    reply,
+                    body: Bytes::new(),
+                });
+            }
+        }
+        AtomicOutcome::Refused { error, abandoned } => {
+            context.counters.error("batch_refused");
+            if let Some((batch_id, reason)) = abandoned {
+                publish_abandoned(context, &batch_id, reason).await;
+            }
+            chunk.items.push(AckItem::Rejected { reply, error });
+        }
+        AtomicOutcome::Commit(committed) => {
+            // Message ids must be new, in the window as well as in the batch.
+            let message_ids = {
+                let mut window = lock(&context.duplicates);
+                let now = now_ns();
+                if committed
+                    .message_ids
+                    .iter()
+                    .any(|(_, id)| window.check(id, now).is_some())
+                {
+                    None
+                } else {
+                    let mut message_ids = Vec::with_capacity(committed.message_ids.len());
+                    for (index, id) in &committed.message_ids {
+                        state.message += 1;
+                        window.insert(id, Seen::Pending(state.message), now);
+                        message_ids.push((*index, id.clone(), state.message));
+                    }
+                    Some(message_ids)
+                }
+            };
+            let Some(message_ids) = message_ids else {
+                chunk.items.push(AckItem::Rejected {
+                    reply,
+                    error: ApiError::new(
+                        400,
+                        10201,
+                        "atomic publish batch contains duplicate message id",
+                    ),
+                });
+                return;
+            };
+            let count = committed.records.len() as u64;
+            let last_message_id = message_ids
+                .last()
+                .filter(|(index, _, _)| u64::from(*index) + 1 == count)
+                .map(|(_, id, _)| Arc::from(id.as_str()));
+            let request = AppendRequest {
+                records: committed.records,
+                atomic: true,
+                preconditions: committed.preconditions,
+                last_message_id,
+                ..AppendRequest::default()
+            };
+            let kind = GroupedKind::AtomicCommit {
+                batch_id: committed.id,
+                count,
+                message_ids,
+            };
+            chunk.push_alone(state, request, reply, kind).await;
+        }
+    }
+}
+
+/// One message of a fast-ingest batch.
+async fn accept_fast(
+    chunk: &mut ChunkBuilder<'_>,
+    state: &mut IngestState,
+    fast: Result<batch::FastControl, ()>,
+    reply: async_nats::Subject,
+    headers: Option<&async_nats::HeaderMap>,
+    record: Record,
+    message_id: Option<String>,
+) {
+    let context = chunk.context;
+    if !context.limits.allow_batched {
+        return reject_fast(
+            chunk,
+            &reply,
+            ApiError::new(400, 10205, "batch publish is disabled"),
+        );
+    }
+    let Ok(control) = fast else {
+        return reject_fast(
+            chunk,
+            &reply,
+            ApiError::new(400, 10206, "batch publish pattern is invalid"),
+        );
+    };
+    if control.id.len() > 64 {
+        return reject_fast(
+            chunk,
+            &reply,
+            ApiError::new(400, 10207, "batch publish ID is invalid"),
+        );
+    }
+    // Decide under the lock, await only after it is released.
+    let Some((id, commit, gap_ok)) = fast_step(chunk, &control, reply.clone(), headers) else {
         return;
     };
-    if let AckItem::Appended { last, .. } = &mut items[last_item] {
-        *last = true;
+    let preconditions = match batch::preconditions(headers, context.stream.name()) {
+        Ok(preconditions) => preconditions,
+        Err(error) => {
+            chunk.items.push(AckItem::Raw {
+                reply: reply.clone(),
+                body: batch::flow_error(control.sequence, &error),
+            });
+            fast_after_error(chunk, &id, control.sequence, commit, gap_ok, reply);
+            return;
+        }
+    };
+    if let Some(message_id) = &message_id {
+        let duplicate = {
+            let mut window = lock(&context.duplicates);
+            let now = now_ns();
+            let duplicate = window.check(message_id, now).is_some();
+            if !duplicate {
+                window.insert(message_id, Seen::Pending(state.message), now);
+            }
+            duplicate
+        };
+        if duplicate {
+            context.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            chunk.items.push(AckItem::FastSkipped {
+                batch_id: id,
+                sequence: control.sequence,
+                commit,
+                reply: Some(reply),
+            });
+            return;
+        }
     }
-    let request = AppendRequest {
-        records: group.records,
-        ..AppendRequest::default()
+    let kind = GroupedKind::FastStored {
+        batch_id: id,
+        sequence: control.sequence,
+        commit,
     };
-    let completion = Completion::Channel {
-        sender: completions.clone(),
-        token: group.token,
-    };
-    if let Err(error) = context.stream.submit(request, completion).await {
-        // Not queued: report it through the same path as engine results.
-        let _ = completions.send(Completed {
-            token: group.token,
-            result: Err(error),
+    if preconditions.is_empty() {
+        chunk
+            .push(state, record, message_id.as_deref(), Some(reply), kind)
+            .await;
+    } else {
+        let request = AppendRequest {
+            records: vec![record],
+            preconditions: preconditions
+                .into_iter()
+                .map(|precondition| (0, precondition))
+                .collect(),
+            last_message_id: message_id.as_deref().map(Arc::from),
+            ..AppendRequest::default()
+        };
+        chunk.push_alone(state, request, Some(reply), kind).await;
+    }
+}
+
+/// The control-channel part of a fast-ingest message, under the batches
+/// lock: gaps, pings, commits without storing. Returns the batch id, whether
+/// the message commits, and the gap mode when the message is to be stored.
+fn fast_step(
+    chunk: &mut ChunkBuilder<'_>,
+    control: &batch::FastControl,
+    reply: async_nats::Subject,
+    headers: Option<&async_nats::HeaderMap>,
+) -> Option<(String, bool, bool)> {
+    let context = chunk.context;
+    let limits = &context.limits;
+    let now = Instant::now();
+    let mut fast_batches = lock(&context.fast);
+    if !fast_batches.batches.contains_key(&control.id) {
+        if control.sequence != 1 {
+            drop(fast_batches);
+            reject_fast(
+                chunk,
+                &reply,
+                ApiError::new(400, 10208, "batch publish ID unknown"),
+            );
+            return None;
+        }
+        let server = &limits.server;
+        let taken = fast_batches.batches.len() >= limits.fast_inflight_max
+            || server
+                .fast_inflight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |count| {
+                    (count < server.fast_inflight_max).then_some(count + 1)
+                })
+                .is_err();
+        if taken {
+            drop(fast_batches);
+            reject_fast(
+                chunk,
+                &reply,
+                ApiError::new(429, 10211, "batch publish too many inflight"),
+            );
+            return None;
+        }
+        let batch = FastBatch {
+            gap_ok: control.gap_ok,
+            flow_max: control.flow,
+            flow: 1,
+            received: 0,
+            persisted: 0,
+            acked: 0,
+            last_offset: 0,
+            ending: false,
+            last_activity: now,
+            reply: None,
+        };
+        fast_batches.batches.insert(control.id.clone(), batch);
+        let initial = fast_batches.initial_flow(control.flow);
+        fast_batches
+            .batches
+            .get_mut(&control.id)
+            .expect("inserted")
+            .flow = initial;
+    }
+    if let Err(error) = batch::check_api_level(headers) {
+        fast_batches.batches.remove(&control.id);
+        limits.server.fast_inflight.fetch_sub(1, Ordering::AcqRel);
+        drop(fast_batches);
+        reject_fast(chunk, &reply, error);
+        return None;
+    }
+    let batch = fast_batches.batches.get_mut(&control.id).expect("present");
+    batch.last_activity = now;
+    let id = control.id.clone();
+    if control.operation == FastOperation::Ping {
+        if control.sequence > batch.received {
+            chunk.items.push(AckItem::Raw {
+                reply: reply.clone(),
+                body: batch::flow_gap(batch.received + 1, control.sequence + 1),
+            });
+            if batch.gap_ok {
+                batch.received = control.sequence;
+                chunk.items.push(AckItem::FastSkipped {
+                    batch_id: id.clone(),
+                    sequence: control.sequence,
+                    commit: false,
+                    reply: Some(reply.clone()),
+                });
+            } else {
+                batch.ending = true;
+                let count = batch.received;
+                chunk.items.push(AckItem::FastEnd {
+                    batch_id: id,
+                    count,
+                    reply: Some(reply),
+                });
+                return None;
+            }
+        }
+        chunk.items.push(AckItem::FastPing {
+            batch_id: id,
+            reply,
+        });
+        return None;
+    }
+    if batch.ending {
+        // The batch ends after an error or gap; the client waits for the
+        // final PubAck, later messages are not taken.
+        return None;
+    }
+    let expected = batch.received + 1;
+    if control.sequence != expected {
+        if control.sequence > expected {
+            chunk.items.push(AckItem::Raw {
+                reply: reply.clone(),
+                body: batch::flow_gap(expected, control.sequence),
+            });
+        }
+        if batch.gap_ok && control.sequence > expected {
+            // Messages expected..sequence were lost; go on from here.
+            batch.received = control.sequence - 1;
+            chunk.items.push(AckItem::FastSkipped {
+                batch_id: id.clone(),
+                sequence: control.sequence - 1,
+                commit: false,
+                reply: None,
+            });
+        } else {
+            batch.ending = true;
+            let count = batch.received;
+            chunk.items.push(AckItem::FastEnd {
+                batch_id: id,
+                count,
+                reply: Some(reply),
+            });
+            return None;
+        }
+    }
+    if control.operation == FastOperation::CommitEob {
+        batch.ending = true;
+        let count = batch.received;
+        chunk.items.push(AckItem::FastEnd {
+            batch_id: id,
+            count,
+            reply: Some(reply),
+        });
+        return None;
+    }
+    batch.received = control.sequence;
+    let commit = control.operation == FastOperation::Commit;
+    if commit {
+        batch.ending = true;
+    }
+    if control.sequence == 1 && !commit {
+        // The first message learns the flow the server allows.
+        chunk.items.push(AckItem::Raw {
+            reply: reply.clone(),
+            body: batch::flow_ack(0, batch.flow),
+        });
+    }
+    Some((id, commit, batch.gap_ok))
+}
+
+fn reject_fast(chunk: &mut ChunkBuilder<'_>, reply: &async_nats::Subject, error: ApiError) {
+    chunk.context.counters.error("batch_refused");
+    chunk.items.push(AckItem::Rejected {
+        reply: Some(reply.clone()),
+        error,
+    });
+}
+
+/// After a fast-ingest message failed: in `ok` mode it is skipped, in
+/// `fail` mode the batch ends before it.
+fn fast_after_error(
+    chunk: &mut ChunkBuilder<'_>,
+    id: &str,
+    sequence: u64,
+    commit: bool,
+    gap_ok: bool,
+    reply: async_nats::Subject,
+) {
+    if gap_ok && !commit {
+        chunk.items.push(AckItem::FastSkipped {
+            batch_id: id.to_string(),
+            sequence,
+            commit: false,
+            reply: None,
+        });
+    } else {
+        if let Some(batch) = lock(&chunk.context.fast).batches.get_mut(id) {
+            batch.ending = true;
+        }
+        chunk.items.push(AckItem::FastEnd {
+            batch_id: id.to_string(),
+            count: if commit && gap_ok {
+                sequence
+            } else {
+                sequence - 1
+            },
+            reply: Some(reply),
         });
     }
 }
@@ -274,51 +896,13 @@ async fn run_acks(
             else => break,
         }
         while let Some(front) = queue.front() {
-            if let AckItem::Appended { group, .. } = front {
+            if let AckItem::Grouped { group, .. } = front {
                 if !results.contains_key(group) {
                     break;
                 }
             }
-            let (reply, body) = match queue.pop_front().expect("front exists") {
-                AckItem::Appended {
-                    group,
-                    index,
-                    last,
-                    message_number,
-                    reply,
-                    message_id,
-                } => {
-                    let result = match results.get(&group).expect("checked above") {
-                        Ok(outcome) => Ok(outcome.first_offset + u64::from(index)),
-                        Err(error) => Err(error.duplicate()),
-                    };
-                    if last {
-                        results.remove(&group);
-                    }
-                    (
-                        reply,
-                        answer_appended(&context, &mut writer, message_number, message_id, result),
-                    )
-                }
-                AckItem::Duplicate { reply, message_id } => {
-                    let seen = context
-                        .duplicates
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .check(&message_id, now_ns());
-                    let body = match seen {
-                        Some(Seen::Stored(offset)) => writer.pub_ack(offset, true),
-                        _ => ack::error_ack(&ApiError::new(
-                            503,
-                            10077,
-                            format!("the first message with Nats-Msg-Id '{message_id}' was not stored; retry"),
-                        )),
-                    };
-                    (reply, body)
-                }
-                AckItem::Rejected { reply, error } => (reply, ack::error_ack(&error)),
-            };
-            if let Some(reply) = reply {
+            let item = queue.pop_front().expect("front exists");
+            for (reply, body) in answer(&context, &mut writer, &mut results, item) {
                 if let Err(error) = context.client.publish(reply, body).await {
                     tracing::warn!(stream = %stream_name, %error, "cannot publish an ack");
                 }
@@ -330,36 +914,231 @@ async fn run_acks(
     }
 }
 
-fn answer_appended(
+type Replies = Vec<(async_nats::Subject, Bytes)>;
+
+fn reply_to(reply: Option<async_nats::Subject>, body: Bytes) -> Replies {
+    reply.map(|reply| vec![(reply, body)]).unwrap_or_default()
+}
+
+/// The messages that answer one item (its group, if any, has completed).
+fn answer(
     context: &IngestContext,
     writer: &mut AckWriter,
-    message_number: u64,
-    message_id: Option<String>,
-    result: natswal::Result<u64>,
-) -> Bytes {
-    match result {
-        Ok(offset) => {
-            if let Some(id) = &message_id {
-                context
-                    .duplicates
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .resolve(id, message_number, offset);
+    results: &mut HashMap<u64, natswal::Result<AppendOutcome>>,
+    item: AckItem,
+) -> Replies {
+    match item {
+        AckItem::Grouped {
+            group,
+            index,
+            last,
+            reply,
+            kind,
+        } => {
+            let result = match results
+                .get(&group)
+                .expect("the caller checked the result is in")
+            {
+                Ok(outcome) => Ok((outcome.first_offset + u64::from(index), *outcome)),
+                Err(error) => Err(error.duplicate()),
+            };
+            if last {
+                results.remove(&group);
             }
-            context.counters.acks.fetch_add(1, Ordering::Relaxed);
-            writer.pub_ack(offset, false)
+            answer_grouped(context, writer, result, reply, kind)
         }
-        Err(error) => {
-            if let Some(id) = &message_id {
-                context
-                    .duplicates
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .forget(id, message_number);
+        AckItem::Duplicate { reply, message_id } => {
+            let seen = lock(&context.duplicates).check(&message_id, now_ns());
+            let body = match seen {
+                Some(Seen::Stored(offset)) => writer.pub_ack(offset, true),
+                _ => ack::error_ack(&ApiError::new(
+                    503,
+                    10077,
+                    format!(
+                        "the first message with Nats-Msg-Id '{message_id}' was not stored; retry"
+                    ),
+                )),
+            };
+            reply_to(reply, body)
+        }
+        AckItem::Rejected { reply, error } => reply_to(reply, ack::error_ack(&error)),
+        AckItem::Raw { reply, body } => vec![(reply, body)],
+        AckItem::FastSkipped {
+            batch_id,
+            sequence,
+            commit,
+            reply,
+        } => {
+            let mut fast = lock(&context.fast);
+            let Some(batch) = fast.batches.get_mut(&batch_id) else {
+                return Vec::new();
+            };
+            batch.persisted = batch.persisted.max(sequence);
+            if commit {
+                let body = ack::batch_ack(
+                    context.stream.name(),
+                    batch.last_offset,
+                    &batch_id,
+                    sequence,
+                );
+                remove_fast(context, &mut fast, &batch_id);
+                return reply_to(reply, body);
             }
-            context.counters.error(error.kind_name());
-            tracing::warn!(stream = %context.stream.name(), %error, "message not stored");
-            ack::error_ack(&ApiError::from_engine(&error))
+            match (fast.flow_ack_due(&batch_id), reply) {
+                (Some(body), Some(reply)) => vec![(reply, body)],
+                _ => Vec::new(),
+            }
+        }
+        AckItem::FastEnd {
+            batch_id,
+            count,
+            reply,
+        } => {
+            let mut fast = lock(&context.fast);
+            let Some(batch) = fast.batches.get(&batch_id) else {
+                return Vec::new();
+            };
+            let body = ack::batch_ack(context.stream.name(), batch.last_offset, &batch_id, count);
+            remove_fast(context, &mut fast, &batch_id);
+            reply_to(reply, body)
+        }
+        AckItem::FastPing { batch_id, reply } => {
+            let fast = lock(&context.fast);
+            match fast.batches.get(&batch_id) {
+                Some(batch) => vec![(reply, batch::flow_ack(batch.acked, batch.flow))],
+                None => Vec::new(),
+            }
+        }
+    }
+}
+
+fn remove_fast(context: &IngestContext, fast: &mut FastBatches, batch_id: &str) {
+    if fast.batches.remove(batch_id).is_some() {
+        context
+            .limits
+            .server
+            .fast_inflight
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn engine_error(error: &natswal::Error) -> ApiError {
+    match error {
+        natswal::Error::PreconditionFailed(failure) => batch::precondition_error(failure),
+        other => ApiError::from_engine(other),
+    }
+}
+
+fn answer_grouped(
+    context: &IngestContext,
+    writer: &mut AckWriter,
+    result: natswal::Result<(u64, AppendOutcome)>,
+    reply: Option<async_nats::Subject>,
+    kind: GroupedKind,
+) -> Replies {
+    let stream = context.stream.name();
+    match kind {
+        GroupedKind::Plain {
+            message_number,
+            message_id,
+        } => match result {
+            Ok((offset, _)) => {
+                if let Some(id) = &message_id {
+                    lock(&context.duplicates).resolve(id, message_number, offset);
+                }
+                context.counters.acks.fetch_add(1, Ordering::Relaxed);
+                reply_to(reply, writer.pub_ack(offset, false))
+            }
+            Err(error) => {
+                if let Some(id) = &message_id {
+                    lock(&context.duplicates).forget(id, message_number);
+                }
+                context.counters.error(error.kind_name());
+                tracing::debug!(stream, %error, "message not stored");
+                reply_to(reply, ack::error_ack(&engine_error(&error)))
+            }
+        },
+        GroupedKind::AtomicCommit {
+            batch_id,
+            count,
+            message_ids,
+        } => match result {
+            Ok((_, outcome)) => {
+                let mut window = lock(&context.duplicates);
+                for (index, id, number) in &message_ids {
+                    window.resolve(id, *number, outcome.first_offset + u64::from(*index));
+                }
+                drop(window);
+                context.counters.acks.fetch_add(count, Ordering::Relaxed);
+                reply_to(
+                    reply,
+                    ack::batch_ack(stream, outcome.last_offset(), &batch_id, count),
+                )
+            }
+            Err(error) => {
+                let mut window = lock(&context.duplicates);
+                for (_, id, number) in &message_ids {
+                    window.forget(id, *number);
+                }
+                drop(window);
+                context.counters.error(error.kind_name());
+                reply_to(reply, ack::error_ack(&engine_error(&error)))
+            }
+        },
+        GroupedKind::FastStored {
+            batch_id,
+            sequence,
+            commit,
+        } => {
+            let mut fast = lock(&context.fast);
+            let Some(batch) = fast.batches.get_mut(&batch_id) else {
+                return Vec::new();
+            };
+            match result {
+                Ok((offset, _)) => {
+                    context.counters.acks.fetch_add(1, Ordering::Relaxed);
+                    batch.persisted = batch.persisted.max(sequence);
+                    batch.last_offset = offset;
+                    batch.reply = reply.clone();
+                    if commit {
+                        let body = ack::batch_ack(stream, offset, &batch_id, sequence);
+                        remove_fast(context, &mut fast, &batch_id);
+                        return reply_to(reply, body);
+                    }
+                    match (fast.flow_ack_due(&batch_id), reply) {
+                        (Some(body), Some(reply)) => vec![(reply, body)],
+                        _ => Vec::new(),
+                    }
+                }
+                Err(error) => {
+                    context.counters.error(error.kind_name());
+                    let api_error = engine_error(&error);
+                    let mut replies = Vec::new();
+                    if let Some(reply) = &reply {
+                        replies.push((reply.clone(), batch::flow_error(sequence, &api_error)));
+                    }
+                    let precondition = matches!(error, natswal::Error::PreconditionFailed(_));
+                    if precondition && batch.gap_ok && !commit {
+                        // `ok` mode: this message is skipped, the batch goes on.
+                        batch.persisted = batch.persisted.max(sequence);
+                        if let (Some(body), Some(reply)) = (fast.flow_ack_due(&batch_id), reply) {
+                            replies.push((reply, body));
+                        }
+                        return replies;
+                    }
+                    // `fail` mode, a commit, or a storage failure: the batch
+                    // ends with what was stored before this message.
+                    let body = if precondition {
+                        ack::batch_ack(stream, batch.last_offset, &batch_id, sequence - 1)
+                    } else {
+                        ack::error_ack(&api_error)
+                    };
+                    batch.ending = true;
+                    remove_fast(context, &mut fast, &batch_id);
+                    replies.extend(reply_to(reply, body));
+                    replies
+                }
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod ack;
 mod api;
+mod batch;
 mod bench;
 mod client;
 mod config;

@@ -49,6 +49,12 @@ pub async fn serve(config: Config) -> Result<()> {
             clean_shutdown = report.clean_shutdown,
             "stream ready"
         );
+        // The writer checks Nats-Expected-Last-Msg-Id against the last
+        // stored record's id: read it from the log.
+        let last_id = stream.last_record()?.and_then(|record| {
+            crate::headers::find(&record.headers, crate::batch::HEADER_MSG_ID).map(Arc::<str>::from)
+        });
+        stream.set_last_message_id(last_id);
         windows.insert(section.name.clone(), Arc::new(Mutex::new(window)));
         streams.insert(section.name.clone(), stream);
     }
@@ -68,6 +74,10 @@ pub async fn serve(config: Config) -> Result<()> {
             shutdown.clone(),
         )))
     };
+    let server_limits = Arc::new(crate::batch::ServerBatchLimits::new(
+        config.limits.atomic_batches_max,
+        config.limits.fast_batches_max,
+    ));
     let ingest_client = crate::nats::connect(&config.nats, "ingest", Arc::clone(&metrics)).await?;
     let api_client = crate::nats::connect(&config.nats, "api", Arc::clone(&metrics)).await?;
     let mut ingest_tasks = Vec::new();
@@ -89,6 +99,18 @@ pub async fn serve(config: Config) -> Result<()> {
             client: ingest_client.clone(),
             duplicates: Arc::clone(&windows[&section.name]),
             max_message_bytes: section.max_message_bytes,
+            limits: crate::batch::BatchLimits {
+                allow_atomic: section.allow_atomic,
+                allow_batched: section.allow_batched,
+                atomic_messages_max: section.atomic_batch_max_messages,
+                atomic_inflight_max: section.atomic_batches_max,
+                atomic_staging_bytes_max: section.atomic_staging_bytes,
+                fast_inflight_max: section.fast_batches_max,
+                timeout: section.batch_timeout,
+                server: Arc::clone(&server_limits),
+            },
+            fast: Arc::new(Mutex::new(crate::batch::FastBatches::default())),
+            api_prefix: config.api.prefix.clone(),
         };
         ingest_tasks.push(tokio::spawn(crate::ingest::run(
             context,

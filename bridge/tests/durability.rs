@@ -124,7 +124,11 @@ impl Publisher {
 /// dense; no record is something that was never published.
 fn check_acknowledged(records: &[Replayed], acked: &HashMap<u64, u64>) {
     for (position, record) in records.iter().enumerate() {
-        assert_eq!(record.offset, position as u64, "offsets are dense");
+        assert_eq!(
+            record.offset,
+            position as u64 + natswal::FIRST_OFFSET,
+            "offsets are dense"
+        );
         let index: u64 = record
             .headers
             .iter()
@@ -195,7 +199,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
         .await
         .unwrap();
     let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
-    assert_eq!(answer["seq"], records.len() as u64);
+    assert_eq!(answer["seq"], records.len() as u64 + natswal::FIRST_OFFSET);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,7 +382,7 @@ async fn tls_with_client_certificates_and_credentials() {
         .await
         .unwrap();
     let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
-    assert_eq!(answer, json!({"stream": "events", "seq": 0}));
+    assert_eq!(answer, json!({"stream": "events", "seq": 1}));
     drop(natswal);
     // Wrong credentials: a clear error, and natswal does not run.
     let other = tempfile::tempdir().unwrap();
@@ -450,17 +454,20 @@ asyncio.run(main(sys.argv[1]))
     );
     let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     for (index, ack) in result["acks"].as_array().unwrap().iter().enumerate() {
-        assert_eq!(ack, &json!({"stream": "events", "seq": index}));
+        assert_eq!(
+            ack,
+            &json!({"stream": "events", "seq": index as u64 + natswal::FIRST_OFFSET})
+        );
     }
     assert_eq!(result["dup"][1]["duplicate"], true);
     assert_eq!(result["dup"][1]["seq"], result["dup"][0]["seq"]);
     let replayed = result["replayed"].as_array().unwrap();
     assert_eq!(replayed.len(), 10);
     for record in replayed {
-        let offset = record["offset"].as_u64().unwrap();
-        assert_eq!(offset % 5, 3);
+        let index = record["offset"].as_u64().unwrap() - natswal::FIRST_OFFSET;
+        assert_eq!(index % 5, 3);
         assert_eq!(record["subject"], "events.py.3");
-        assert_eq!(record["x"], offset.to_string());
-        assert_eq!(record["data"], format!("py-{offset}"));
+        assert_eq!(record["x"], index.to_string());
+        assert_eq!(record["data"], format!("py-{index}"));
     }
 }

@@ -50,7 +50,7 @@ async fn jetstream_client_gets_valid_pub_acks() {
             .await
             .expect("a PubAck JetStream clients accept");
         assert_eq!(ack.stream, "events");
-        assert_eq!(ack.sequence, expected);
+        assert_eq!(ack.sequence, expected + natswal::FIRST_OFFSET);
         assert!(!ack.duplicate);
     }
     let mut headers = async_nats::HeaderMap::new();
@@ -85,21 +85,21 @@ async fn duplicates_are_not_stored_also_after_a_restart() {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", "abc");
     let first = request(&client, "events.a", "one", Some(headers.clone())).await;
-    assert_eq!(first, json!({"stream": "events", "seq": 0}));
+    assert_eq!(first, json!({"stream": "events", "seq": 1}));
     request(&client, "events.a", "other", None).await;
     let again = request(&client, "events.a", "one", Some(headers.clone())).await;
     assert_eq!(
         again,
-        json!({"stream": "events", "seq": 0, "duplicate": true})
+        json!({"stream": "events", "seq": 1, "duplicate": true})
     );
     natswal.restart();
     let after_restart = request(&client, "events.a", "one", Some(headers.clone())).await;
     assert_eq!(
         after_restart,
-        json!({"stream": "events", "seq": 0, "duplicate": true})
+        json!({"stream": "events", "seq": 1, "duplicate": true})
     );
     let next = request(&client, "events.a", "two", None).await;
-    assert_eq!(next["seq"], 2, "duplicates stored nothing: {next}");
+    assert_eq!(next["seq"], 3, "duplicates stored nothing: {next}");
     let records = replay_all(&client, "events", json!({})).await;
     assert_eq!(records.len(), 3);
     assert_eq!(
@@ -150,7 +150,7 @@ async fn publish_fixture(client: &async_nats::Client) -> Vec<i64> {
             Some(headers),
         )
         .await;
-        assert_eq!(ack["seq"], index);
+        assert_eq!(ack["seq"], index + natswal::FIRST_OFFSET);
         timestamps.push(0);
     }
     timestamps
@@ -166,7 +166,7 @@ async fn replay_start_kinds_filters_bounds_and_errors() {
     let all = replay_all(&client, "events", json!({"batch": 7})).await;
     assert_eq!(all.len(), 30);
     for (index, record) in all.iter().enumerate() {
-        assert_eq!(record.offset, index as u64);
+        assert_eq!(record.offset, index as u64 + natswal::FIRST_OFFSET);
         assert_eq!(record.payload, format!("payload-{index}"));
         assert_eq!(
             record.headers,
@@ -197,7 +197,10 @@ async fn replay_start_kinds_filters_bounds_and_errors() {
             .iter()
             .map(|record| record.offset)
             .collect::<Vec<_>>(),
-        vec![20, 21, 22]
+        all[20..=22]
+            .iter()
+            .map(|record| record.offset)
+            .collect::<Vec<_>>()
     );
     // RFC 3339 start far in the past gives everything.
     let rfc = replay_all(
@@ -216,7 +219,7 @@ async fn replay_start_kinds_filters_bounds_and_errors() {
     let tail = replay_all(
         &client,
         "events",
-        json!({"filter": "events.>", "start": {"offset": 25}}),
+        json!({"filter": "events.>", "start": {"offset": 26}}),
     )
     .await;
     assert_eq!(tail.len(), 5);
@@ -232,7 +235,7 @@ async fn replay_start_kinds_filters_bounds_and_errors() {
     let latest = replay_once(&client, "events", json!({"start": "latest"})).await;
     assert!(latest.records.is_empty());
     assert_eq!(latest.status, 404);
-    assert_eq!(latest.next_offset, Some(30));
+    assert_eq!(latest.next_offset, Some(31));
     let empty = replay_once(
         &client,
         "events",
@@ -259,7 +262,7 @@ async fn replay_start_kinds_filters_bounds_and_errors() {
     }
     let unknown = replay_once(&client, "nope", json!({})).await;
     assert_eq!(unknown.status, 410);
-    let still = replay_all(&client, "events", json!({"start": {"offset": 29}})).await;
+    let still = replay_all(&client, "events", json!({"start": {"offset": 30}})).await;
     assert_eq!(still.len(), 1);
 }
 
@@ -316,7 +319,7 @@ async fn long_poll_delivers_new_records_and_a_paused_reader_is_not_dropped() {
             replay_once(
                 &client,
                 "events",
-                json!({"start": {"offset": 2001}, "wait_ms": 10000}),
+                json!({"start": {"offset": 2002}, "wait_ms": 10000}),
             )
             .await
         })
@@ -354,7 +357,7 @@ async fn http_endpoints_and_status() {
     let status = client.request("$NWAL.STATUS", Bytes::new()).await.unwrap();
     let status: serde_json::Value = serde_json::from_slice(&status.payload).unwrap();
     assert_eq!(status["streams"][0]["name"], "events");
-    assert_eq!(status["streams"][0]["next_offset"], 1);
+    assert_eq!(status["streams"][0]["next_offset"], 2);
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_natswal"))
         .args(["status", "--nats-url", &nats.url()])
         .output()
@@ -405,5 +408,5 @@ async fn oversized_messages_get_a_jetstream_error() {
     assert_eq!(answer["error"]["code"], 400);
     assert_eq!(answer["error"]["err_code"], 10054);
     let fine = request(&client, "events.small", "x", None).await;
-    assert_eq!(fine, json!({"stream": "events", "seq": 0}));
+    assert_eq!(fine, json!({"stream": "events", "seq": 1}));
 }
