@@ -25,9 +25,9 @@ async fn racing_expected_last_offsets_let_exactly_one_win() {
     let directory = tempfile::tempdir().unwrap();
     let file_system = os_file_system();
     let stream = Arc::new(open(&file_system, directory.path(), small_config()).unwrap());
-    // An empty stream's last offset is 0.
-    let mut last = FIRST_OFFSET - 1;
     for round in 0..500u64 {
+        // An empty stream's last offset is 0.
+        let last = FIRST_OFFSET - 1 + round;
         let contenders: Vec<_> = (0..3)
             .map(|contender| {
                 let stream = Arc::clone(&stream);
@@ -57,7 +57,6 @@ async fn racing_expected_last_offsets_let_exactly_one_win() {
             }
         }
         assert_eq!(winners, vec![last + 1], "round {round}: exactly one wins");
-        last += 1;
     }
     let stored = read_all(&stream).unwrap();
     assert_eq!(stored.len(), 500, "no gap, no duplicate");

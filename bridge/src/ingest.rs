@@ -75,16 +75,6 @@ enum AckItem {
         reply: Option<async_nats::Subject>,
         message_id: String,
     },
-    Rejected {
-        reply: Option<async_nats::Subject>,
-        error: ApiError,
-    },
-    /// Send `body` as is (empty replies of staged atomic messages, the
-    /// fast-ingest gap and error messages, the first flow ack).
-    Raw {
-        reply: async_nats::Subject,
-        body: Bytes,
-    },
     /// A fast-ingest message that counts as handled without being stored
     /// (a duplicate, or a failed precondition in `ok` mode).
     FastSkipped {
@@ -270,10 +260,20 @@ struct ChunkBuilder<'a> {
     context: &'a IngestContext,
     completions: &'a mpsc::UnboundedSender<Completed>,
     items: Vec<AckItem>,
+    /// Replies that depend on nothing durable (refusals, empty replies to
+    /// staged atomic messages, fast-ingest control messages): sent at once,
+    /// not behind other publishers' acks.
+    immediate: Replies,
     group: Group,
 }
 
 impl ChunkBuilder<'_> {
+    fn reply_now(&mut self, reply: Option<async_nats::Subject>, body: Bytes) {
+        if let Some(reply) = reply {
+            self.immediate.push((reply, body));
+        }
+    }
+
     /// Adds a record to the current group (submitting the group first if
     /// the record would overflow a frame).
     async fn push(
@@ -379,6 +379,7 @@ async fn accept_chunk(
         context,
         completions,
         items: Vec::with_capacity(messages.len()),
+        immediate: Vec::new(),
         group: Group::new(state.group),
     };
     for message in messages {
@@ -391,10 +392,7 @@ async fn accept_chunk(
         let size = (message.subject.len() + stored_headers.len() + message.payload.len()) as u64;
         if size > context.max_message_bytes {
             counters.error("too_large");
-            chunk.items.push(AckItem::Rejected {
-                reply: message.reply,
-                error: ApiError::too_large(),
-            });
+            chunk.reply_now(message.reply, ack::error_ack(&ApiError::too_large()));
             continue;
         }
         let message_id = message
@@ -434,10 +432,7 @@ async fn accept_chunk(
             Ok(preconditions) => preconditions,
             Err(error) => {
                 counters.error("refused");
-                chunk.items.push(AckItem::Rejected {
-                    reply: message.reply,
-                    error,
-                });
+                chunk.reply_now(message.reply, ack::error_ack(&error));
                 continue;
             }
         };
@@ -476,6 +471,11 @@ async fn accept_chunk(
         }
     }
     chunk.flush(state).await;
+    for (reply, body) in chunk.immediate {
+        if let Err(error) = context.client.publish(reply, body).await {
+            tracing::warn!(stream = %context.stream.name(), %error, "cannot publish a reply");
+        }
+    }
     chunk.items
 }
 
@@ -498,7 +498,7 @@ async fn accept_atomic(
             if state.atomic.abandon(&control.id, &context.limits) {
                 publish_abandoned(context, &control.id, batch::AbandonReason::Unsupported).await;
             }
-            chunk.items.push(AckItem::Rejected { reply, error });
+            chunk.reply_now(reply, ack::error_ack(&error));
             return;
         }
     };
@@ -511,20 +511,13 @@ async fn accept_atomic(
         preconditions,
         Instant::now(),
     ) {
-        AtomicOutcome::Staged => {
-            if let Some(reply) = reply {
-                chunk.items.push(AckItem::Raw {
-                    reply,
-                    body: Bytes::new(),
-                });
-            }
-        }
+        AtomicOutcome::Staged => chunk.reply_now(reply, Bytes::new()),
         AtomicOutcome::Refused { error, abandoned } => {
             context.counters.error("batch_refused");
             if let Some((batch_id, reason)) = abandoned {
                 publish_abandoned(context, &batch_id, reason).await;
             }
-            chunk.items.push(AckItem::Rejected { reply, error });
+            chunk.reply_now(reply, ack::error_ack(&error));
         }
         AtomicOutcome::Commit(committed) => {
             // Message ids must be new, in the window as well as in the batch.
@@ -548,14 +541,14 @@ async fn accept_atomic(
                 }
             };
             let Some(message_ids) = message_ids else {
-                chunk.items.push(AckItem::Rejected {
+                chunk.reply_now(
                     reply,
-                    error: ApiError::new(
+                    ack::error_ack(&ApiError::new(
                         400,
                         10201,
                         "atomic publish batch contains duplicate message id",
-                    ),
-                });
+                    )),
+                );
                 return;
             };
             let count = committed.records.len() as u64;
@@ -619,10 +612,10 @@ async fn accept_fast(
     let preconditions = match batch::preconditions(headers, context.stream.name()) {
         Ok(preconditions) => preconditions,
         Err(error) => {
-            chunk.items.push(AckItem::Raw {
-                reply: reply.clone(),
-                body: batch::flow_error(control.sequence, &error),
-            });
+            chunk.reply_now(
+                Some(reply.clone()),
+                batch::flow_error(control.sequence, &error),
+            );
             fast_after_error(chunk, &id, control.sequence, commit, gap_ok, reply);
             return;
         }
@@ -743,10 +736,10 @@ fn fast_step(
     let id = control.id.clone();
     if control.operation == FastOperation::Ping {
         if control.sequence > batch.received {
-            chunk.items.push(AckItem::Raw {
-                reply: reply.clone(),
-                body: batch::flow_gap(batch.received + 1, control.sequence + 1),
-            });
+            chunk.reply_now(
+                Some(reply.clone()),
+                batch::flow_gap(batch.received + 1, control.sequence + 1),
+            );
             if batch.gap_ok {
                 batch.received = control.sequence;
                 chunk.items.push(AckItem::FastSkipped {
@@ -780,10 +773,10 @@ fn fast_step(
     let expected = batch.received + 1;
     if control.sequence != expected {
         if control.sequence > expected {
-            chunk.items.push(AckItem::Raw {
-                reply: reply.clone(),
-                body: batch::flow_gap(expected, control.sequence),
-            });
+            chunk.reply_now(
+                Some(reply.clone()),
+                batch::flow_gap(expected, control.sequence),
+            );
         }
         if batch.gap_ok && control.sequence > expected {
             // Messages expected..sequence were lost; go on from here.
@@ -792,7 +785,7 @@ fn fast_step(
                 batch_id: id.clone(),
                 sequence: control.sequence - 1,
                 commit: false,
-                reply: None,
+                reply: Some(reply.clone()),
             });
         } else {
             batch.ending = true;
@@ -822,20 +815,14 @@ fn fast_step(
     }
     if control.sequence == 1 && !commit {
         // The first message learns the flow the server allows.
-        chunk.items.push(AckItem::Raw {
-            reply: reply.clone(),
-            body: batch::flow_ack(0, batch.flow),
-        });
+        chunk.reply_now(Some(reply.clone()), batch::flow_ack(0, batch.flow));
     }
     Some((id, commit, batch.gap_ok))
 }
 
 fn reject_fast(chunk: &mut ChunkBuilder<'_>, reply: &async_nats::Subject, error: ApiError) {
     chunk.context.counters.error("batch_refused");
-    chunk.items.push(AckItem::Rejected {
-        reply: Some(reply.clone()),
-        error,
-    });
+    chunk.reply_now(Some(reply.clone()), ack::error_ack(&error));
 }
 
 /// After a fast-ingest message failed: in `ok` mode it is skipped, in
@@ -961,8 +948,6 @@ fn answer(
             };
             reply_to(reply, body)
         }
-        AckItem::Rejected { reply, error } => reply_to(reply, ack::error_ack(&error)),
-        AckItem::Raw { reply, body } => vec![(reply, body)],
         AckItem::FastSkipped {
             batch_id,
             sequence,

@@ -45,6 +45,18 @@ pub struct NatsBenchArgs {
     /// Payload sizes in bytes.
     #[arg(long, value_delimiter = ',', default_value = "128,1024")]
     pub sizes: Vec<usize>,
+    /// Atomic batch sizes (messages per batch).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
+    pub atomic_sizes: Vec<u64>,
+    /// Flow of the fast-ingest case (acks every N messages at most).
+    #[arg(long, default_value_t = 500)]
+    pub fast_flow: u16,
+    /// natswal's write mode (`mmap` or `pwrite`).
+    #[arg(long, default_value = "mmap")]
+    pub write_mode: String,
+    /// Skip the batch cases.
+    #[arg(long)]
+    pub no_batches: bool,
     /// Records replayed by the replay cases (0 skips them).
     #[arg(long, default_value_t = 1_000_000)]
     pub replay_records: u64,
@@ -127,11 +139,11 @@ fn start_nats_server(
     Ok((process, format!("nats://127.0.0.1:{port}")))
 }
 
-fn start_natswal(directory: &Path, url: &str) -> Result<ChildProcess> {
+fn start_natswal(directory: &Path, url: &str, write_mode: &str) -> Result<ChildProcess> {
     let data = directory.join("natswal");
     let config = format!(
-        "data_dir = \"{}\"\n[nats]\nservers = [\"{url}\"]\n[http]\nlisten = \"\"\n\
-         [[streams]]\nname = \"fsync\"\nsubjects = [\"nw.fsync.>\"]\ndurability = \"fsync\"\nmax_message_bytes = \"4MiB\"\n\
+        "data_dir = \"{}\"\n[nats]\nservers = [\"{url}\"]\n[http]\nlisten = \"\"\n[storage]\nwrite_mode = \"{write_mode}\"\n\
+         [[streams]]\nname = \"fsync\"\nsubjects = [\"nw.fsync.>\"]\ndurability = \"fsync\"\nmax_message_bytes = \"4MiB\"\nallow_atomic = true\nallow_batched = true\natomic_batches_max = 1000\natomic_staging_bytes = \"512MiB\"\n\
          [[streams]]\nname = \"none\"\nsubjects = [\"nw.none.>\"]\ndurability = \"none\"\nmax_message_bytes = \"4MiB\"\n",
         data.display()
     );
@@ -562,6 +574,8 @@ async fn create_jetstream_stream(
             name: name.to_string(),
             subjects: vec![subjects.to_string()],
             storage: async_nats::jetstream::stream::StorageType::File,
+            allow_atomic_publish: true,
+            allow_batch_publish: true,
             ..Default::default()
         })
         .await
@@ -587,7 +601,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
     let (_server, url) = start_nats_server(&binary, &directory, "default", "")?;
     let (_server_always, url_always) =
         start_nats_server(&binary, &directory, "always", " sync_interval: always\n")?;
-    let _natswal = start_natswal(&directory, &url)?;
+    let _natswal = start_natswal(&directory, &url, &args.write_mode)?;
     let _noop = spawn_self(
         &[
             "bench",
@@ -607,7 +621,8 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
     println!("# natswal bench nats");
     println!();
     println!(
-        "{version}; {} publishers x {} messages in flight, each with a reply subject; {:.1} s per case; data in {}",
+        "{version}; natswal write mode {}; {} publishers x {} messages in flight, each with a reply subject; {:.1} s per case; data in {}",
+        args.write_mode,
         args.publishers,
         args.in_flight,
         args.seconds,
@@ -616,6 +631,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
     println!();
     println!("| payload | target | acked msgs/s | MB/s | x no-op ceiling | natswal fsync x this |");
     println!("| --- | --- | --- | --- | --- | --- |");
+    let mut ceilings = std::collections::BTreeMap::new();
     for &size in &args.sizes {
         let noop = acked_load(&clients, "noop.bench", size, &args, duration).await?;
         let natswal_fsync = acked_load(&clients, "nw.fsync.bench", size, &args, duration).await?;
@@ -626,6 +642,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
             acked_load(&clients_always, "js.always.bench", size, &args, duration).await?;
         let core = core_fanout(&url, size, &args, duration).await?;
         let ceiling = noop.per_second();
+        ceilings.insert(size, ceiling);
         let fsync_rate = natswal_fsync.per_second();
         for (name, rate, acked) in [
             ("NATS core fan-out, 1 subscriber (no acks)", core, false),
@@ -661,6 +678,9 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
             );
         }
     }
+    if !args.no_batches {
+        batch_cases(&args, &clients, &ceilings).await?;
+    }
     if args.replay_records > 0 {
         let count = args.replay_records;
         fill(&clients, "nw.none.replay", count, 128).await?;
@@ -690,5 +710,244 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
     drop(clients);
     drop(clients_always);
     let _ = std::fs::remove_dir_all(&directory);
+    Ok(())
+}
+
+/// Atomic batch publishers: the first message and the commit are requests,
+/// the messages between are published without a reply (as JetStream
+/// clients do by default). Counts messages of committed batches.
+async fn atomic_load(
+    clients: &[async_nats::Client],
+    subject_prefix: &str,
+    batch_size: u64,
+    payload_size: usize,
+    publishers: usize,
+    duration: Duration,
+) -> Result<Rate> {
+    let payload = Bytes::from(vec![b'a'; payload_size]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for publisher in 0..publishers {
+        let client = clients[publisher % clients.len()].clone();
+        let stop = Arc::clone(&stop);
+        let committed = Arc::clone(&committed);
+        let errors = Arc::clone(&errors);
+        let payload = payload.clone();
+        let subject = format!("{subject_prefix}.{publisher}");
+        tasks.push(tokio::spawn(async move {
+            let mut number = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                number += 1;
+                let id = format!("b{publisher}x{number}");
+                let mut ok = true;
+                for sequence in 1..=batch_size {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Batch-Id", id.as_str());
+                    headers.insert("Nats-Batch-Sequence", sequence.to_string().as_str());
+                    let last = sequence == batch_size;
+                    if last {
+                        headers.insert("Nats-Batch-Commit", "1");
+                    }
+                    if sequence == 1 || last {
+                        let answer = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            client.request_with_headers(subject.clone(), headers, payload.clone()),
+                        )
+                        .await;
+                        match answer {
+                            Ok(Ok(message)) if !memchr_error(&message.payload) => {}
+                            _ => {
+                                ok = false;
+                                break;
+                            }
+                        }
+                    } else if client
+                        .publish_with_headers(subject.clone(), headers, payload.clone())
+                        .await
+                        .is_err()
+                    {
+                        ok = false;
+                        break;
+                    }
+                }
+                if ok {
+                    committed.fetch_add(batch_size, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let messages = committed.load(Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(Rate {
+        messages,
+        seconds,
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+/// Fast-ingest publishers (ADR-50): reply subjects carry the control,
+/// at most 2 flow acks outstanding; counts messages covered by flow acks.
+async fn fast_load(
+    clients: &[async_nats::Client],
+    subject_prefix: &str,
+    flow: u16,
+    payload_size: usize,
+    publishers: usize,
+    duration: Duration,
+) -> Result<Rate> {
+    let payload = Bytes::from(vec![b'f'; payload_size]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked_total = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for publisher in 0..publishers {
+        let client = clients[publisher % clients.len()].clone();
+        let stop = Arc::clone(&stop);
+        let acked_total = Arc::clone(&acked_total);
+        let payload = payload.clone();
+        let subject = format!("{subject_prefix}.{publisher}");
+        tasks.push(tokio::spawn(async move {
+            let inbox = format!("_INBOX.fast{publisher}x{}", std::process::id());
+            let Ok(mut control) = client.subscribe(format!("{inbox}.>")).await else {
+                return;
+            };
+            let _ = client.flush().await;
+            let mut sequence = 0u64;
+            let mut acked = 0u64;
+            let mut effective = flow;
+            while !stop.load(Ordering::Relaxed) {
+                // Wait while two flow windows are outstanding.
+                while sequence >= acked + u64::from(effective) * 2 {
+                    match tokio::time::timeout(Duration::from_secs(5), control.next()).await {
+                        Ok(Some(message)) => {
+                            if let Ok(value) =
+                                serde_json::from_slice::<serde_json::Value>(&message.payload)
+                            {
+                                if value["type"] == "ack" {
+                                    acked = acked.max(value["seq"].as_u64().unwrap_or(0));
+                                    effective = value["msgs"].as_u64().unwrap_or(1).max(1) as u16;
+                                } else if value.get("error").is_some() {
+                                    return;
+                                }
+                            }
+                        }
+                        _ => return,
+                    }
+                }
+                sequence += 1;
+                let operation = if sequence == 1 { 0 } else { 1 };
+                let reply = format!("{inbox}.{flow}.ok.{sequence}.{operation}.$FI");
+                if client
+                    .publish_with_reply(subject.clone(), reply, payload.clone())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            acked_total.fetch_add(acked, Ordering::Relaxed);
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(Rate {
+        messages: acked_total.load(Ordering::Relaxed),
+        seconds,
+        errors: 0,
+    })
+}
+
+async fn batch_cases(
+    args: &NatsBenchArgs,
+    clients: &[async_nats::Client],
+    ceilings: &std::collections::BTreeMap<usize, f64>,
+) -> Result<()> {
+    let duration = Duration::from_secs_f64(args.seconds);
+    println!();
+    println!(
+        "## Atomic batches ({} concurrent batch publishers)",
+        args.publishers
+    );
+    println!();
+    println!("| payload | messages per batch | natswal fsync msgs/s | JetStream msgs/s | natswal x JetStream |");
+    println!("| --- | --- | --- | --- | --- |");
+    for &size in &args.sizes {
+        for &batch_size in &args.atomic_sizes {
+            let natswal = atomic_load(
+                clients,
+                "nw.fsync.atomic",
+                batch_size,
+                size,
+                args.publishers,
+                duration,
+            )
+            .await?;
+            let jetstream = atomic_load(
+                clients,
+                "js.default.atomic",
+                batch_size,
+                size,
+                args.publishers,
+                duration,
+            )
+            .await?;
+            println!(
+                "| {size} B | {batch_size} | {:.0} | {:.0} | {:.1} |",
+                natswal.per_second(),
+                jetstream.per_second(),
+                natswal.per_second() / jetstream.per_second().max(1e-9)
+            );
+        }
+    }
+    println!();
+    println!(
+        "## Fast ingest (flow {}, {} publishers, each its own batch)",
+        args.fast_flow, args.publishers
+    );
+    println!();
+    println!("| payload | natswal fsync msgs/s | JetStream msgs/s | natswal x JetStream | natswal x no-op ceiling |");
+    println!("| --- | --- | --- | --- | --- |");
+    for &size in &args.sizes {
+        let natswal = fast_load(
+            clients,
+            "nw.fsync.fast",
+            args.fast_flow,
+            size,
+            args.publishers,
+            duration,
+        )
+        .await?;
+        let jetstream = fast_load(
+            clients,
+            "js.default.fast",
+            args.fast_flow,
+            size,
+            args.publishers,
+            duration,
+        )
+        .await?;
+        let ceiling = ceilings.get(&size).copied().unwrap_or(f64::NAN);
+        println!(
+            "| {size} B | {:.0} | {:.0} | {:.1} | {:.2} |",
+            natswal.per_second(),
+            jetstream.per_second(),
+            natswal.per_second() / jetstream.per_second().max(1e-9),
+            natswal.per_second() / ceiling
+        );
+    }
     Ok(())
 }
