@@ -1,6 +1,7 @@
 //! Per-stream engine configuration, with defaults that suit a single node and
 //! validation that names the offending key.
 
+use crate::codec::{Compression, EncryptionConfig};
 use crate::error::{Error, Result};
 use crate::format::frame::FRAME_HEADER_LENGTH;
 use crate::format::record::RECORD_OVERHEAD;
@@ -68,6 +69,10 @@ pub struct StreamConfig {
     pub checkpoint_interval_bytes: u64,
     /// How often the writer checks age rotation and retention when idle.
     pub maintenance_interval_ms: u64,
+    /// Compression of each batch frame.
+    pub compression: Compression,
+    /// Encryption of new segments (keys come from the stream's keyring).
+    pub encryption: Option<EncryptionConfig>,
 }
 
 impl Default for StreamConfig {
@@ -85,6 +90,8 @@ impl Default for StreamConfig {
             index_interval_bytes: INDEX_INTERVAL_DEFAULT,
             checkpoint_interval_bytes: 32 * 1024 * 1024,
             maintenance_interval_ms: 1000,
+            compression: Compression::None,
+            encryption: None,
         }
     }
 }
@@ -190,6 +197,22 @@ impl StreamConfig {
                 "durability",
                 "interval must be at least 1 ms".to_string(),
             ));
+        }
+        if let Compression::Zstd { level } = self.compression {
+            if !(1..=19).contains(&level) {
+                return Err(invalid(
+                    "compression",
+                    format!("zstd level {level} is outside 1 to 19"),
+                ));
+            }
+        }
+        if let Some(encryption) = self.encryption {
+            if encryption.key_id == 0 {
+                return Err(invalid(
+                    "encryption",
+                    "key id 0 means \"no key\"; use 1 or more".to_string(),
+                ));
+            }
         }
         if self.segment_age_max_ms == Some(0) {
             return Err(invalid(

@@ -546,7 +546,10 @@ fn write_taken(
             builder.push(record, timestamp);
         }
     }
-    match writer.prepare(builder.length() as u64, now) {
+    // Compression changes the frame's length, so it comes before the
+    // segment decides whether the frame still fits.
+    let frame_length = writer.encoder.encode_body(builder);
+    match writer.prepare(frame_length, now) {
         Ok(sealed) => {
             if let Some(sealed) = sealed {
                 spawn_finish_sealed(shared, sealed, sealers);
@@ -571,7 +574,17 @@ fn write_taken(
             return;
         }
     }
-    let (frame, header) = builder.finish(frame_flags, writer.durable_position());
+    let durable_position = writer.durable_position();
+    let (frame, header) = match writer
+        .encoder
+        .finish(builder, frame_flags, durable_position)
+    {
+        Ok(finished) => finished,
+        Err(error) => {
+            fail_all(taken, coordinator, &error);
+            return;
+        }
+    };
     let written = match writer.write_frame(frame, &header, now) {
         Ok(written) => written,
         Err(error) => {

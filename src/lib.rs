@@ -13,6 +13,7 @@
 //! ([`recovery::RecoveryManager::truncate_suffix`]), and sealed segments
 //! shipped as files checked by CRC ([`stream::Stream::sealed_segments`]).
 
+pub mod codec;
 pub mod config;
 pub mod coordinator;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod store;
 pub mod stream;
 pub mod subject;
 
+pub use codec::{Cipher, Compression, EncryptionConfig, Key, Keyring};
 pub use config::{Durability, RetentionPolicy, StreamConfig};
 pub use coordinator::{AppendOutcome, AppendRequest, Completed, Completion, Precondition};
 pub use error::{Error, PreconditionFailure, Result};

@@ -5,7 +5,7 @@
 //! each frame's CRC and reports damage as an error naming file and position.
 
 use crate::error::{Error, Result};
-use crate::format::frame::{check_frame, flags, FrameCheck, FrameHeader, FRAME_HEADER_LENGTH};
+use crate::format::frame::{check_frame, FrameCheck, FrameHeader};
 use crate::format::record::{RecordIter, StoredRecord};
 use crate::format::segment_header::SEGMENT_HEADER_LENGTH;
 use crate::segment::storage::StorageSegment;
@@ -28,27 +28,20 @@ pub enum StartPosition {
     Time(i64),
 }
 
-/// Decodes the records of a checked frame.
-pub(crate) fn frame_records(
-    header: &FrameHeader,
-    frame: &Bytes,
-) -> std::result::Result<RecordIter, String> {
-    if header.flags & (flags::COMPRESSION_MASK | flags::ENCRYPTED) != 0 {
-        return Err(format!(
-            "frame flags {:#06x} ask for compression or encryption, which this build cannot decode",
-            header.flags
-        ));
-    }
-    debug_assert!(frame.len() >= FRAME_HEADER_LENGTH);
-    Ok(header.plain_records(frame))
-}
-
 /// All records of a checked frame.
 pub(crate) fn decode_frame(
     header: &FrameHeader,
     frame: &Bytes,
 ) -> std::result::Result<Vec<StoredRecord>, String> {
-    frame_records(header, frame)?.collect()
+    // Offline callers have no keys: compressed frames decode, encrypted
+    // ones are reported as such.
+    crate::codec::frame_records(
+        header,
+        frame,
+        &crate::codec::Keyring::default(),
+        crate::codec::SegmentKey::default(),
+    )?
+    .collect()
 }
 
 /// An iterator over a stream. `next` never blocks: `Ok(None)` means the
@@ -57,6 +50,8 @@ pub struct Reader {
     shared: Arc<StreamShared>,
     filter: Option<SubjectPattern>,
     segment: Option<Arc<StorageSegment>>,
+    /// Key of the current segment, read from its header on first use.
+    segment_key: Option<crate::codec::SegmentKey>,
     window: Bytes,
     position: u64,
     frame_position: u64,
@@ -94,6 +89,7 @@ impl Reader {
             next_offset: 0,
             skip_before_time: None,
             visible,
+            segment_key: None,
         };
         let segments = reader.shared.segments_snapshot();
         match start {
@@ -141,6 +137,7 @@ impl Reader {
             self.position = segment.seek_offset(&self.shared.cache, offset)?;
             self.next_offset = offset.max(segment.base_offset());
             self.segment = Some(Arc::clone(segment));
+            self.segment_key = None;
         }
         Ok(())
     }
@@ -223,6 +220,7 @@ impl Reader {
                         // still stored, as a reader starting now would.
                         Err(_) if self.is_deleted(&segment) => {
                             self.segment = None;
+                            self.segment_key = None;
                             self.window = Bytes::new();
                             self.position = SEGMENT_HEADER_LENGTH as u64;
                         }
@@ -240,6 +238,7 @@ impl Reader {
                 match following {
                     Some(next) => {
                         self.segment = Some(Arc::clone(next));
+                        self.segment_key = None;
                         self.window = Bytes::new();
                         self.position = SEGMENT_HEADER_LENGTH as u64;
                         self.next_offset = self.next_offset.max(next.base_offset());
@@ -270,8 +269,19 @@ impl Reader {
                     continue;
                 }
             }
+            if self.segment_key.is_none() {
+                let header = crate::format::segment_header::SegmentHeader::decode(
+                    &self.window,
+                    segment.path(),
+                )?;
+                self.segment_key = Some(crate::codec::SegmentKey {
+                    key_id: header.key_id,
+                    cipher: header.cipher,
+                });
+            }
+            let segment_key = self.segment_key.unwrap_or_default();
             self.records = Some(
-                frame_records(&header, &frame)
+                crate::codec::frame_records(&header, &frame, &self.shared.keyring, segment_key)
                     .map_err(|reason| self.damage(self.frame_position, reason))?,
             );
             return Ok(true);

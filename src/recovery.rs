@@ -737,6 +737,8 @@ fn recover_segment(
         last_checkpoint_length: start,
         first_write_ns: (progress.record_count > 0).then_some(header.created_at_ns),
         crc: None,
+        key_id: header.key_id,
+        cipher: header.cipher,
     };
     Ok((segment, Some(active)))
 }
@@ -924,13 +926,32 @@ fn cut_stream(
             let frame = bytes::Bytes::copy_from_slice(
                 &bytes[position..position + header.frame_length as usize],
             );
-            let records = crate::reader::decode_frame(&header, &frame)
-                .map_err(|reason| Error::corruption(&path, position as u64, reason))?;
+            let decoded = crate::reader::decode_frame(&header, &frame);
+            let records = match decoded {
+                Ok(records) => records,
+                // Offline, without keys, an encrypted frame is kept or cut
+                // whole, judged by its header (last offset, newest time).
+                Err(_) if header.flags & crate::format::frame::flags::ENCRYPTED != 0 => {
+                    if keep(header.next_offset() - 1, header.last_timestamp_ns) {
+                        report.records_kept += u64::from(header.record_count);
+                        report.next_offset = header.next_offset();
+                        position += header.frame_length as usize;
+                        continue;
+                    }
+                    Vec::new()
+                }
+                Err(reason) => return Err(Error::corruption(&path, position as u64, reason)),
+            };
+            let records_in_frame = if records.is_empty() {
+                header.record_count as usize
+            } else {
+                records.len()
+            };
             let kept = records
                 .iter()
                 .take_while(|record| keep(record.offset, record.timestamp_ns))
                 .count();
-            if kept == records.len() {
+            if kept == records_in_frame {
                 report.records_kept += kept as u64;
                 report.next_offset = header.next_offset();
                 position += header.frame_length as usize;
@@ -941,7 +962,7 @@ fn cut_stream(
             // it is kept (set below): without this, a cut before the first
             // record of the stream reported next offset 0.
             report.next_offset = header.base_offset;
-            report.records_removed += (records.len() - kept) as u64;
+            report.records_removed += (records_in_frame - kept) as u64;
             if kept > 0 && !header.is_atomic() {
                 let mut image = bytes[..position].to_vec();
                 image.extend_from_slice(&reencode_prefix(&header, &records[..kept]));

@@ -32,7 +32,13 @@ pub const FIRST_OFFSET: u64 = 1;
 #[derive(Clone, Default)]
 pub struct StreamHooks {
     pub on_retention: Option<RetentionHook>,
+    /// Called when an open switches new segments to another key:
+    /// `(stream, old key id, new key id)`; 0 means no encryption.
+    pub on_key_rotation: Option<KeyRotationHook>,
 }
+
+/// See [`StreamHooks::on_key_rotation`].
+pub type KeyRotationHook = Arc<dyn Fn(&str, u32, u32) + Send + Sync>;
 
 impl std::fmt::Debug for StreamHooks {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,6 +62,41 @@ pub(crate) struct StreamShared {
     pub visible: watch::Sender<u64>,
     pub metrics: StreamMetrics,
     pub hooks: StreamHooks,
+    pub keyring: Arc<crate::codec::Keyring>,
+}
+
+/// The highest nonce epoch in the newest frames of the stream (used only
+/// when the epoch file is lost: epochs only grow, so the newest segment with
+/// frames holds the highest).
+fn epoch_seen_in_log(shared: &StreamShared) -> u32 {
+    if shared
+        .file_system
+        .exists(&shared.directory.join("nonce.epoch"))
+    {
+        return 0;
+    }
+    let segments = shared.segments_snapshot();
+    for segment in segments.iter().rev() {
+        let Ok(bytes) = segment.visible_bytes(&shared.cache) else {
+            continue;
+        };
+        let mut position = crate::format::segment_header::SEGMENT_HEADER_LENGTH;
+        let mut highest = 0u32;
+        while let crate::format::frame::FrameCheck::Valid(header) =
+            crate::format::frame::check_frame(&bytes[position.min(bytes.len())..])
+        {
+            if header.flags & crate::format::frame::flags::ENCRYPTED != 0 {
+                highest = highest.max(u32::from_le_bytes(
+                    header.nonce[..4].try_into().expect("4 bytes"),
+                ));
+            }
+            position += header.frame_length as usize;
+        }
+        if position > crate::format::segment_header::SEGMENT_HEADER_LENGTH {
+            return highest;
+        }
+    }
+    0
 }
 
 impl StreamShared {
@@ -116,6 +157,8 @@ pub struct StreamOptions {
     pub config: StreamConfig,
     pub recovery_mode: RecoveryMode,
     pub hooks: StreamHooks,
+    /// Keys for encrypted segments, old and current.
+    pub keyring: Arc<crate::codec::Keyring>,
 }
 
 impl Default for StreamOptions {
@@ -124,6 +167,7 @@ impl Default for StreamOptions {
             config: StreamConfig::default(),
             recovery_mode: RecoveryMode::Strict,
             hooks: StreamHooks::default(),
+            keyring: Arc::new(crate::codec::Keyring::default()),
         }
     }
 }
@@ -200,9 +244,31 @@ impl Stream {
             coordinator: Coordinator::new(options.config.queue_bytes_max),
             visible,
             metrics: StreamMetrics::default(),
-            hooks: options.hooks,
+            hooks: options.hooks.clone(),
+            keyring: Arc::clone(&options.keyring),
         });
-        let writer = SegmentWriter::new(
+        let encryption = match options.config.encryption {
+            None => None,
+            Some(encryption) => {
+                let key = options.keyring.get(encryption.key_id).ok_or_else(|| Error::InvalidConfig {
+                    key: "encryption".to_string(),
+                    reason: format!(
+                        "stream '{name}' is to be encrypted with key id {}, which is not configured (configured: {:?})",
+                        encryption.key_id,
+                        options.keyring.ids()
+                    ),
+                })?;
+                Some((encryption.cipher, Arc::clone(key)))
+            }
+        };
+        let epoch = if encryption.is_some() {
+            crate::codec::next_epoch(file_system.as_ref(), directory, epoch_seen_in_log(&shared))?
+        } else {
+            0
+        };
+        let encoder =
+            crate::codec::FrameEncoder::new(options.config.compression, encryption, epoch);
+        let mut writer = SegmentWriter::new(
             file_system,
             directory,
             options.config,
@@ -212,6 +278,30 @@ impl Stream {
             recovered.next_offset,
             recovered.timestamp_max,
         );
+        writer.encoder = encoder;
+        // A new key (or a change to or from encryption) starts a new segment,
+        // so that every segment is written with one key.
+        let wanted = writer.encoder.segment_key();
+        if let Some(active) = writer.active_key() {
+            if active != wanted {
+                if let Some(sealed) = writer.seal_active() {
+                    crate::segment::writer::finish_sealed(
+                        shared.file_system.as_ref(),
+                        &shared.cache,
+                        sealed,
+                    )?;
+                }
+                tracing::info!(
+                    stream = name,
+                    from = active.0,
+                    to = wanted.0,
+                    "key rotation: new segments use the new key"
+                );
+                if let Some(hook) = &options.hooks.on_key_rotation {
+                    hook(name, active.0, wanted.0);
+                }
+            }
+        }
         let thread_shared = Arc::clone(&shared);
         let writer_thread = std::thread::Builder::new()
             .name(format!("natswal-write-{name}"))

@@ -350,6 +350,7 @@ proptest! {
             created_at_ns: segment.1,
             key_id: segment.2,
             compression: segment.3,
+            cipher: segment.3.wrapping_add(1),
         };
         let encoded = segment.encode();
         prop_assert_eq!(encoded.len(), SEGMENT_HEADER_LENGTH);
@@ -419,7 +420,7 @@ proptest! {
             prop_assert_eq!(&damaged, &original);
             prop_assert_eq!(decoded, (header, entries));
         }
-        let segment = SegmentHeader { base_offset: header.base_offset, created_at_ns: 5, key_id: 0, compression: 0 };
+        let segment = SegmentHeader { base_offset: header.base_offset, created_at_ns: 5, key_id: 0, compression: 0, cipher: 0 };
         let encoded = segment.encode();
         let mut damaged = encoded.to_vec();
         for mutation in &mutations {
@@ -656,6 +657,7 @@ fn segment_header_decoding_allocates_only_for_its_error() {
         created_at_ns: 2,
         key_id: 0,
         compression: 0,
+        cipher: 0,
     }
     .encode();
     let mut damaged = header.to_vec();

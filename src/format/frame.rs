@@ -51,7 +51,7 @@ impl FrameHeader {
     }
 
     /// Writes the header fields (not the checksum) into `out[..96]`.
-    fn encode_fields(&self, out: &mut [u8]) {
+    pub(crate) fn encode_fields(&self, out: &mut [u8]) {
         out[0..4].copy_from_slice(FRAME_MAGIC);
         write_u32(out, 8, self.frame_length);
         write_u16(out, 12, FRAME_HEADER_LENGTH as u16);
@@ -210,8 +210,8 @@ pub fn check_frame(bytes: &[u8]) -> FrameCheck {
 /// then [`FrameBuilder::finish`] fills the header and checksum in place.
 #[derive(Debug, Default)]
 pub struct FrameBuilder {
-    buffer: Vec<u8>,
-    header: FrameHeader,
+    pub(crate) buffer: Vec<u8>,
+    pub(crate) header: FrameHeader,
 }
 
 impl FrameBuilder {

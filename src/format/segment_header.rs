@@ -15,6 +15,9 @@ pub struct SegmentHeader {
     pub created_at_ns: i64,
     pub key_id: u32,
     pub compression: u8,
+    /// Cipher of the segment's encrypted frames: 0 none, 1 AES-256-GCM,
+    /// 2 ChaCha20-Poly1305.
+    pub cipher: u8,
 }
 
 impl SegmentHeader {
@@ -28,6 +31,7 @@ impl SegmentHeader {
         write_i64(&mut bytes, 24, self.created_at_ns);
         write_u32(&mut bytes, 32, self.key_id);
         bytes[36] = self.compression;
+        bytes[37] = self.cipher;
         let crc = crc32c::crc32c(&bytes[..CRC_POSITION]);
         write_u32(&mut bytes, CRC_POSITION, crc);
         bytes
@@ -82,6 +86,7 @@ impl SegmentHeader {
             created_at_ns: read_i64(bytes, 24),
             key_id: read_u32(bytes, 32),
             compression: bytes[36],
+            cipher: bytes[37],
         })
     }
 }
@@ -97,6 +102,7 @@ mod tests {
             created_at_ns: 1_700_000_000_000_000_000,
             key_id: 3,
             compression: 1,
+            cipher: 2,
         };
         let bytes = header.encode();
         let path = Path::new("x.log");
@@ -116,6 +122,7 @@ mod tests {
             created_at_ns: 0,
             key_id: 0,
             compression: 0,
+            cipher: 0,
         }
         .encode();
         write_u16(&mut bytes, 8, 9);

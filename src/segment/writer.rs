@@ -31,6 +31,9 @@ pub(crate) struct ActiveSegment {
     /// CRC32C of `[0, write_position)`, kept as frames are written; `None`
     /// for a segment reopened by recovery (computed when it is sealed).
     pub crc: Option<u32>,
+    /// Key id and cipher from the segment header (0: not encrypted).
+    pub key_id: u32,
+    pub cipher: u8,
 }
 
 /// Where a frame landed.
@@ -49,6 +52,8 @@ pub(crate) struct SegmentWriter {
     active: Option<ActiveSegment>,
     next_offset: u64,
     timestamp_max: i64,
+    /// Compresses and encrypts frames; new segments take its key.
+    pub encoder: crate::codec::FrameEncoder,
 }
 
 pub(crate) fn now_ns() -> i64 {
@@ -81,7 +86,15 @@ impl SegmentWriter {
             active,
             next_offset,
             timestamp_max,
+            encoder: crate::codec::FrameEncoder::new(crate::codec::Compression::None, None, 0),
         }
+    }
+
+    /// Key id and cipher of the active segment, if there is one.
+    pub fn active_key(&self) -> Option<(u32, u8)> {
+        self.active
+            .as_ref()
+            .map(|active| (active.key_id, active.cipher))
     }
 
     /// The offset the next record gets.
@@ -236,11 +249,13 @@ impl SegmentWriter {
         let file = self
             .file_system
             .create_preallocated(&path, self.config.segment_bytes_max)?;
+        let (key_id, cipher) = self.encoder.segment_key();
         let header = SegmentHeader {
             base_offset,
             created_at_ns: now_ns,
-            key_id: 0,
+            key_id,
             compression: 0,
+            cipher,
         };
         let written = file
             .write_at(0, &header.encode())
@@ -273,6 +288,8 @@ impl SegmentWriter {
             last_checkpoint_length: SEGMENT_HEADER_LENGTH as u64,
             first_write_ns: None,
             crc: Some(crc32c::crc32c(&header.encode())),
+            key_id,
+            cipher,
         });
         Ok(())
     }
