@@ -39,6 +39,18 @@ pub enum Error {
         reason: String,
     },
 
+    /// Records are encrypted with a key that is not configured. They are
+    /// intact; configuring the key makes them readable again. Records from
+    /// `resume_offset` on are in other segments and may be readable.
+    #[error(
+        "{path} is encrypted with key id {key_id}, which is not configured (add that key to read it); readable records may resume at offset {resume_offset}"
+    )]
+    KeyUnavailable {
+        path: PathBuf,
+        key_id: u32,
+        resume_offset: u64,
+    },
+
     /// A file was written by a newer natswal.
     #[error(
         "{path} uses format version {found}; this natswal reads version {supported}; upgrade natswal"
@@ -142,6 +154,7 @@ impl Error {
             Error::DiskFull { .. } => "disk_full",
             Error::Poisoned { .. } => "poisoned",
             Error::Corruption { .. } => "corruption",
+            Error::KeyUnavailable { .. } => "key_unavailable",
             Error::UnsupportedVersion { .. } => "unsupported_version",
             Error::RecordTooLarge { .. } => "too_large",
             Error::InvalidInput(_) => "invalid_input",
@@ -175,6 +188,15 @@ impl Error {
                 path: path.clone(),
                 position: *position,
                 reason: reason.clone(),
+            },
+            Error::KeyUnavailable {
+                path,
+                key_id,
+                resume_offset,
+            } => Error::KeyUnavailable {
+                path: path.clone(),
+                key_id: *key_id,
+                resume_offset: *resume_offset,
             },
             Error::UnsupportedVersion {
                 path,

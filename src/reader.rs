@@ -280,6 +280,18 @@ impl Reader {
                 });
             }
             let segment_key = self.segment_key.unwrap_or_default();
+            if header.flags & crate::format::frame::flags::ENCRYPTED != 0
+                && segment_key.key_id != 0
+                && self.shared.keyring.get(segment_key.key_id).is_none()
+            {
+                // Not damage: the bytes are fine, the key is missing. Say so,
+                // so nobody "repairs" (quarantines) intact data.
+                return Err(Error::KeyUnavailable {
+                    path: segment.path().to_path_buf(),
+                    key_id: segment_key.key_id,
+                    resume_offset: segment.next_offset(),
+                });
+            }
             self.records = Some(
                 crate::codec::frame_records(&header, &frame, &self.shared.keyring, segment_key)
                     .map_err(|reason| self.damage(self.frame_position, reason))?,

@@ -302,6 +302,20 @@ impl RecoveryManager {
         })
     }
 
+    /// Recovers a stream directory without opening it for writing (offline
+    /// repair and checks): torn tails are truncated, indexes rebuilt and, in
+    /// repair mode, damaged ranges quarantined. Encrypted frames need no
+    /// keys for this.
+    pub fn recover(
+        file_system: &Arc<dyn FileSystem>,
+        directory: &Path,
+        mode: RecoveryMode,
+    ) -> Result<RecoveryReport> {
+        let config = StreamConfig::default();
+        let recovered = RecoveryManager::open(file_system, directory, &config, mode)?;
+        Ok(recovered.report)
+    }
+
     /// Checks every frame of every segment and every index without changing
     /// anything. `progress` is called with bytes checked so far.
     pub fn verify(
