@@ -26,8 +26,102 @@ const WAIT_MAX: Duration = Duration::from_secs(60);
 pub struct ApiService {
     pub client: async_nats::Client,
     pub streams: Arc<BTreeMap<String, Arc<Stream>>>,
+    /// The subjects each stream captures (what an unfiltered replay reads).
+    pub stream_subjects: Arc<BTreeMap<String, Vec<SubjectPattern>>>,
     pub metrics: Arc<BridgeMetrics>,
     pub prefix: String,
+    pub access: Arc<std::sync::RwLock<AccessRules>>,
+    pub audit: Arc<crate::audit::AuditLog>,
+}
+
+struct CompiledRule {
+    name: String,
+    reply_prefixes: Vec<String>,
+    replay: Vec<SubjectPattern>,
+    status: bool,
+}
+
+/// The `[[access]]` rules: who may replay which subjects and read status.
+/// A requester is identified by the reply subject of its request: NATS
+/// permissions decide who may subscribe to a reply prefix, so only its
+/// owner can receive what natswal sends there. Without rules, access is
+/// open.
+pub struct AccessRules {
+    rules: Vec<CompiledRule>,
+}
+
+impl AccessRules {
+    pub fn new(rules: &[crate::config::AccessRule]) -> crate::error::Result<AccessRules> {
+        let mut compiled = Vec::with_capacity(rules.len());
+        for rule in rules {
+            let replay = rule
+                .replay
+                .iter()
+                .map(|pattern| SubjectPattern::parse(pattern))
+                .collect::<natswal::Result<Vec<_>>>()?;
+            compiled.push(CompiledRule {
+                name: rule.name.clone(),
+                reply_prefixes: rule.reply_prefixes.clone(),
+                replay,
+                status: rule.status,
+            });
+        }
+        Ok(AccessRules { rules: compiled })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// The rule with the longest reply prefix that the reply starts with.
+    fn rule_for(&self, reply: &str) -> Option<(&CompiledRule, usize)> {
+        self.rules
+            .iter()
+            .filter_map(|rule| {
+                rule.reply_prefixes
+                    .iter()
+                    .filter(|prefix| reply.starts_with(prefix.as_str()))
+                    .map(|prefix| prefix.len())
+                    .max()
+                    .map(|length| (rule, length))
+            })
+            .max_by_key(|(_, length)| *length)
+    }
+
+    /// Who asks (the rule's name), or why the request is refused.
+    pub fn check_replay(
+        &self,
+        reply: &str,
+        requested: &[SubjectPattern],
+    ) -> Result<String, String> {
+        if self.rules.is_empty() {
+            return Ok("anyone".to_string());
+        }
+        let Some((rule, _)) = self.rule_for(reply) else {
+            return Err(format!("no access rule covers reply subject '{reply}'"));
+        };
+        for pattern in requested {
+            if !rule
+                .replay
+                .iter()
+                .any(|allowed| pattern.is_subset_of(allowed))
+            {
+                return Err(format!("'{}' may not replay '{pattern}'", rule.name));
+            }
+        }
+        Ok(rule.name.clone())
+    }
+
+    pub fn check_status(&self, reply: &str) -> Result<String, String> {
+        if self.rules.is_empty() {
+            return Ok("anyone".to_string());
+        }
+        match self.rule_for(reply) {
+            Some((rule, _)) if rule.status => Ok(rule.name.clone()),
+            Some((rule, _)) => Err(format!("'{}' may not read status", rule.name)),
+            None => Err(format!("no access rule covers reply subject '{reply}'")),
+        }
+    }
 }
 
 /// Subscribes to the API subjects and serves until `shutdown`.
@@ -114,6 +208,32 @@ pub struct StreamStatusJson {
 impl ApiService {
     async fn answer_status(&self, message: async_nats::Message) {
         let Some(reply) = message.reply else { return };
+        let allowed = self
+            .access
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .check_status(&reply);
+        if let Err(reason) = allowed {
+            self.audit.record_or_log(
+                "status_denied",
+                &reply,
+                "server",
+                "denied",
+                serde_json::json!({"reason": reason}),
+            );
+            let headers = status_headers(
+                "",
+                STATUS_FORBIDDEN,
+                &format!("Forbidden: {reason}"),
+                None,
+                0,
+            );
+            let _ = self
+                .client
+                .publish_with_headers(reply, headers, Bytes::new())
+                .await;
+            return;
+        }
         let streams = self
             .streams
             .values()
@@ -192,6 +312,29 @@ impl ApiService {
             .map(SubjectPattern::parse)
             .transpose()
             .map_err(|error| bad(error.to_string()))?;
+        let requested = match &filter {
+            Some(pattern) => vec![pattern.clone()],
+            None => self
+                .stream_subjects
+                .get(stream_name)
+                .cloned()
+                .unwrap_or_default(),
+        };
+        let allowed = self
+            .access
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .check_replay(reply.as_str(), &requested);
+        if let Err(reason) = allowed {
+            self.audit.record_or_log(
+                "replay_denied",
+                reply.as_str(),
+                stream_name,
+                "denied",
+                serde_json::json!({"filter": request.filter, "reason": reason}),
+            );
+            return Err((STATUS_FORBIDDEN, format!("Forbidden: {reason}")));
+        }
         let start = match &request.start {
             Start::Earliest => StartPosition::Earliest,
             Start::Latest => StartPosition::Latest,

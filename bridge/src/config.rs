@@ -27,6 +27,15 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Encryption keys, by id (`[[keys]]`): read from files or environment
+    /// variables, never written in this file.
+    #[serde(default)]
+    pub keys: Vec<KeySource>,
+    /// Who may replay what and ask for status (`[[access]]`); none: open.
+    #[serde(default)]
+    pub access: Vec<AccessRule>,
+    #[serde(default)]
+    pub audit: AuditConfig,
     #[serde(default = "default_streams")]
     pub streams: Vec<StreamSection>,
 }
@@ -95,6 +104,54 @@ pub struct StorageConfig {
     /// Sealed segments mapped at once, across all streams.
     #[serde(default = "default_open_segments_max")]
     pub open_segments_max: usize,
+}
+
+/// Where a key comes from (`[[keys]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySource {
+    pub id: u32,
+    /// A file holding 64 hex digits.
+    pub file: Option<PathBuf>,
+    /// An environment variable holding 64 hex digits.
+    pub env: Option<String>,
+}
+
+/// One `[[access]]` rule: requests whose reply subject starts with one of
+/// `reply_prefixes` (NATS permissions decide who may subscribe there, so
+/// the prefix identifies the user) may replay subjects matching `replay`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    pub name: String,
+    pub reply_prefixes: Vec<String>,
+    /// Subject patterns this identity may replay.
+    #[serde(default)]
+    pub replay: Vec<String>,
+    /// May ask for `<prefix>.STATUS`.
+    #[serde(default)]
+    pub status: bool,
+}
+
+/// The audit log (`[audit]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// JSON lines with a CRC each; relative paths are under data_dir.
+    #[serde(default = "default_audit_file")]
+    pub file: PathBuf,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            file: default_audit_file(),
+        }
+    }
+}
+
+fn default_audit_file() -> PathBuf {
+    PathBuf::from("audit.log")
 }
 
 /// Server-wide limits (`[limits]`).
@@ -192,6 +249,27 @@ pub struct StreamSection {
     /// A batch without messages for this long is abandoned.
     #[serde(default = "default_batch_timeout", with = "duration_text")]
     pub batch_timeout: Duration,
+    /// `none` or `zstd`, per batch frame.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// zstd level, 1 (fast) to 19.
+    #[serde(default = "default_compression_level")]
+    pub compression_level: i32,
+    /// `none`, `aes-256-gcm` or `chacha20-poly1305`.
+    #[serde(default = "default_encryption")]
+    pub encryption: String,
+    /// The `[[keys]]` id new segments are written with.
+    pub encryption_key_id: Option<u32>,
+}
+
+fn default_compression() -> String {
+    "none".to_string()
+}
+fn default_compression_level() -> i32 {
+    1
+}
+fn default_encryption() -> String {
+    "none".to_string()
 }
 
 fn default_data_dir() -> PathBuf {
@@ -263,6 +341,10 @@ fn default_streams() -> Vec<StreamSection> {
         atomic_staging_bytes: default_atomic_staging_bytes(),
         fast_batches_max: default_fast_batches_per_stream(),
         batch_timeout: default_batch_timeout(),
+        compression: default_compression(),
+        compression_level: default_compression_level(),
+        encryption: default_encryption(),
+        encryption_key_id: None,
     }]
 }
 
@@ -317,6 +399,9 @@ impl Default for Config {
             api: ApiConfig::default(),
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
+            keys: Vec::new(),
+            access: Vec::new(),
+            audit: AuditConfig::default(),
             streams: default_streams(),
         }
     }
@@ -528,6 +613,23 @@ impl Config {
         if self.nats.servers.is_empty() {
             return Err(invalid("nats.servers", "at least one server URL is needed"));
         }
+        for (index, source) in self.keys.iter().enumerate() {
+            if source.file.is_some() == source.env.is_some() {
+                return Err(invalid(
+                    format!("keys[{index}]"),
+                    format!(
+                        "key id {} needs exactly one of `file` or `env` as its source",
+                        source.id
+                    ),
+                ));
+            }
+            if self.keys[..index].iter().any(|other| other.id == source.id) {
+                return Err(invalid(
+                    format!("keys[{index}].id"),
+                    format!("key id {} is configured twice", source.id),
+                ));
+            }
+        }
         for server in &self.nats.servers {
             server.parse::<async_nats::ServerAddr>().map_err(|error| {
                 invalid(
@@ -661,6 +763,20 @@ impl Config {
             if stream.batch_timeout.is_zero() {
                 return Err(invalid(key("batch_timeout"), "must be longer than 0"));
             }
+            if stream.encryption != "none" {
+                let Some(id) = stream.encryption_key_id else {
+                    return Err(invalid(
+                        key("encryption_key_id"),
+                        "an encrypted stream needs the id of a [[keys]] entry",
+                    ));
+                };
+                if !self.keys.iter().any(|source| source.id == id) {
+                    return Err(invalid(
+                        key("encryption_key_id"),
+                        format!("no [[keys]] entry has id {id}"),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -676,6 +792,36 @@ fn describe_span(text: &str, span: Option<std::ops::Range<usize>>) -> String {
         .take(40)
         .collect();
     format!("line {line} `{snippet}`")
+}
+
+impl Config {
+    /// Loads every configured key (files and environment variables).
+    pub fn keyring(&self) -> Result<natswal::Keyring> {
+        let mut keys = Vec::new();
+        for source in &self.keys {
+            let key = match (&source.file, &source.env) {
+                (Some(path), _) => natswal::Key::from_file(source.id, path)?,
+                (None, Some(variable)) => natswal::Key::from_env(source.id, variable)?,
+                (None, None) => {
+                    return Err(invalid(
+                        "keys",
+                        format!("key id {} has no source", source.id),
+                    ))
+                }
+            };
+            keys.push(key);
+        }
+        Ok(natswal::Keyring::new(keys))
+    }
+
+    /// Where the audit log is.
+    pub fn audit_path(&self) -> PathBuf {
+        if self.audit.file.is_absolute() {
+            self.audit.file.clone()
+        } else {
+            self.data_dir.join(&self.audit.file)
+        }
+    }
 }
 
 impl StreamSection {
@@ -704,8 +850,34 @@ impl StreamSection {
         // plus 18 bytes of record header.
         let record_bytes_max =
             self.max_message_bytes + natswal::format::record::RECORD_OVERHEAD as u64;
+        let compression = match self.compression.as_str() {
+            "none" => natswal::Compression::None,
+            "zstd" => natswal::Compression::Zstd {
+                level: self.compression_level,
+            },
+            other => {
+                return Err(natswal::Error::InvalidConfig {
+                    key: "compression".to_string(),
+                    reason: format!("unknown compression '{other}' (expected none or zstd)"),
+                })
+            }
+        };
+        let encryption = match self.encryption.as_str() {
+            "none" => None,
+            cipher => Some(natswal::EncryptionConfig {
+                cipher: cipher
+                    .parse()
+                    .map_err(|reason| natswal::Error::InvalidConfig {
+                        key: "encryption".to_string(),
+                        reason,
+                    })?,
+                key_id: self.encryption_key_id.unwrap_or(0),
+            }),
+        };
         let defaults = StreamConfig::default();
         let config = StreamConfig {
+            compression,
+            encryption,
             durability,
             segment_bytes_max: self.segment_bytes,
             segment_age_max_ms: self.segment_max_age.map(|age| age.as_millis() as u64),
@@ -726,6 +898,7 @@ impl StreamSection {
                     "record_bytes_max" => "max_message_bytes".to_string(),
                     "segment_bytes_max" => "segment_bytes".to_string(),
                     "segment_age_max_ms" => "segment_max_age".to_string(),
+                    "encryption" => "encryption_key_id".to_string(),
                     _ => key,
                 },
                 reason,

@@ -144,7 +144,25 @@ impl DuplicateWindow {
         let since = now_ns.saturating_sub(self.window_ns);
         let mut reader = stream.reader(StartPosition::Time(since), None)?;
         let mut loaded = 0u64;
-        while let Some(record) = reader.next()? {
+        loop {
+            let record = match reader.next() {
+                Ok(Some(record)) => record,
+                Ok(None) => return Ok(loaded),
+                // Segments under a key that is no longer configured cannot
+                // be read; their ids stay out of the window (a duplicate of
+                // one of them would be stored again). Newer segments are
+                // still read.
+                Err(natswal::Error::KeyUnavailable {
+                    path,
+                    key_id,
+                    resume_offset,
+                }) => {
+                    tracing::warn!(stream = stream.name(), segment = %path.display(), key_id, "duplicate window skips a segment whose key is not configured");
+                    reader = stream.reader(StartPosition::Offset(resume_offset), None)?;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             if let Some(id) = headers::find(&record.headers, "Nats-Msg-Id") {
                 let id = id.to_string();
                 self.insert(
@@ -155,7 +173,6 @@ impl DuplicateWindow {
                 loaded += 1;
             }
         }
-        Ok(loaded)
     }
 }
 

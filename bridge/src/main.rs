@@ -2,6 +2,7 @@
 
 mod ack;
 mod api;
+mod audit;
 mod batch;
 mod bench;
 mod client;
@@ -48,6 +49,9 @@ enum Command {
     Repair {
         /// A stream directory (<data_dir>/streams/<name>).
         dir: PathBuf,
+        /// Audit log to record the repair in (default: <data_dir>/audit.log).
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
     },
     /// Produce a copy of a stream as it was at an offset or a time (point-in-time recovery).
     Restore {
@@ -62,6 +66,18 @@ enum Command {
         /// Keep records up to and including this time (RFC 3339, e.g. 2026-11-24T10:00:00Z, or Unix nanoseconds).
         #[arg(long)]
         to_time: Option<String>,
+        /// Audit log to record the restore in (default: <data_dir>/audit.log).
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+    },
+    /// Print and verify the audit log (CRC per line, sequence and chain): exit 1 if it was altered.
+    Audit {
+        /// The audit log (default: data/audit.log).
+        #[arg(default_value = "data/audit.log")]
+        file: PathBuf,
+        /// Print the entries as JSON lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Benchmarks, each beside a peer measured in the same run.
     #[command(subcommand)]
@@ -152,21 +168,37 @@ async fn run(command: Command) -> error::Result<ExitCode> {
             };
             let config = config::Config::load(args.config.as_deref(), &overrides)?;
             if args.check {
+                // Keys must load too (files readable, 64 hex digits).
+                config.keyring()?;
                 println!("configuration OK: {} stream(s)", config.streams.len());
                 return Ok(ExitCode::SUCCESS);
             }
-            server::serve(config).await.map(|()| ExitCode::SUCCESS)
+            let reload = server::Reload {
+                path: args.config.clone(),
+                overrides,
+            };
+            server::serve(config, reload)
+                .await
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Replay(args) => client::replay(args).await.map(|()| ExitCode::SUCCESS),
         Command::Status(args) => client::status(args).await.map(|()| ExitCode::SUCCESS),
         Command::Verify { dir } => offline::verify(&dir),
-        Command::Repair { dir } => offline::repair(&dir),
+        Command::Repair { dir, audit_log } => offline::repair(&dir, audit_log.as_deref()),
+        Command::Audit { file, json } => offline::audit(&file, json),
         Command::Restore {
             dir,
             output,
             to_offset,
             to_time,
-        } => offline::restore(&dir, &output, to_offset, to_time.as_deref()),
+            audit_log,
+        } => offline::restore(
+            &dir,
+            &output,
+            to_offset,
+            to_time.as_deref(),
+            audit_log.as_deref(),
+        ),
         Command::Bench(BenchCommand::Wal(args)) => {
             bench::wal::run(args).await.map(|()| ExitCode::SUCCESS)
         }

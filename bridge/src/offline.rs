@@ -5,8 +5,7 @@ use crate::error::{BridgeError, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use natswal::io::os::OsFileSystem;
 use natswal::io::{FileSystem, WriteMode};
-use natswal::segment::cache::SegmentCache;
-use natswal::{PointInTime, RecoveryManager, RecoveryMode, Stream, StreamOptions};
+use natswal::{PointInTime, RecoveryManager, RecoveryMode};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,14 +23,6 @@ fn require_directory(dir: &Path) -> Result<()> {
             dir.display()
         )))
     }
-}
-
-fn stream_name(dir: &Path) -> String {
-    dir.file_name()
-        .and_then(|name| name.to_str())
-        .filter(|name| natswal::stream::validate_stream_name(name).is_ok())
-        .unwrap_or("offline")
-        .to_string()
 }
 
 fn progress_bar(total: u64, what: &str) -> ProgressBar {
@@ -93,26 +84,27 @@ pub fn verify(dir: &Path) -> Result<ExitCode> {
 }
 
 /// `natswal repair DIR`: opens the stream in repair mode and reports.
-pub fn repair(dir: &Path) -> Result<ExitCode> {
+pub fn repair(dir: &Path, audit_log: Option<&Path>) -> Result<ExitCode> {
     require_directory(dir)?;
+    let audit = open_audit(dir, audit_log)?;
     let bar = ProgressBar::new_spinner();
     bar.set_message(format!("repairing {}", dir.display()));
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
-    let options = StreamOptions {
-        recovery_mode: RecoveryMode::Repair,
-        ..StreamOptions::default()
-    };
-    let opened = Stream::open(
-        file_system(),
-        dir,
-        &stream_name(dir),
-        Arc::new(SegmentCache::new(16)),
-        options,
-    );
+    let recovered = RecoveryManager::recover(&file_system(), dir, RecoveryMode::Repair);
     bar.finish_and_clear();
-    let (stream, report) = opened?;
-    let status = stream.status();
-    stream.close()?;
+    let report = match recovered {
+        Ok(report) => report,
+        Err(error) => {
+            audit.record_or_log(
+                "repair",
+                &crate::audit::cli_actor(),
+                &dir.display().to_string(),
+                "error",
+                serde_json::json!({"error": error.to_string()}),
+            );
+            return Err(error.into());
+        }
+    };
     for tail in &report.truncated {
         println!(
             "truncated torn tail of {} at byte {}: {}",
@@ -135,11 +127,72 @@ pub fn repair(dir: &Path) -> Result<ExitCode> {
     for index in &report.rebuilt_indexes {
         println!("rebuilt index {}", index.display());
     }
-    println!(
-        "repaired: {} segments, records at offsets {}..{}",
-        status.segments, status.first_offset, status.next_offset
-    );
+    audit.record(
+        "repair",
+        &crate::audit::cli_actor(),
+        &dir.display().to_string(),
+        "ok",
+        serde_json::json!({
+            "truncated": report.truncated.iter().map(|tail| format!("{}@{}", tail.segment.display(), tail.position)).collect::<Vec<_>>(),
+            "quarantined": report.quarantined.iter().map(|range| range.saved_to.display().to_string()).collect::<Vec<_>>(),
+            "rebuilt_indexes": report.rebuilt_indexes.len(),
+        }),
+    )?;
+    println!("repaired: {} segments", report.segments);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The audit log of offline commands: `--audit-log`, else
+/// `<data_dir>/audit.log` when `dir` is `<data_dir>/streams/<name>`, else
+/// `audit.log` beside the stream directory.
+fn open_audit(dir: &Path, explicit: Option<&Path>) -> Result<crate::audit::AuditLog> {
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None => {
+            let parent = dir.parent().unwrap_or(Path::new("."));
+            if parent.file_name().is_some_and(|name| name == "streams") {
+                parent.parent().unwrap_or(Path::new(".")).join("audit.log")
+            } else {
+                parent.join("audit.log")
+            }
+        }
+    };
+    crate::audit::AuditLog::open(&path)
+}
+
+/// `natswal audit [FILE]`: prints and verifies the audit log.
+pub fn audit(path: &Path, json: bool) -> Result<ExitCode> {
+    let verification = crate::audit::verify(path)?;
+    for entry in &verification.entries {
+        if json {
+            println!("{entry}");
+        } else {
+            println!(
+                "{:>6}  {}  {:<18} {:<12} {:<24} {:<8} {}",
+                entry["seq"],
+                entry["time"].as_str().unwrap_or_default(),
+                entry["action"].as_str().unwrap_or_default(),
+                entry["actor"].as_str().unwrap_or_default(),
+                entry["target"].as_str().unwrap_or_default(),
+                entry["outcome"].as_str().unwrap_or_default(),
+                entry["details"]
+            );
+        }
+    }
+    for problem in &verification.problems {
+        eprintln!("PROBLEM: {problem}");
+    }
+    if verification.problems.is_empty() {
+        eprintln!(
+            "{}: {} entries, chain intact",
+            path.display(),
+            verification.entries.len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{}: the audit log was altered or damaged", path.display());
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// Parses RFC 3339 or Unix nanoseconds.
@@ -164,8 +217,10 @@ pub fn restore(
     output: &Path,
     to_offset: Option<u64>,
     to_time: Option<&str>,
+    audit_log: Option<&Path>,
 ) -> Result<ExitCode> {
     require_directory(dir)?;
+    let audit = open_audit(dir, audit_log)?;
     let point = match (to_offset, to_time) {
         (Some(offset), None) => PointInTime::Offset(offset),
         (None, Some(time)) => PointInTime::Time(parse_time(time)?),
@@ -175,16 +230,32 @@ pub fn restore(
             ))
         }
     };
-    let report = RecoveryManager::restore(&file_system(), dir, output, point)?;
-    // Open once so indexes are built and the result is verified.
-    let (stream, _) = Stream::open(
-        file_system(),
-        output,
-        &stream_name(dir),
-        Arc::new(SegmentCache::new(16)),
-        StreamOptions::default(),
+    let restored = RecoveryManager::restore(&file_system(), dir, output, point)
+        // Recover the copy once, so its indexes are built and it is checked.
+        .and_then(|report| {
+            RecoveryManager::recover(&file_system(), output, RecoveryMode::Strict).map(|_| report)
+        });
+    let target = format!("{} -> {}", dir.display(), output.display());
+    let report = match restored {
+        Ok(report) => report,
+        Err(error) => {
+            audit.record_or_log(
+                "restore",
+                &crate::audit::cli_actor(),
+                &target,
+                "error",
+                serde_json::json!({"error": error.to_string()}),
+            );
+            return Err(error.into());
+        }
+    };
+    audit.record(
+        "restore",
+        &crate::audit::cli_actor(),
+        &target,
+        "ok",
+        serde_json::json!({"point": format!("{point:?}"), "records_kept": report.records_kept, "records_left_out": report.records_removed}),
     )?;
-    stream.close()?;
     println!(
         "restored {} records (offsets up to {}) into {}; {} later records left out",
         report.records_kept,

@@ -31,6 +31,7 @@ pub const STATUS_END_OF_RANGE: u16 = 204;
 /// Caught up with the stream (and `wait` passed): ask again later.
 pub const STATUS_NO_MESSAGES: u16 = 404;
 pub const STATUS_BAD_REQUEST: u16 = 400;
+pub const STATUS_FORBIDDEN: u16 = 403;
 pub const STATUS_STREAM_NOT_FOUND: u16 = 410;
 pub const STATUS_STORAGE_ERROR: u16 = 500;
 

@@ -13,8 +13,24 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
-pub async fn serve(config: Config) -> Result<()> {
+/// What SIGHUP re-reads: the config file (with the same overrides). Only
+/// `[[access]]` rules take effect without a restart.
+pub struct Reload {
+    pub path: Option<std::path::PathBuf>,
+    pub overrides: crate::config::Overrides,
+}
+
+pub async fn serve(config: Config, reload: Reload) -> Result<()> {
     let metrics = Arc::new(BridgeMetrics::default());
+    let audit = Arc::new(crate::audit::AuditLog::open(&config.audit_path())?);
+    let keyring = Arc::new(config.keyring()?);
+    audit.record(
+        "server_start",
+        "natswal",
+        "server",
+        "ok",
+        serde_json::json!({"pid": std::process::id(), "streams": config.streams.iter().map(|stream| &stream.name).collect::<Vec<_>>()}),
+    )?;
     let store = Arc::new(Store::open(
         &config.data_dir,
         config.write_mode()?,
@@ -23,8 +39,39 @@ pub async fn serve(config: Config) -> Result<()> {
     let mut streams: BTreeMap<String, Arc<Stream>> = BTreeMap::new();
     let mut windows = BTreeMap::new();
     for section in &config.streams {
+        let retention_audit = Arc::clone(&audit);
+        let rotation_audit = Arc::clone(&audit);
         let options = StreamOptions {
             config: section.engine_config()?,
+            keyring: Arc::clone(&keyring),
+            hooks: natswal::stream::StreamHooks {
+                on_retention: Some(Arc::new(
+                    move |deletion: &natswal::retention::RetentionDeletion| {
+                        retention_audit.record_or_log(
+                            "retention_delete",
+                            "natswal",
+                            &deletion.stream,
+                            "ok",
+                            serde_json::json!({
+                                "segment": deletion.segment.display().to_string(),
+                                "offsets": [deletion.base_offset, deletion.next_offset],
+                                "records": deletion.records,
+                                "bytes": deletion.bytes,
+                                "limit": deletion.reason,
+                            }),
+                        );
+                    },
+                )),
+                on_key_rotation: Some(Arc::new(move |stream: &str, from: u32, to: u32| {
+                    rotation_audit.record_or_log(
+                        "key_rotation",
+                        "natswal",
+                        stream,
+                        "ok",
+                        serde_json::json!({"from_key_id": from, "to_key_id": to}),
+                    );
+                })),
+            },
             ..StreamOptions::default()
         };
         let opened_store = Arc::clone(&store);
@@ -51,7 +98,15 @@ pub async fn serve(config: Config) -> Result<()> {
         );
         // The writer checks Nats-Expected-Last-Msg-Id against the last
         // stored record's id: read it from the log.
-        let last_id = stream.last_record()?.and_then(|record| {
+        let last_record = match stream.last_record() {
+            Ok(record) => record,
+            Err(natswal::Error::KeyUnavailable { key_id, .. }) => {
+                tracing::warn!(stream = %section.name, key_id, "the last record's key is not configured: Nats-Expected-Last-Msg-Id fails until a new record is stored");
+                None
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let last_id = last_record.and_then(|record| {
             crate::headers::find(&record.headers, crate::batch::HEADER_MSG_ID).map(Arc::<str>::from)
         });
         stream.set_last_message_id(last_id);
@@ -118,11 +173,30 @@ pub async fn serve(config: Config) -> Result<()> {
             shutdown.clone(),
         )));
     }
+    let access = Arc::new(std::sync::RwLock::new(crate::api::AccessRules::new(
+        &config.access,
+    )?));
     let api = crate::api::ApiService {
         client: api_client.clone(),
         streams: Arc::clone(&streams),
+        stream_subjects: Arc::new(
+            config
+                .streams
+                .iter()
+                .map(|section| {
+                    let patterns = section
+                        .subjects
+                        .iter()
+                        .map(|subject| natswal::SubjectPattern::parse(subject).expect("validated"))
+                        .collect();
+                    (section.name.clone(), patterns)
+                })
+                .collect(),
+        ),
         metrics: Arc::clone(&metrics),
         prefix: config.api.prefix.clone(),
+        access: Arc::clone(&access),
+        audit: Arc::clone(&audit),
     };
     let api_task = tokio::spawn(crate::api::run(api, shutdown.clone()));
     // Subscriptions reach the server before we call ourselves ready.
@@ -146,7 +220,7 @@ pub async fn serve(config: Config) -> Result<()> {
         streams.len(),
         config.nats.servers.join(",")
     );
-    wait_for_signal().await?;
+    wait_for_signal(&reload, &access, &audit).await?;
     tracing::info!("shutting down: stopping intake, syncing, sending due acks");
     readiness.serving.store(false, Ordering::Release);
     let _ = shutdown_sender.send(true);
@@ -173,15 +247,83 @@ pub async fn serve(config: Config) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
+async fn wait_for_signal(
+    reload: &Reload,
+    access: &std::sync::RwLock<crate::api::AccessRules>,
+    audit: &crate::audit::AuditLog,
+) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup())
+        .map_err(|error| BridgeError::io("cannot handle SIGHUP", error))?;
     let mut terminate = signal(SignalKind::terminate())
         .map_err(|error| BridgeError::io("cannot handle SIGTERM", error))?;
     let mut interrupt = signal(SignalKind::interrupt())
         .map_err(|error| BridgeError::io("cannot handle SIGINT", error))?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => {
+                tracing::info!("SIGTERM received");
+                break;
+            }
+            _ = interrupt.recv() => {
+                tracing::info!("SIGINT received");
+                break;
+            }
+            _ = hangup.recv() => reload_access(reload, access, audit),
+        }
     }
+    audit.record_or_log(
+        "server_stop",
+        "natswal",
+        "server",
+        "ok",
+        serde_json::json!({}),
+    );
     Ok(())
+}
+
+/// SIGHUP: re-reads the config and applies its `[[access]]` rules; other
+/// changes need a restart (and are logged as such).
+fn reload_access(
+    reload: &Reload,
+    access: &std::sync::RwLock<crate::api::AccessRules>,
+    audit: &crate::audit::AuditLog,
+) {
+    let file = reload
+        .path
+        .as_ref()
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|| "(defaults)".to_string());
+    let loaded = Config::load(reload.path.as_deref(), &reload.overrides)
+        .and_then(|config| crate::api::AccessRules::new(&config.access));
+    match loaded {
+        Ok(rules) => {
+            let count = rules.len();
+            *access
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = rules;
+            tracing::info!(
+                file,
+                rules = count,
+                "configuration reloaded: access rules applied (other changes need a restart)"
+            );
+            audit.record_or_log(
+                "config_reload",
+                "signal:SIGHUP",
+                &file,
+                "ok",
+                serde_json::json!({"access_rules": count}),
+            );
+        }
+        Err(error) => {
+            tracing::error!(file, %error, "configuration reload refused; the running configuration stays");
+            audit.record_or_log(
+                "config_reload",
+                "signal:SIGHUP",
+                &file,
+                "error",
+                serde_json::json!({"error": error.to_string()}),
+            );
+        }
+    }
 }

@@ -795,6 +795,9 @@ async fn atomic_load(
     })
 }
 
+/// Numbers fast-ingest runs, for unique batch ids.
+static FAST_RUNS: AtomicU64 = AtomicU64::new(0);
+
 /// Fast-ingest publishers (ADR-50): reply subjects carry the control,
 /// at most 2 flow acks outstanding; counts messages covered by flow acks.
 async fn fast_load(
@@ -816,8 +819,11 @@ async fn fast_load(
         let acked_total = Arc::clone(&acked_total);
         let payload = payload.clone();
         let subject = format!("{subject_prefix}.{publisher}");
+        let run = FAST_RUNS.fetch_add(1, Ordering::Relaxed);
         tasks.push(tokio::spawn(async move {
-            let inbox = format!("_INBOX.fast{publisher}x{}", std::process::id());
+            // A fresh batch id per run: a batch left open by an earlier run
+            // must not be continued.
+            let inbox = format!("_INBOX.fast{publisher}r{run}x{}", std::process::id());
             let Ok(mut control) = client.subscribe(format!("{inbox}.>")).await else {
                 return;
             };
@@ -856,6 +862,14 @@ async fn fast_load(
                 }
             }
             acked_total.fetch_add(acked, Ordering::Relaxed);
+            // Close the batch without storing more (EOB), so it does not
+            // linger in the target.
+            if sequence > 0 {
+                let reply = format!("{inbox}.{flow}.ok.{}.3.$FI", sequence + 1);
+                let _ = client
+                    .publish_with_reply(subject.clone(), reply, Bytes::new())
+                    .await;
+            }
         }));
     }
     tokio::time::sleep(duration).await;

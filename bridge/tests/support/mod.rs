@@ -237,13 +237,18 @@ impl Natswal {
         }
     }
 
+    /// Sends `signal` (for example `libc::SIGHUP`) to the running process.
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("running");
+        // SAFETY: kill(2) with a valid pid and signal touches no memory.
+        let result = unsafe { libc::kill(child.id() as i32, signal) };
+        assert_eq!(result, 0, "kill({}, {signal}) failed", child.id());
+    }
+
     /// SIGTERM and wait for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
         let mut child = self.child.take().expect("running");
-        // SAFETY: kill(2) with a valid pid and signal touches no memory.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
         child.wait().expect("wait for natswal")
     }
 
