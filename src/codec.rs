@@ -18,11 +18,11 @@
 use crate::error::{Error, Result};
 use crate::format::frame::{flags, FrameBuilder, FrameHeader, FRAME_HEADER_LENGTH};
 use crate::format::record::RecordIter;
-use aes_gcm::aead::{AeadInPlace, KeyInit};
 use bytes::Bytes;
 use std::collections::BTreeMap;
+use std::mem::MaybeUninit;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use zeroize::{Zeroize, Zeroizing};
 
 /// Bytes of the AEAD tag appended to an encrypted body.
@@ -82,6 +82,50 @@ impl std::fmt::Display for Cipher {
 pub struct Key {
     id: u32,
     material: Zeroizing<[u8; KEY_LENGTH]>,
+    /// The expanded key schedule per cipher (by `Cipher::id() - 1`), built
+    /// on first use: expanding per frame would cost more than sealing a
+    /// small frame.
+    schedules: [OnceLock<Schedule>; 2],
+}
+
+/// A cipher's expanded key, zeroized when dropped (ring's key types do
+/// not zeroize themselves).
+struct Schedule {
+    key: Box<MaybeUninit<ring::aead::LessSafeKey>>,
+}
+
+impl Schedule {
+    fn new(cipher: Cipher, material: &[u8; KEY_LENGTH]) -> Schedule {
+        let algorithm = match cipher {
+            Cipher::Aes256Gcm => &ring::aead::AES_256_GCM,
+            Cipher::ChaCha20Poly1305 => &ring::aead::CHACHA20_POLY1305,
+        };
+        let unbound = ring::aead::UnboundKey::new(algorithm, material)
+            .expect("both ciphers take 32-byte keys");
+        Schedule {
+            key: Box::new(MaybeUninit::new(ring::aead::LessSafeKey::new(unbound))),
+        }
+    }
+
+    fn key(&self) -> &ring::aead::LessSafeKey {
+        // SAFETY: initialized in `new`; only `drop` de-initializes it.
+        unsafe { self.key.assume_init_ref() }
+    }
+}
+
+impl Drop for Schedule {
+    fn drop(&mut self) {
+        let pointer: *mut MaybeUninit<ring::aead::LessSafeKey> = &mut *self.key;
+        // SAFETY: the key was initialized in `new` and is dropped exactly
+        // once, here; afterwards its bytes are overwritten through the
+        // `MaybeUninit`, for which all-zero bytes are a valid value. ring's
+        // keys are flat data (round keys and GHASH tables, no pointers to
+        // heap memory), so zeroing the bytes erases the schedule.
+        unsafe {
+            std::ptr::drop_in_place((*pointer).as_mut_ptr());
+            zeroize::zeroize_flat_type(pointer);
+        }
+    }
 }
 
 impl std::fmt::Debug for Key {
@@ -100,6 +144,7 @@ impl Key {
         Key {
             id,
             material: Zeroizing::new(material),
+            schedules: [OnceLock::new(), OnceLock::new()],
         }
     }
 
@@ -145,6 +190,12 @@ impl Key {
 
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    fn schedule(&self, cipher: Cipher) -> &ring::aead::LessSafeKey {
+        self.schedules[usize::from(cipher.id() - 1)]
+            .get_or_init(|| Schedule::new(cipher, &self.material))
+            .key()
     }
 }
 
@@ -197,22 +248,20 @@ fn seal(
     aad: &[u8],
     body: &mut [u8],
 ) -> Result<[u8; TAG_LENGTH]> {
-    let failure = |_| Error::InvalidInput("encryption failed".to_string());
-    let tag = match cipher {
-        Cipher::Aes256Gcm => aes_gcm::Aes256Gcm::new_from_slice(&key.material[..])
-            .map_err(|_| Error::InvalidInput("bad key length".to_string()))?
-            .encrypt_in_place_detached(nonce.into(), aad, body)
-            .map_err(failure)?,
-        Cipher::ChaCha20Poly1305 => {
-            chacha20poly1305::ChaCha20Poly1305::new_from_slice(&key.material[..])
-                .map_err(|_| Error::InvalidInput("bad key length".to_string()))?
-                .encrypt_in_place_detached(nonce.into(), aad, body)
-                .map_err(failure)?
-        }
-    };
-    Ok(tag.into())
+    let tag = key
+        .schedule(cipher)
+        .seal_in_place_separate_tag(
+            ring::aead::Nonce::assume_unique_for_key(*nonce),
+            ring::aead::Aad::from(aad),
+            body,
+        )
+        .map_err(|_| Error::InvalidInput("encryption failed".to_string()))?;
+    let mut bytes = [0u8; TAG_LENGTH];
+    bytes.copy_from_slice(tag.as_ref());
+    Ok(bytes)
 }
 
+/// Decrypts `body` in place; false when authentication fails.
 fn open(
     cipher: Cipher,
     key: &Key,
@@ -221,22 +270,18 @@ fn open(
     body: &mut [u8],
     tag: &[u8],
 ) -> bool {
-    match cipher {
-        Cipher::Aes256Gcm => aes_gcm::Aes256Gcm::new_from_slice(&key.material[..])
-            .map(|aead| {
-                aead.decrypt_in_place_detached(nonce.into(), aad, body, tag.into())
-                    .is_ok()
-            })
-            .unwrap_or(false),
-        Cipher::ChaCha20Poly1305 => {
-            chacha20poly1305::ChaCha20Poly1305::new_from_slice(&key.material[..])
-                .map(|aead| {
-                    aead.decrypt_in_place_detached(nonce.into(), aad, body, tag.into())
-                        .is_ok()
-                })
-                .unwrap_or(false)
-        }
-    }
+    let Ok(tag) = ring::aead::Tag::try_from(tag) else {
+        return false;
+    };
+    key.schedule(cipher)
+        .open_in_place_separate_tag(
+            ring::aead::Nonce::assume_unique_for_key(*nonce),
+            ring::aead::Aad::from(aad),
+            tag,
+            body,
+            0..,
+        )
+        .is_ok()
 }
 
 /// The writer's side: compresses and encrypts frames as they are built.
