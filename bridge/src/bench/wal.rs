@@ -5,6 +5,8 @@
 //!   pwrite backends;
 //! - the disk's raw limit: sequential `write` + `fdatasync` of the same
 //!   bytes with the same number of syncs as each `fsync` case, and the ratio;
+//! - compression and encryption on a JSON event mix, as ratios to plain
+//!   `fsync` in the same round (see `codec.rs`);
 //! - append-to-durable latency percentiles at half the measured maximum;
 //! - scan throughput of 10 M records of 128 B, unfiltered and filtered;
 //! - anonymous memory while writing many GiB, and the time to open that
@@ -66,9 +68,16 @@ pub struct WalBenchArgs {
     /// Only the latency case (needs --latency-rate).
     #[arg(long)]
     pub latency_only: bool,
+    /// Rounds of the compression and encryption case (each round measures
+    /// every codec and its own plain peer); 0 skips it.
+    #[arg(long, default_value_t = 2)]
+    pub codec_rounds: usize,
+    /// Only the compression and encryption case.
+    #[arg(long)]
+    pub codec_only: bool,
 }
 
-fn stream_config(durability: Durability) -> StreamConfig {
+pub(super) fn stream_config(durability: Durability) -> StreamConfig {
     let segment_mib = SEGMENT_MIB.load(Ordering::Relaxed);
     StreamConfig {
         durability,
@@ -81,11 +90,19 @@ fn stream_config(durability: Durability) -> StreamConfig {
 static SEGMENT_MIB: AtomicU64 = AtomicU64::new(128);
 
 fn open_stream(directory: &Path, write_mode: WriteMode, config: StreamConfig) -> Stream {
-    let file_system: Arc<dyn FileSystem> = Arc::new(OsFileSystem::new(write_mode));
     let options = StreamOptions {
         config,
         ..StreamOptions::default()
     };
+    open_stream_with(directory, write_mode, options)
+}
+
+pub(super) fn open_stream_with(
+    directory: &Path,
+    write_mode: WriteMode,
+    options: StreamOptions,
+) -> Stream {
+    let file_system: Arc<dyn FileSystem> = Arc::new(OsFileSystem::new(write_mode));
     Stream::open(
         file_system,
         directory,
@@ -99,21 +116,22 @@ fn open_stream(directory: &Path, write_mode: WriteMode, config: StreamConfig) ->
 
 /// Result of one throughput case.
 #[derive(Debug, Clone, Copy)]
-struct Throughput {
-    messages: u64,
-    payload_bytes: u64,
-    seconds: f64,
-    frames: u64,
-    syncs: u64,
-    log_bytes: u64,
+pub(super) struct Throughput {
+    pub messages: u64,
+    pub payload_bytes: u64,
+    pub seconds: f64,
+    pub frames: u64,
+    pub syncs: u64,
+    /// Frame bytes written to the log (after compression and encryption).
+    pub log_bytes: u64,
 }
 
 impl Throughput {
-    fn messages_per_second(&self) -> f64 {
+    pub fn messages_per_second(&self) -> f64 {
         self.messages as f64 / self.seconds
     }
 
-    fn megabytes_per_second(&self) -> f64 {
+    pub fn megabytes_per_second(&self) -> f64 {
         self.payload_bytes as f64 / self.seconds / 1e6
     }
 }
@@ -126,13 +144,14 @@ fn subjects() -> Vec<Bytes> {
 
 /// Producers keep `in_flight` appends each outstanding until `duration`
 /// passes; returns what completed successfully.
-async fn run_producers(
+pub(super) async fn run_producers(
     stream: Arc<Stream>,
-    payload_size: usize,
+    payloads: Arc<Vec<Bytes>>,
     args: &WalBenchArgs,
     duration: Duration,
 ) -> Throughput {
-    let payload = Bytes::from(vec![0x5a; payload_size]);
+    assert!(!payloads.is_empty(), "at least one payload");
+    let submitted_bytes = Arc::new(AtomicU64::new(0));
     let subjects = Arc::new(subjects());
     let stop = Arc::new(AtomicBool::new(false));
     let completed = Arc::new(AtomicU64::new(0));
@@ -144,9 +163,11 @@ async fn run_producers(
     );
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for producer in 0..args.producers {
+    let producers = args.producers;
+    for producer in 0..producers {
         let stream = Arc::clone(&stream);
-        let payload = payload.clone();
+        let payloads = Arc::clone(&payloads);
+        let submitted_bytes = Arc::clone(&submitted_bytes);
         let subjects = Arc::clone(&subjects);
         let stop = Arc::clone(&stop);
         let completed = Arc::clone(&completed);
@@ -168,14 +189,20 @@ async fn run_producers(
                 }
                 (done, errors)
             });
-            let mut index = producer;
+            // Producers start far apart in the payload list, so one frame
+            // does not hold the same payload from each of them (which would
+            // flatter compression).
+            let mut index = producer * (payloads.len() / producers).max(1) + producer;
+            let mut payload_bytes = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 window.acquire().await.expect("window open").forget();
+                let payload = payloads[index % payloads.len()].clone();
+                payload_bytes += payload.len() as u64;
                 let record = Record {
                     timestamp_ns: 0,
                     subject: subjects[index % subjects.len()].clone(),
                     headers: Bytes::new(),
-                    payload: payload.clone(),
+                    payload,
                 };
                 index += 1;
                 let request = AppendRequest {
@@ -191,6 +218,7 @@ async fn run_producers(
                 }
             }
             drop(sender);
+            submitted_bytes.fetch_add(payload_bytes, Ordering::Relaxed);
             let (done, errors) = drain.await.expect("drain task");
             completed.fetch_add(done, Ordering::Relaxed);
             failed.fetch_add(errors, Ordering::Relaxed);
@@ -208,9 +236,11 @@ async fn run_producers(
         0,
         "appends failed during the benchmark"
     );
+    // Every submitted append completed (none failed, checked above), so
+    // the submitted payload bytes are the stored ones.
     Throughput {
         messages,
-        payload_bytes: messages * payload_size as u64,
+        payload_bytes: submitted_bytes.load(Ordering::Relaxed),
         seconds,
         frames: stream.metrics().frames.load(Ordering::Relaxed) - metrics_before.0,
         syncs: stream.metrics().syncs.load(Ordering::Relaxed) - metrics_before.1,
@@ -241,7 +271,7 @@ fn raw_sequential(directory: &Path, total_bytes: u64, syncs: u64) -> f64 {
     (chunk as u64 * syncs) as f64 / seconds / 1e6
 }
 
-fn fresh_directory(root: &Path, name: &str) -> PathBuf {
+pub(super) fn fresh_directory(root: &Path, name: &str) -> PathBuf {
     let directory = root.join(name);
     let _ = std::fs::remove_dir_all(&directory);
     std::fs::create_dir_all(&directory).expect("bench directory");
@@ -264,6 +294,11 @@ pub async fn run(args: WalBenchArgs) -> crate::error::Result<()> {
     }
     println!("# natswal bench wal");
     println!();
+    if args.codec_only {
+        super::codec::codec_case(&args).await;
+        let _ = std::fs::remove_dir_all(&args.dir);
+        return Ok(());
+    }
     println!(
         "{} producers x {} appends in flight, {:.1} s per case, data in {}",
         args.producers,
@@ -286,7 +321,7 @@ pub async fn run(args: WalBenchArgs) -> crate::error::Result<()> {
                 ));
                 let result = run_producers(
                     Arc::clone(&stream),
-                    size,
+                    Arc::new(vec![Bytes::from(vec![0x5a; size])]),
                     &args,
                     Duration::from_secs_f64(args.seconds),
                 )
@@ -317,6 +352,9 @@ pub async fn run(args: WalBenchArgs) -> crate::error::Result<()> {
     }
     println!();
     println!("Ratio to raw compares log bytes per second (payload + record and frame headers) with a plain sequential write + fdatasync loop of the same bytes and the same number of syncs.");
+    if args.codec_rounds > 0 {
+        super::codec::codec_case(&args).await;
+    }
     if args.quick {
         return Ok(());
     }
@@ -336,7 +374,7 @@ pub async fn run(args: WalBenchArgs) -> crate::error::Result<()> {
     Ok(())
 }
 
-async fn close(stream: Arc<Stream>) {
+pub(super) async fn close(stream: Arc<Stream>) {
     tokio::task::spawn_blocking(move || stream.close().expect("bench stream closes"))
         .await
         .expect("close task");
@@ -529,7 +567,7 @@ async fn large_case(args: &WalBenchArgs) {
     while written < target_bytes {
         let result = run_producers(
             Arc::clone(&stream),
-            payload_size,
+            Arc::new(vec![Bytes::from(vec![0x5a; payload_size])]),
             &limited,
             Duration::from_secs(2),
         )
@@ -632,10 +670,15 @@ pub async fn writer_child(directory: &Path) -> crate::error::Result<()> {
         segment_mib: 128,
         quick: true,
         latency_only: false,
+        codec_rounds: 0,
+        codec_only: false,
     };
     let producing = tokio::spawn({
         let stream = Arc::clone(&stream);
-        async move { run_producers(stream, 1024, &args, Duration::from_secs(3600)).await }
+        async move {
+            let payloads = Arc::new(vec![Bytes::from(vec![0x5a; 1024])]);
+            run_producers(stream, payloads, &args, Duration::from_secs(3600)).await
+        }
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("writing");
