@@ -434,6 +434,51 @@ pub struct SegmentKey {
     pub cipher: u8,
 }
 
+/// The body of a checked frame after decryption (still compressed if it
+/// was). Errors name what is wrong; they never yield other data.
+fn open_body(
+    header: &FrameHeader,
+    frame: &Bytes,
+    keyring: &Keyring,
+    segment: SegmentKey,
+) -> std::result::Result<Vec<u8>, String> {
+    let end = header.frame_length as usize;
+    if header.flags & flags::ENCRYPTED == 0 {
+        return Ok(frame[FRAME_HEADER_LENGTH..end].to_vec());
+    }
+    if segment.key_id == 0 {
+        return Err("frame is encrypted but its segment names no key".to_string());
+    }
+    let cipher = Cipher::from_id(segment.cipher)
+        .ok_or_else(|| format!("unknown cipher id {}", segment.cipher))?;
+    let key = keyring.get(segment.key_id).ok_or_else(|| {
+        format!(
+            "frame is encrypted with key id {}, which is not configured (configure the key to read it)",
+            segment.key_id
+        )
+    })?;
+    if end < FRAME_HEADER_LENGTH + TAG_LENGTH {
+        return Err("encrypted frame is shorter than its tag".to_string());
+    }
+    let mut body = frame[FRAME_HEADER_LENGTH..end - TAG_LENGTH].to_vec();
+    let tag = &frame[end - TAG_LENGTH..end];
+    if !open(
+        cipher,
+        key,
+        &header.nonce,
+        &frame[8..FRAME_HEADER_LENGTH],
+        &mut body,
+        tag,
+    ) {
+        body.zeroize();
+        return Err(format!(
+            "frame failed authentication with key id {} (wrong key, or the frame or its header was altered)",
+            segment.key_id
+        ));
+    }
+    Ok(body)
+}
+
 /// The records of a checked frame, decrypting and decompressing as its
 /// flags say. Errors name what is wrong; they never yield other data.
 pub fn frame_records(
@@ -446,42 +491,7 @@ pub fn frame_records(
     if !transformed {
         return Ok(header.plain_records(frame));
     }
-    let end = header.frame_length as usize;
-    let mut body: Vec<u8>;
-    if header.flags & flags::ENCRYPTED != 0 {
-        if segment.key_id == 0 {
-            return Err("frame is encrypted but its segment names no key".to_string());
-        }
-        let cipher = Cipher::from_id(segment.cipher)
-            .ok_or_else(|| format!("unknown cipher id {}", segment.cipher))?;
-        let key = keyring.get(segment.key_id).ok_or_else(|| {
-            format!(
-                "frame is encrypted with key id {}, which is not configured (configure the key to read it)",
-                segment.key_id
-            )
-        })?;
-        if end < FRAME_HEADER_LENGTH + TAG_LENGTH {
-            return Err("encrypted frame is shorter than its tag".to_string());
-        }
-        body = frame[FRAME_HEADER_LENGTH..end - TAG_LENGTH].to_vec();
-        let tag = &frame[end - TAG_LENGTH..end];
-        if !open(
-            cipher,
-            key,
-            &header.nonce,
-            &frame[8..FRAME_HEADER_LENGTH],
-            &mut body,
-            tag,
-        ) {
-            body.zeroize();
-            return Err(format!(
-                "frame failed authentication with key id {} (wrong key, or the frame or its header was altered)",
-                segment.key_id
-            ));
-        }
-    } else {
-        body = frame[FRAME_HEADER_LENGTH..end].to_vec();
-    }
+    let mut body = open_body(header, frame, keyring, segment)?;
     if header.flags & flags::COMPRESSION_MASK == flags::COMPRESSION_ZSTD {
         let plain_length = header.body_length_plain as usize;
         // The plain length bounds the allocation; a frame cannot hold more
@@ -513,6 +523,28 @@ pub fn frame_records(
         header.base_offset,
         header.record_count,
     ))
+}
+
+/// An encrypted frame as a valid plain frame: the body decrypted but left
+/// compressed if it was (nothing is recompressed), the tag dropped, the
+/// encrypted flag and nonce cleared, the checksum recomputed.
+pub fn decrypt_frame(
+    header: &FrameHeader,
+    frame: &Bytes,
+    keyring: &Keyring,
+    segment: SegmentKey,
+) -> std::result::Result<(FrameHeader, Bytes), String> {
+    let body = Zeroizing::new(open_body(header, frame, keyring, segment)?);
+    let mut plain = *header;
+    plain.flags &= !flags::ENCRYPTED;
+    plain.nonce = [0; 12];
+    plain.frame_length = (FRAME_HEADER_LENGTH + body.len()) as u32;
+    let mut bytes = vec![0u8; FRAME_HEADER_LENGTH];
+    plain.encode_fields(&mut bytes);
+    bytes.extend_from_slice(&body);
+    let crc = crc32c::crc32c(&bytes[8..]);
+    bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok((plain, Bytes::from_owner(ZeroizingBody(bytes))))
 }
 
 /// The nonce epoch of a stream: raised and persisted at every open, so

@@ -33,7 +33,7 @@ pub use config::{Durability, RetentionPolicy, StreamConfig};
 pub use coordinator::{AppendOutcome, AppendRequest, Completed, Completion, Precondition};
 pub use error::{Error, PreconditionFailure, Result};
 pub use format::record::{Record, StoredRecord};
-pub use reader::{Reader, StartPosition};
+pub use reader::{decode_frame_bytes, Reader, StartPosition, StoredFrame};
 pub use recovery::{PointInTime, RecoveryManager, RecoveryMode, RecoveryReport};
 pub use store::Store;
 pub use stream::{Stream, StreamOptions, StreamStatus, FIRST_OFFSET};

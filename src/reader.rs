@@ -44,6 +44,54 @@ pub(crate) fn decode_frame(
     .collect()
 }
 
+/// One frame exactly as stored: its checked header, its bytes (header
+/// included) and the key of the segment it is in.
+#[derive(Debug, Clone)]
+pub struct StoredFrame {
+    pub header: FrameHeader,
+    pub bytes: Bytes,
+    pub segment_key: crate::codec::SegmentKey,
+}
+
+impl StoredFrame {
+    pub fn is_encrypted(&self) -> bool {
+        self.header.flags & crate::format::frame::flags::ENCRYPTED != 0
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.header.flags & crate::format::frame::flags::COMPRESSION_MASK != 0
+    }
+}
+
+/// Checks and decodes one plain (not encrypted) frame received as bytes,
+/// for example from a frames-mode replay. The body may be compressed; its
+/// plain length may not exceed `plain_bytes_max` (the bytes are not
+/// trusted, so allocation is bounded).
+pub fn decode_frame_bytes(
+    bytes: &[u8],
+    plain_bytes_max: usize,
+) -> std::result::Result<Vec<StoredRecord>, String> {
+    let header = match check_frame(bytes) {
+        FrameCheck::Valid(header) => header,
+        FrameCheck::Defect(defect) => return Err(defect.to_string()),
+        FrameCheck::Unsupported(reason) => return Err(reason),
+    };
+    if header.frame_length as usize != bytes.len() {
+        return Err(format!(
+            "frame says {} bytes but {} were received",
+            header.frame_length,
+            bytes.len()
+        ));
+    }
+    if header.body_length_plain as usize > plain_bytes_max {
+        return Err(format!(
+            "frame body of {} bytes exceeds the limit of {plain_bytes_max}",
+            header.body_length_plain
+        ));
+    }
+    decode_frame(&header, &Bytes::copy_from_slice(bytes))
+}
+
 /// An iterator over a stream. `next` never blocks: `Ok(None)` means the
 /// reader has caught up; `wait` then resolves when more may be there.
 pub struct Reader {
@@ -193,17 +241,19 @@ impl Reader {
         }
     }
 
-    /// Loads the next frame's records; false when caught up.
-    fn next_frame(&mut self) -> Result<bool> {
+    /// Moves to the next frame holding offsets at or after `next_offset`
+    /// (and, when starting by time, a timestamp at or after the start);
+    /// `None` when caught up.
+    fn locate_frame(&mut self) -> Result<Option<StoredFrame>> {
         loop {
             let Some(segment) = self.segment.clone() else {
                 let segments = self.shared.segments_snapshot();
                 let Some(first) = segments.first() else {
-                    return Ok(false);
+                    return Ok(None);
                 };
                 self.seek_offset(&segments, self.next_offset.max(first.base_offset()))?;
                 if self.segment.is_none() {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 continue;
             };
@@ -229,7 +279,7 @@ impl Reader {
                     continue;
                 }
                 if !sealed || (self.window.len() as u64) < segment.final_length() {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 let segments = self.shared.segments_snapshot();
                 let following = segments
@@ -244,7 +294,7 @@ impl Reader {
                         self.next_offset = self.next_offset.max(next.base_offset());
                         continue;
                     }
-                    None => return Ok(false),
+                    None => return Ok(None),
                 }
             }
             let position = self.position as usize;
@@ -279,25 +329,86 @@ impl Reader {
                     cipher: header.cipher,
                 });
             }
-            let segment_key = self.segment_key.unwrap_or_default();
-            if header.flags & crate::format::frame::flags::ENCRYPTED != 0
-                && segment_key.key_id != 0
-                && self.shared.keyring.get(segment_key.key_id).is_none()
-            {
-                // Not damage: the bytes are fine, the key is missing. Say so,
-                // so nobody "repairs" (quarantines) intact data.
-                return Err(Error::KeyUnavailable {
-                    path: segment.path().to_path_buf(),
-                    key_id: segment_key.key_id,
-                    resume_offset: segment.next_offset(),
-                });
-            }
-            self.records = Some(
-                crate::codec::frame_records(&header, &frame, &self.shared.keyring, segment_key)
-                    .map_err(|reason| self.damage(self.frame_position, reason))?,
-            );
-            return Ok(true);
+            return Ok(Some(StoredFrame {
+                header,
+                bytes: frame,
+                segment_key: self.segment_key.unwrap_or_default(),
+            }));
         }
+    }
+
+    /// Loads the next frame's records; false when caught up.
+    fn next_frame(&mut self) -> Result<bool> {
+        let Some(frame) = self.locate_frame()? else {
+            return Ok(false);
+        };
+        self.check_key(&frame)?;
+        self.records = Some(
+            crate::codec::frame_records(
+                &frame.header,
+                &frame.bytes,
+                &self.shared.keyring,
+                frame.segment_key,
+            )
+            .map_err(|reason| self.damage(self.frame_position, reason))?,
+        );
+        Ok(true)
+    }
+
+    /// Not damage: the bytes are fine, the key is missing. Say so, so
+    /// nobody "repairs" (quarantines) intact data.
+    fn check_key(&self, frame: &StoredFrame) -> Result<()> {
+        let key_id = frame.segment_key.key_id;
+        if frame.is_encrypted() && key_id != 0 && self.shared.keyring.get(key_id).is_none() {
+            let segment = self.segment.as_ref();
+            return Err(Error::KeyUnavailable {
+                path: segment
+                    .map(|segment| segment.path().to_path_buf())
+                    .unwrap_or_default(),
+                key_id,
+                resume_offset: segment
+                    .map_or(frame.header.next_offset(), |segment| segment.next_offset()),
+            });
+        }
+        Ok(())
+    }
+
+    /// The next whole frame as stored (compressed and encrypted as on
+    /// disk), for handing on without re-encoding: replication ships these,
+    /// replay sends them after [`decrypt`](Reader::decrypt). The frame may
+    /// begin before the reader's next offset (the caller skips those
+    /// records); the subject filter does not apply to whole frames. `None`
+    /// when caught up.
+    pub fn next_stored_frame(&mut self) -> Result<Option<StoredFrame>> {
+        // Records of a partly consumed frame were already handed out.
+        self.records = None;
+        let Some(frame) = self.locate_frame()? else {
+            return Ok(None);
+        };
+        self.skip_before_time = None;
+        self.next_offset = self.next_offset.max(frame.header.next_offset());
+        Ok(Some(frame))
+    }
+
+    /// `frame` with its body decrypted (still compressed if it was), as a
+    /// valid plain frame; unchanged if it was not encrypted.
+    pub fn decrypt(&self, frame: StoredFrame) -> Result<StoredFrame> {
+        if !frame.is_encrypted() {
+            return Ok(frame);
+        }
+        self.check_key(&frame)?;
+        let (header, bytes) = crate::codec::decrypt_frame(
+            &frame.header,
+            &frame.bytes,
+            &self.shared.keyring,
+            frame.segment_key,
+        )
+        .map_err(|reason| self.damage(self.frame_position, reason))?;
+        Ok(StoredFrame {
+            header,
+            bytes,
+            segment_key: crate::codec::SegmentKey::default(),
+        })
     }
 
     /// True once retention removed `segment` from the stream (it does so

@@ -350,3 +350,100 @@ async fn nonces_never_repeat_across_restarts_and_truncation() {
         );
     }
 }
+
+#[tokio::test]
+async fn stored_frames_are_handed_on_as_on_disk_and_decrypt_without_recompressing() {
+    let directory = tempfile::tempdir().unwrap();
+    let encryption = Some(EncryptionConfig {
+        cipher: Cipher::Aes256Gcm,
+        key_id: 1,
+    });
+    let compression = Compression::Zstd { level: 1 };
+    let stream = open_with(directory.path(), compression, encryption, vec![key(1)]).unwrap();
+    let expected: Vec<_> = (0..2000).map(json_record).collect();
+    for chunk in expected.chunks(100) {
+        stream.append_batch(chunk.to_vec()).await.unwrap();
+    }
+    let files: Vec<Vec<u8>> = segment_files(directory.path())
+        .iter()
+        .map(|path| std::fs::read(path).unwrap())
+        .collect();
+    // Start inside a frame: the first frame still arrives whole.
+    let start = 150;
+    let mut reader = stream
+        .reader(natswal::StartPosition::Offset(start), None)
+        .unwrap();
+    let mut decoded = Vec::new();
+    let mut frames = 0;
+    while let Some(frame) = reader.next_stored_frame().unwrap() {
+        frames += 1;
+        assert!(frame.is_encrypted() && frame.is_compressed());
+        assert_eq!(frame.segment_key.key_id, 1);
+        // Exactly the bytes on disk: nothing was re-encoded.
+        assert!(
+            files
+                .iter()
+                .any(|file| memchr::memmem::find(file, &frame.bytes).is_some()),
+            "stored frame at {} is not on disk as handed out",
+            frame.header.base_offset
+        );
+        // Clients have no key: the plain frame keeps its compressed body.
+        let plain = reader.decrypt(frame.clone()).unwrap();
+        assert!(!plain.is_encrypted() && plain.is_compressed());
+        assert!(plain.bytes.len() < frame.bytes.len());
+        assert!(memchr::memmem::find(&frame.bytes, MARKER.as_bytes()).is_none());
+        let records = natswal::decode_frame_bytes(&plain.bytes, 1 << 20).unwrap();
+        assert_eq!(records.len() as u32, plain.header.record_count);
+        decoded.extend(records);
+    }
+    assert_eq!(
+        frames, 19,
+        "one frame per appended batch, from the one holding 150"
+    );
+    assert_eq!(
+        decoded.first().unwrap().offset,
+        101,
+        "the frame holding offset 150"
+    );
+    let wanted: Vec<_> = decoded
+        .into_iter()
+        .filter(|record| record.offset >= start)
+        .collect();
+    assert_eq!(wanted.len(), expected.len() - (start as usize - 1));
+    for record in &wanted {
+        assert_record(record, &expected[index_of(record.offset)], record.offset);
+    }
+    // Bounds and damage are errors, never records.
+    let mut reader = stream
+        .reader(natswal::StartPosition::Earliest, None)
+        .unwrap();
+    let first = reader.next_stored_frame().unwrap().unwrap();
+    let plain = reader.decrypt(first).unwrap();
+    let error = natswal::decode_frame_bytes(&plain.bytes, 64).unwrap_err();
+    assert!(error.contains("exceeds the limit"), "{error}");
+    let mut damaged = plain.bytes.to_vec();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 1;
+    let error = natswal::decode_frame_bytes(&damaged, 1 << 20).unwrap_err();
+    assert!(error.contains("checksum"), "{error}");
+    let error = natswal::decode_frame_bytes(&plain.bytes[..100], 1 << 20).unwrap_err();
+    assert!(error.contains("only"), "{error}");
+    drop(reader);
+    stream.close().unwrap();
+    // Without the key the frame is still handed on (replication ships it
+    // as it is), but decrypting it names the missing key.
+    let rotated = Some(EncryptionConfig {
+        cipher: Cipher::Aes256Gcm,
+        key_id: 2,
+    });
+    let stream = open_with(directory.path(), compression, rotated, vec![key(2)]).unwrap();
+    let mut reader = stream
+        .reader(natswal::StartPosition::Earliest, None)
+        .unwrap();
+    let frame = reader.next_stored_frame().unwrap().unwrap();
+    assert_eq!(frame.segment_key.key_id, 1);
+    match reader.decrypt(frame) {
+        Err(natswal::Error::KeyUnavailable { key_id: 1, .. }) => {}
+        other => panic!("expected KeyUnavailable for key 1, got {other:?}"),
+    }
+}
