@@ -349,8 +349,14 @@ impl ApiService {
         let batch = request.batch.unwrap_or(BATCH_DEFAULT);
         let batch_max = match request.mode {
             Mode::Messages => BATCH_MAX,
-            Mode::Batched => BATCH_MAX_BATCHED,
+            Mode::Batched | Mode::Frames => BATCH_MAX_BATCHED,
         };
+        if request.mode == Mode::Frames && request.filter.is_some() {
+            return Err(bad(
+                "frames mode sends whole frames and cannot filter; use mode messages or batched"
+                    .to_string(),
+            ));
+        }
         if batch == 0 || batch > batch_max {
             return Err(bad(format!(
                 "batch must be between 1 and {batch_max} in this mode"
@@ -377,7 +383,47 @@ impl ApiService {
         let deadline = Instant::now() + wait;
         let mut reached_end = false;
         let mut bytes_sent = 0u64;
-        while sender.count < wanted && bytes_sent < max_bytes {
+        while request.mode == Mode::Frames && sender.count < wanted && bytes_sent < max_bytes {
+            let frame = match reader.next_stored_frame().and_then(|frame| match frame {
+                Some(frame) => reader.decrypt(frame).map(Some),
+                None => Ok(None),
+            }) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if sender.count > 0 || remaining.is_zero() {
+                        break;
+                    }
+                    let _ = tokio::time::timeout(remaining, reader.wait()).await;
+                    continue;
+                }
+                Err(error) => {
+                    sender.flush().await;
+                    return Err((STATUS_STORAGE_ERROR, format!("Storage Error: {error}")));
+                }
+            };
+            // A frame straddling the end is sent whole; clients drop the
+            // records past it (docs/PROTOCOL.md).
+            let past_end = match end {
+                Some((Some(last_offset), _)) => frame.header.base_offset > last_offset,
+                Some((_, Some(last_time))) => frame.header.first_timestamp_ns > last_time,
+                _ => false,
+            };
+            if past_end {
+                reached_end = true;
+                break;
+            }
+            bytes_sent += frame.bytes.len() as u64;
+            let next_offset = frame.header.next_offset();
+            sender.send_frame(frame).await;
+            if let Some((Some(last_offset), _)) = end {
+                if next_offset > last_offset {
+                    reached_end = true;
+                    break;
+                }
+            }
+        }
+        while request.mode != Mode::Frames && sender.count < wanted && bytes_sent < max_bytes {
             let record = match reader.next() {
                 Ok(Some(record)) => record,
                 Ok(None) => {
@@ -523,25 +569,58 @@ impl<'a> Sender<'a> {
                     .publish_with_headers(self.reply.clone(), headers, record.payload)
                     .await;
             }
-            Mode::Batched => {
-                let entry = BATCH_ENTRY_OVERHEAD
-                    + record.subject.len()
-                    + record.headers.len()
-                    + record.payload.len();
-                if self.buffered > 0 && self.buffer.len() + entry > self.payload_max - 512 {
+            Mode::Batched | Mode::Frames => self.push_batched(&record).await,
+        }
+    }
+
+    async fn push_batched(&mut self, record: &natswal::StoredRecord) {
+        let entry = BATCH_ENTRY_OVERHEAD
+            + record.subject.len()
+            + record.headers.len()
+            + record.payload.len();
+        if self.buffered > 0 && self.buffer.len() + entry > self.payload_max - 512 {
+            self.flush().await;
+        }
+        encode_batched(
+            &mut self.buffer,
+            record.offset,
+            record.timestamp_ns,
+            &record.subject,
+            &record.headers,
+            &record.payload,
+        );
+        self.buffered += 1;
+    }
+
+    /// One stored frame per message, as it is (decrypted, not
+    /// re-compressed). A frame larger than the server's max payload cannot
+    /// travel whole: its records go as records-v1 messages instead.
+    async fn send_frame(&mut self, frame: natswal::StoredFrame) {
+        if frame.bytes.len() > self.payload_max - 512 {
+            match natswal::decode_frame_bytes(&frame.bytes, usize::MAX) {
+                Ok(records) => {
+                    for record in records {
+                        self.count += 1;
+                        self.push_batched(&record).await;
+                    }
                     self.flush().await;
                 }
-                encode_batched(
-                    &mut self.buffer,
-                    record.offset,
-                    record.timestamp_ns,
-                    &record.subject,
-                    &record.headers,
-                    &record.payload,
-                );
-                self.buffered += 1;
+                Err(reason) => {
+                    tracing::error!(stream = %self.stream, offset = frame.header.base_offset, %reason, "a checked frame did not decode")
+                }
             }
+            return;
         }
+        self.count += u64::from(frame.header.record_count);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(HEADER_FORMAT, FORMAT_FRAME_V1);
+        headers.insert(HEADER_STREAM, self.stream.as_str());
+        headers.insert(HEADER_COUNT, frame.header.record_count.to_string().as_str());
+        headers.insert(HEADER_OFFSET, frame.header.base_offset.to_string().as_str());
+        let _ = self
+            .client
+            .publish_with_headers(self.reply.clone(), headers, frame.bytes)
+            .await;
     }
 
     async fn flush(&mut self) {

@@ -118,8 +118,12 @@ pub struct ReplayArgs {
     #[arg(long, default_value_t = 1000)]
     pub batch: u64,
     /// Ship many records per NATS message (records-v1), for high rates.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "frames")]
     pub batched: bool,
+    /// Ship stored frames as they are (frame-v1, compressed frames stay
+    /// compressed on the wire); cannot filter.
+    #[arg(long, conflicts_with = "filter")]
+    pub frames: bool,
     /// Keep waiting for new records after catching up (until Ctrl-C).
     #[arg(long)]
     pub follow: bool,
@@ -197,6 +201,8 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
         _ => None,
     };
     let mut remaining = args.limit;
+    // Once a record was delivered, a time start no longer drops any.
+    let mut started = false;
     let timeout = Duration::from_secs(args.connection.timeout);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -209,7 +215,9 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
             batch: Some(args.batch.clamp(1, BATCH_MAX)),
             max_bytes: None,
             wait_ms: args.follow.then_some(5_000),
-            mode: if args.batched {
+            mode: if args.frames {
+                Mode::Frames
+            } else if args.batched {
                 Mode::Batched
             } else {
                 Mode::Messages
@@ -245,11 +253,18 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
                     .to_string();
                 break (status, next, description);
             }
-            let records = if header(&headers, HEADER_FORMAT) == Some(FORMAT_RECORDS_V1) {
-                decode_batched(&message.payload)
+            let format = header(&headers, HEADER_FORMAT);
+            let records = if format == Some(FORMAT_RECORDS_V1) || format == Some(FORMAT_FRAME_V1) {
+                let decoded = if format == Some(FORMAT_FRAME_V1) {
+                    decode_frame_message(&message.payload)
+                } else {
+                    decode_batched(&message.payload)
+                };
+                decoded
                     .map_err(|reason| {
                         BridgeError::InvalidArgument(format!(
-                            "bad batched replay message: {reason}"
+                            "bad {} replay message: {reason}",
+                            format.unwrap_or_default()
                         ))
                     })?
                     .into_iter()
@@ -294,6 +309,26 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
                 }]
             };
             for record in records {
+                // A whole frame may begin before the start and end after
+                // the end or the limit: drop what was not asked for.
+                let before_start = match &start {
+                    Start::Offset { offset } => record.offset < *offset,
+                    Start::Time { time } => time
+                        .nanoseconds()
+                        .is_ok_and(|start_ns| record.timestamp_ns < start_ns && !started),
+                    Start::Earliest | Start::Latest => false,
+                };
+                let after_end = match &end {
+                    Some(End::Offset { offset }) => record.offset > *offset,
+                    Some(End::Time { time }) => time
+                        .nanoseconds()
+                        .is_ok_and(|end_ns| record.timestamp_ns > end_ns),
+                    None => false,
+                };
+                if before_start || after_end || remaining == Some(0) {
+                    continue;
+                }
+                started = true;
                 if let Some(left) = remaining.as_mut() {
                     *left = left.saturating_sub(1);
                 }

@@ -23,6 +23,11 @@ pub const HEADER_COUNT: &str = "Nwal-Count";
 pub const HEADER_FORMAT: &str = "Nwal-Format";
 /// Value of [`HEADER_FORMAT`] for batched messages.
 pub const FORMAT_RECORDS_V1: &str = "records-v1";
+/// Value of [`HEADER_FORMAT`] for one stored frame (docs/FORMAT.md 2.2).
+pub const FORMAT_FRAME_V1: &str = "frame-v1";
+/// Largest plain body a client decodes from one frame message (frames are
+/// at most a segment; this bounds what untrusted bytes can make it allocate).
+pub const FRAME_PLAIN_BYTES_MAX: usize = 256 << 20;
 
 /// More records may follow: ask again from `Nwal-Next-Offset`.
 pub const STATUS_MORE: u16 = 100;
@@ -95,6 +100,9 @@ pub enum Mode {
     Messages,
     /// Many records per NATS message, in the records-v1 binary layout.
     Batched,
+    /// Stored frames as they are on disk (decrypted, still compressed):
+    /// nothing is re-encoded on the server.
+    Frames,
 }
 
 /// A replay request (the body of `<prefix>.REPLAY.<stream>`).
@@ -159,6 +167,22 @@ pub fn encode_batched(
     out.put_slice(subject);
     out.put_slice(headers);
     out.put_slice(payload);
+}
+
+/// Decodes a frame-v1 body (one stored frame); errors on any
+/// inconsistency, including a checksum mismatch.
+pub fn decode_frame_message(body: &[u8]) -> Result<Vec<BatchedRecord>, String> {
+    let records = natswal::decode_frame_bytes(body, FRAME_PLAIN_BYTES_MAX)?;
+    Ok(records
+        .into_iter()
+        .map(|record| BatchedRecord {
+            offset: record.offset,
+            timestamp_ns: record.timestamp_ns,
+            subject: record.subject,
+            headers: record.headers,
+            payload: record.payload,
+        })
+        .collect())
 }
 
 /// Decodes a records-v1 body; errors on any inconsistency.

@@ -473,7 +473,7 @@ async fn natswal_replay(
             batch: Some(
                 match mode {
                     Mode::Messages => BATCH_MAX,
-                    Mode::Batched => BATCH_MAX_BATCHED,
+                    Mode::Batched | Mode::Frames => BATCH_MAX_BATCHED,
                 }
                 .min(count - received),
             ),
@@ -509,12 +509,18 @@ async fn natswal_replay(
                 }
                 break;
             }
-            received += match mode {
-                Mode::Messages => 1,
-                Mode::Batched => headers
-                    .and_then(|headers| headers.get(HEADER_COUNT))
-                    .and_then(|value| value.as_str().parse::<u64>().ok())
-                    .unwrap_or(0),
+            // Records are decoded as a client would, not just counted.
+            let format = headers
+                .and_then(|headers| headers.get(HEADER_FORMAT))
+                .map(|value| value.as_str().to_string());
+            received += match format.as_deref() {
+                Some(FORMAT_FRAME_V1) => decode_frame_message(&message.payload)
+                    .map_err(|reason| BridgeError::Nats(format!("bad frame: {reason}")))?
+                    .len() as u64,
+                Some(FORMAT_RECORDS_V1) => decode_batched(&message.payload)
+                    .map_err(|reason| BridgeError::Nats(format!("bad batch: {reason}")))?
+                    .len() as u64,
+                _ => 1,
             };
         }
     }
@@ -689,6 +695,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
         // replay reads the first `count` of it, all 128 B or more.
         let per_message = natswal_replay(&clients[0], "none", count, Mode::Messages).await?;
         let batched = natswal_replay(&clients[0], "none", count, Mode::Batched).await?;
+        let frames = natswal_replay(&clients[0], "none", count, Mode::Frames).await?;
         let ordered = jetstream_replay(&clients[0], "JSDEFAULT", count).await?;
         println!();
         println!("## Replay of {count} records");
@@ -699,6 +706,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
             ("JetStream ordered push consumer", ordered),
             ("natswal replay, one message per record", per_message),
             ("natswal replay, batched (records-v1)", batched),
+            ("natswal replay, stored frames (frame-v1)", frames),
         ] {
             println!(
                 "| {name} | {:.0} | {:.2} |",

@@ -305,6 +305,8 @@ pub struct Replayed {
 #[derive(Debug, Clone)]
 pub struct ReplayResponse {
     pub records: Vec<Replayed>,
+    /// Bodies of frame-v1 messages (frames mode), as received.
+    pub frames: Vec<Bytes>,
     pub status: u16,
     pub description: String,
     pub next_offset: Option<u64>,
@@ -334,6 +336,7 @@ pub async fn replay_once(
         .await
         .expect("send replay request");
     let mut records = Vec::new();
+    let mut frames = Vec::new();
     loop {
         let message = tokio::time::timeout(Duration::from_secs(20), subscription.next())
             .await
@@ -349,11 +352,43 @@ pub async fn replay_once(
         if let Some(status) = header(&headers, "Nwal-Status") {
             return ReplayResponse {
                 records,
+                frames,
                 status: status.parse().expect("numeric status"),
                 description: header(&headers, "Nwal-Description").unwrap_or_default(),
                 next_offset: header(&headers, "Nwal-Next-Offset")
                     .and_then(|value| value.parse().ok()),
             };
+        }
+        if header(&headers, "Nwal-Format").as_deref() == Some("frame-v1") {
+            // One stored frame: decoded with the engine's own frame
+            // reader (the frame layout is the on-disk one, FORMAT.md).
+            let decoded = natswal::decode_frame_bytes(&message.payload, 64 << 20)
+                .unwrap_or_else(|reason| panic!("bad frame-v1 message: {reason}"));
+            assert_eq!(
+                header(&headers, "Nwal-Count"),
+                Some(decoded.len().to_string()),
+                "Nwal-Count matches the frame"
+            );
+            for record in decoded {
+                let mut parsed: Vec<(String, String)> = String::from_utf8_lossy(&record.headers)
+                    .lines()
+                    .skip(1)
+                    .filter_map(|line| {
+                        line.split_once(": ")
+                            .map(|(name, value)| (name.to_string(), value.to_string()))
+                    })
+                    .collect();
+                parsed.sort();
+                records.push(Replayed {
+                    offset: record.offset,
+                    timestamp_ns: record.timestamp_ns,
+                    subject: String::from_utf8_lossy(&record.subject).to_string(),
+                    headers: parsed,
+                    payload: record.payload,
+                });
+            }
+            frames.push(message.payload.clone());
+            continue;
         }
         if header(&headers, "Nwal-Format").as_deref() == Some("records-v1") {
             let mut position = 0usize;

@@ -1,0 +1,276 @@
+//! Replay's three modes over a compressed, encrypted stream: frames mode
+//! hands stored frames on (decrypted, still compressed, never re-encoded)
+//! and the `natswal replay` CLI prints the same records in every mode.
+
+mod support;
+
+use bytes::Bytes;
+use serde_json::json;
+use std::path::Path;
+use support::*;
+
+/// Flags of a frame (docs/FORMAT.md 2.2: u16 at byte 14).
+fn frame_flags(frame: &[u8]) -> u16 {
+    u16::from_le_bytes([frame[14], frame[15]])
+}
+const FLAG_ZSTD: u16 = 1;
+const FLAG_ENCRYPTED: u16 = 1 << 2;
+
+async fn start_encrypted(nats: &NatsServer, data: &Path) -> Natswal {
+    let key = data.join("1.key");
+    std::fs::write(&key, "5a".repeat(32)).unwrap();
+    let config = format!(
+        "[[keys]]\nid = 1\nfile = \"{}\"\n[[streams]]\nname = \"events\"\nsubjects = [\"events.>\"]\ncompression = \"zstd\"\nencryption = \"aes-256-gcm\"\nencryption_key_id = 1\n",
+        key.display()
+    );
+    Natswal::start(&nats.url(), &data.join("data"), &config)
+}
+
+/// Publishes `count` JSON events (some with headers), in order; returns
+/// once all are stored.
+async fn publish_events(client: &async_nats::Client, count: usize) {
+    for index in 0..count {
+        let payload = Bytes::from(format!(
+            "{{\"index\":{index},\"kind\":\"order.created\",\"customer\":\"c-{}\"}}",
+            index % 17
+        ));
+        let subject = format!("events.{}.created", ["eu", "us", "ap"][index % 3]);
+        if index % 5 == 0 {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Trace-Id", format!("t-{index}").as_str());
+            client
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .unwrap();
+        } else {
+            client.publish(subject, payload).await.unwrap();
+        }
+    }
+    // Ingest is ordered: once this one is acknowledged, all are stored.
+    let ack = client
+        .request("events.last", Bytes::from_static(b"{\"last\":true}"))
+        .await
+        .unwrap();
+    let ack: serde_json::Value = serde_json::from_slice(&ack.payload).unwrap();
+    assert_eq!(ack["seq"], count as u64 + 1, "{ack}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_mode_hands_on_stored_frames_decrypted_but_still_compressed() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = start_encrypted(&nats, data.path()).await;
+    let client = connect(&nats.url()).await;
+    publish_events(&client, 3000).await;
+
+    let per_record = replay_all(&client, "events", json!({"batch": 5000})).await;
+    assert_eq!(per_record.len(), 3001);
+    let response = replay_once(
+        &client,
+        "events",
+        json!({"mode": "frames", "batch": 100000}),
+    )
+    .await;
+    assert_eq!(response.status, 100, "{}", response.description);
+    assert_eq!(response.next_offset, Some(3002));
+    let caught_up = replay_once(
+        &client,
+        "events",
+        json!({"mode": "frames", "start": {"offset": 3002}}),
+    )
+    .await;
+    assert_eq!(caught_up.status, 404);
+    assert!(caught_up.frames.is_empty());
+    assert!(!response.frames.is_empty());
+    for frame in &response.frames {
+        assert_eq!(
+            frame_flags(frame) & FLAG_ENCRYPTED,
+            0,
+            "clients get decrypted frames"
+        );
+    }
+    assert!(
+        response
+            .frames
+            .iter()
+            .any(|frame| frame_flags(frame) & FLAG_ZSTD != 0),
+        "compressed frames stay compressed on the wire"
+    );
+    let wire_bytes: usize = response.frames.iter().map(Bytes::len).sum();
+    let payload_bytes: usize = per_record.iter().map(|record| record.payload.len()).sum();
+    assert!(
+        wire_bytes < payload_bytes,
+        "{wire_bytes} frame bytes for {payload_bytes} payload bytes"
+    );
+    assert_eq!(
+        response.records, per_record,
+        "same records as messages mode"
+    );
+
+    // The first frame may begin before the start; nothing is missing.
+    let middle = replay_once(
+        &client,
+        "events",
+        json!({"mode": "frames", "start": {"offset": 1500}, "batch": 1}),
+    )
+    .await;
+    assert_eq!(middle.status, 100);
+    assert_eq!(middle.frames.len(), 1, "at least one whole frame, no more");
+    let first = middle.records.first().unwrap().offset;
+    let last = middle.records.last().unwrap().offset;
+    assert!(first <= 1500 && 1500 <= last, "{first}..{last}");
+    assert_eq!(middle.next_offset, Some(last + 1));
+
+    // Frames cannot be filtered.
+    let filtered = replay_once(
+        &client,
+        "events",
+        json!({"mode": "frames", "filter": "events.eu.*"}),
+    )
+    .await;
+    assert_eq!(filtered.status, 400);
+    assert!(
+        filtered.description.contains("cannot filter"),
+        "{}",
+        filtered.description
+    );
+}
+
+fn cli_replay(nats_url: &str, extra: &[&str]) -> Vec<String> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_natswal"))
+        .args(["replay", "events", "--nats-url", nats_url])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "natswal replay {extra:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_cli_prints_the_same_records_in_every_mode() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = start_encrypted(&nats, data.path()).await;
+    let client = connect(&nats.url()).await;
+    publish_events(&client, 3000).await;
+    let url = nats.url();
+    let range = [
+        "--from-offset",
+        "150",
+        "--to-offset",
+        "2500",
+        "--batch",
+        "300",
+    ];
+    let messages = cli_replay(&url, &range);
+    assert_eq!(messages.len(), 2351);
+    let first: serde_json::Value = serde_json::from_str(&messages[0]).unwrap();
+    assert_eq!(first["offset"], 150);
+    assert_eq!(
+        first["payload"],
+        "{\"index\":149,\"kind\":\"order.created\",\"customer\":\"c-13\"}"
+    );
+    assert_eq!(first["headers"], json!({}));
+    let second: serde_json::Value = serde_json::from_str(&messages[1]).unwrap();
+    assert_eq!(second["headers"]["Trace-Id"], json!(["t-150"]));
+    let last: serde_json::Value = serde_json::from_str(messages.last().unwrap()).unwrap();
+    assert_eq!(last["offset"], 2500);
+    for mode in ["--batched", "--frames"] {
+        let mut arguments = range.to_vec();
+        arguments.push(mode);
+        assert_eq!(cli_replay(&url, &arguments), messages, "{mode}");
+    }
+    // The limit and a time start trim whole frames too.
+    let limited = cli_replay(
+        &url,
+        &["--from-offset", "150", "--limit", "100", "--frames"],
+    );
+    assert_eq!(limited, messages[..100].to_vec());
+    let middle: serde_json::Value = serde_json::from_str(&messages[1000]).unwrap();
+    let time = middle["timestamp_ns"].as_i64().unwrap().to_string();
+    let by_time = ["--from-time", time.as_str(), "--limit", "50"];
+    let expected = cli_replay(&url, &by_time);
+    assert_eq!(expected.len(), 50);
+    assert!(expected[0].contains("\"timestamp_ns\":"));
+    let mut frames = by_time.to_vec();
+    frames.push("--frames");
+    assert_eq!(cli_replay(&url, &frames), expected);
+    let with_headers: Vec<&String> = messages
+        .iter()
+        .filter(|line| line.contains("Trace-Id"))
+        .collect();
+    assert_eq!(
+        with_headers.len(),
+        470,
+        "every fifth event carries a header"
+    );
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_natswal"))
+        .args([
+            "replay",
+            "events",
+            "--nats-url",
+            &url,
+            "--frames",
+            "--filter",
+            "events.eu.*",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--filter"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_larger_than_the_max_payload_travels_as_records() {
+    let nats = NatsServer::start_with_config(Some("max_payload: 65536\n".to_string()));
+    let data = tempfile::tempdir().unwrap();
+    let config = "[[streams]]\nname = \"events\"\nsubjects = [\"events.>\"]\nallow_atomic = true\n";
+    let _natswal = Natswal::start(&nats.url(), data.path(), config);
+    let client = connect(&nats.url()).await;
+    // One atomic batch is one frame: 30 x 4 KiB is about twice the max payload.
+    let count = 30;
+    for sequence in 1..=count {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Batch-Id", "big");
+        headers.insert("Nats-Batch-Sequence", sequence.to_string().as_str());
+        if sequence == count {
+            headers.insert("Nats-Batch-Commit", "1");
+        }
+        let payload = Bytes::from(vec![b'a' + (sequence % 26) as u8; 4096]);
+        if sequence == 1 || sequence == count {
+            let ack = client
+                .request_with_headers("events.big", headers, payload)
+                .await
+                .unwrap();
+            if sequence == count {
+                let ack: serde_json::Value = serde_json::from_slice(&ack.payload).unwrap();
+                assert_eq!(ack["batch"], "big", "{ack}");
+            }
+        } else {
+            client
+                .publish_with_headers("events.big", headers, payload)
+                .await
+                .unwrap();
+        }
+    }
+    let response = replay_once(&client, "events", json!({"mode": "frames"})).await;
+    assert_eq!(response.status, 100, "{}", response.description);
+    assert!(
+        response.frames.is_empty(),
+        "the frame does not fit one message"
+    );
+    assert_eq!(response.records.len(), count);
+    for (index, record) in response.records.iter().enumerate() {
+        assert_eq!(record.offset, index as u64 + 1);
+        assert_eq!(record.payload.len(), 4096);
+        assert_eq!(record.payload[0], b'a' + ((index + 1) % 26) as u8);
+    }
+}
