@@ -51,6 +51,12 @@ pub enum Error {
         resume_offset: u64,
     },
 
+    /// Another process holds the stream directory's lock.
+    #[error(
+        "{path} is held by another process (a running natswal serve, or an offline repair, restore or truncate); stop it first"
+    )]
+    Locked { path: PathBuf },
+
     /// A file was written by a newer natswal.
     #[error(
         "{path} uses format version {found}; this natswal reads version {supported}; upgrade natswal"
@@ -155,6 +161,7 @@ impl Error {
             Error::Poisoned { .. } => "poisoned",
             Error::Corruption { .. } => "corruption",
             Error::KeyUnavailable { .. } => "key_unavailable",
+            Error::Locked { .. } => "locked",
             Error::UnsupportedVersion { .. } => "unsupported_version",
             Error::RecordTooLarge { .. } => "too_large",
             Error::InvalidInput(_) => "invalid_input",
@@ -198,6 +205,7 @@ impl Error {
                 key_id: *key_id,
                 resume_offset: *resume_offset,
             },
+            Error::Locked { path } => Error::Locked { path: path.clone() },
             Error::UnsupportedVersion {
                 path,
                 found,

@@ -70,6 +70,8 @@ pub struct RecoveryReport {
 
 /// A stream directory after recovery, ready for the writer.
 pub(crate) struct Recovered {
+    /// The directory's lock: whoever opened the stream keeps it.
+    pub lock: crate::io::DirectoryLock,
     pub segments: Vec<Arc<StorageSegment>>,
     pub active: Option<ActiveSegment>,
     pub next_offset: u64,
@@ -185,6 +187,7 @@ impl RecoveryManager {
         mode: RecoveryMode,
     ) -> Result<Recovered> {
         file_system.create_directory(directory)?;
+        let lock = file_system.lock_directory(directory)?;
         let mut report = RecoveryReport::default();
         let names = file_system.list(directory)?;
         for name in names.iter().filter(|name| name.ends_with(".tmp")) {
@@ -294,6 +297,7 @@ impl RecoveryManager {
         }
         report.segments = segments.len();
         Ok(Recovered {
+            lock,
             segments,
             active,
             next_offset,
@@ -411,6 +415,7 @@ impl RecoveryManager {
         directory: &Path,
         from_offset: u64,
     ) -> Result<TruncateReport> {
+        let _lock = file_system.lock_directory(directory)?;
         cut_stream(file_system, directory, &|record_offset, _| {
             record_offset < from_offset
         })
@@ -432,6 +437,10 @@ impl RecoveryManager {
             )));
         }
         file_system.create_directory(target)?;
+        // Nothing may write the source while it is copied, nor the target
+        // while it is cut.
+        let _source_lock = file_system.lock_directory(source)?;
+        let _target_lock = file_system.lock_directory(target)?;
         for base in segment_bases(file_system.as_ref(), source)? {
             let name = segment_file_name(base);
             let bytes = file_system.read(&source.join(&name))?;

@@ -63,6 +63,8 @@ pub(crate) struct StreamShared {
     pub metrics: StreamMetrics,
     pub hooks: StreamHooks,
     pub keyring: Arc<crate::codec::Keyring>,
+    /// Held while anything of the stream lives.
+    pub _lock: crate::io::DirectoryLock,
 }
 
 /// The highest nonce epoch in the newest frames of the stream (used only
@@ -246,6 +248,7 @@ impl Stream {
             metrics: StreamMetrics::default(),
             hooks: options.hooks.clone(),
             keyring: Arc::clone(&options.keyring),
+            _lock: recovered.lock,
         });
         let encryption = match options.config.encryption {
             None => None,

@@ -413,6 +413,7 @@ async fn stored_frames_are_handed_on_as_on_disk_and_decrypt_without_recompressin
     for record in &wanted {
         assert_record(record, &expected[index_of(record.offset)], record.offset);
     }
+    drop(reader);
     // Bounds and damage are errors, never records.
     let mut reader = stream
         .reader(natswal::StartPosition::Earliest, None)
@@ -430,6 +431,7 @@ async fn stored_frames_are_handed_on_as_on_disk_and_decrypt_without_recompressin
     assert!(error.contains("only"), "{error}");
     drop(reader);
     stream.close().unwrap();
+    drop(stream);
     // Without the key the frame is still handed on (replication ships it
     // as it is), but decrypting it names the missing key.
     let rotated = Some(EncryptionConfig {

@@ -720,3 +720,47 @@ async fn a_gap_left_by_a_repair_is_not_taken_for_a_lost_tail() {
     }
     assert!(std::fs::metadata(directory.path().join(index_file_name(FIRST_OFFSET))).is_ok());
 }
+
+#[tokio::test]
+async fn a_stream_directory_is_locked_while_open_and_free_after() {
+    let directory = tempfile::tempdir().unwrap();
+    let file_system = os_file_system();
+    let stream = open(&file_system, directory.path(), small_config()).unwrap();
+    stream.append(record(1)).await.unwrap();
+    let lock = directory.path().join("LOCK");
+    let is_locked = |result: natswal::Result<()>| match result {
+        Err(Error::Locked { path }) => path == lock,
+        other => panic!("expected Locked, got {other:?}"),
+    };
+    // A second writer, an offline repair, a truncation and a restore are
+    // all refused while the stream is open, and the error says why.
+    let second = open(&file_system, directory.path(), small_config());
+    assert!(is_locked(second.map(drop)));
+    let repaired = RecoveryManager::recover(&file_system, directory.path(), RecoveryMode::Repair);
+    assert!(is_locked(repaired.map(drop)));
+    let truncated = RecoveryManager::truncate_suffix(&file_system, directory.path(), 1);
+    assert!(is_locked(truncated.map(drop)));
+    let target = tempfile::tempdir().unwrap();
+    let restored = RecoveryManager::restore(
+        &file_system,
+        directory.path(),
+        &target.path().join("restored"),
+        PointInTime::Offset(1),
+    );
+    assert!(is_locked(restored.map(drop)));
+    let message = open(&file_system, directory.path(), small_config())
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("held by another process"), "{message}");
+    // Readers keep the stream (and its lock) alive; once all is dropped the
+    // directory opens again with its data.
+    let reader = stream.reader(StartPosition::Earliest, None).unwrap();
+    stream.close().unwrap();
+    drop(stream);
+    assert!(is_locked(
+        open(&file_system, directory.path(), small_config()).map(drop)
+    ));
+    drop(reader);
+    let reopened = open(&file_system, directory.path(), small_config()).unwrap();
+    assert_eq!(read_all(&reopened).unwrap().len(), 1);
+}

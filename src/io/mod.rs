@@ -101,6 +101,28 @@ pub trait FileSystem: Send + Sync + std::fmt::Debug + 'static {
     fn file_length(&self, path: &Path) -> Result<u64>;
 
     fn exists(&self, path: &Path) -> bool;
+
+    /// Takes the exclusive lock of a stream directory, held until the guard
+    /// drops, so two processes (a server and an offline repair, or two
+    /// servers on one data directory) never write one stream. Fails at once
+    /// with [`Error::Locked`](crate::Error::Locked) if another holds it.
+    /// Backends without other processes need no lock.
+    fn lock_directory(&self, _directory: &Path) -> Result<DirectoryLock> {
+        Ok(DirectoryLock::default())
+    }
+}
+
+/// Holds a directory's lock while it lives (the kernel also releases it
+/// when the process dies, so a SIGKILL leaves nothing stale).
+#[derive(Debug, Default)]
+pub struct DirectoryLock {
+    _file: Option<std::fs::File>,
+}
+
+impl DirectoryLock {
+    pub(crate) fn held(file: std::fs::File) -> DirectoryLock {
+        DirectoryLock { _file: Some(file) }
+    }
 }
 
 /// A file being appended to by one writer thread while readers read the

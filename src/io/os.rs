@@ -2,7 +2,7 @@
 //! pwrite), durability through msync/fdatasync, directories synced after
 //! every create, rename and delete.
 
-use super::{check_range, FileSystem, ReadableFile, WritableFile, WriteMode};
+use super::{check_range, DirectoryLock, FileSystem, ReadableFile, WritableFile, WriteMode};
 use crate::error::{Error, Result};
 use bytes::Bytes;
 use memmap2::MmapRaw;
@@ -218,6 +218,29 @@ impl FileSystem for OsFileSystem {
 
     fn sync_directory(&self, path: &Path) -> Result<()> {
         sync_directory_path(path)
+    }
+
+    fn lock_directory(&self, directory: &Path) -> Result<DirectoryLock> {
+        let path = directory.join("LOCK");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|error| {
+                Error::io(format!("cannot open lock file {}", path.display()), error)
+            })?;
+        // SAFETY: flock(2) on a descriptor this function owns; no memory is
+        // passed.
+        let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if result != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::WouldBlock {
+                return Err(Error::Locked { path });
+            }
+            return Err(Error::io(format!("cannot lock {}", path.display()), error));
+        }
+        Ok(DirectoryLock::held(file))
     }
 
     fn file_length(&self, path: &Path) -> Result<u64> {
