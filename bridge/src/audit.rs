@@ -19,13 +19,7 @@ use std::sync::Mutex;
 /// An open audit log.
 pub struct AuditLog {
     path: PathBuf,
-    state: Mutex<Writer>,
-}
-
-struct Writer {
-    file: File,
-    sequence: u64,
-    previous_crc: u32,
+    file: Mutex<File>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -44,42 +38,120 @@ fn split_line(line: &str) -> Option<(&str, u32)> {
     Some((json, u32::from_str_radix(crc, 16).ok()?))
 }
 
+/// Holds `flock(LOCK_EX)` on the audit file: the server and offline
+/// commands (separate processes) append to one log, and each entry must
+/// follow the one really before it.
+struct FileLock<'a>(&'a File);
+
+impl<'a> FileLock<'a> {
+    fn take(file: &'a File, path: &Path) -> Result<FileLock<'a>> {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock(2) on a descriptor `file` owns; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(BridgeError::io(
+                format!("cannot lock audit log {}", path.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(FileLock(file))
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock(2) on the descriptor locked in `take`, still open.
+        unsafe {
+            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
+        }
+    }
+}
+
+/// Sequence and CRC of the last whole, well-formed entry (0, 0 when none),
+/// read from the end of the file.
+fn last_entry(file: &File, path: &Path) -> Result<(u64, u32)> {
+    use std::os::unix::fs::FileExt;
+    let context = || format!("cannot read audit log {}", path.display());
+    let length = file
+        .metadata()
+        .map_err(|error| BridgeError::io(context(), error))?
+        .len();
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = length.saturating_sub(window);
+        let mut tail = vec![0u8; (length - start) as usize];
+        file.read_exact_at(&mut tail, start)
+            .map_err(|error| BridgeError::io(context(), error))?;
+        let text = String::from_utf8_lossy(&tail);
+        // The first line of a window that does not start the file may be
+        // cut: only lines after a newline count.
+        let lines: Vec<&str> = if start == 0 {
+            text.lines().collect()
+        } else {
+            text.split_once('\n')
+                .map_or(Vec::new(), |(_, rest)| rest.lines().collect())
+        };
+        let found = lines.iter().rev().find_map(|line| {
+            let (json, crc) = split_line(line)?;
+            (crc32c::crc32c(json.as_bytes()) == crc).then_some(())?;
+            let sequence = serde_json::from_str::<Value>(json).ok()?["seq"].as_u64()?;
+            Some((sequence, crc))
+        });
+        match found {
+            Some(entry) => return Ok(entry),
+            None if start == 0 => return Ok((0, 0)),
+            None => window *= 4,
+        }
+    }
+}
+
+/// True when the file's last byte is not a newline (a torn last line).
+fn ends_mid_line(file: &File, path: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let context = || format!("cannot read audit log {}", path.display());
+    let length = file
+        .metadata()
+        .map_err(|error| BridgeError::io(context(), error))?
+        .len();
+    if length == 0 {
+        return Ok(false);
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, length - 1)
+        .map_err(|error| BridgeError::io(context(), error))?;
+    Ok(last[0] != b'\n')
+}
+
 impl AuditLog {
-    /// Opens (or creates) the log and continues its sequence and chain.
+    /// Opens (or creates) the log; entries continue its sequence and chain.
     pub fn open(path: &Path) -> Result<AuditLog> {
-        if let Some(parent) = path
+        let parent = path
             .parent()
             .filter(|parent| !parent.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(parent).map_err(|error| {
-                BridgeError::io(format!("cannot create {}", parent.display()), error)
-            })?;
-        }
-        let existing = std::fs::read_to_string(path).unwrap_or_default();
-        let (mut sequence, mut previous_crc) = (0, 0);
-        if let Some(last) = existing.lines().rev().find(|line| !line.trim().is_empty()) {
-            if let Some((json, crc)) = split_line(last) {
-                sequence = serde_json::from_str::<Value>(json)
-                    .ok()
-                    .and_then(|value| value["seq"].as_u64())
-                    .unwrap_or(0);
-                previous_crc = crc;
-            }
-        }
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|error| {
+            BridgeError::io(format!("cannot create {}", parent.display()), error)
+        })?;
+        let existed = path.exists();
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(path)
             .map_err(|error| {
                 BridgeError::io(format!("cannot open audit log {}", path.display()), error)
             })?;
+        if !existed {
+            // The new file's directory entry must be durable too.
+            File::open(parent)
+                .and_then(|directory| directory.sync_all())
+                .map_err(|error| {
+                    BridgeError::io(format!("cannot sync directory {}", parent.display()), error)
+                })?;
+        }
         Ok(AuditLog {
             path: path.to_path_buf(),
-            state: Mutex::new(Writer {
-                file,
-                sequence,
-                previous_crc,
-            }),
+            file: Mutex::new(file),
         })
     }
 
@@ -92,35 +164,38 @@ impl AuditLog {
         outcome: &str,
         details: Value,
     ) -> Result<()> {
-        let mut writer = self
-            .state
+        let file = self
+            .file
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let sequence = writer.sequence + 1;
+        let _lock = FileLock::take(&file, &self.path)?;
+        let (sequence, previous_crc) = last_entry(&file, &self.path)?;
         let entry = json!({
-            "seq": sequence,
+            "seq": sequence + 1,
             "time": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
             "action": action,
             "actor": actor,
             "target": target,
             "outcome": outcome,
             "details": details,
-            "prev": format!("{:08x}", writer.previous_crc),
+            "prev": format!("{previous_crc:08x}"),
         })
         .to_string();
         let crc = crc32c::crc32c(entry.as_bytes());
-        let line = format!("{entry} {crc:08x}\n");
+        // A line torn by a crash stays visible to `natswal audit` as damage,
+        // but the new entry starts a line of its own.
+        let separator = if ends_mid_line(&file, &self.path)? {
+            "\n"
+        } else {
+            ""
+        };
+        let line = format!("{separator}{entry} {crc:08x}\n");
         let context = || format!("cannot write audit log {}", self.path.display());
-        writer
-            .file
+        (&*file)
             .write_all(line.as_bytes())
             .map_err(|error| BridgeError::io(context(), error))?;
-        writer
-            .file
-            .sync_data()
+        file.sync_data()
             .map_err(|error| BridgeError::io(context(), error))?;
-        writer.sequence = sequence;
-        writer.previous_crc = crc;
         Ok(())
     }
 
@@ -211,6 +286,58 @@ pub fn cli_actor() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writers_sharing_one_log_keep_one_chain() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("audit.log");
+        // Two opens are two open file descriptions, as two processes have.
+        let server = AuditLog::open(&path).unwrap();
+        let offline = AuditLog::open(&path).unwrap();
+        std::thread::scope(|scope| {
+            for (log, name) in [(&server, "server"), (&offline, "offline")] {
+                scope.spawn(move || {
+                    for index in 0..50 {
+                        log.record("test", name, "events", "ok", json!({"index": index}))
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let checked = verify(&path).unwrap();
+        assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+        assert_eq!(checked.entries.len(), 100);
+        for (index, entry) in checked.entries.iter().enumerate() {
+            assert_eq!(entry["seq"], index as u64 + 1);
+        }
+    }
+
+    #[test]
+    fn an_entry_after_a_torn_line_starts_its_own_line() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        log.record("repair", "cli:test", "events", "ok", json!({}))
+            .unwrap();
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"seq\":2,\"action\":\"tor").unwrap();
+        log.record("truncate", "cli:test", "events", "ok", json!({}))
+            .unwrap();
+        let checked = verify(&path).unwrap();
+        // The torn line is reported, the new entry is intact and follows
+        // the last whole one.
+        assert_eq!(checked.problems.len(), 1, "{:?}", checked.problems);
+        assert!(
+            checked.problems[0].contains("line 2"),
+            "{:?}",
+            checked.problems
+        );
+        let last = checked.entries.last().unwrap();
+        assert_eq!(
+            (last["action"].as_str(), last["seq"].as_u64()),
+            (Some("truncate"), Some(2))
+        );
+    }
 
     #[test]
     fn entries_chain_and_tampering_is_found() {

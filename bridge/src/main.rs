@@ -70,6 +70,17 @@ enum Command {
         #[arg(long)]
         audit_log: Option<PathBuf>,
     },
+    /// Remove the records from an offset on, durably (offline; audited). An atomic batch straddling the cut goes whole.
+    Truncate {
+        /// The stream directory (<data_dir>/streams/<name>).
+        dir: PathBuf,
+        /// The first offset to remove.
+        #[arg(long)]
+        from_offset: u64,
+        /// Audit log to record the truncation in (default: <data_dir>/audit.log).
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+    },
     /// Print and verify the audit log (CRC per line, sequence and chain): exit 1 if it was altered.
     Audit {
         /// The audit log (default: data/audit.log).
@@ -186,6 +197,11 @@ async fn run(command: Command) -> error::Result<ExitCode> {
         Command::Verify { dir } => offline::verify(&dir),
         Command::Repair { dir, audit_log } => offline::repair(&dir, audit_log.as_deref()),
         Command::Audit { file, json } => offline::audit(&file, json),
+        Command::Truncate {
+            dir,
+            from_offset,
+            audit_log,
+        } => offline::truncate(&dir, from_offset, audit_log.as_deref()),
         Command::Restore {
             dir,
             output,

@@ -195,6 +195,60 @@ pub fn audit(path: &Path, json: bool) -> Result<ExitCode> {
     }
 }
 
+/// `natswal truncate DIR --from-offset N`: removes the records from offset
+/// N on, durably (Kafka's "delete records" from the other end: it undoes a
+/// bad suffix). The stream must not be open elsewhere (its lock says).
+pub fn truncate(dir: &Path, from_offset: u64, audit_log: Option<&Path>) -> Result<ExitCode> {
+    require_directory(dir)?;
+    if from_offset < natswal::FIRST_OFFSET {
+        return Err(BridgeError::InvalidArgument(format!(
+            "--from-offset must be at least {} (the first offset)",
+            natswal::FIRST_OFFSET
+        )));
+    }
+    let audit = open_audit(dir, audit_log)?;
+    let truncated = RecoveryManager::truncate_suffix(&file_system(), dir, from_offset)
+        // Recover once, so the indexes match and the result is checked.
+        .and_then(|report| {
+            RecoveryManager::recover(&file_system(), dir, RecoveryMode::Strict).map(|_| report)
+        });
+    let target = dir.display().to_string();
+    let report = match truncated {
+        Ok(report) => report,
+        Err(error) => {
+            audit.record_or_log(
+                "truncate",
+                &crate::audit::cli_actor(),
+                &target,
+                "error",
+                serde_json::json!({"from_offset": from_offset, "error": error.to_string()}),
+            );
+            return Err(error.into());
+        }
+    };
+    audit.record(
+        "truncate",
+        &crate::audit::cli_actor(),
+        &target,
+        "ok",
+        serde_json::json!({
+            "from_offset": from_offset,
+            "records_kept": report.records_kept,
+            "records_removed": report.records_removed,
+            "segments_removed": report.segments_removed,
+            "next_offset": report.next_offset,
+        }),
+    )?;
+    println!(
+        "truncated {}: {} records removed, {} kept; the next record gets offset {}",
+        dir.display(),
+        report.records_removed,
+        report.records_kept,
+        report.next_offset
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Parses RFC 3339 or Unix nanoseconds.
 pub fn parse_time(text: &str) -> Result<i64> {
     if let Ok(nanoseconds) = text.parse::<i64>() {

@@ -84,6 +84,32 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
                 })??;
         for tail in &report.truncated {
             tracing::warn!(stream = %section.name, segment = %tail.segment.display(), position = tail.position, reason = %tail.reason, "truncated a torn tail (nothing acknowledged was in it)");
+            audit.record(
+                "truncate",
+                "natswal",
+                &section.name,
+                "ok",
+                serde_json::json!({
+                    "torn_tail": true,
+                    "segment": tail.segment.display().to_string(),
+                    "position": tail.position,
+                    "reason": tail.reason,
+                }),
+            )?;
+        }
+        for range in &report.quarantined {
+            audit.record(
+                "repair",
+                "natswal",
+                &section.name,
+                "ok",
+                serde_json::json!({
+                    "segment": range.segment.display().to_string(),
+                    "quarantined": [range.start, range.end],
+                    "saved_to": range.saved_to.display().to_string(),
+                    "reason": range.reason,
+                }),
+            )?;
         }
         let mut window = DuplicateWindow::new(section.duplicate_window, section.duplicate_ids_max);
         let loaded = window.rebuild(&stream, now_ns())?;

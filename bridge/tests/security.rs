@@ -278,9 +278,20 @@ async fn audit_log_records_admin_actions_and_detects_tampering() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    natswal.terminate();
-    // Offline repair and restore are audited too.
+    // Offline commands refuse a stream the server has open, and say why.
     let stream = data.path().join("streams/events");
+    for command in [vec!["repair"], vec!["truncate", "--from-offset", "5"]] {
+        let refused = std::process::Command::new(env!("CARGO_BIN_EXE_natswal"))
+            .args(&command)
+            .arg(&stream)
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{command:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("held by another process"), "{stderr}");
+    }
+    natswal.terminate();
+    // Offline repair, truncation and restore are audited too.
     let repair = std::process::Command::new(env!("CARGO_BIN_EXE_natswal"))
         .arg("repair")
         .arg(&stream)
@@ -305,6 +316,38 @@ async fn audit_log_records_admin_actions_and_detects_tampering() {
         "{}",
         String::from_utf8_lossy(&restore.stderr)
     );
+    let truncate = std::process::Command::new(env!("CARGO_BIN_EXE_natswal"))
+        .arg("truncate")
+        .arg(&stream)
+        .args(["--from-offset", "2001"])
+        .output()
+        .unwrap();
+    assert!(
+        truncate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&truncate.stderr)
+    );
+    assert!(String::from_utf8_lossy(&truncate.stdout).contains("1 records removed"));
+    let entries = audit_entries(data.path());
+    let truncated = entries
+        .iter()
+        .rev()
+        .find(|entry| entry["action"] == "truncate")
+        .unwrap();
+    assert_eq!(truncated["outcome"], "ok");
+    assert_eq!(truncated["details"]["records_removed"], 1);
+    assert_eq!(truncated["details"]["next_offset"], 2001);
+    let refusals = entries
+        .iter()
+        .filter(|entry| {
+            entry["outcome"] == "error"
+                && (entry["action"] == "repair" || entry["action"] == "truncate")
+        })
+        .count();
+    assert_eq!(
+        refusals, 2,
+        "refused offline commands are audited as errors"
+    );
     let actions: Vec<String> = audit_entries(data.path())
         .iter()
         .map(|entry| entry["action"].as_str().unwrap().to_string())
@@ -314,6 +357,7 @@ async fn audit_log_records_admin_actions_and_detects_tampering() {
         "retention_delete",
         "server_stop",
         "repair",
+        "truncate",
         "restore",
     ] {
         assert!(
