@@ -314,6 +314,12 @@ impl std::fmt::Debug for FrameEncoder {
     }
 }
 
+impl Drop for FrameEncoder {
+    fn drop(&mut self) {
+        self.scratch.zeroize();
+    }
+}
+
 impl FrameEncoder {
     /// `epoch` must be one no earlier frame under any key of this stream
     /// used (the stream persists it).
@@ -361,6 +367,12 @@ impl FrameEncoder {
                     builder.buffer.truncate(FRAME_HEADER_LENGTH);
                     builder.buffer.extend_from_slice(&self.scratch[..length]);
                     self.compressed = true;
+                }
+                if self.encryption.is_some() {
+                    // The compressed plaintext must not outlive its
+                    // encryption in this long-lived buffer.
+                    let used = length.min(self.scratch.len());
+                    self.scratch[..used].zeroize();
                 }
             }
         }
