@@ -591,9 +591,19 @@ pub struct FastBatch {
 }
 
 /// The fast-ingest batches of one stream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FastBatches {
     pub batches: HashMap<String, FastBatch>,
+    /// Messages all fast publishers of the stream may have in flight
+    /// together (each keeps at most two flows outstanding). It keeps NATS
+    /// from buffering more for natswal than its subscription holds.
+    in_flight_max: u64,
+}
+
+impl Default for FastBatches {
+    fn default() -> FastBatches {
+        FastBatches::new(65_536)
+    }
 }
 
 /// Messages of the fast-ingest control channel.
@@ -620,6 +630,13 @@ pub fn flow_error(sequence: u64, error: &ApiError) -> bytes::Bytes {
 }
 
 impl FastBatches {
+    pub fn new(in_flight_max: u64) -> FastBatches {
+        FastBatches {
+            batches: HashMap::new(),
+            in_flight_max: in_flight_max.max(2),
+        }
+    }
+
     /// The flow a new batch starts with: what the client allows up to 500
     /// when it is alone, else 1 (it ramps up as acks go out).
     pub fn initial_flow(&self, flow_max: u16) -> u16 {
@@ -631,7 +648,11 @@ impl FastBatches {
     }
 
     /// After `persisted` moved: whether a flow ack is due, adapting the flow
-    /// to the number of concurrent fast publishers.
+    /// to the number of concurrent fast publishers. Acks wait for
+    /// durability (a sync, milliseconds), so each publisher gets as large a
+    /// window as its client allows while the total stays within
+    /// `in_flight_max`: a smaller one would leave the disk idle between
+    /// acks.
     pub fn flow_ack_due(&mut self, id: &str) -> Option<bytes::Bytes> {
         let publishers = self.batches.len().max(1);
         let batch = self.batches.get_mut(id)?;
@@ -641,7 +662,8 @@ impl FastBatches {
         }
         let steps = (batch.persisted - batch.acked) / flow;
         batch.acked += steps * flow;
-        let allowed = ((500 / publishers) as u16).clamp(1, batch.flow_max.max(1));
+        let share = self.in_flight_max / (2 * publishers as u64);
+        let allowed = share.clamp(1, u64::from(batch.flow_max.max(1))) as u16;
         if batch.flow < allowed {
             batch.flow = (batch.flow.saturating_mul(2)).min(allowed);
         } else if batch.flow > allowed {

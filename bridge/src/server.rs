@@ -190,7 +190,11 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
                 timeout: section.batch_timeout,
                 server: Arc::clone(&server_limits),
             },
-            fast: Arc::new(Mutex::new(crate::batch::FastBatches::default())),
+            // A quarter of the subscription's buffer for fast-ingest
+            // windows leaves the rest for ordinary publishers.
+            fast: Arc::new(Mutex::new(crate::batch::FastBatches::new(
+                config.nats.subscription_capacity as u64 / 4,
+            ))),
             api_prefix: config.api.prefix.clone(),
         };
         ingest_tasks.push(tokio::spawn(crate::ingest::run(

@@ -492,7 +492,8 @@ async fn scan_case(args: &WalBenchArgs) {
             .expect("submit");
         written += count as u64;
     }
-    close(Arc::clone(&stream)).await;
+    // Closed and dropped: the directory's lock is free for the reopen.
+    close(stream).await;
     let stream = open_stream(&directory, WriteMode::Mmap, stream_config(Durability::None));
     println!();
     println!(
