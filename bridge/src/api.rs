@@ -383,12 +383,17 @@ impl ApiService {
         let deadline = Instant::now() + wait;
         let mut reached_end = false;
         let mut bytes_sent = 0u64;
-        while request.mode == Mode::Frames && sender.count < wanted && bytes_sent < max_bytes {
-            let frame = match reader.next_stored_frame().and_then(|frame| match frame {
-                Some(frame) => reader.decrypt(frame).map(Some),
-                None => Ok(None),
-            }) {
-                Ok(Some(frame)) => frame,
+        while sender.count < wanted && bytes_sent < max_bytes {
+            let next = if request.mode == Mode::Frames {
+                reader
+                    .next_stored_frame()
+                    .and_then(|frame| frame.map(|frame| reader.decrypt(frame)).transpose())
+                    .map(|frame| frame.map(Unit::Frame))
+            } else {
+                reader.next().map(|record| record.map(Unit::Record))
+            };
+            let unit = match next {
+                Ok(Some(unit)) => unit,
                 Ok(None) => {
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     if sender.count > 0 || remaining.is_zero() {
@@ -404,53 +409,21 @@ impl ApiService {
             };
             // A frame straddling the end is sent whole; clients drop the
             // records past it (docs/PROTOCOL.md).
+            let (first_offset, first_timestamp_ns) = unit.start();
             let past_end = match end {
-                Some((Some(last_offset), _)) => frame.header.base_offset > last_offset,
-                Some((_, Some(last_time))) => frame.header.first_timestamp_ns > last_time,
+                Some((Some(last_offset), _)) => first_offset > last_offset,
+                Some((_, Some(last_time))) => first_timestamp_ns > last_time,
                 _ => false,
             };
             if past_end {
                 reached_end = true;
                 break;
             }
-            bytes_sent += frame.bytes.len() as u64;
-            let next_offset = frame.header.next_offset();
-            sender.send_frame(frame).await;
-            if let Some((Some(last_offset), _)) = end {
-                if next_offset > last_offset {
-                    reached_end = true;
-                    break;
-                }
+            bytes_sent += unit.bytes();
+            match unit {
+                Unit::Record(record) => sender.send(record).await,
+                Unit::Frame(frame) => sender.send_frame(frame).await,
             }
-        }
-        while request.mode != Mode::Frames && sender.count < wanted && bytes_sent < max_bytes {
-            let record = match reader.next() {
-                Ok(Some(record)) => record,
-                Ok(None) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    if sender.count > 0 || remaining.is_zero() {
-                        break;
-                    }
-                    let _ = tokio::time::timeout(remaining, reader.wait()).await;
-                    continue;
-                }
-                Err(error) => {
-                    sender.flush().await;
-                    return Err((STATUS_STORAGE_ERROR, format!("Storage Error: {error}")));
-                }
-            };
-            let past_end = match end {
-                Some((Some(last_offset), _)) => record.offset > last_offset,
-                Some((_, Some(last_time))) => record.timestamp_ns > last_time,
-                _ => false,
-            };
-            if past_end {
-                reached_end = true;
-                break;
-            }
-            bytes_sent +=
-                (record.subject.len() + record.headers.len() + record.payload.len()) as u64;
-            sender.send(record).await;
             if let Some((Some(last_offset), _)) = end {
                 if reader.next_offset() > last_offset {
                     reached_end = true;
@@ -483,6 +456,33 @@ impl ApiService {
             .publish_with_headers(reply, headers, Bytes::new())
             .await;
         Ok(())
+    }
+}
+
+/// What one replay step hands out: a record, or a whole stored frame in
+/// frames mode.
+enum Unit {
+    Record(natswal::StoredRecord),
+    Frame(natswal::StoredFrame),
+}
+
+impl Unit {
+    /// Offset and timestamp of its first record.
+    fn start(&self) -> (u64, i64) {
+        match self {
+            Unit::Record(record) => (record.offset, record.timestamp_ns),
+            Unit::Frame(frame) => (frame.header.base_offset, frame.header.first_timestamp_ns),
+        }
+    }
+
+    /// Bytes it counts against `max_bytes`.
+    fn bytes(&self) -> u64 {
+        match self {
+            Unit::Record(record) => {
+                (record.subject.len() + record.headers.len() + record.payload.len()) as u64
+            }
+            Unit::Frame(frame) => frame.bytes.len() as u64,
+        }
     }
 }
 
