@@ -312,6 +312,21 @@ pub struct ReplayResponse {
     pub next_offset: Option<u64>,
 }
 
+/// A stored NATS header block (`NATS/1.0\r\nName: value\r\n...`) as
+/// sorted pairs.
+fn header_block(block: &[u8]) -> Vec<(String, String)> {
+    let mut parsed: Vec<(String, String)> = String::from_utf8_lossy(block)
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            line.split_once(": ")
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+        })
+        .collect();
+    parsed.sort();
+    parsed
+}
+
 fn header(headers: &async_nats::HeaderMap, name: &str) -> Option<String> {
     headers.get(name).map(|value| value.as_str().to_string())
 }
@@ -370,20 +385,11 @@ pub async fn replay_once(
                 "Nwal-Count matches the frame"
             );
             for record in decoded {
-                let mut parsed: Vec<(String, String)> = String::from_utf8_lossy(&record.headers)
-                    .lines()
-                    .skip(1)
-                    .filter_map(|line| {
-                        line.split_once(": ")
-                            .map(|(name, value)| (name.to_string(), value.to_string()))
-                    })
-                    .collect();
-                parsed.sort();
                 records.push(Replayed {
                     offset: record.offset,
                     timestamp_ns: record.timestamp_ns,
                     subject: String::from_utf8_lossy(&record.subject).to_string(),
-                    headers: parsed,
+                    headers: header_block(&record.headers),
                     payload: record.payload,
                 });
             }
@@ -409,23 +415,12 @@ pub async fn replay_once(
                 let headers_start = subject_start + subject_length;
                 let payload_start = headers_start + headers_length;
                 let end = position + 4 + entry_length;
-                let stored_headers =
-                    String::from_utf8_lossy(&body[headers_start..payload_start]).to_string();
-                let mut parsed: Vec<(String, String)> = stored_headers
-                    .lines()
-                    .skip(1)
-                    .filter_map(|line| {
-                        line.split_once(": ")
-                            .map(|(name, value)| (name.to_string(), value.to_string()))
-                    })
-                    .collect();
-                parsed.sort();
                 records.push(Replayed {
                     offset,
                     timestamp_ns,
                     subject: String::from_utf8_lossy(&body[subject_start..headers_start])
                         .to_string(),
-                    headers: parsed,
+                    headers: header_block(&body[headers_start..payload_start]),
                     payload: body.slice(payload_start..end),
                 });
                 position = end;
