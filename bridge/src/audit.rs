@@ -67,9 +67,16 @@ impl Drop for FileLock<'_> {
     }
 }
 
-/// Sequence and CRC of the last whole, well-formed entry (0, 0 when none),
-/// read from the end of the file.
-fn last_entry(file: &File, path: &Path) -> Result<(u64, u32)> {
+/// What an append continues from: the sequence and CRC of the last whole,
+/// well-formed entry (0, 0 when none), and whether the file ends inside a
+/// line (torn by a crash). Read from the end of the file.
+struct LogEnd {
+    sequence: u64,
+    crc: u32,
+    torn: bool,
+}
+
+fn log_end(file: &File, path: &Path) -> Result<LogEnd> {
     use std::os::unix::fs::FileExt;
     let context = || format!("cannot read audit log {}", path.display());
     let length = file
@@ -82,6 +89,7 @@ fn last_entry(file: &File, path: &Path) -> Result<(u64, u32)> {
         let mut tail = vec![0u8; (length - start) as usize];
         file.read_exact_at(&mut tail, start)
             .map_err(|error| BridgeError::io(context(), error))?;
+        let torn = tail.last().is_some_and(|last| *last != b'\n');
         let text = String::from_utf8_lossy(&tail);
         // The first line of a window that does not start the file may be
         // cut: only lines after a newline count.
@@ -98,28 +106,23 @@ fn last_entry(file: &File, path: &Path) -> Result<(u64, u32)> {
             Some((sequence, crc))
         });
         match found {
-            Some(entry) => return Ok(entry),
-            None if start == 0 => return Ok((0, 0)),
+            Some((sequence, crc)) => {
+                return Ok(LogEnd {
+                    sequence,
+                    crc,
+                    torn,
+                })
+            }
+            None if start == 0 => {
+                return Ok(LogEnd {
+                    sequence: 0,
+                    crc: 0,
+                    torn,
+                })
+            }
             None => window *= 4,
         }
     }
-}
-
-/// True when the file's last byte is not a newline (a torn last line).
-fn ends_mid_line(file: &File, path: &Path) -> Result<bool> {
-    use std::os::unix::fs::FileExt;
-    let context = || format!("cannot read audit log {}", path.display());
-    let length = file
-        .metadata()
-        .map_err(|error| BridgeError::io(context(), error))?
-        .len();
-    if length == 0 {
-        return Ok(false);
-    }
-    let mut last = [0u8; 1];
-    file.read_exact_at(&mut last, length - 1)
-        .map_err(|error| BridgeError::io(context(), error))?;
-    Ok(last[0] != b'\n')
 }
 
 impl AuditLog {
@@ -169,26 +172,22 @@ impl AuditLog {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let _lock = FileLock::take(&file, &self.path)?;
-        let (sequence, previous_crc) = last_entry(&file, &self.path)?;
+        let end = log_end(&file, &self.path)?;
         let entry = json!({
-            "seq": sequence + 1,
+            "seq": end.sequence + 1,
             "time": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
             "action": action,
             "actor": actor,
             "target": target,
             "outcome": outcome,
             "details": details,
-            "prev": format!("{previous_crc:08x}"),
+            "prev": format!("{:08x}", end.crc),
         })
         .to_string();
         let crc = crc32c::crc32c(entry.as_bytes());
         // A line torn by a crash stays visible to `natswal audit` as damage,
         // but the new entry starts a line of its own.
-        let separator = if ends_mid_line(&file, &self.path)? {
-            "\n"
-        } else {
-            ""
-        };
+        let separator = if end.torn { "\n" } else { "" };
         let line = format!("{separator}{entry} {crc:08x}\n");
         let context = || format!("cannot write audit log {}", self.path.display());
         (&*file)
