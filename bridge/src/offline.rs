@@ -92,19 +92,20 @@ pub fn repair(dir: &Path, audit_log: Option<&Path>) -> Result<ExitCode> {
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
     let recovered = RecoveryManager::recover(&file_system(), dir, RecoveryMode::Repair);
     bar.finish_and_clear();
-    let report = match recovered {
-        Ok(report) => report,
-        Err(error) => {
-            audit.record_or_log(
-                "repair",
-                &crate::audit::cli_actor(),
-                &dir.display().to_string(),
-                "error",
-                serde_json::json!({"error": error.to_string()}),
-            );
-            return Err(error.into());
-        }
-    };
+    let report = audited(
+        &audit,
+        "repair",
+        &dir.display().to_string(),
+        recovered,
+        serde_json::json!({}),
+        |report| {
+            serde_json::json!({
+                "truncated": report.truncated.iter().map(|tail| format!("{}@{}", tail.segment.display(), tail.position)).collect::<Vec<_>>(),
+                "quarantined": report.quarantined.iter().map(|range| range.saved_to.display().to_string()).collect::<Vec<_>>(),
+                "rebuilt_indexes": report.rebuilt_indexes.len(),
+            })
+        },
+    )?;
     for tail in &report.truncated {
         println!(
             "truncated torn tail of {} at byte {}: {}",
@@ -127,19 +128,34 @@ pub fn repair(dir: &Path, audit_log: Option<&Path>) -> Result<ExitCode> {
     for index in &report.rebuilt_indexes {
         println!("rebuilt index {}", index.display());
     }
-    audit.record(
-        "repair",
-        &crate::audit::cli_actor(),
-        &dir.display().to_string(),
-        "ok",
-        serde_json::json!({
-            "truncated": report.truncated.iter().map(|tail| format!("{}@{}", tail.segment.display(), tail.position)).collect::<Vec<_>>(),
-            "quarantined": report.quarantined.iter().map(|range| range.saved_to.display().to_string()).collect::<Vec<_>>(),
-            "rebuilt_indexes": report.rebuilt_indexes.len(),
-        }),
-    )?;
     println!("repaired: {} segments", report.segments);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Audits the outcome of an offline action by the CLI's user: `ok` with
+/// `details` of its report, or `error` with `error_details` and the error
+/// (best effort: the action's error is what the caller returns).
+fn audited<T>(
+    audit: &crate::audit::AuditLog,
+    action: &str,
+    target: &str,
+    result: natswal::Result<T>,
+    error_details: serde_json::Value,
+    details: impl FnOnce(&T) -> serde_json::Value,
+) -> Result<T> {
+    let actor = crate::audit::cli_actor();
+    match result {
+        Ok(report) => {
+            audit.record(action, &actor, target, "ok", details(&report))?;
+            Ok(report)
+        }
+        Err(error) => {
+            let mut error_details = error_details;
+            error_details["error"] = serde_json::Value::from(error.to_string());
+            audit.record_or_log(action, &actor, target, "error", error_details);
+            Err(error.into())
+        }
+    }
 }
 
 /// The audit log of offline commands: `--audit-log`, else
@@ -213,31 +229,21 @@ pub fn truncate(dir: &Path, from_offset: u64, audit_log: Option<&Path>) -> Resul
             RecoveryManager::recover(&file_system(), dir, RecoveryMode::Strict).map(|_| report)
         });
     let target = dir.display().to_string();
-    let report = match truncated {
-        Ok(report) => report,
-        Err(error) => {
-            audit.record_or_log(
-                "truncate",
-                &crate::audit::cli_actor(),
-                &target,
-                "error",
-                serde_json::json!({"from_offset": from_offset, "error": error.to_string()}),
-            );
-            return Err(error.into());
-        }
-    };
-    audit.record(
+    let report = audited(
+        &audit,
         "truncate",
-        &crate::audit::cli_actor(),
         &target,
-        "ok",
-        serde_json::json!({
-            "from_offset": from_offset,
-            "records_kept": report.records_kept,
-            "records_removed": report.records_removed,
-            "segments_removed": report.segments_removed,
-            "next_offset": report.next_offset,
-        }),
+        truncated,
+        serde_json::json!({"from_offset": from_offset}),
+        |report| {
+            serde_json::json!({
+                "from_offset": from_offset,
+                "records_kept": report.records_kept,
+                "records_removed": report.records_removed,
+                "segments_removed": report.segments_removed,
+                "next_offset": report.next_offset,
+            })
+        },
     )?;
     println!(
         "truncated {}: {} records removed, {} kept; the next record gets offset {}",
@@ -290,25 +296,13 @@ pub fn restore(
             RecoveryManager::recover(&file_system(), output, RecoveryMode::Strict).map(|_| report)
         });
     let target = format!("{} -> {}", dir.display(), output.display());
-    let report = match restored {
-        Ok(report) => report,
-        Err(error) => {
-            audit.record_or_log(
-                "restore",
-                &crate::audit::cli_actor(),
-                &target,
-                "error",
-                serde_json::json!({"error": error.to_string()}),
-            );
-            return Err(error.into());
-        }
-    };
-    audit.record(
+    let report = audited(
+        &audit,
         "restore",
-        &crate::audit::cli_actor(),
         &target,
-        "ok",
-        serde_json::json!({"point": format!("{point:?}"), "records_kept": report.records_kept, "records_left_out": report.records_removed}),
+        restored,
+        serde_json::json!({}),
+        |report| serde_json::json!({"point": format!("{point:?}"), "records_kept": report.records_kept, "records_left_out": report.records_removed}),
     )?;
     println!(
         "restored {} records (offsets up to {}) into {}; {} later records left out",
