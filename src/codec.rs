@@ -3,20 +3,25 @@
 //!
 //! Writing: the plain body is compressed if that makes it smaller (the frame
 //! flags say which), then encrypted with the stream's key; the AEAD's
-//! associated data is the frame header (bytes 8..96), so a changed header
-//! fails authentication as surely as a changed body. Reading reverses it.
+//! associated data is the frame header (bytes 8..96, checksums zero), so a
+//! changed header fails authentication as surely as a changed body. The key
+//! id and cipher are in the frame header, and nothing local to one segment
+//! file is authenticated, so a follower stores a leader's encrypted frame
+//! byte for byte, without its key. Reading reverses the steps.
 //!
-//! Nonces are 96 bits: a 32-bit epoch that the stream persists and raises on
-//! every open (and every truncation), then a 64-bit frame counter. A nonce
-//! therefore never repeats under a key, across restarts and after a suffix
-//! is truncated and rewritten.
+//! Nonces are 96 bits: the 16-bit node id of the writer, a 32-bit epoch
+//! that the stream's metadata persists and raises before the first write of
+//! every open and every truncation (starting from a random value), then a
+//! 48-bit frame counter. A nonce therefore never repeats under a key: not
+//! across restarts, not after a suffix is truncated and rewritten, not
+//! across replicas that share the key.
 //!
 //! Key material lives in [`Key`]s that zeroize on drop and never print; the
 //! buffers that hold decrypted bodies are zeroized when the last record
 //! borrowing them is dropped.
 
 use crate::error::{Error, Result};
-use crate::format::frame::{flags, FrameBuilder, FrameHeader, FRAME_HEADER_LENGTH};
+use crate::format::frame::{flags, FrameBuilder, FrameHeader, FrameKind, FRAME_HEADER_LENGTH};
 use crate::format::record::RecordIter;
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -284,15 +289,17 @@ fn open(
         .is_ok()
 }
 
-/// The writer's side: compresses and encrypts frames as they are built.
+/// The writer's side: compresses and encrypts frame bodies.
 pub struct FrameEncoder {
     compression: Compression,
     encryption: Option<(Cipher, Arc<Key>)>,
+    node_id: u16,
     epoch: u32,
     counter: u64,
-    scratch: Vec<u8>,
-    plain_length: u32,
-    compressed: bool,
+    /// The plain body in one buffer (compression and encryption need it).
+    plain: Vec<u8>,
+    /// The stored body when it is not the builder's.
+    stored: Vec<u8>,
     /// One zstd context for the stream's life (creating one per frame
     /// would cost more than compressing small frames).
     compressor: Option<zstd::bulk::Compressor<'static>>,
@@ -316,16 +323,44 @@ impl std::fmt::Debug for FrameEncoder {
 
 impl Drop for FrameEncoder {
     fn drop(&mut self) {
-        self.scratch.zeroize();
+        self.plain.zeroize();
+    }
+}
+
+/// Largest frame counter of one nonce epoch (48 bits).
+const COUNTER_MAX: u64 = (1 << 48) - 1;
+
+/// The body of an encoded frame: the builder's parts, or one buffer.
+pub enum EncodedBody<'a> {
+    Parts(&'a FrameBuilder),
+    Bytes(&'a [u8]),
+}
+
+/// A frame ready to write: its header (checksums filled in) and body.
+pub struct EncodedFrame<'a> {
+    pub header: FrameHeader,
+    pub header_bytes: [u8; FRAME_HEADER_LENGTH],
+    pub body: EncodedBody<'a>,
+}
+
+impl EncodedFrame<'_> {
+    /// The body's parts in order.
+    pub fn body_parts(&self) -> Vec<&[u8]> {
+        match &self.body {
+            EncodedBody::Parts(builder) => builder.body_parts().collect(),
+            EncodedBody::Bytes(bytes) => vec![bytes],
+        }
     }
 }
 
 impl FrameEncoder {
-    /// `epoch` must be one no earlier frame under any key of this stream
-    /// used (the stream persists it).
+    /// Nonces are `node_id`, then `epoch`, then a frame counter: the epoch
+    /// must be one no earlier frame of this node under any key of this
+    /// stream used (the stream's metadata persists it).
     pub fn new(
         compression: Compression,
         encryption: Option<(Cipher, Arc<Key>)>,
+        node_id: u16,
         epoch: u32,
     ) -> FrameEncoder {
         let compressor = match compression {
@@ -335,13 +370,19 @@ impl FrameEncoder {
         FrameEncoder {
             compression,
             encryption,
+            node_id,
             epoch,
             counter: 0,
-            scratch: Vec::new(),
-            plain_length: 0,
-            compressed: false,
+            plain: Vec::new(),
+            stored: Vec::new(),
             compressor,
         }
+    }
+
+    /// Starts a new nonce epoch (the frame counter restarts).
+    pub fn set_epoch(&mut self, epoch: u32) {
+        self.epoch = epoch;
+        self.counter = 0;
     }
 
     /// Key id and cipher new segments are written with (0 and none: plain).
@@ -351,76 +392,80 @@ impl FrameEncoder {
             .map_or((0, 0), |(cipher, key)| (key.id, cipher.id()))
     }
 
-    /// Compresses the builder's body if that makes it smaller; returns the
-    /// frame length the frame will have once finished.
-    pub fn encode_body(&mut self, builder: &mut FrameBuilder) -> u64 {
-        let plain = builder.buffer.len() - FRAME_HEADER_LENGTH;
-        self.plain_length = plain as u32;
-        self.compressed = false;
-        if let Some(compressor) = &mut self.compressor {
-            self.scratch.clear();
-            self.scratch.reserve(zstd::zstd_safe::compress_bound(plain));
-            let written = compressor
-                .compress_to_buffer(&builder.buffer[FRAME_HEADER_LENGTH..], &mut self.scratch);
-            if let Ok(length) = written {
-                if length < plain {
-                    builder.buffer.truncate(FRAME_HEADER_LENGTH);
-                    builder.buffer.extend_from_slice(&self.scratch[..length]);
-                    self.compressed = true;
-                }
-                if self.encryption.is_some() {
-                    // The compressed plaintext must not outlive its
-                    // encryption in this long-lived buffer.
-                    let used = length.min(self.scratch.len());
-                    self.scratch[..used].zeroize();
-                }
-            }
-        }
-        let tag = if self.encryption.is_some() {
-            TAG_LENGTH
-        } else {
-            0
-        };
-        (builder.buffer.len() + tag) as u64
+    /// The stored length the frame built in `builder` will have.
+    pub fn is_transforming(&self) -> bool {
+        self.compressor.is_some() || self.encryption.is_some()
     }
 
-    /// Fills the header, encrypts, and checksums the frame (after
-    /// [`encode_body`](FrameEncoder::encode_body)).
-    pub fn finish<'a>(
-        &mut self,
+    /// Encodes the body of `builder` (compressed if that makes it smaller,
+    /// then encrypted) and completes `header` (its base offset, counts,
+    /// timestamps, Raft id and atomic flag are the caller's).
+    pub fn encode<'a>(
+        &'a mut self,
         builder: &'a mut FrameBuilder,
-        extra_flags: u16,
-        durable_position: u64,
-    ) -> Result<(&'a [u8], FrameHeader)> {
-        let mut frame_flags = extra_flags;
-        if self.compressed {
-            frame_flags |= flags::COMPRESSION_ZSTD;
+        mut header: FrameHeader,
+    ) -> Result<EncodedFrame<'a>> {
+        let (plain_length, plain_crc) = builder.seal();
+        header.body_length_plain = u32::try_from(plain_length)
+            .map_err(|_| Error::InvalidInput(format!("frame body of {plain_length} bytes")))?;
+        if !self.is_transforming() {
+            header.frame_length = (FRAME_HEADER_LENGTH + plain_length) as u32;
+            header.body_crc = plain_crc;
+            return Ok(EncodedFrame {
+                header_bytes: header.encode(),
+                header,
+                body: EncodedBody::Parts(builder),
+            });
         }
-        let mut header = builder.header;
-        header.body_length_plain = self.plain_length;
-        header.durable_position = durable_position;
+        builder.body_contiguous(&mut self.plain);
+        self.stored.clear();
+        let mut compressed = false;
+        if let Some(compressor) = &mut self.compressor {
+            self.stored
+                .reserve(zstd::zstd_safe::compress_bound(plain_length));
+            if let Ok(length) = compressor.compress_to_buffer(&self.plain, &mut self.stored) {
+                compressed = length < plain_length;
+            }
+        }
+        if compressed {
+            header.flags |= flags::COMPRESSION_ZSTD;
+        } else {
+            self.stored.clear();
+            self.stored.extend_from_slice(&self.plain);
+        }
+        if self.encryption.is_some() {
+            // The plaintext must not outlive its encryption in a buffer
+            // that lives as long as the stream.
+            self.plain.zeroize();
+        }
         if let Some((cipher, key)) = &self.encryption {
-            frame_flags |= flags::ENCRYPTED;
+            if self.counter >= COUNTER_MAX {
+                return Err(Error::InvalidInput(
+                    "nonce counter of this epoch is exhausted; reopen the stream".to_string(),
+                ));
+            }
             self.counter += 1;
             let mut nonce = [0u8; 12];
-            nonce[..4].copy_from_slice(&self.epoch.to_le_bytes());
-            nonce[4..].copy_from_slice(&self.counter.to_le_bytes());
+            nonce[..2].copy_from_slice(&self.node_id.to_le_bytes());
+            nonce[2..6].copy_from_slice(&self.epoch.to_le_bytes());
+            nonce[6..].copy_from_slice(&self.counter.to_le_bytes()[..6]);
+            header.flags |= flags::ENCRYPTED;
+            header.cipher = cipher.id();
+            header.key_id = key.id;
             header.nonce = nonce;
-            header.flags = frame_flags;
-            header.frame_length = (builder.buffer.len() + TAG_LENGTH) as u32;
-            header.encode_fields(&mut builder.buffer[..FRAME_HEADER_LENGTH]);
-            let (head, body) = builder.buffer.split_at_mut(FRAME_HEADER_LENGTH);
-            let tag = seal(*cipher, key, &nonce, &head[8..], body)?;
-            builder.buffer.extend_from_slice(&tag);
+            header.frame_length = (FRAME_HEADER_LENGTH + self.stored.len() + TAG_LENGTH) as u32;
+            let associated = header.encode_associated_data();
+            let tag = seal(*cipher, key, &nonce, &associated[8..], &mut self.stored)?;
+            self.stored.extend_from_slice(&tag);
         } else {
-            header.flags = frame_flags;
-            header.frame_length = builder.buffer.len() as u32;
-            header.encode_fields(&mut builder.buffer[..FRAME_HEADER_LENGTH]);
+            header.frame_length = (FRAME_HEADER_LENGTH + self.stored.len()) as u32;
         }
-        let crc = crc32c::crc32c(&builder.buffer[8..]);
-        builder.buffer[4..8].copy_from_slice(&crc.to_le_bytes());
-        builder.header = header;
-        Ok((&builder.buffer, header))
+        header.body_crc = crc32c::crc32c(&self.stored);
+        Ok(EncodedFrame {
+            header_bytes: header.encode(),
+            header,
+            body: EncodedBody::Bytes(&self.stored),
+        })
     }
 }
 
@@ -439,34 +484,23 @@ impl Drop for ZeroizingBody {
     }
 }
 
-/// Where a frame's segment says its key is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SegmentKey {
-    pub key_id: u32,
-    pub cipher: u8,
-}
-
 /// The body of a checked frame after decryption (still compressed if it
 /// was). Errors name what is wrong; they never yield other data.
 fn open_body(
     header: &FrameHeader,
     frame: &Bytes,
     keyring: &Keyring,
-    segment: SegmentKey,
 ) -> std::result::Result<Vec<u8>, String> {
     let end = header.frame_length as usize;
-    if header.flags & flags::ENCRYPTED == 0 {
+    if !header.is_encrypted() {
         return Ok(frame[FRAME_HEADER_LENGTH..end].to_vec());
     }
-    if segment.key_id == 0 {
-        return Err("frame is encrypted but its segment names no key".to_string());
-    }
-    let cipher = Cipher::from_id(segment.cipher)
-        .ok_or_else(|| format!("unknown cipher id {}", segment.cipher))?;
-    let key = keyring.get(segment.key_id).ok_or_else(|| {
+    let cipher = Cipher::from_id(header.cipher)
+        .ok_or_else(|| format!("unknown cipher id {}", header.cipher))?;
+    let key = keyring.get(header.key_id).ok_or_else(|| {
         format!(
             "frame is encrypted with key id {}, which is not configured (configure the key to read it)",
-            segment.key_id
+            header.key_id
         )
     })?;
     if end < FRAME_HEADER_LENGTH + TAG_LENGTH {
@@ -474,43 +508,43 @@ fn open_body(
     }
     let mut body = frame[FRAME_HEADER_LENGTH..end - TAG_LENGTH].to_vec();
     let tag = &frame[end - TAG_LENGTH..end];
-    if !open(
-        cipher,
-        key,
-        &header.nonce,
-        &frame[8..FRAME_HEADER_LENGTH],
-        &mut body,
-        tag,
-    ) {
+    let associated = header.encode_associated_data();
+    if !open(cipher, key, &header.nonce, &associated[8..], &mut body, tag) {
         body.zeroize();
         return Err(format!(
             "frame failed authentication with key id {} (wrong key, or the frame or its header was altered)",
-            segment.key_id
+            header.key_id
         ));
     }
     Ok(body)
 }
 
 /// The records of a checked frame, decrypting and decompressing as its
-/// flags say. Errors name what is wrong; they never yield other data.
+/// flags say. The plain body may not exceed `plain_bytes_max` (what the
+/// frame's records can hold under the stream's limits), so a damaged or
+/// forged length cannot make this allocate more. Errors name what is
+/// wrong; they never yield other data.
 pub fn frame_records(
     header: &FrameHeader,
     frame: &Bytes,
     keyring: &Keyring,
-    segment: SegmentKey,
+    plain_bytes_max: usize,
 ) -> std::result::Result<RecordIter, String> {
-    let transformed = header.flags & (flags::COMPRESSION_MASK | flags::ENCRYPTED) != 0;
-    if !transformed {
+    if header.kind != FrameKind::Records {
+        return Ok(RecordIter::new(Bytes::new(), header.base_offset, 0));
+    }
+    if !header.is_compressed() && !header.is_encrypted() {
         return Ok(header.plain_records(frame));
     }
-    let mut body = open_body(header, frame, keyring, segment)?;
+    let plain_length = header.body_length_plain as usize;
+    if plain_length > plain_bytes_max {
+        return Err(format!(
+            "frame claims a plain body of {plain_length} bytes, which exceeds the limit of {plain_bytes_max} (what its {} records can hold)",
+            header.record_count
+        ));
+    }
+    let mut body = open_body(header, frame, keyring)?;
     if header.flags & flags::COMPRESSION_MASK == flags::COMPRESSION_ZSTD {
-        let plain_length = header.body_length_plain as usize;
-        // The plain length bounds the allocation; a frame cannot hold more
-        // than a segment.
-        if plain_length > u32::MAX as usize / 2 {
-            return Err(format!("implausible plain body length {plain_length}"));
-        }
         let decompressed =
             zstd::bulk::decompress(&body, plain_length).map_err(|error| format!("zstd: {error}"));
         body.zeroize();
@@ -522,11 +556,10 @@ pub fn frame_records(
             ));
         }
         body = decompressed;
-    } else if body.len() != header.body_length_plain as usize {
+    } else if body.len() != plain_length {
         return Err(format!(
-            "body is {} bytes, header says {}",
-            body.len(),
-            header.body_length_plain
+            "body is {} bytes, header says {plain_length}",
+            body.len()
         ));
     }
     let body = Bytes::from_owner(ZeroizingBody(body));
@@ -539,54 +572,23 @@ pub fn frame_records(
 
 /// An encrypted frame as a valid plain frame: the body decrypted but left
 /// compressed if it was (nothing is recompressed), the tag dropped, the
-/// encrypted flag and nonce cleared, the checksum recomputed.
+/// encrypted flag, key and nonce cleared, the checksums recomputed.
 pub fn decrypt_frame(
     header: &FrameHeader,
     frame: &Bytes,
     keyring: &Keyring,
-    segment: SegmentKey,
 ) -> std::result::Result<(FrameHeader, Bytes), String> {
-    let body = Zeroizing::new(open_body(header, frame, keyring, segment)?);
+    let body = Zeroizing::new(open_body(header, frame, keyring)?);
     let mut plain = *header;
     plain.flags &= !flags::ENCRYPTED;
     plain.nonce = [0; 12];
+    plain.key_id = 0;
+    plain.cipher = 0;
     plain.frame_length = (FRAME_HEADER_LENGTH + body.len()) as u32;
-    let mut bytes = vec![0u8; FRAME_HEADER_LENGTH];
-    plain.encode_fields(&mut bytes);
+    plain.body_crc = crc32c::crc32c(&body);
+    let mut bytes = plain.encode().to_vec();
     bytes.extend_from_slice(&body);
-    let crc = crc32c::crc32c(&bytes[8..]);
-    bytes[4..8].copy_from_slice(&crc.to_le_bytes());
     Ok((plain, Bytes::from_owner(ZeroizingBody(bytes))))
-}
-
-/// The nonce epoch of a stream: raised and persisted at every open, so
-/// frame counters restart under a fresh epoch.
-pub fn next_epoch(
-    file_system: &dyn crate::io::FileSystem,
-    directory: &Path,
-    seen_in_log: u32,
-) -> Result<u32> {
-    let path = directory.join("nonce.epoch");
-    let stored = file_system
-        .read(&path)
-        .ok()
-        .filter(|bytes| {
-            bytes.len() == 8
-                && crc32c::crc32c(&bytes[..4])
-                    == u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"))
-        })
-        .map(|bytes| u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")))
-        .unwrap_or(0);
-    let epoch = stored.max(seen_in_log).checked_add(1).ok_or_else(|| {
-        Error::InvalidInput(format!(
-            "nonce epoch of {} is exhausted; rotate to a new stream",
-            directory.display()
-        ))
-    })?;
-    let mut bytes = epoch.to_le_bytes().to_vec();
-    bytes.extend_from_slice(&crc32c::crc32c(&epoch.to_le_bytes()).to_le_bytes());
-    file_system.write_atomic(&path, &bytes)?;
-    Ok(epoch)
 }
 
 #[cfg(test)]
@@ -601,13 +603,26 @@ mod tests {
 
     fn build(encoder: &mut FrameEncoder, payload: &str) -> Vec<u8> {
         let mut builder = FrameBuilder::new();
-        builder.begin(10, 0, 0);
+        builder.begin();
         for index in 0..20 {
             builder.push(&Record::new(format!("s.{index}"), payload.to_string()), 5);
         }
-        encoder.encode_body(&mut builder);
-        encoder.finish(&mut builder, 0, 64).unwrap().0.to_vec()
+        let header = FrameHeader {
+            base_offset: 10,
+            record_count: builder.record_count(),
+            first_timestamp_ns: 5,
+            last_timestamp_ns: 5,
+            ..FrameHeader::default()
+        };
+        let frame = encoder.encode(&mut builder, header).unwrap();
+        let mut bytes = frame.header_bytes.to_vec();
+        for part in frame.body_parts() {
+            bytes.extend_from_slice(part);
+        }
+        bytes
     }
+
+    const PLAIN_MAX: usize = 1 << 20;
 
     #[test]
     fn every_combination_round_trips() {
@@ -620,17 +635,13 @@ mod tests {
             ] {
                 let keyring = Keyring::new([key(7)]);
                 let encryption = cipher.map(|cipher| (cipher, Arc::clone(keyring.get(7).unwrap())));
-                let mut encoder = FrameEncoder::new(compression, encryption, 3);
+                let mut encoder = FrameEncoder::new(compression, encryption, 9, 3);
                 let bytes = build(&mut encoder, &payload);
                 let FrameCheck::Valid(header) = check_frame(&bytes) else {
-                    panic!("valid frame")
-                };
-                let segment = SegmentKey {
-                    key_id: if cipher.is_some() { 7 } else { 0 },
-                    cipher: cipher.map_or(0, |cipher| cipher.id()),
+                    panic!("valid frame: {:?}", check_frame(&bytes))
                 };
                 let records: Vec<_> =
-                    frame_records(&header, &Bytes::from(bytes.clone()), &keyring, segment)
+                    frame_records(&header, &Bytes::from(bytes.clone()), &keyring, PLAIN_MAX)
                         .unwrap()
                         .collect::<std::result::Result<_, _>>()
                         .unwrap();
@@ -648,30 +659,47 @@ mod tests {
                         memchr::memmem::find(&bytes, b"click").is_none(),
                         "no plaintext on disk"
                     );
-                    assert_eq!(&header.nonce[..4], &3u32.to_le_bytes());
+                    assert_eq!(&header.nonce[..2], &9u16.to_le_bytes(), "node id first");
+                    assert_eq!(&header.nonce[2..6], &3u32.to_le_bytes(), "then the epoch");
+                    assert_eq!(header.key_id, 7);
                 }
             }
         }
     }
 
     #[test]
-    fn wrong_key_missing_key_and_tampering_are_errors_not_data() {
+    fn nonces_of_two_nodes_with_one_key_never_meet() {
+        let keyring = Keyring::new([key(1)]);
+        let encryption = || Some((Cipher::Aes256Gcm, Arc::clone(keyring.get(1).unwrap())));
+        let mut first = FrameEncoder::new(Compression::None, encryption(), 1, 5);
+        let mut second = FrameEncoder::new(Compression::None, encryption(), 2, 5);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            for encoder in [&mut first, &mut second] {
+                let bytes = build(encoder, "x");
+                let FrameCheck::Valid(header) = check_frame(&bytes) else {
+                    panic!()
+                };
+                assert!(seen.insert(header.nonce), "nonce repeated");
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_key_missing_key_tampering_and_huge_plain_lengths_are_errors_not_data() {
         let keyring = Keyring::new([key(1)]);
         let mut encoder = FrameEncoder::new(
             Compression::None,
             Some((Cipher::Aes256Gcm, Arc::clone(keyring.get(1).unwrap()))),
+            0,
             1,
         );
         let bytes = build(&mut encoder, "secret");
         let FrameCheck::Valid(header) = check_frame(&bytes) else {
             panic!()
         };
-        let segment = SegmentKey {
-            key_id: 1,
-            cipher: 1,
-        };
         let wrong = Keyring::new([Key::new(1, [9; KEY_LENGTH])]);
-        let error = frame_records(&header, &Bytes::from(bytes.clone()), &wrong, segment)
+        let error = frame_records(&header, &Bytes::from(bytes.clone()), &wrong, PLAIN_MAX)
             .err()
             .unwrap();
         assert!(error.contains("authentication"), "{error}");
@@ -679,7 +707,7 @@ mod tests {
             &header,
             &Bytes::from(bytes.clone()),
             &Keyring::default(),
-            segment,
+            PLAIN_MAX,
         )
         .err()
         .unwrap();
@@ -687,15 +715,48 @@ mod tests {
             missing.contains("key id 1") && missing.contains("not configured"),
             "{missing}"
         );
-        // Alter the header's base offset and fix the CRC: the AEAD notices.
+        let bounded = frame_records(&header, &Bytes::from(bytes.clone()), &keyring, 10)
+            .err()
+            .unwrap();
+        assert!(bounded.contains("exceeds the limit"), "{bounded}");
+        // Alter the header's base offset and fix its checksum: the AEAD
+        // notices.
         let mut altered = bytes.clone();
         altered[16] ^= 1;
-        let crc = crc32c::crc32c(&altered[8..]);
+        let crc = crc32c::crc32c(&altered[8..96]);
         altered[4..8].copy_from_slice(&crc.to_le_bytes());
         let FrameCheck::Valid(altered_header) = check_frame(&altered) else {
             panic!()
         };
-        assert!(frame_records(&altered_header, &Bytes::from(altered), &keyring, segment).is_err());
+        assert!(
+            frame_records(&altered_header, &Bytes::from(altered), &keyring, PLAIN_MAX).is_err()
+        );
+    }
+
+    #[test]
+    fn decrypted_frames_are_valid_plain_frames() {
+        let keyring = Keyring::new([key(1)]);
+        let mut encoder = FrameEncoder::new(
+            Compression::Zstd { level: 1 },
+            Some((
+                Cipher::ChaCha20Poly1305,
+                Arc::clone(keyring.get(1).unwrap()),
+            )),
+            0,
+            1,
+        );
+        let bytes = Bytes::from(build(&mut encoder, &"abc".repeat(100)));
+        let FrameCheck::Valid(header) = check_frame(&bytes) else {
+            panic!()
+        };
+        let (plain, plain_bytes) = decrypt_frame(&header, &bytes, &keyring).unwrap();
+        assert_eq!(check_frame(&plain_bytes), FrameCheck::Valid(plain));
+        assert!(plain.is_compressed() && !plain.is_encrypted());
+        let records: Vec<_> = frame_records(&plain, &plain_bytes, &Keyring::default(), PLAIN_MAX)
+            .unwrap()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        assert_eq!(records.len(), 20);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::codec::{Compression, EncryptionConfig};
 use crate::error::{Error, Result};
-use crate::format::frame::FRAME_HEADER_LENGTH;
+use crate::format::frame::{FRAME_HEADER_LENGTH, SLOT_HEADER_LENGTH};
 use crate::format::record::RECORD_OVERHEAD;
 use crate::format::segment_header::SEGMENT_HEADER_LENGTH;
 
@@ -48,7 +48,7 @@ pub struct RetentionPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamConfig {
     pub durability: Durability,
-    /// Size of a segment file; the active one is preallocated to it.
+    /// Size of a segment file; the active one is allocated to it.
     pub segment_bytes_max: u64,
     /// Seal the active segment once its first record is this old.
     pub segment_age_max_ms: Option<u64>,
@@ -73,6 +73,10 @@ pub struct StreamConfig {
     pub compression: Compression,
     /// Encryption of new segments (keys come from the stream's keyring).
     pub encryption: Option<EncryptionConfig>,
+    /// Segment files retention keeps for reuse by new segments (writing
+    /// over blocks already allocated creates no new extents and no discard
+    /// in steady state); beyond this they are deleted.
+    pub recycle_segments_max: usize,
 }
 
 impl Default for StreamConfig {
@@ -92,6 +96,7 @@ impl Default for StreamConfig {
             maintenance_interval_ms: 1000,
             compression: Compression::None,
             encryption: None,
+            recycle_segments_max: 2,
         }
     }
 }
@@ -104,9 +109,25 @@ fn invalid(key: &str, reason: String) -> Error {
 }
 
 impl StreamConfig {
-    /// Largest frame body a segment can hold.
+    /// Largest frame (its slot included) a segment can hold.
     pub fn frame_capacity_bytes(&self) -> u64 {
-        self.segment_bytes_max - SEGMENT_HEADER_LENGTH as u64
+        self.segment_bytes_max - (SEGMENT_HEADER_LENGTH + SLOT_HEADER_LENGTH) as u64
+    }
+
+    /// Largest body of records one frame can carry in a segment (room for
+    /// the slot, the frame header and an AEAD tag).
+    pub fn frame_body_bytes_max(&self) -> u64 {
+        self.frame_capacity_bytes() - (FRAME_HEADER_LENGTH + crate::codec::TAG_LENGTH) as u64
+    }
+
+    /// Most bytes a plain records body of `record_count` records can have
+    /// under these limits (bounds decompression of untrusted frames).
+    pub fn plain_body_bytes_max(&self, record_count: u32) -> usize {
+        // A frame never holds more than a segment does (atomic batches are
+        // checked against it at enqueue), nor more than its records can.
+        u64::from(record_count)
+            .saturating_mul(self.record_bytes_max)
+            .min(self.frame_capacity_bytes()) as usize
     }
 
     /// Checks every value; the error names the key.
@@ -124,7 +145,7 @@ impl StreamConfig {
             ));
         }
         let record_floor = RECORD_OVERHEAD as u64 + 1;
-        let record_ceiling = self.frame_capacity_bytes() - FRAME_HEADER_LENGTH as u64;
+        let record_ceiling = self.frame_body_bytes_max();
         if !(record_floor..=record_ceiling).contains(&self.record_bytes_max) {
             return Err(invalid(
                 "record_bytes_max",
@@ -134,13 +155,14 @@ impl StreamConfig {
                 ),
             ));
         }
-        if self.frame_bytes_max < 1024 || self.frame_bytes_max > self.frame_capacity_bytes() {
+        if self.frame_bytes_max < 1024 || self.frame_bytes_max > self.frame_body_bytes_max() {
             return Err(invalid(
                 "frame_bytes_max",
                 format!(
-                    "{} must be between 1024 and the segment's frame capacity {}",
+                    "{} must be between 1024 and what one frame of a {}-byte segment holds ({})",
                     self.frame_bytes_max,
-                    self.frame_capacity_bytes()
+                    self.segment_bytes_max,
+                    self.frame_body_bytes_max()
                 ),
             ));
         }

@@ -1,30 +1,33 @@
-//! BatchCoordinator: many async producers, one writer thread, one syncer
-//! thread per stream.
+//! BatchCoordinator: many async producers, one writer, one syncer per
+//! stream, and the log beneath.
 //!
 //! - Producers reserve queue bytes from a semaphore (backpressure: a full
 //!   queue makes them wait; memory is bounded by `queue_bytes_max`), push a
 //!   [`Pending`] and return; the append resolves through its [`Completion`].
-//! - The writer thread takes everything queued, up to the frame caps (no
+//! - The write step takes everything queued, up to the frame caps (no
 //!   linger when idle: a lone append is written at once; under load, frames
-//!   grow while the previous sync runs), encodes one frame, copies it into
-//!   the active segment, and hands it to the syncer.
-//! - The syncer makes all frames written since its last sync durable with one
-//!   sync (group commit), publishes them to readers, and completes them.
+//!   grow while the previous sync runs), checks preconditions in offset
+//!   order, and appends one frame to the log.
+//! - The sync step makes all frames written since the last sync durable
+//!   with one [`Log::sync`] (group commit) and completes their appends.
 //!
-//! A failed sync poisons the stream: the appends it covered and every later
-//! one fail with [`Error::Poisoned`]; the sync is never retried.
+//! The steps are plain functions, so the same coordinator runs under the
+//! stream's threads ([`run_writer`], [`run_syncer`]) or under the
+//! deterministic simulator, which calls them itself in a seeded order.
+//!
+//! A failed sync poisons the log: the appends it covered and every later
+//! one fail with [`Error::Poisoned`]; nothing is retried.
 
-use crate::config::Durability;
+use crate::config::{Durability, StreamConfig};
 use crate::error::{Error, PreconditionFailure, Result};
-use crate::format::frame::{flags, FrameBuilder};
+use crate::format::frame::FrameBuilder;
 use crate::format::record::Record;
-use crate::segment::storage::{SegmentProgress, StorageSegment};
-use crate::segment::writer::{now_ns, SegmentWriter};
-use crate::stream::StreamShared;
+use crate::log::writer::AppendMeta;
+use crate::log::Log;
+use crate::metrics::StreamMetrics;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Offsets given to an append once it is durable.
@@ -49,7 +52,6 @@ pub struct Completed {
 }
 
 /// How an append reports that it is done.
-#[derive(Debug)]
 pub enum Completion {
     /// Nobody waits (fire and forget).
     None,
@@ -60,6 +62,19 @@ pub enum Completion {
         sender: mpsc::UnboundedSender<Completed>,
         token: u64,
     },
+    /// A callback (the simulator's).
+    Callback(Box<dyn FnOnce(Result<AppendOutcome>) + Send>),
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Completion::None => formatter.write_str("None"),
+            Completion::Oneshot(_) => formatter.write_str("Oneshot"),
+            Completion::Channel { token, .. } => write!(formatter, "Channel({token})"),
+            Completion::Callback(_) => formatter.write_str("Callback"),
+        }
+    }
 }
 
 impl Completion {
@@ -72,6 +87,7 @@ impl Completion {
             Completion::Channel { sender, token } => {
                 let _ = sender.send(Completed { token, result });
             }
+            Completion::Callback(callback) => callback(result),
         }
     }
 }
@@ -129,7 +145,7 @@ pub(crate) struct Pending {
     encoded_bytes: u64,
     permits: u32,
     completion: Completion,
-    enqueued_at: std::time::Instant,
+    enqueued_at: Instant,
     preconditions: Vec<(u32, Precondition)>,
     last_message_id: Option<Arc<str>>,
 }
@@ -146,35 +162,59 @@ struct QueueState {
     writer_waiting: bool,
 }
 
-struct SyncJob {
-    segment: Arc<StorageSegment>,
-    file: Arc<dyn crate::io::WritableFile>,
-    progress: SegmentProgress,
+/// Appends written to the log, waiting for their frame to be durable.
+struct Written {
+    sequence: u64,
     bytes: u64,
-    completions: Vec<(Completion, AppendOutcome, std::time::Instant)>,
+    completions: Vec<(Completion, AppendOutcome, Instant)>,
 }
 
-struct JobState {
-    jobs: VecDeque<SyncJob>,
+struct InFlight {
+    entries: VecDeque<Written>,
     unsynced_bytes: u64,
     closing: bool,
+    last_sync: Instant,
+}
+
+/// Scratch state of the write step (one writer at a time).
+struct WriteScratch {
+    builder: FrameBuilder,
+    taken: Vec<Pending>,
+}
+
+/// What a write step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteStep {
+    Wrote,
+    /// Nothing queued.
+    Idle,
+    /// Too much written but not yet durable: wait for the syncer.
+    Blocked,
+}
+
+/// What a sync step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncStep {
+    Synced,
+    Idle,
 }
 
 /// The coordinator's shared state (owned by the stream).
-pub(crate) struct Coordinator {
+pub(crate) struct BatchCoordinator {
+    name: String,
+    config: StreamConfig,
+    metrics: Arc<StreamMetrics>,
     queue: Mutex<QueueState>,
     queue_signal: Condvar,
     budget: Semaphore,
     budget_permits_max: u32,
-    jobs: Mutex<JobState>,
-    jobs_signal: Condvar,
-    jobs_space: Condvar,
-    poisoned: AtomicBool,
-    poison_cause: Mutex<Option<String>>,
-    /// Message id of the last record written (written by the writer thread;
+    in_flight: Mutex<InFlight>,
+    in_flight_signal: Condvar,
+    space_signal: Condvar,
+    /// Message id of the last record written (written by the write step;
     /// set once at start from the log).
     last_message_id: Mutex<Option<Arc<str>>>,
-    prepared: Mutex<(Option<Arc<StorageSegment>>, u64)>,
+    scratch: Mutex<WriteScratch>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -183,10 +223,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl Coordinator {
-    pub fn new(queue_bytes_max: u64) -> Coordinator {
-        let permits = queue_bytes_max.min(u64::from(u32::MAX)) as u32;
-        Coordinator {
+impl BatchCoordinator {
+    pub fn new(name: &str, config: StreamConfig, metrics: Arc<StreamMetrics>) -> BatchCoordinator {
+        let permits = config.queue_bytes_max.min(u64::from(u32::MAX)) as u32;
+        BatchCoordinator {
+            name: name.to_string(),
+            config,
+            metrics,
             queue: Mutex::new(QueueState {
                 items: VecDeque::new(),
                 closing: false,
@@ -195,17 +238,19 @@ impl Coordinator {
             queue_signal: Condvar::new(),
             budget: Semaphore::new(permits as usize),
             budget_permits_max: permits,
-            jobs: Mutex::new(JobState {
-                jobs: VecDeque::new(),
+            in_flight: Mutex::new(InFlight {
+                entries: VecDeque::new(),
                 unsynced_bytes: 0,
                 closing: false,
+                last_sync: Instant::now(),
             }),
-            jobs_signal: Condvar::new(),
-            jobs_space: Condvar::new(),
-            poisoned: AtomicBool::new(false),
-            poison_cause: Mutex::new(None),
+            in_flight_signal: Condvar::new(),
+            space_signal: Condvar::new(),
             last_message_id: Mutex::new(None),
-            prepared: Mutex::new((None, 0)),
+            scratch: Mutex::new(WriteScratch {
+                builder: FrameBuilder::new(),
+                taken: Vec::new(),
+            }),
         }
     }
 
@@ -213,46 +258,25 @@ impl Coordinator {
         *lock(&self.last_message_id) = id;
     }
 
-    pub fn is_poisoned(&self) -> bool {
-        self.poisoned.load(Ordering::Acquire)
-    }
-
-    pub fn poison_cause(&self) -> Option<String> {
-        lock(&self.poison_cause).clone()
-    }
-
-    pub fn poison(&self, stream: &str, cause: &Error) {
-        let mut guard = lock(&self.poison_cause);
-        if guard.is_none() {
-            tracing::error!(stream, error = %cause, "sync failed: stream is now read-only; nothing after the last successful sync is acknowledged");
-            *guard = Some(cause.to_string());
-        }
-        self.poisoned.store(true, Ordering::Release);
-    }
-
-    fn poisoned_error(&self, stream: &str) -> Error {
-        Error::Poisoned {
-            stream: stream.to_string(),
-            cause: self.poison_cause().unwrap_or_else(|| "unknown".to_string()),
-        }
-    }
-
-    /// Asks the writer to finish: it drains the queue, syncs and exits.
+    /// Asks the writer to finish: it drains the queue, then the syncer.
     pub fn begin_close(&self) {
         lock(&self.queue).closing = true;
         self.queue_signal.notify_all();
         self.budget.close();
     }
-}
 
-impl StreamShared {
-    /// Queues an append, waiting only for queue space (backpressure).
-    pub(crate) async fn enqueue(
-        &self,
-        request: AppendRequest,
-        completion: Completion,
-    ) -> Result<()> {
-        let coordinator = &self.coordinator;
+    /// Appends queued or in flight.
+    pub fn pending_count(&self) -> usize {
+        lock(&self.queue).items.len()
+            + lock(&self.in_flight)
+                .entries
+                .iter()
+                .map(|entry| entry.completions.len())
+                .sum::<usize>()
+    }
+
+    /// Checks a request and counts its bytes; nothing is queued yet.
+    fn check_request(&self, request: &AppendRequest, log: &Log) -> Result<u64> {
         if request.records.is_empty() {
             return Err(Error::InvalidInput(
                 "an append needs at least one record".to_string(),
@@ -270,25 +294,82 @@ impl StreamShared {
             }
             encoded_bytes += length;
         }
-        let frame_length = encoded_bytes + crate::format::frame::FRAME_HEADER_LENGTH as u64;
-        if frame_length > self.config.frame_capacity_bytes() {
+        if encoded_bytes > self.config.frame_body_bytes_max() {
             return Err(Error::InvalidInput(format!(
                 "a batch of {encoded_bytes} bytes cannot fit one frame of a {}-byte segment",
                 self.config.segment_bytes_max
             )));
         }
-        if coordinator.is_poisoned() {
-            return Err(coordinator.poisoned_error(&self.name));
+        if let Some((index, _)) = request
+            .preconditions
+            .iter()
+            .find(|(index, _)| *index as usize >= request.records.len())
+        {
+            return Err(Error::InvalidInput(format!(
+                "precondition on record {index} of a request with {} records",
+                request.records.len()
+            )));
         }
-        let permits = encoded_bytes.min(u64::from(coordinator.budget_permits_max)) as u32;
-        let permit = coordinator
+        if log.is_poisoned() {
+            return Err(log.shared().gate.poisoned_error());
+        }
+        Ok(encoded_bytes)
+    }
+
+    fn permits_for(&self, encoded_bytes: u64) -> u32 {
+        encoded_bytes.min(u64::from(self.budget_permits_max)) as u32
+    }
+
+    /// Queues an append, waiting only for queue space (backpressure).
+    pub async fn enqueue(
+        &self,
+        log: &Log,
+        request: AppendRequest,
+        completion: Completion,
+    ) -> Result<()> {
+        let encoded_bytes = self.check_request(&request, log)?;
+        let permits = self.permits_for(encoded_bytes);
+        let permit = self
             .budget
             .acquire_many(permits)
             .await
-            .map_err(|_| Error::Closed {
-                stream: self.name.clone(),
-            })?;
+            .map_err(|_| self.closed())?;
         permit.forget();
+        self.push(request, completion, encoded_bytes, permits)
+    }
+
+    /// Queues an append if the queue has room now; `Ok(false)` (and the
+    /// completion untouched, returned) when it has not.
+    pub fn try_enqueue(
+        &self,
+        log: &Log,
+        request: AppendRequest,
+        completion: Completion,
+    ) -> Result<std::result::Result<(), (AppendRequest, Completion)>> {
+        let encoded_bytes = self.check_request(&request, log)?;
+        let permits = self.permits_for(encoded_bytes);
+        match self.budget.try_acquire_many(permits) {
+            Ok(permit) => permit.forget(),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Ok(Err((request, completion))),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(self.closed()),
+        }
+        self.push(request, completion, encoded_bytes, permits)
+            .map(Ok)
+    }
+
+    fn closed(&self) -> Error {
+        Error::Closed {
+            stream: self.name.clone(),
+        }
+    }
+
+    fn push(
+        &self,
+        request: AppendRequest,
+        completion: Completion,
+        encoded_bytes: u64,
+        permits: u32,
+    ) -> Result<()> {
         let AppendRequest {
             mut records,
             atomic,
@@ -297,16 +378,6 @@ impl StreamShared {
             preconditions,
             last_message_id,
         } = request;
-        if let Some((index, _)) = preconditions
-            .iter()
-            .find(|(index, _)| *index as usize >= records.len())
-        {
-            coordinator.budget.add_permits(permits as usize);
-            return Err(Error::InvalidInput(format!(
-                "precondition on record {index} of a request with {} records",
-                records.len()
-            )));
-        }
         let records = if records.len() == 1 && !atomic {
             PendingRecords::One(records.pop().expect("one record"))
         } else {
@@ -320,99 +391,285 @@ impl StreamShared {
             encoded_bytes,
             permits,
             completion,
-            enqueued_at: std::time::Instant::now(),
+            enqueued_at: Instant::now(),
             preconditions,
             last_message_id,
         };
-        let mut queue = lock(&coordinator.queue);
+        let mut queue = lock(&self.queue);
         if queue.closing {
             drop(queue);
-            coordinator.budget.add_permits(permits as usize);
-            return Err(Error::Closed {
-                stream: self.name.clone(),
-            });
+            self.budget.add_permits(permits as usize);
+            return Err(self.closed());
         }
         queue.items.push_back(pending);
         let wake = queue.writer_waiting;
         drop(queue);
         if wake {
-            coordinator.queue_signal.notify_one();
+            self.queue_signal.notify_one();
         }
         Ok(())
     }
-}
 
-/// Body of the writer thread.
-pub(crate) fn run_writer(shared: Arc<StreamShared>, mut writer: SegmentWriter) {
-    let syncer_shared = Arc::clone(&shared);
-    let syncer = std::thread::Builder::new()
-        .name(format!("natswal-sync-{}", shared.name))
-        .spawn(move || run_syncer(&syncer_shared))
-        .expect("spawning a thread only fails when the process is out of resources");
-    let coordinator = &shared.coordinator;
-    let maintenance_interval = Duration::from_millis(shared.config.maintenance_interval_ms);
-    let mut builder = FrameBuilder::new();
-    let mut taken: Vec<Pending> = Vec::new();
-    let mut sealers: Vec<std::thread::JoinHandle<()>> = Vec::new();
-    let mut last_maintenance = std::time::Instant::now();
-    loop {
-        let closing = {
-            let mut queue = lock(&coordinator.queue);
-            while queue.items.is_empty() && !queue.closing {
-                queue.writer_waiting = true;
-                let (guard, wait) = coordinator
-                    .queue_signal
-                    .wait_timeout(queue, maintenance_interval)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                queue = guard;
-                queue.writer_waiting = false;
-                if wait.timed_out() && queue.items.is_empty() {
-                    drop(queue);
-                    maintenance(&shared, &mut writer, &mut sealers);
-                    last_maintenance = std::time::Instant::now();
-                    queue = lock(&coordinator.queue);
+    /// One write step: takes a frame's worth of queued appends and appends
+    /// it to the log.
+    pub fn write_step(&self, log: &Log, now_ns: i64) -> WriteStep {
+        let waits_for_sync = !matches!(self.config.durability, Durability::None);
+        if waits_for_sync {
+            let in_flight = lock(&self.in_flight);
+            if in_flight.unsynced_bytes >= self.config.unsynced_bytes_max
+                && !in_flight.entries.is_empty()
+            {
+                return WriteStep::Blocked;
+            }
+        }
+        let mut scratch = lock(&self.scratch);
+        let WriteScratch { builder, taken } = &mut *scratch;
+        take_frame(&mut lock(&self.queue).items, taken, &self.config);
+        if taken.is_empty() {
+            return WriteStep::Idle;
+        }
+        self.write_taken(log, builder, taken, now_ns);
+        WriteStep::Wrote
+    }
+
+    /// True when the writer has nothing more to do: closing and drained.
+    fn drained(&self) -> bool {
+        let queue = lock(&self.queue);
+        queue.closing && queue.items.is_empty()
+    }
+
+    fn write_taken(
+        &self,
+        log: &Log,
+        builder: &mut FrameBuilder,
+        taken: &mut Vec<Pending>,
+        now_ns: i64,
+    ) {
+        if log.is_poisoned() {
+            self.fail_all(taken, &log.shared().gate.poisoned_error());
+            return;
+        }
+        let last_message_id = self.check_preconditions(taken, log.written().next_offset);
+        if taken.is_empty() {
+            return;
+        }
+        let first = &taken[0];
+        let meta = AppendMeta {
+            atomic: first.atomic,
+            raft_term: first.raft_term,
+            raft_index: first.raft_index,
+        };
+        builder.begin();
+        for pending in taken.iter() {
+            for record in pending.records.as_slice() {
+                let timestamp = if record.timestamp_ns == 0 {
+                    now_ns
+                } else {
+                    record.timestamp_ns
+                };
+                builder.push(record, timestamp);
+            }
+        }
+        let appended = match log.append(builder, meta, now_ns) {
+            Ok(appended) => appended,
+            Err(error) => {
+                let error = if log.is_poisoned() {
+                    log.shared().gate.poisoned_error()
+                } else {
+                    tracing::error!(stream = %self.name, %error, "append failed; the stream stays writable");
+                    error
+                };
+                self.fail_all(taken, &error);
+                return;
+            }
+        };
+        // Only now that the frame is written does its last record count as
+        // the stream's last one.
+        *lock(&self.last_message_id) = last_message_id;
+        let mut permits = 0usize;
+        let mut next_offset = appended.base_offset;
+        let mut completions = Vec::with_capacity(taken.len());
+        for pending in taken.drain(..) {
+            permits += pending.permits as usize;
+            let count = pending.records.as_slice().len() as u32;
+            let outcome = AppendOutcome {
+                first_offset: next_offset,
+                count,
+            };
+            next_offset += u64::from(count);
+            completions.push((pending.completion, outcome, pending.enqueued_at));
+        }
+        self.budget.add_permits(permits);
+        let records = (appended.next_offset - appended.base_offset) as u32;
+        self.metrics.record_frame(records, appended.stored_bytes);
+        match self.config.durability {
+            Durability::Fsync => {
+                self.push_written(appended.sequence, appended.stored_bytes, completions)
+            }
+            Durability::None | Durability::Interval { .. } => {
+                log.publish_written();
+                for (completion, outcome, enqueued_at) in completions {
+                    self.metrics.record_append_latency(enqueued_at.elapsed());
+                    completion.complete(Ok(outcome));
+                }
+                if matches!(self.config.durability, Durability::Interval { .. }) {
+                    self.push_written(appended.sequence, appended.stored_bytes, Vec::new());
                 }
             }
-            take_frame(&mut queue.items, &mut taken, &shared.config);
-            queue.closing && queue.items.is_empty()
-        };
-        if !taken.is_empty() {
-            write_taken(&shared, &mut writer, &mut builder, &mut taken, &mut sealers);
-        }
-        // Under steady load the queue never goes idle: rotate by age and
-        // apply retention here too.
-        if last_maintenance.elapsed() >= maintenance_interval {
-            maintenance(&shared, &mut writer, &mut sealers);
-            last_maintenance = std::time::Instant::now();
-        }
-        if closing && taken.is_empty() {
-            break;
         }
     }
-    // Drain: let the syncer finish every job, then sync and checkpoint.
-    {
-        let mut jobs = lock(&coordinator.jobs);
-        jobs.closing = true;
+
+    fn push_written(
+        &self,
+        sequence: u64,
+        bytes: u64,
+        completions: Vec<(Completion, AppendOutcome, Instant)>,
+    ) {
+        let mut in_flight = lock(&self.in_flight);
+        in_flight.unsynced_bytes += bytes;
+        match in_flight.entries.back_mut() {
+            Some(last) if completions.is_empty() && last.completions.is_empty() => {
+                last.sequence = sequence;
+                last.bytes += bytes;
+            }
+            _ => in_flight.entries.push_back(Written {
+                sequence,
+                bytes,
+                completions,
+            }),
+        }
+        drop(in_flight);
+        self.in_flight_signal.notify_one();
     }
-    coordinator.jobs_signal.notify_all();
-    let _ = syncer.join();
-    for sealer in sealers {
-        let _ = sealer.join();
+
+    /// Drops (and fails) the taken requests whose preconditions do not
+    /// hold, checking each against the stream as the requests before it
+    /// leave it. Returns the message id of the last record to be written.
+    fn check_preconditions(&self, taken: &mut Vec<Pending>, next_offset: u64) -> Option<Arc<str>> {
+        if taken.iter().all(|pending| pending.preconditions.is_empty()) {
+            return taken
+                .last()
+                .and_then(|pending| pending.last_message_id.clone());
+        }
+        let mut last_message_id = lock(&self.last_message_id).clone();
+        let mut next = next_offset;
+        let mut permits = 0usize;
+        taken.retain_mut(|pending| {
+            let failure = pending
+                .preconditions
+                .iter()
+                .find_map(|(index, precondition)| {
+                    let last = next + u64::from(*index) - 1;
+                    match precondition {
+                        Precondition::ExpectedLastOffset(expected) if *expected != last => {
+                            Some(PreconditionFailure::WrongLastOffset {
+                                expected: *expected,
+                                last,
+                            })
+                        }
+                        Precondition::ExpectedLastMessageId(expected) => {
+                            let actual = if *index == 0 {
+                                last_message_id.as_deref()
+                            } else {
+                                None
+                            };
+                            (actual != Some(expected.as_str())).then(|| {
+                                PreconditionFailure::WrongLastMessageId {
+                                    expected: expected.clone(),
+                                    last: actual.map(str::to_string),
+                                }
+                            })
+                        }
+                        _ => None,
+                    }
+                });
+            match failure {
+                Some(failure) => {
+                    permits += pending.permits as usize;
+                    let completion = std::mem::replace(&mut pending.completion, Completion::None);
+                    completion.complete(Err(Error::PreconditionFailed(failure)));
+                    false
+                }
+                None => {
+                    next += pending.records.as_slice().len() as u64;
+                    last_message_id = pending.last_message_id.clone();
+                    true
+                }
+            }
+        });
+        self.budget.add_permits(permits);
+        last_message_id
     }
-    if !coordinator.is_poisoned() {
-        if let Err(error) = writer.checkpoint(true) {
-            coordinator.poison(&shared.name, &error);
+
+    fn fail_all(&self, taken: &mut Vec<Pending>, error: &Error) {
+        let mut permits = 0usize;
+        for pending in taken.drain(..) {
+            permits += pending.permits as usize;
+            pending.completion.complete(Err(error.duplicate()));
+        }
+        self.budget.add_permits(permits);
+    }
+
+    /// True when the sync step has work now.
+    fn sync_due(&self, in_flight: &InFlight) -> bool {
+        if in_flight.entries.is_empty() {
+            return false;
+        }
+        match self.config.durability {
+            Durability::Interval { interval_ms } => {
+                in_flight.closing
+                    || in_flight.last_sync.elapsed() >= Duration::from_millis(interval_ms)
+            }
+            _ => true,
         }
     }
-    shared.notify_readers();
+
+    /// One sync step: one group commit of everything written so far.
+    pub fn sync_step(&self, log: &Log) -> SyncStep {
+        if !self.sync_due(&lock(&self.in_flight)) {
+            return SyncStep::Idle;
+        }
+        let started = Instant::now();
+        let result = log.sync();
+        self.metrics.record_sync(started.elapsed());
+        let mut done = Vec::new();
+        let mut freed = 0u64;
+        {
+            let mut in_flight = lock(&self.in_flight);
+            in_flight.last_sync = Instant::now();
+            loop {
+                let covered = match (&result, in_flight.entries.front()) {
+                    (_, None) => false,
+                    (Ok(point), Some(front)) => front.sequence <= point.sequence,
+                    (Err(_), Some(_)) => true,
+                };
+                if !covered {
+                    break;
+                }
+                let entry = in_flight.entries.pop_front().expect("front exists");
+                freed += entry.bytes;
+                done.push(entry);
+            }
+            in_flight.unsynced_bytes = in_flight.unsynced_bytes.saturating_sub(freed);
+        }
+        self.space_signal.notify_all();
+        for entry in done {
+            for (completion, outcome, enqueued_at) in entry.completions {
+                match &result {
+                    Ok(_) => {
+                        self.metrics.record_append_latency(enqueued_at.elapsed());
+                        completion.complete(Ok(outcome));
+                    }
+                    Err(error) => completion.complete(Err(error.duplicate())),
+                }
+            }
+        }
+        SyncStep::Synced
+    }
 }
 
 /// Moves the next frame's worth of pending appends from the queue.
-fn take_frame(
-    items: &mut VecDeque<Pending>,
-    taken: &mut Vec<Pending>,
-    config: &crate::config::StreamConfig,
-) {
+fn take_frame(items: &mut VecDeque<Pending>, taken: &mut Vec<Pending>, config: &StreamConfig) {
     let Some(first) = items.pop_front() else {
         return;
     };
@@ -437,399 +694,81 @@ fn take_frame(
     }
 }
 
-/// Drops (and fails) the taken requests whose preconditions do not hold,
-/// checking each against the stream as the requests before it leave it.
-/// Returns the message id of the last record that will be written.
-fn check_preconditions(
-    taken: &mut Vec<Pending>,
-    next_offset: u64,
-    coordinator: &Coordinator,
-) -> Option<Arc<str>> {
-    if taken.iter().all(|pending| pending.preconditions.is_empty()) {
-        // The common case: nothing to check.
-        return taken
-            .last()
-            .and_then(|pending| pending.last_message_id.clone());
-    }
-    let mut last_message_id = lock(&coordinator.last_message_id).clone();
-    let mut next = next_offset;
-    let mut permits = 0usize;
-    taken.retain_mut(|pending| {
-        let failure = pending
-            .preconditions
-            .iter()
-            .find_map(|(index, precondition)| {
-                let last = next + u64::from(*index) - 1;
-                match precondition {
-                    Precondition::ExpectedLastOffset(expected) if *expected != last => {
-                        Some(PreconditionFailure::WrongLastOffset {
-                            expected: *expected,
-                            last,
-                        })
-                    }
-                    Precondition::ExpectedLastMessageId(expected) => {
-                        let actual = if *index == 0 {
-                            last_message_id.as_deref()
-                        } else {
-                            None
-                        };
-                        (actual != Some(expected.as_str())).then(|| {
-                            PreconditionFailure::WrongLastMessageId {
-                                expected: expected.clone(),
-                                last: actual.map(str::to_string),
-                            }
-                        })
-                    }
-                    _ => None,
+/// Body of a stream's writer thread: write steps, maintenance when due,
+/// until closed and drained; then it stops the syncer.
+pub(crate) fn run_writer(
+    coordinator: &BatchCoordinator,
+    log: &Log,
+    maintenance: &dyn Fn(),
+    syncer: std::thread::JoinHandle<()>,
+) {
+    let interval = Duration::from_millis(coordinator.config.maintenance_interval_ms);
+    let mut last_maintenance = Instant::now();
+    loop {
+        match coordinator.write_step(log, crate::log::writer::now_ns()) {
+            WriteStep::Wrote => {}
+            WriteStep::Blocked => {
+                let in_flight = lock(&coordinator.in_flight);
+                let _ = coordinator
+                    .space_signal
+                    .wait_timeout(in_flight, interval)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            WriteStep::Idle => {
+                if coordinator.drained() {
+                    break;
                 }
-            });
-        match failure {
-            Some(failure) => {
-                permits += pending.permits as usize;
-                let completion = std::mem::replace(&mut pending.completion, Completion::None);
-                completion.complete(Err(Error::PreconditionFailed(failure)));
-                false
-            }
-            None => {
-                next += pending.records.as_slice().len() as u64;
-                last_message_id = pending.last_message_id.clone();
-                true
+                let mut queue = lock(&coordinator.queue);
+                if queue.items.is_empty() && !queue.closing {
+                    queue.writer_waiting = true;
+                    let wait = interval.saturating_sub(last_maintenance.elapsed());
+                    queue = coordinator
+                        .queue_signal
+                        .wait_timeout(queue, wait.max(Duration::from_millis(1)))
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0;
+                    queue.writer_waiting = false;
+                }
             }
         }
-    });
-    coordinator.budget.add_permits(permits);
-    last_message_id
+        // Under steady load the queue never goes idle: rotate by age and
+        // apply retention here too.
+        if last_maintenance.elapsed() >= interval {
+            maintenance();
+            last_maintenance = Instant::now();
+        }
+    }
+    lock(&coordinator.in_flight).closing = true;
+    coordinator.in_flight_signal.notify_all();
+    let _ = syncer.join();
 }
 
-fn fail_all(taken: &mut Vec<Pending>, coordinator: &Coordinator, error: &Error) {
-    let mut permits = 0usize;
-    for pending in taken.drain(..) {
-        permits += pending.permits as usize;
-        pending.completion.complete(Err(error.duplicate()));
-    }
-    coordinator.budget.add_permits(permits);
-}
-
-/// Encodes the taken appends as one frame, writes it and routes the
-/// completions by durability level.
-fn write_taken(
-    shared: &Arc<StreamShared>,
-    writer: &mut SegmentWriter,
-    builder: &mut FrameBuilder,
-    taken: &mut Vec<Pending>,
-    sealers: &mut Vec<std::thread::JoinHandle<()>>,
-) {
-    let coordinator = &shared.coordinator;
-    if coordinator.is_poisoned() {
-        fail_all(
-            taken,
-            coordinator,
-            &coordinator.poisoned_error(&shared.name),
-        );
-        return;
-    }
-    let last_message_id = check_preconditions(taken, writer.next_offset(), coordinator);
-    if taken.is_empty() {
-        return;
-    }
-    let now = now_ns();
-    let first = &taken[0];
-    builder.begin(writer.next_offset(), first.raft_term, first.raft_index);
-    let frame_flags = if first.atomic { flags::ATOMIC } else { 0 };
-    for pending in taken.iter() {
-        for record in pending.records.as_slice() {
-            let timestamp = if record.timestamp_ns == 0 {
-                now
-            } else {
-                record.timestamp_ns
-            };
-            builder.push(record, timestamp);
-        }
-    }
-    // Compression changes the frame's length, so it comes before the
-    // segment decides whether the frame still fits.
-    let frame_length = writer.encoder.encode_body(builder);
-    match writer.prepare(frame_length, now) {
-        Ok(sealed) => {
-            if let Some(sealed) = sealed {
-                spawn_finish_sealed(shared, sealed, sealers);
-            }
-        }
-        Err(error) => {
-            if matches!(error, Error::DiskFull { .. }) {
-                // Nothing was written: the stream stays writable.
-                tracing::error!(stream = %shared.name, %error, "cannot create the next segment");
-                fail_all(taken, coordinator, &error);
-            } else {
-                // A failed sync (of the new segment's header, or of the
-                // sealed one): these appends fail like every later one, with
-                // `Poisoned`, so callers see one error for a read-only stream.
-                coordinator.poison(&shared.name, &error);
-                fail_all(
-                    taken,
-                    coordinator,
-                    &coordinator.poisoned_error(&shared.name),
-                );
-            }
-            return;
-        }
-    }
-    let durable_position = writer.durable_position();
-    let (frame, header) = match writer
-        .encoder
-        .finish(builder, frame_flags, durable_position)
-    {
-        Ok(finished) => finished,
-        Err(error) => {
-            fail_all(taken, coordinator, &error);
-            return;
-        }
-    };
-    let written = match writer.write_frame(frame, &header, now) {
-        Ok(written) => written,
-        Err(error) => {
-            coordinator.poison(&shared.name, &error);
-            fail_all(
-                taken,
-                coordinator,
-                &coordinator.poisoned_error(&shared.name),
-            );
-            return;
-        }
-    };
-    // Only now that the frame is written does its last record count as
-    // the stream's last one.
-    *lock(&coordinator.last_message_id) = last_message_id;
-    let frame_bytes = u64::from(header.frame_length);
-    let mut permits = 0usize;
-    let mut next_offset = header.base_offset;
-    let mut completions = Vec::with_capacity(taken.len());
-    for pending in taken.drain(..) {
-        permits += pending.permits as usize;
-        let count = pending.records.as_slice().len() as u32;
-        let outcome = AppendOutcome {
-            first_offset: next_offset,
-            count,
-        };
-        next_offset += u64::from(count);
-        completions.push((pending.completion, outcome, pending.enqueued_at));
-    }
-    coordinator.budget.add_permits(permits);
-    shared
-        .metrics
-        .record_frame(header.record_count, frame_bytes);
-    match shared.config.durability {
-        Durability::Fsync => push_job(shared, written, frame_bytes, completions),
-        Durability::None | Durability::Interval { .. } => {
-            written.segment.publish(written.progress);
-            shared.notify_readers();
-            for (completion, outcome, enqueued_at) in completions {
-                shared.metrics.record_append_latency(enqueued_at.elapsed());
-                completion.complete(Ok(outcome));
-            }
-            if matches!(shared.config.durability, Durability::Interval { .. }) {
-                push_job(shared, written, frame_bytes, Vec::new());
-            }
-        }
-    }
-    if writer.bytes_since_checkpoint() >= shared.config.checkpoint_interval_bytes {
-        if let Err(error) = writer.checkpoint(false) {
-            coordinator.poison(&shared.name, &error);
-        }
-    }
-}
-
-fn push_job(
-    shared: &StreamShared,
-    written: crate::segment::writer::WrittenFrame,
-    bytes: u64,
-    completions: Vec<(Completion, AppendOutcome, std::time::Instant)>,
-) {
-    let coordinator = &shared.coordinator;
-    let mut jobs = lock(&coordinator.jobs);
-    // Bound what is written but not yet durable: wait for the syncer.
-    while jobs.unsynced_bytes >= shared.config.unsynced_bytes_max && !jobs.jobs.is_empty() {
-        jobs = coordinator
-            .jobs_space
-            .wait(jobs)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-    }
-    jobs.unsynced_bytes += bytes;
-    let merge = completions.is_empty()
-        && jobs.jobs.back().is_some_and(|last| {
-            last.completions.is_empty() && Arc::ptr_eq(&last.segment, &written.segment)
-        });
-    if merge {
-        let last = jobs.jobs.back_mut().expect("checked above");
-        last.progress = written.progress;
-        last.bytes += bytes;
-    } else {
-        jobs.jobs.push_back(SyncJob {
-            segment: written.segment,
-            file: written.file,
-            progress: written.progress,
-            bytes,
-            completions,
-        });
-    }
-    drop(jobs);
-    coordinator.jobs_signal.notify_one();
-}
-
-/// Body of the syncer thread: group commit.
-fn run_syncer(shared: &StreamShared) {
-    let coordinator = &shared.coordinator;
-    let interval = match shared.config.durability {
-        Durability::Interval { interval_ms } => Some(Duration::from_millis(interval_ms)),
-        _ => None,
+/// Body of a stream's syncer thread: sync steps as appends are written
+/// (or every interval), until closed and drained.
+pub(crate) fn run_syncer(coordinator: &BatchCoordinator, log: &Log) {
+    let period = match coordinator.config.durability {
+        Durability::Interval { interval_ms } => Duration::from_millis(interval_ms),
+        _ => Duration::from_secs(3600),
     };
     loop {
-        let (batch, closing) = {
-            let mut jobs = lock(&coordinator.jobs);
-            match interval {
-                None => {
-                    while jobs.jobs.is_empty() && !jobs.closing {
-                        jobs = coordinator
-                            .jobs_signal
-                            .wait(jobs)
-                            .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    }
-                }
-                Some(period) => {
-                    if !jobs.closing {
-                        jobs = coordinator
-                            .jobs_signal
-                            .wait_timeout_while(jobs, period, |state| !state.closing)
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .0;
-                    }
-                }
-            }
-            (std::mem::take(&mut jobs.jobs), jobs.closing)
-        };
-        if !batch.is_empty() {
-            sync_batch(shared, batch);
-        }
-        if closing && lock(&coordinator.jobs).jobs.is_empty() {
-            return;
-        }
-    }
-}
-
-fn sync_batch(shared: &StreamShared, batch: VecDeque<SyncJob>) {
-    let coordinator = &shared.coordinator;
-    let total_bytes: u64 = batch.iter().map(|job| job.bytes).sum();
-    let mut failure: Option<Error> = coordinator
-        .is_poisoned()
-        .then(|| coordinator.poisoned_error(&shared.name));
-    let started = std::time::Instant::now();
-    let jobs: Vec<SyncJob> = batch.into_iter().collect();
-    // Jobs before `synced_jobs` are durable; one sync covers each run of
-    // jobs on the same segment (one run per batch, two across a rotation).
-    let mut synced_jobs = 0;
-    while synced_jobs < jobs.len() && failure.is_none() {
-        let segment = &jobs[synced_jobs].segment;
-        let mut last = synced_jobs;
-        while last + 1 < jobs.len() && Arc::ptr_eq(&jobs[last + 1].segment, segment) {
-            last += 1;
-        }
-        let end = jobs[last].progress.length;
-        let start = segment.durable_length().min(end);
-        match jobs[synced_jobs].file.sync_range(start, end) {
-            Ok(()) => {
-                segment.mark_durable(end);
-                segment.publish(jobs[last].progress);
-                synced_jobs = last + 1;
-            }
-            Err(error) => {
-                coordinator.poison(&shared.name, &error);
-                failure = Some(coordinator.poisoned_error(&shared.name));
-            }
-        }
-    }
-    shared.metrics.record_sync(started.elapsed());
-    shared.notify_readers();
-    if let Some(last) = jobs.last() {
-        let end = last.progress.length;
-        const AHEAD: u64 = 8 << 20;
-        let mut prepared = lock(&coordinator.prepared);
-        if prepared
-            .0
-            .as_ref()
-            .is_none_or(|segment| !Arc::ptr_eq(segment, &last.segment))
         {
-            *prepared = (Some(Arc::clone(&last.segment)), end);
-        }
-        if prepared.1 < end + AHEAD / 2 {
-            last.file.prepare_range(prepared.1.max(end), end + AHEAD);
-            prepared.1 = end + AHEAD;
-        }
-    }
-    for (position, job) in jobs.into_iter().enumerate() {
-        for (completion, outcome, enqueued_at) in job.completions {
-            let result = match &failure {
-                Some(error) if position >= synced_jobs => Err(error.duplicate()),
-                _ => {
-                    shared.metrics.record_append_latency(enqueued_at.elapsed());
-                    Ok(outcome)
+            let mut in_flight = lock(&coordinator.in_flight);
+            while !coordinator.sync_due(&in_flight) {
+                if in_flight.closing && in_flight.entries.is_empty() {
+                    return;
                 }
-            };
-            completion.complete(result);
-        }
-    }
-    let mut state = lock(&coordinator.jobs);
-    state.unsynced_bytes = state.unsynced_bytes.saturating_sub(total_bytes);
-    drop(state);
-    coordinator.jobs_space.notify_all();
-}
-
-/// Finishes a sealed segment on its own short-lived thread, so syncing,
-/// cutting and indexing it never stalls appends (rotation is rare: once per
-/// segment).
-fn spawn_finish_sealed(
-    shared: &Arc<StreamShared>,
-    sealed: crate::segment::writer::ActiveSegment,
-    sealers: &mut Vec<std::thread::JoinHandle<()>>,
-) {
-    sealers.retain(|sealer| !sealer.is_finished());
-    let thread_shared = Arc::clone(shared);
-    let spawned = std::thread::Builder::new()
-        .name(format!("natswal-seal-{}", shared.name))
-        .spawn(move || {
-            let shared = thread_shared;
-            let finished = crate::segment::writer::finish_sealed(
-                shared.file_system.as_ref(),
-                &shared.cache,
-                sealed,
-            );
-            if let Err(error) = finished {
-                shared.coordinator.poison(&shared.name, &error);
+                let wait = if in_flight.entries.is_empty() {
+                    period
+                } else {
+                    period.saturating_sub(in_flight.last_sync.elapsed())
+                };
+                in_flight = coordinator
+                    .in_flight_signal
+                    .wait_timeout(in_flight, wait.max(Duration::from_millis(1)))
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .0;
             }
-            shared.notify_readers();
-        });
-    match spawned {
-        Ok(handle) => sealers.push(handle),
-        Err(error) => shared.coordinator.poison(
-            &shared.name,
-            &Error::io("cannot start a thread to seal a segment", error),
-        ),
-    }
-}
-
-/// Idle-time work: age rotation and retention.
-fn maintenance(
-    shared: &Arc<StreamShared>,
-    writer: &mut SegmentWriter,
-    sealers: &mut Vec<std::thread::JoinHandle<()>>,
-) {
-    if shared.coordinator.is_poisoned() {
-        return;
-    }
-    if let Some(sealed) = writer.rotate_if_old(now_ns()) {
-        spawn_finish_sealed(shared, sealed, sealers);
-        shared.notify_readers();
-    }
-    if let Err(error) = crate::retention::enforce(shared, now_ns()) {
-        tracing::warn!(stream = %shared.name, %error, "retention failed; will retry");
+        }
+        coordinator.sync_step(log);
     }
 }

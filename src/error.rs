@@ -57,9 +57,10 @@ pub enum Error {
     )]
     Locked { path: PathBuf },
 
-    /// A file was written by a newer natswal.
+    /// A file of a format version this build does not read.
     #[error(
-        "{path} uses format version {found}; this natswal reads version {supported}; upgrade natswal"
+        "{path} uses format version {found}; this natswal reads version {supported}; {}",
+        version_hint(*found, *supported)
     )]
     UnsupportedVersion {
         path: PathBuf,
@@ -90,6 +91,28 @@ pub enum Error {
     /// A publish precondition did not hold when the writer checked it.
     #[error("{0}")]
     PreconditionFailed(PreconditionFailure),
+
+    /// A segment left the stream (retention, truncation) while being read.
+    #[error("{path} was removed from the stream while it was being read")]
+    SegmentRemoved { path: PathBuf },
+
+    /// The stream was truncated below what a reader had already read.
+    #[error(
+        "stream '{stream}' was truncated: it now ends before offset {next_offset}, but this reader had read up to offset {reader_offset}"
+    )]
+    Truncated {
+        stream: String,
+        next_offset: u64,
+        reader_offset: u64,
+    },
+}
+
+fn version_hint(found: u16, supported: u16) -> &'static str {
+    if found > supported {
+        "upgrade natswal"
+    } else {
+        "it was written by an earlier natswal; read it with that version (or replay it into a new stream)"
+    }
 }
 
 /// Why a precondition failed, with the stream's actual state at the moment
@@ -169,6 +192,8 @@ impl Error {
             Error::Closed { .. } => "closed",
             Error::Injected(_) => "injected",
             Error::PreconditionFailed(_) => "precondition_failed",
+            Error::SegmentRemoved { .. } => "segment_removed",
+            Error::Truncated { .. } => "truncated",
         }
     }
 
@@ -232,6 +257,16 @@ impl Error {
             },
             Error::Injected(message) => Error::Injected(message.clone()),
             Error::PreconditionFailed(failure) => Error::PreconditionFailed(failure.clone()),
+            Error::SegmentRemoved { path } => Error::SegmentRemoved { path: path.clone() },
+            Error::Truncated {
+                stream,
+                next_offset,
+                reader_offset,
+            } => Error::Truncated {
+                stream: stream.clone(),
+                next_offset: *next_offset,
+                reader_offset: *reader_offset,
+            },
         }
     }
 }

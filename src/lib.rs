@@ -1,17 +1,24 @@
 //! natswal: the write-ahead log engine behind the natswal NATS bridge.
 //!
-//! Records are appended through the [`coordinator`] (BatchCoordinator) into
-//! batch frames written by the [`segment::writer`] (SegmentWriter) into
-//! memory-mapped segment files; sealed segments are [`segment::storage`]
-//! (StorageSegment) maps with sparse offset and time indexes; the
-//! [`recovery`] module (RecoveryManager) validates, repairs and restores.
-//! The byte layout is in `docs/FORMAT.md` and [`format`]; all file I/O goes
-//! through [`io::FileSystem`].
+//! Layers, each using only the ones below it:
+//! - [`stream`]: a [`Stream`] is a [`log::Log`] with its
+//!   [`coordinator`] (the BatchCoordinator: queue, adaptive batching,
+//!   preconditions, group commit) and the threads that drive it;
+//!   [`reader`] and [`retention`] work on the log too;
+//! - [`log`]: the Log owns the segments and their invariants: the
+//!   SegmentWriter ([`log::writer`]), StorageSegment ([`log::segment`]),
+//!   the RecoveryManager ([`log::recovery`]), the durable watermark and the
+//!   one owner of every sync ([`log::durability`]), truncation and segment
+//!   install. Its API is what Raft replication builds on;
+//! - [`format`]: the byte layout of docs/FORMAT.md; [`codec`]: compression
+//!   and encryption of frame bodies; [`io`]: all file I/O, behind one
+//!   trait, with an in-memory implementation that crashes and fails on
+//!   demand.
 //!
 //! The engine knows nothing of NATS or Raft; it keeps their seams: Raft
-//! term and index in every frame header, a durable truncate of a log suffix
-//! ([`recovery::RecoveryManager::truncate_suffix`]), and sealed segments
-//! shipped as files checked by CRC ([`stream::Stream::sealed_segments`]).
+//! term and index in every frame header, frames that are byte-identical
+//! across replicas, crash-atomic truncation, and sealed segments shipped
+//! as files checked by CRC.
 
 pub mod codec;
 pub mod config;
@@ -19,11 +26,11 @@ pub mod coordinator;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod log;
 pub mod metrics;
 pub mod reader;
-pub mod recovery;
 pub mod retention;
-pub mod segment;
+pub mod sim;
 pub mod store;
 pub mod stream;
 pub mod subject;
@@ -33,8 +40,12 @@ pub use config::{Durability, RetentionPolicy, StreamConfig};
 pub use coordinator::{AppendOutcome, AppendRequest, Completed, Completion, Precondition};
 pub use error::{Error, PreconditionFailure, Result};
 pub use format::record::{Record, StoredRecord};
-pub use reader::{decode_frame_bytes, Reader, StartPosition, StoredFrame};
-pub use recovery::{PointInTime, RecoveryManager, RecoveryMode, RecoveryReport};
+pub use log::cache::SegmentCache;
+pub use log::recovery::{
+    PointInTime, RecoveryManager, RecoveryMode, RecoveryReport, TruncateReport, VerifyReport,
+};
+pub use log::{Log, LogOptions, SealedSegment, StoredFrame};
+pub use reader::{decode_frame_bytes, Reader, StartPosition};
 pub use store::Store;
-pub use stream::{Stream, StreamOptions, StreamStatus, FIRST_OFFSET};
+pub use stream::{Driver, Stream, StreamHooks, StreamOptions, StreamStatus, FIRST_OFFSET};
 pub use subject::SubjectPattern;

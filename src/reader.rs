@@ -1,15 +1,20 @@
 //! Readers: iterate a stream from an offset or a time, optionally filtered
 //! by a NATS subject pattern, in offset order, across segments, while
-//! appends go on. A reader only sees whole, checksummed frames below the
-//! published (visible) length, so it never sees part of a batch; it verifies
-//! each frame's CRC and reports damage as an error naming file and position.
+//! appends go on. A reader reads with `pread` into its own buffers and only
+//! looks at whole frames below a segment's visible length, so it never
+//! sees part of a batch and never faults on a file cut by another program;
+//! it verifies every slot and frame checksum and reports damage as an error
+//! naming the file and position. After a truncation, a reader that had
+//! read past the cut fails with [`Error::Truncated`]; one before it goes
+//! on, never reading bytes of the removed suffix.
 
 use crate::error::{Error, Result};
 use crate::format::frame::{check_frame, FrameCheck, FrameHeader};
 use crate::format::record::{RecordIter, StoredRecord};
 use crate::format::segment_header::SEGMENT_HEADER_LENGTH;
-use crate::segment::storage::StorageSegment;
-use crate::stream::StreamShared;
+use crate::log::segment::StorageSegment;
+use crate::log::walker::{read_slot, Slot};
+use crate::log::{Log, SegmentSource, StoredFrame};
 use crate::subject::SubjectPattern;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -28,39 +33,21 @@ pub enum StartPosition {
     Time(i64),
 }
 
-/// All records of a checked frame.
+/// All records of a checked frame, without keys (offline tools):
+/// compressed frames decode, encrypted ones are reported as such.
 pub(crate) fn decode_frame(
     header: &FrameHeader,
     frame: &Bytes,
 ) -> std::result::Result<Vec<StoredRecord>, String> {
-    // Offline callers have no keys: compressed frames decode, encrypted
-    // ones are reported as such.
+    let plain_bytes_max =
+        crate::config::StreamConfig::default().plain_body_bytes_max(header.record_count);
     crate::codec::frame_records(
         header,
         frame,
         &crate::codec::Keyring::default(),
-        crate::codec::SegmentKey::default(),
+        plain_bytes_max,
     )?
     .collect()
-}
-
-/// One frame exactly as stored: its checked header, its bytes (header
-/// included) and the key of the segment it is in.
-#[derive(Debug, Clone)]
-pub struct StoredFrame {
-    pub header: FrameHeader,
-    pub bytes: Bytes,
-    pub segment_key: crate::codec::SegmentKey,
-}
-
-impl StoredFrame {
-    pub fn is_encrypted(&self) -> bool {
-        self.header.flags & crate::format::frame::flags::ENCRYPTED != 0
-    }
-
-    pub fn is_compressed(&self) -> bool {
-        self.header.flags & crate::format::frame::flags::COMPRESSION_MASK != 0
-    }
 }
 
 /// Checks and decodes one plain (not encrypted) frame received as bytes,
@@ -89,91 +76,101 @@ pub fn decode_frame_bytes(
             header.body_length_plain
         ));
     }
-    decode_frame(&header, &Bytes::copy_from_slice(bytes))
+    crate::codec::frame_records(
+        &header,
+        &Bytes::copy_from_slice(bytes),
+        &crate::codec::Keyring::default(),
+        plain_bytes_max,
+    )?
+    .collect()
 }
 
 /// An iterator over a stream. `next` never blocks: `Ok(None)` means the
 /// reader has caught up; `wait` then resolves when more may be there.
 pub struct Reader {
-    shared: Arc<StreamShared>,
+    log: Log,
     filter: Option<SubjectPattern>,
     segment: Option<Arc<StorageSegment>>,
-    /// Key of the current segment, read from its header on first use.
-    segment_key: Option<crate::codec::SegmentKey>,
+    /// Bytes of the current segment read ahead, from `window_start`.
     window: Bytes,
+    window_start: u64,
     position: u64,
     frame_position: u64,
     records: Option<RecordIter>,
     next_offset: u64,
     skip_before_time: Option<i64>,
     visible: watch::Receiver<u64>,
+    truncations: u64,
 }
 
 impl std::fmt::Debug for Reader {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("Reader")
-            .field("stream", &self.shared.name)
+            .field("stream", &self.log.name())
             .field("next_offset", &self.next_offset)
             .finish()
     }
 }
 
+/// Offset the next record appended to these segments gets.
+fn end_offset(segments: &[Arc<StorageSegment>]) -> u64 {
+    segments
+        .last()
+        .map_or(crate::stream::FIRST_OFFSET, |segment| segment.next_offset())
+}
+
 impl Reader {
-    pub(crate) fn new(
-        shared: Arc<StreamShared>,
-        start: StartPosition,
-        filter: Option<SubjectPattern>,
-    ) -> Result<Reader> {
-        let visible = shared.visible.subscribe();
+    pub fn new(log: Log, start: StartPosition, filter: Option<SubjectPattern>) -> Result<Reader> {
+        let visible = log.subscribe_visible();
+        let truncations = log.truncations();
         let mut reader = Reader {
-            shared,
+            log,
             filter,
             segment: None,
             window: Bytes::new(),
+            window_start: 0,
             position: SEGMENT_HEADER_LENGTH as u64,
             frame_position: 0,
             records: None,
             next_offset: 0,
             skip_before_time: None,
             visible,
-            segment_key: None,
+            truncations,
         };
-        let segments = reader.shared.segments_snapshot();
+        let segments = reader.log.segments();
         match start {
             StartPosition::Earliest => {
                 reader.next_offset = segments
                     .first()
                     .map_or(crate::stream::FIRST_OFFSET, |segment| segment.base_offset());
-                reader.segment = segments.first().cloned();
+                reader.set_segment(segments.first().cloned(), SEGMENT_HEADER_LENGTH as u64);
             }
-            StartPosition::Latest => {
-                let next = segments
-                    .last()
-                    .map_or(crate::stream::FIRST_OFFSET, |segment| segment.next_offset());
-                reader.seek_offset(&segments, next)?;
-            }
+            StartPosition::Latest => reader.seek_offset(&segments, end_offset(&segments))?,
             StartPosition::Offset(offset) => reader.seek_offset(&segments, offset)?,
             StartPosition::Time(timestamp_ns) => {
                 let index = segments
                     .partition_point(|segment| segment.timestamp_max_through() < timestamp_ns);
                 match segments.get(index) {
                     Some(segment) => {
-                        reader.position = segment.seek_time(&reader.shared.cache, timestamp_ns)?;
+                        let position = segment.seek_time(reader.log.cache(), timestamp_ns)?;
                         reader.next_offset = segment.base_offset();
-                        reader.segment = Some(Arc::clone(segment));
+                        reader.set_segment(Some(Arc::clone(segment)), position);
                         reader.skip_before_time = Some(timestamp_ns);
                     }
-                    None => {
-                        let next = segments
-                            .last()
-                            .map_or(crate::stream::FIRST_OFFSET, |segment| segment.next_offset());
-                        reader.seek_offset(&segments, next)?;
-                    }
+                    None => reader.seek_offset(&segments, end_offset(&segments))?,
                 }
             }
         }
         Ok(reader)
+    }
+
+    fn set_segment(&mut self, segment: Option<Arc<StorageSegment>>, position: u64) {
+        self.segment = segment;
+        self.window = Bytes::new();
+        self.window_start = 0;
+        self.position = position;
+        self.records = None;
     }
 
     fn seek_offset(&mut self, segments: &[Arc<StorageSegment>], offset: u64) -> Result<()> {
@@ -181,11 +178,13 @@ impl Reader {
             .partition_point(|segment| segment.base_offset() <= offset)
             .saturating_sub(1);
         self.next_offset = offset;
-        if let Some(segment) = segments.get(index) {
-            self.position = segment.seek_offset(&self.shared.cache, offset)?;
-            self.next_offset = offset.max(segment.base_offset());
-            self.segment = Some(Arc::clone(segment));
-            self.segment_key = None;
+        match segments.get(index) {
+            Some(segment) => {
+                let position = segment.seek_offset(self.log.cache(), offset)?;
+                self.next_offset = offset.max(segment.base_offset());
+                self.set_segment(Some(Arc::clone(segment)), position);
+            }
+            None => self.set_segment(None, SEGMENT_HEADER_LENGTH as u64),
         }
         Ok(())
     }
@@ -241,13 +240,34 @@ impl Reader {
         }
     }
 
-    /// Moves to the next frame holding offsets at or after `next_offset`
+    /// Repositions after a truncation of the log: fails if this reader had
+    /// already read past the new end.
+    fn follow_truncation(&mut self) -> Result<()> {
+        let truncations = self.log.truncations();
+        if truncations == self.truncations {
+            return Ok(());
+        }
+        self.truncations = truncations;
+        let segments = self.log.segments();
+        let end = end_offset(&segments);
+        if self.next_offset > end {
+            return Err(Error::Truncated {
+                stream: self.log.name().to_string(),
+                next_offset: end,
+                reader_offset: self.next_offset,
+            });
+        }
+        self.seek_offset(&segments, self.next_offset)
+    }
+
+    /// Moves to the next frame holding records at or after `next_offset`
     /// (and, when starting by time, a timestamp at or after the start);
     /// `None` when caught up.
     fn locate_frame(&mut self) -> Result<Option<StoredFrame>> {
         loop {
+            self.follow_truncation()?;
             let Some(segment) = self.segment.clone() else {
-                let segments = self.shared.segments_snapshot();
+                let segments = self.log.segments();
                 let Some(first) = segments.first() else {
                     return Ok(None);
                 };
@@ -257,60 +277,44 @@ impl Reader {
                 }
                 continue;
             };
-            if self.position >= self.window.len() as u64 {
-                self.visible.borrow_and_update();
-                let sealed = segment.is_sealed();
-                let visible = segment.visible_length();
-                if visible > self.window.len() as u64 {
-                    match segment.visible_bytes(&self.shared.cache) {
-                        Ok(window) => self.window = window,
-                        // Retention deleted the segment before this reader
-                        // mapped it (a reader holding the map reads on): its
-                        // records are gone, so go on from the oldest record
-                        // still stored, as a reader starting now would.
-                        Err(_) if self.is_deleted(&segment) => {
-                            self.segment = None;
-                            self.segment_key = None;
-                            self.window = Bytes::new();
-                            self.position = SEGMENT_HEADER_LENGTH as u64;
-                        }
-                        Err(error) => return Err(error),
-                    }
-                    continue;
-                }
-                if !sealed || (self.window.len() as u64) < segment.final_length() {
+            self.visible.borrow_and_update();
+            let sealed = segment.is_sealed();
+            let visible = segment.visible_length();
+            if self.position >= visible {
+                if !sealed || visible < segment.final_length() {
                     return Ok(None);
                 }
-                let segments = self.shared.segments_snapshot();
+                let segments = self.log.segments();
                 let following = segments
                     .iter()
                     .find(|candidate| candidate.base_offset() > segment.base_offset());
                 match following {
                     Some(next) => {
-                        self.segment = Some(Arc::clone(next));
-                        self.segment_key = None;
-                        self.window = Bytes::new();
-                        self.position = SEGMENT_HEADER_LENGTH as u64;
                         self.next_offset = self.next_offset.max(next.base_offset());
+                        self.set_segment(Some(Arc::clone(next)), SEGMENT_HEADER_LENGTH as u64);
                         continue;
                     }
                     None => return Ok(None),
                 }
             }
-            let position = self.position as usize;
-            let header = match check_frame(&self.window[position..]) {
-                FrameCheck::Valid(header) => header,
-                FrameCheck::Defect(defect) => {
-                    return Err(self.damage(self.position, defect.to_string()))
+            let frame = match self.read_frame(&segment, visible) {
+                Ok(frame) => frame,
+                // Retention or a truncation removed the segment while this
+                // reader was in it: go on from what is stored now, as a
+                // reader starting now would.
+                Err(Error::SegmentRemoved { .. }) if segment.is_removed() => {
+                    if self.log.truncations() != self.truncations {
+                        continue;
+                    }
+                    self.set_segment(None, SEGMENT_HEADER_LENGTH as u64);
+                    continue;
                 }
-                FrameCheck::Unsupported(reason) => return Err(self.damage(self.position, reason)),
+                Err(error) => return Err(error),
             };
-            let frame = self
-                .window
-                .slice(position..position + header.frame_length as usize);
-            self.frame_position = self.position;
-            self.position += u64::from(header.frame_length);
-            if header.next_offset() <= self.next_offset {
+            let header = frame.header;
+            if header.stored_records() == 0 || header.next_offset() <= self.next_offset {
+                // Gaps of a repair and Raft entries hold no records.
+                self.next_offset = self.next_offset.max(header.next_offset());
                 continue;
             }
             if let Some(time) = self.skip_before_time {
@@ -319,21 +323,32 @@ impl Reader {
                     continue;
                 }
             }
-            if self.segment_key.is_none() {
-                let header = crate::format::segment_header::SegmentHeader::decode(
-                    &self.window,
-                    segment.path(),
-                )?;
-                self.segment_key = Some(crate::codec::SegmentKey {
-                    key_id: header.key_id,
-                    cipher: header.cipher,
-                });
+            return Ok(Some(frame));
+        }
+    }
+
+    /// Reads the slot and frame at `position` of `segment`.
+    fn read_frame(&mut self, segment: &Arc<StorageSegment>, visible: u64) -> Result<StoredFrame> {
+        let mut source = SegmentSource::with_window(
+            segment,
+            self.log.cache(),
+            visible,
+            self.window_start,
+            std::mem::take(&mut self.window),
+        );
+        let position = self.position;
+        let read = read_slot(&mut source, position, segment.salt_state(), u32::MAX);
+        (self.window_start, self.window) = source.into_window();
+        match read? {
+            Slot::Frame(frame) => {
+                self.frame_position = position;
+                self.position = frame.end();
+                Ok(StoredFrame {
+                    header: frame.header,
+                    bytes: frame.bytes,
+                })
             }
-            return Ok(Some(StoredFrame {
-                header,
-                bytes: frame,
-                segment_key: self.segment_key.unwrap_or_default(),
-            }));
+            Slot::Defect(defect) => Err(self.damage(position, defect.reason)),
         }
     }
 
@@ -343,12 +358,16 @@ impl Reader {
             return Ok(false);
         };
         self.check_key(&frame)?;
+        let plain_bytes_max = self
+            .log
+            .config()
+            .plain_body_bytes_max(frame.header.record_count);
         self.records = Some(
             crate::codec::frame_records(
                 &frame.header,
                 &frame.bytes,
-                &self.shared.keyring,
-                frame.segment_key,
+                self.log.keyring(),
+                plain_bytes_max,
             )
             .map_err(|reason| self.damage(self.frame_position, reason))?,
         );
@@ -358,8 +377,8 @@ impl Reader {
     /// Not damage: the bytes are fine, the key is missing. Say so, so
     /// nobody "repairs" (quarantines) intact data.
     fn check_key(&self, frame: &StoredFrame) -> Result<()> {
-        let key_id = frame.segment_key.key_id;
-        if frame.is_encrypted() && key_id != 0 && self.shared.keyring.get(key_id).is_none() {
+        let key_id = frame.header.key_id;
+        if frame.is_encrypted() && self.log.keyring().get(key_id).is_none() {
             let segment = self.segment.as_ref();
             return Err(Error::KeyUnavailable {
                 path: segment
@@ -374,11 +393,10 @@ impl Reader {
     }
 
     /// The next whole frame as stored (compressed and encrypted as on
-    /// disk), for handing on without re-encoding: replication ships these,
-    /// replay sends them after [`decrypt`](Reader::decrypt). The frame may
-    /// begin before the reader's next offset (the caller skips those
-    /// records); the subject filter does not apply to whole frames. `None`
-    /// when caught up.
+    /// disk), for handing on without re-encoding: replay sends them after
+    /// [`decrypt`](Reader::decrypt). The frame may begin before the
+    /// reader's next offset (the caller skips those records); the subject
+    /// filter does not apply to whole frames. `None` when caught up.
     pub fn next_stored_frame(&mut self) -> Result<Option<StoredFrame>> {
         // Records of a partly consumed frame were already handed out.
         self.records = None;
@@ -397,28 +415,10 @@ impl Reader {
             return Ok(frame);
         }
         self.check_key(&frame)?;
-        let (header, bytes) = crate::codec::decrypt_frame(
-            &frame.header,
-            &frame.bytes,
-            &self.shared.keyring,
-            frame.segment_key,
-        )
-        .map_err(|reason| self.damage(self.frame_position, reason))?;
-        Ok(StoredFrame {
-            header,
-            bytes,
-            segment_key: crate::codec::SegmentKey::default(),
-        })
-    }
-
-    /// True once retention removed `segment` from the stream (it does so
-    /// before deleting the files).
-    fn is_deleted(&self, segment: &Arc<StorageSegment>) -> bool {
-        !self
-            .shared
-            .segments_snapshot()
-            .iter()
-            .any(|listed| Arc::ptr_eq(listed, segment))
+        let (header, bytes) =
+            crate::codec::decrypt_frame(&frame.header, &frame.bytes, self.log.keyring())
+                .map_err(|reason| self.damage(self.frame_position, reason))?;
+        Ok(StoredFrame { header, bytes })
     }
 
     fn damage(&self, position: u64, reason: String) -> Error {
@@ -434,7 +434,7 @@ impl Reader {
     /// closed.
     pub async fn wait(&mut self) -> Result<()> {
         self.visible.changed().await.map_err(|_| Error::Closed {
-            stream: self.shared.name.clone(),
+            stream: self.log.name().to_string(),
         })
     }
 }

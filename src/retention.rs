@@ -1,18 +1,20 @@
-//! Retention: deletes whole sealed segments, oldest first, while the stream
+//! Retention: removes whole sealed segments, oldest first, while the stream
 //! exceeds its age, byte or message limit. The active segment is never
-//! deleted. Readers that still hold a deleted segment keep reading it: its
-//! map stays valid after the unlink until they let go. A reader positioned
-//! in a deleted segment it had not mapped yet continues from the oldest
-//! record still stored.
+//! removed. Segments are removed by identity, so two passes can never
+//! remove one twice or one that is not there; their files are recycled for
+//! new segments. A reader in a removed segment goes on from the oldest
+//! record still stored; reads of its bytes fail rather than return bytes of
+//! the file's next use.
 
 use crate::error::Result;
-use crate::segment::storage::StorageSegment;
-use crate::stream::StreamShared;
+use crate::log::segment::StorageSegment;
+use crate::log::Log;
+use crate::metrics::StreamMetrics;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// A segment deleted by retention (for logs and the audit log).
+/// A segment removed by retention (for logs and the audit log).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetentionDeletion {
     pub stream: String,
@@ -26,19 +28,24 @@ pub struct RetentionDeletion {
 }
 
 /// Applies the stream's retention policy now.
-pub(crate) fn enforce(shared: &StreamShared, now_ns: i64) -> Result<Vec<RetentionDeletion>> {
-    let policy = shared.config.retention;
+pub(crate) fn enforce(
+    log: &Log,
+    metrics: &StreamMetrics,
+    hook: Option<&crate::stream::RetentionHook>,
+    now_ns: i64,
+) -> Result<Vec<RetentionDeletion>> {
+    let policy = log.config().retention;
     if policy.age_max_ms.is_none() && policy.bytes_max.is_none() && policy.messages_max.is_none() {
         return Ok(Vec::new());
     }
-    let segments = shared.segments_snapshot();
+    let segments = log.segments();
     let mut total_bytes: u64 = segments
         .iter()
         .map(|segment| segment.visible_length())
         .sum();
     let mut total_records: u64 = segments.iter().map(|segment| segment.record_count()).sum();
     let mut doomed: Vec<(Arc<StorageSegment>, &'static str)> = Vec::new();
-    // Never the last segment, and only sealed ones.
+    // Never the last segment, and only sealed, indexed ones.
     for segment in segments.iter().take(segments.len().saturating_sub(1)) {
         if !segment.is_indexed() {
             break;
@@ -69,15 +76,19 @@ pub(crate) fn enforce(shared: &StreamShared, now_ns: i64) -> Result<Vec<Retentio
     if doomed.is_empty() {
         return Ok(Vec::new());
     }
-    shared.remove_segments(doomed.len());
-    let mut deletions = Vec::with_capacity(doomed.len());
-    for (segment, reason) in doomed {
-        shared.file_system.remove(segment.path())?;
-        if shared.file_system.exists(segment.index_path()) {
-            shared.file_system.remove(segment.index_path())?;
-        }
+    let identities: Vec<Arc<StorageSegment>> = doomed
+        .iter()
+        .map(|(segment, _)| Arc::clone(segment))
+        .collect();
+    let removed = log.remove_segments(&identities)?;
+    let mut deletions = Vec::with_capacity(removed.len());
+    for segment in removed {
+        let reason = doomed
+            .iter()
+            .find(|(candidate, _)| Arc::ptr_eq(candidate, &segment))
+            .map_or("bytes", |(_, reason)| reason);
         let deletion = RetentionDeletion {
-            stream: shared.name.clone(),
+            stream: log.name().to_string(),
             segment: segment.path().to_path_buf(),
             base_offset: segment.base_offset(),
             next_offset: segment.next_offset(),
@@ -86,26 +97,23 @@ pub(crate) fn enforce(shared: &StreamShared, now_ns: i64) -> Result<Vec<Retentio
             reason,
         };
         tracing::info!(
-            stream = %shared.name,
+            stream = %log.name(),
             segment = %deletion.segment.display(),
             records = deletion.records,
             bytes = deletion.bytes,
             reason,
-            "retention deleted segment"
+            "retention removed segment"
         );
-        shared
-            .metrics
+        metrics
             .retention_deleted_segments
             .fetch_add(1, Ordering::Relaxed);
-        shared
-            .metrics
+        metrics
             .retention_deleted_records
             .fetch_add(deletion.records, Ordering::Relaxed);
-        if let Some(hook) = &shared.hooks.on_retention {
+        if let Some(hook) = hook {
             hook(&deletion);
         }
         deletions.push(deletion);
     }
-    shared.file_system.sync_directory(&shared.directory)?;
     Ok(deletions)
 }

@@ -1,17 +1,17 @@
 //! Store: the streams of one data directory (`<data_dir>/streams/<name>`),
-//! sharing one file system and one bounded cache of mapped segments.
+//! sharing one file system and one bounded cache of open segment files.
 
 use crate::error::{Error, Result};
 use crate::io::os::OsFileSystem;
 use crate::io::{FileSystem, WriteMode};
-use crate::recovery::RecoveryReport;
-use crate::segment::cache::SegmentCache;
+use crate::log::cache::SegmentCache;
+use crate::log::recovery::RecoveryReport;
 use crate::stream::{validate_stream_name, Stream, StreamOptions};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Default number of sealed segments mapped at once, across all streams.
+/// Default number of sealed segments open at once, across all streams.
 pub const OPEN_SEGMENTS_MAX_DEFAULT: usize = 256;
 
 pub struct Store {

@@ -1,26 +1,26 @@
-//! Stream: one log (a directory of segments) with its writer and syncer
-//! threads. The handle appends through the BatchCoordinator and creates
-//! readers; closing drains the queue, syncs and checkpoints.
+//! Stream: one log with its BatchCoordinator, driven by a writer and a
+//! syncer thread (or, for the simulator, by its caller). The handle appends
+//! through the coordinator and creates readers; closing drains the queue,
+//! syncs, seals and checkpoints.
 
 use crate::config::StreamConfig;
-use crate::coordinator::{AppendOutcome, AppendRequest, Completion, Coordinator};
+use crate::coordinator::{AppendOutcome, AppendRequest, BatchCoordinator, Completion};
 use crate::error::{Error, Result};
 use crate::format::record::Record;
 use crate::io::FileSystem;
+use crate::log::cache::SegmentCache;
+use crate::log::recovery::{RecoveryMode, RecoveryReport};
+use crate::log::{Log, LogOptions, SealedSegment};
 use crate::metrics::StreamMetrics;
 use crate::reader::{Reader, StartPosition};
-use crate::recovery::{RecoveryManager, RecoveryMode, RecoveryReport};
 use crate::retention::RetentionDeletion;
-use crate::segment::cache::SegmentCache;
-use crate::segment::storage::StorageSegment;
-use crate::segment::writer::SegmentWriter;
 use crate::subject::SubjectPattern;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
-/// Called for every segment retention deletes.
+/// Called for every segment retention removes.
 pub type RetentionHook = Arc<dyn Fn(&RetentionDeletion) + Send + Sync>;
 
 /// Offset of a new stream's first record. Offsets start at 1, like
@@ -49,80 +49,15 @@ impl std::fmt::Debug for StreamHooks {
     }
 }
 
-/// State shared by the handle, the writer and syncer threads and readers.
-pub(crate) struct StreamShared {
-    pub name: String,
-    pub directory: PathBuf,
-    pub config: StreamConfig,
-    pub file_system: Arc<dyn FileSystem>,
-    pub cache: Arc<SegmentCache>,
-    pub segments: Arc<RwLock<Vec<Arc<StorageSegment>>>>,
-    pub coordinator: Coordinator,
-    /// Bumped whenever more records become visible (or the stream closes).
-    pub visible: watch::Sender<u64>,
-    pub metrics: StreamMetrics,
-    pub hooks: StreamHooks,
-    pub keyring: Arc<crate::codec::Keyring>,
-    /// Held while anything of the stream lives.
-    pub _lock: crate::io::DirectoryLock,
-}
-
-/// The highest nonce epoch in the newest frames of the stream (used only
-/// when the epoch file is lost: epochs only grow, so the newest segment with
-/// frames holds the highest).
-fn epoch_seen_in_log(shared: &StreamShared) -> u32 {
-    if shared
-        .file_system
-        .exists(&shared.directory.join("nonce.epoch"))
-    {
-        return 0;
-    }
-    let segments = shared.segments_snapshot();
-    for segment in segments.iter().rev() {
-        let Ok(bytes) = segment.visible_bytes(&shared.cache) else {
-            continue;
-        };
-        let mut position = crate::format::segment_header::SEGMENT_HEADER_LENGTH;
-        let mut highest = 0u32;
-        while let crate::format::frame::FrameCheck::Valid(header) =
-            crate::format::frame::check_frame(&bytes[position.min(bytes.len())..])
-        {
-            if header.flags & crate::format::frame::flags::ENCRYPTED != 0 {
-                highest = highest.max(u32::from_le_bytes(
-                    header.nonce[..4].try_into().expect("4 bytes"),
-                ));
-            }
-            position += header.frame_length as usize;
-        }
-        if position > crate::format::segment_header::SEGMENT_HEADER_LENGTH {
-            return highest;
-        }
-    }
-    0
-}
-
-impl StreamShared {
-    pub fn segments_snapshot(&self) -> Vec<Arc<StorageSegment>> {
-        self.segments
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
-    }
-
-    pub fn notify_readers(&self) {
-        self.visible
-            .send_modify(|version| *version = version.wrapping_add(1));
-    }
-
-    /// Drops the `count` oldest segments from the list readers see.
-    pub fn remove_segments(&self, count: usize) {
-        let mut segments = self
-            .segments
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let count = count.min(segments.len().saturating_sub(1));
-        segments.drain(..count);
-    }
+/// Who runs a stream's write and sync steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Driver {
+    /// A writer and a syncer thread.
+    #[default]
+    Threads,
+    /// The caller, through [`Stream::step_write`], [`Stream::step_sync`]
+    /// and [`Stream::step_maintenance`] (the deterministic simulator).
+    Manual,
 }
 
 /// A snapshot of a stream's state.
@@ -142,17 +77,6 @@ pub struct StreamStatus {
     pub poisoned: Option<String>,
 }
 
-/// A sealed segment as a file that can be shipped and checked by CRC.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealedSegment {
-    pub path: PathBuf,
-    pub base_offset: u64,
-    pub next_offset: u64,
-    pub length: u64,
-    /// CRC32C of the whole file.
-    pub crc32c: u32,
-}
-
 /// How to open a stream.
 #[derive(Debug, Clone)]
 pub struct StreamOptions {
@@ -161,6 +85,9 @@ pub struct StreamOptions {
     pub hooks: StreamHooks,
     /// Keys for encrypted segments, old and current.
     pub keyring: Arc<crate::codec::Keyring>,
+    /// The node whose nonces new frames carry (0 standalone).
+    pub node_id: u16,
+    pub driver: Driver,
 }
 
 impl Default for StreamOptions {
@@ -170,13 +97,40 @@ impl Default for StreamOptions {
             recovery_mode: RecoveryMode::Strict,
             hooks: StreamHooks::default(),
             keyring: Arc::new(crate::codec::Keyring::default()),
+            node_id: 0,
+            driver: Driver::Threads,
+        }
+    }
+}
+
+struct StreamInner {
+    name: String,
+    log: Log,
+    coordinator: BatchCoordinator,
+    metrics: Arc<StreamMetrics>,
+    hooks: StreamHooks,
+}
+
+impl StreamInner {
+    fn maintenance(&self, now_ns: i64) {
+        if let Err(error) = self.log.maintenance(now_ns) {
+            tracing::warn!(stream = %self.name, %error, "maintenance failed; will retry");
+        }
+        if let Err(error) = crate::retention::enforce(
+            &self.log,
+            &self.metrics,
+            self.hooks.on_retention.as_ref(),
+            now_ns,
+        ) {
+            tracing::warn!(stream = %self.name, %error, "retention failed; will retry");
         }
     }
 }
 
 /// An open stream.
 pub struct Stream {
-    shared: Arc<StreamShared>,
+    inner: Arc<StreamInner>,
+    driver: Driver,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -184,7 +138,7 @@ impl std::fmt::Debug for Stream {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("Stream")
-            .field("name", &self.shared.name)
+            .field("name", &self.inner.name)
             .finish()
     }
 }
@@ -206,7 +160,8 @@ pub fn validate_stream_name(name: &str) -> Result<()> {
 }
 
 impl Stream {
-    /// Opens (recovering if needed) or creates the stream stored in `directory`.
+    /// Opens (recovering if needed) or creates the stream stored in
+    /// `directory`.
     pub fn open(
         file_system: Arc<dyn FileSystem>,
         directory: &Path,
@@ -215,85 +170,22 @@ impl Stream {
         options: StreamOptions,
     ) -> Result<(Stream, RecoveryReport)> {
         validate_stream_name(name)?;
-        options.config.validate()?;
-        let recovered = RecoveryManager::open(
-            &file_system,
-            directory,
-            &options.config,
-            options.recovery_mode,
-        )?;
-        let report = recovered.report.clone();
-        if !report.truncated.is_empty() || !report.quarantined.is_empty() {
-            tracing::warn!(stream = name, ?report, "stream recovered with changes");
-        } else {
-            tracing::info!(
-                stream = name,
-                segments = report.segments,
-                validated_bytes = report.validated_bytes,
-                clean = report.clean_shutdown,
-                "stream opened"
-            );
-        }
-        let segments = Arc::new(RwLock::new(recovered.segments));
-        let (visible, _) = watch::channel(0u64);
-        let shared = Arc::new(StreamShared {
-            name: name.to_string(),
-            directory: directory.to_path_buf(),
-            config: options.config.clone(),
-            file_system: Arc::clone(&file_system),
-            cache: Arc::clone(&cache),
-            segments: Arc::clone(&segments),
-            coordinator: Coordinator::new(options.config.queue_bytes_max),
-            visible,
-            metrics: StreamMetrics::default(),
-            hooks: options.hooks.clone(),
-            keyring: Arc::clone(&options.keyring),
-            _lock: recovered.lock,
-        });
-        let encryption = match options.config.encryption {
-            None => None,
-            Some(encryption) => {
-                let key = options.keyring.get(encryption.key_id).ok_or_else(|| Error::InvalidConfig {
-                    key: "encryption".to_string(),
-                    reason: format!(
-                        "stream '{name}' is to be encrypted with key id {}, which is not configured (configured: {:?})",
-                        encryption.key_id,
-                        options.keyring.ids()
-                    ),
-                })?;
-                Some((encryption.cipher, Arc::clone(key)))
-            }
-        };
-        let epoch = if encryption.is_some() {
-            crate::codec::next_epoch(file_system.as_ref(), directory, epoch_seen_in_log(&shared))?
-        } else {
-            0
-        };
-        let encoder =
-            crate::codec::FrameEncoder::new(options.config.compression, encryption, epoch);
-        let mut writer = SegmentWriter::new(
+        let (log, report) = Log::open(
             file_system,
             directory,
-            options.config,
-            cache,
-            segments,
-            recovered.active,
-            recovered.next_offset,
-            recovered.timestamp_max,
-        );
-        writer.encoder = encoder;
-        // A new key (or a change to or from encryption) starts a new segment,
-        // so that every segment is written with one key.
-        let wanted = writer.encoder.segment_key();
-        if let Some(active) = writer.active_key() {
+            LogOptions {
+                name: name.to_string(),
+                config: options.config.clone(),
+                recovery_mode: options.recovery_mode,
+                keyring: Arc::clone(&options.keyring),
+                node_id: options.node_id,
+                cache,
+            },
+        )?;
+        // A new key (or a change to or from encryption) starts a new
+        // segment at the next write, so that every segment has one key.
+        if let (Some(active), wanted) = log.keys() {
             if active != wanted {
-                if let Some(sealed) = writer.seal_active() {
-                    crate::segment::writer::finish_sealed(
-                        shared.file_system.as_ref(),
-                        &shared.cache,
-                        sealed,
-                    )?;
-                }
                 tracing::info!(
                     stream = name,
                     from = active.0,
@@ -305,34 +197,47 @@ impl Stream {
                 }
             }
         }
-        let thread_shared = Arc::clone(&shared);
-        let writer_thread = std::thread::Builder::new()
-            .name(format!("natswal-write-{name}"))
-            .spawn(move || crate::coordinator::run_writer(thread_shared, writer))
-            .map_err(|error| Error::io("cannot start the writer thread", error))?;
+        let metrics = Arc::new(StreamMetrics::default());
+        let inner = Arc::new(StreamInner {
+            name: name.to_string(),
+            coordinator: BatchCoordinator::new(name, options.config.clone(), Arc::clone(&metrics)),
+            log,
+            metrics,
+            hooks: options.hooks.clone(),
+        });
+        let writer_thread = match options.driver {
+            Driver::Manual => None,
+            Driver::Threads => Some(spawn_threads(&inner)?),
+        };
         Ok((
             Stream {
-                shared,
-                writer_thread: Mutex::new(Some(writer_thread)),
+                inner,
+                driver: options.driver,
+                writer_thread: Mutex::new(writer_thread),
             },
             report,
         ))
     }
 
     pub fn name(&self) -> &str {
-        &self.shared.name
+        &self.inner.name
     }
 
     pub fn config(&self) -> &StreamConfig {
-        &self.shared.config
+        self.inner.log.config()
     }
 
     pub fn directory(&self) -> &Path {
-        &self.shared.directory
+        self.inner.log.directory()
     }
 
     pub fn metrics(&self) -> &StreamMetrics {
-        &self.shared.metrics
+        &self.inner.metrics
+    }
+
+    /// The log beneath (replication and offline tools use it directly).
+    pub fn log(&self) -> &Log {
+        &self.inner.log
     }
 
     /// Appends one record; resolves once it meets the stream's durability.
@@ -358,11 +263,9 @@ impl Stream {
     /// Appends a request and waits for its durability.
     pub async fn append_request(&self, request: AppendRequest) -> Result<AppendOutcome> {
         let (sender, receiver) = oneshot::channel();
-        self.shared
-            .enqueue(request, Completion::Oneshot(sender))
-            .await?;
+        self.submit(request, Completion::Oneshot(sender)).await?;
         receiver.await.map_err(|_| Error::Closed {
-            stream: self.shared.name.clone(),
+            stream: self.inner.name.clone(),
         })?
     }
 
@@ -370,16 +273,31 @@ impl Stream {
     /// while the queue is full); `completion` reports its durability. This
     /// is how a producer keeps many appends in flight.
     pub async fn submit(&self, request: AppendRequest, completion: Completion) -> Result<()> {
-        self.shared.enqueue(request, completion).await
+        self.inner
+            .coordinator
+            .enqueue(&self.inner.log, request, completion)
+            .await
+    }
+
+    /// Queues an append only if the queue has room now: `Ok(Err(..))`
+    /// hands the request and completion back when it has not.
+    pub fn try_submit(
+        &self,
+        request: AppendRequest,
+        completion: Completion,
+    ) -> Result<std::result::Result<(), (AppendRequest, Completion)>> {
+        self.inner
+            .coordinator
+            .try_enqueue(&self.inner.log, request, completion)
     }
 
     /// A reader from `start`, optionally filtered by a subject pattern.
     pub fn reader(&self, start: StartPosition, filter: Option<SubjectPattern>) -> Result<Reader> {
-        Reader::new(Arc::clone(&self.shared), start, filter)
+        Reader::new(self.inner.log.clone(), start, filter)
     }
 
     pub fn status(&self) -> StreamStatus {
-        let segments = self.shared.segments_snapshot();
+        let segments = self.inner.log.segments();
         let records = segments.iter().map(|segment| segment.record_count()).sum();
         let next_offset = segments
             .last()
@@ -393,7 +311,7 @@ impl Stream {
             .filter(|segment| segment.record_count() > 0)
             .collect();
         StreamStatus {
-            name: self.shared.name.clone(),
+            name: self.inner.name.clone(),
             first_offset,
             next_offset,
             records,
@@ -408,14 +326,19 @@ impl Stream {
             last_timestamp_ns: with_records
                 .last()
                 .map(|segment| segment.timestamp_max_through()),
-            poisoned: self.shared.coordinator.poison_cause(),
+            poisoned: self.inner.log.poison_cause(),
         }
+    }
+
+    /// Appends queued or waiting for durability.
+    pub fn pending_appends(&self) -> usize {
+        self.inner.coordinator.pending_count()
     }
 
     /// Tells the writer the message id of the last stored record (read from
     /// the log at start), for `ExpectedLastMessageId` preconditions.
     pub fn set_last_message_id(&self, id: Option<Arc<str>>) {
-        self.shared.coordinator.set_last_message_id(id);
+        self.inner.coordinator.set_last_message_id(id);
     }
 
     /// The last stored record, if any.
@@ -430,29 +353,41 @@ impl Stream {
 
     /// Sealed segments, oldest first, as files with their CRC.
     pub fn sealed_segments(&self) -> Vec<SealedSegment> {
-        self.shared
-            .segments_snapshot()
-            .iter()
-            .filter(|segment| segment.is_indexed())
-            .map(|segment| SealedSegment {
-                path: segment.path().to_path_buf(),
-                base_offset: segment.base_offset(),
-                next_offset: segment.next_offset(),
-                length: segment.visible_length(),
-                crc32c: segment.segment_crc(),
-            })
-            .collect()
+        self.inner.log.sealed_segments()
     }
 
     /// Applies retention now (it also runs in the background).
     pub fn enforce_retention(&self) -> Result<Vec<RetentionDeletion>> {
-        crate::retention::enforce(&self.shared, crate::segment::writer::now_ns())
+        crate::retention::enforce(
+            &self.inner.log,
+            &self.inner.metrics,
+            self.inner.hooks.on_retention.as_ref(),
+            crate::log::writer::now_ns(),
+        )
+    }
+
+    /// One write step (manual driver): writes a frame of queued appends.
+    /// True if it did anything.
+    pub fn step_write(&self, now_ns: i64) -> bool {
+        self.inner.coordinator.write_step(&self.inner.log, now_ns)
+            == crate::coordinator::WriteStep::Wrote
+    }
+
+    /// One sync step (manual driver): one group commit. True if it synced.
+    pub fn step_sync(&self) -> bool {
+        self.inner.coordinator.sync_step(&self.inner.log) == crate::coordinator::SyncStep::Synced
+    }
+
+    /// Maintenance (manual driver): age rotation, seals, checkpoints,
+    /// retention at `now_ns`.
+    pub fn step_maintenance(&self, now_ns: i64) {
+        self.inner.maintenance(now_ns);
     }
 
     /// Stops intake, writes and syncs everything queued, completes its
     /// appends, checkpoints and stops the threads. Blocks; idempotent.
     pub fn close(&self) -> Result<()> {
-        self.shared.coordinator.begin_close();
+        self.inner.coordinator.begin_close();
         let handle = self
             .writer_thread
             .lock()
@@ -462,18 +397,36 @@ impl Stream {
             if handle.join().is_err() {
                 return Err(Error::InvalidInput(format!(
                     "writer thread of stream '{}' panicked",
-                    self.shared.name
+                    self.inner.name
                 )));
             }
+        } else if self.driver == Driver::Manual {
+            let now = crate::log::writer::now_ns();
+            while self.step_write(now) || self.step_sync() {}
         }
-        match self.shared.coordinator.poison_cause() {
-            Some(cause) => Err(Error::Poisoned {
-                stream: self.shared.name.clone(),
-                cause,
-            }),
-            None => Ok(()),
-        }
+        self.inner.log.close()
     }
+}
+
+fn spawn_threads(inner: &Arc<StreamInner>) -> Result<JoinHandle<()>> {
+    let syncer_inner = Arc::clone(inner);
+    let syncer = std::thread::Builder::new()
+        .name(format!("natswal-sync-{}", inner.name))
+        .spawn(move || crate::coordinator::run_syncer(&syncer_inner.coordinator, &syncer_inner.log))
+        .map_err(|error| Error::io("cannot start the syncer thread", error))?;
+    let writer_inner = Arc::clone(inner);
+    std::thread::Builder::new()
+        .name(format!("natswal-write-{}", inner.name))
+        .spawn(move || {
+            let maintenance = || writer_inner.maintenance(crate::log::writer::now_ns());
+            crate::coordinator::run_writer(
+                &writer_inner.coordinator,
+                &writer_inner.log,
+                &maintenance,
+                syncer,
+            )
+        })
+        .map_err(|error| Error::io("cannot start the writer thread", error))
 }
 
 impl Drop for Stream {

@@ -42,7 +42,7 @@ fn open_with(
         os_file_system(),
         directory,
         "test",
-        Arc::new(natswal::segment::cache::SegmentCache::new(8)),
+        Arc::new(natswal::SegmentCache::new(8)),
         options,
     )
     .map(|(stream, _)| stream)
@@ -190,12 +190,15 @@ async fn wrong_missing_key_and_tampering_are_clear_errors() {
         .min()
         .unwrap();
     let mut bytes = std::fs::read(&segment).unwrap();
-    let frame = 64usize;
+    // The first frame follows the segment header and its 16-byte slot.
+    let frame = 64usize + 16;
     let frame_length =
         u32::from_le_bytes(bytes[frame + 8..frame + 12].try_into().unwrap()) as usize;
     bytes[frame + 100] ^= 0x40;
-    let crc = crc32c::crc32c(&bytes[frame + 8..frame + frame_length]);
-    bytes[frame + 4..frame + 8].copy_from_slice(&crc.to_le_bytes());
+    let body_crc = crc32c::crc32c(&bytes[frame + 96..frame + frame_length]);
+    bytes[frame + 12..frame + 16].copy_from_slice(&body_crc.to_le_bytes());
+    let header_crc = crc32c::crc32c(&bytes[frame + 8..frame + 96]);
+    bytes[frame + 4..frame + 8].copy_from_slice(&header_crc.to_le_bytes());
     std::fs::write(&segment, &bytes).unwrap();
     let reader = open_with(
         directory.path(),
@@ -289,16 +292,12 @@ async fn nonces_never_repeat_across_restarts_and_truncation() {
                 continue;
             }
             let bytes = std::fs::read(entry.path()).unwrap();
-            let mut position = 64usize;
-            while position + 96 <= bytes.len() && &bytes[position..position + 4] == b"NWF1" {
-                let length =
-                    u32::from_le_bytes(bytes[position + 8..position + 12].try_into().unwrap())
-                        as usize;
-                let nonce: [u8; 12] = bytes[position + 72..position + 84].try_into().unwrap();
+            for span in frames_of(&bytes) {
+                let frame = span.start as usize + 16;
+                let nonce: [u8; 12] = bytes[frame + 72..frame + 84].try_into().unwrap();
                 if nonces.insert(nonce) {
                     fresh += 1;
                 }
-                position += length;
             }
         }
         fresh
@@ -378,7 +377,7 @@ async fn stored_frames_are_handed_on_as_on_disk_and_decrypt_without_recompressin
     while let Some(frame) = reader.next_stored_frame().unwrap() {
         frames += 1;
         assert!(frame.is_encrypted() && frame.is_compressed());
-        assert_eq!(frame.segment_key.key_id, 1);
+        assert_eq!(frame.header.key_id, 1);
         // Exactly the bytes on disk: nothing was re-encoded.
         assert!(
             files
@@ -443,7 +442,7 @@ async fn stored_frames_are_handed_on_as_on_disk_and_decrypt_without_recompressin
         .reader(natswal::StartPosition::Earliest, None)
         .unwrap();
     let frame = reader.next_stored_frame().unwrap().unwrap();
-    assert_eq!(frame.segment_key.key_id, 1);
+    assert_eq!(frame.header.key_id, 1);
     match reader.decrypt(frame) {
         Err(natswal::Error::KeyUnavailable { key_id: 1, .. }) => {}
         other => panic!("expected KeyUnavailable for key 1, got {other:?}"),

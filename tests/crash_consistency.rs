@@ -219,15 +219,107 @@ async fn crash_by_forgetting_the_stream_then_cut_at_every_byte() {
     cut_at_every_byte(base.path(), &expected).await;
 }
 
+/// After a clean close every record was acknowledged and durable, so a cut
+/// anywhere in the last segment is damage, never a torn tail: the strict
+/// open refuses, naming the file and the damaged frame; a repair keeps
+/// every frame before it, records the lost offsets, and appends go on after
+/// them (the case where 5 cut bytes used to cost thousands of records).
 #[tokio::test]
-async fn clean_close_without_checkpoint_then_cut_at_every_byte() {
+async fn clean_close_then_a_cut_at_every_byte_is_damage_that_a_repair_confines() {
     let directory = tempfile::tempdir().unwrap();
     let (stream, expected) = write_log(directory.path()).await;
     stream.close().unwrap();
     drop(stream);
     let last = segment_files(directory.path()).pop().unwrap();
+    // Also without the checkpoint: the clean shutdown alone vouches.
     std::fs::remove_file(last.with_extension("idx")).unwrap();
-    cut_at_every_byte(directory.path(), &expected).await;
+    let last_name = last.file_name().unwrap().to_owned();
+    let frames = frames_of(&std::fs::read(&last).unwrap());
+    assert!(frames.len() > TAIL_FRAMES, "{} frames", frames.len());
+    let data_end = frames.last().unwrap().end;
+    let total_next = FIRST_OFFSET + expected.len() as u64;
+    let first = frames[frames.len() - TAIL_FRAMES].start;
+    let file_system = os_file_system();
+    let mut repaired = 0;
+    for position in first..=data_end {
+        for cut in [Cut::Shorten, Cut::Zero] {
+            let trial = tempfile::tempdir().unwrap();
+            copy_directory(directory.path(), trial.path());
+            let trial_last = trial.path().join(&last_name);
+            cut_file(&trial_last, position, cut);
+            if position == data_end {
+                let (stream, _) =
+                    open_reported(&file_system, trial.path(), options(small_config()))
+                        .unwrap_or_else(|error| panic!("{cut:?} cut at the end: {error}"));
+                assert_exactly(&read_all(&stream).unwrap(), &expected);
+                continue;
+            }
+            let damaged = frames
+                .iter()
+                .find(|frame| frame.start <= position && position < frame.end)
+                .unwrap();
+            let error = open_reported(&file_system, trial.path(), options(small_config()))
+                .expect_err("acknowledged records were cut: damage");
+            match &error {
+                Error::Corruption {
+                    path, position: at, ..
+                } => {
+                    assert_eq!(path, &trial_last, "{cut:?} cut at {position}");
+                    assert_eq!(*at, damaged.start, "{cut:?} cut at {position}: {error}");
+                }
+                other => panic!("{cut:?} cut at {position}: expected corruption, got {other}"),
+            }
+            // Repairs are sampled: each one rewrites the segment.
+            if position % 13 != 0 && position != damaged.start {
+                continue;
+            }
+            let (stream, report) = open_reported(&file_system, trial.path(), repair_options())
+                .unwrap_or_else(|error| panic!("{cut:?} cut at {position}: repair: {error}"));
+            assert_eq!(
+                report.lost.len(),
+                1,
+                "{cut:?} cut at {position}: {report:?}"
+            );
+            assert_eq!(
+                (report.lost[0].first_offset, report.lost[0].next_offset),
+                (damaged.base_offset, total_next),
+                "{cut:?} cut at {position}"
+            );
+            assert!(
+                report
+                    .quarantined
+                    .iter()
+                    .all(|range| range.start == damaged.start),
+                "{report:?}"
+            );
+            let kept = index_of(damaged.base_offset);
+            assert_exactly(&read_all(&stream).unwrap(), &expected[..kept]);
+            assert_eq!(stream.status().next_offset, total_next);
+            let outcome = stream.append(record(expected.len() as u64)).await.unwrap();
+            assert_eq!(
+                outcome.first_offset, total_next,
+                "the lost offsets are not reused"
+            );
+            stream.close().unwrap();
+            drop(stream);
+            let verified =
+                natswal::RecoveryManager::verify(&file_system, trial.path(), &mut |_| {}).unwrap();
+            assert!(
+                verified.is_healthy(),
+                "{cut:?} cut at {position}: {verified:?}"
+            );
+            repaired += 1;
+        }
+    }
+    assert!(repaired > 10, "{repaired} repairs checked");
+}
+
+fn repair_options() -> StreamOptions {
+    StreamOptions {
+        config: small_config(),
+        recovery_mode: RecoveryMode::Repair,
+        ..StreamOptions::default()
+    }
 }
 
 // ---------------------------------------------------------------------------

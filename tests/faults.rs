@@ -7,7 +7,7 @@ use bytes::Bytes;
 use common::Random;
 use natswal::io::memory::MemoryFileSystem;
 use natswal::io::FileSystem;
-use natswal::segment::cache::SegmentCache;
+use natswal::SegmentCache;
 use natswal::{
     AppendRequest, Completed, Completion, Durability, Error, Record, StartPosition, StoredRecord,
     Stream, StreamConfig, StreamOptions, FIRST_OFFSET,

@@ -1,4 +1,4 @@
-//! Property tests of the on-disk format (docs/FORMAT.md sections 2 and 3):
+//! Property tests of the on-disk format (docs/FORMAT.md sections 2 to 4):
 //! frames round-trip, the decoders never panic on random or damaged input,
 //! a damaged frame or index is never accepted with different content, and
 //! length fields that claim huge sizes cannot make a decoder allocate more
@@ -6,10 +6,11 @@
 
 use bytes::Bytes;
 use natswal::format::frame::{
-    check_frame, flags, FrameBuilder, FrameCheck, FrameDefect, FrameHeader, FRAME_HEADER_LENGTH,
+    check_frame, encode_plain_frame, flags, FrameCheck, FrameDefect, FrameHeader,
+    FRAME_HEADER_LENGTH,
 };
 use natswal::format::index::{
-    decode_index, encode_index, IndexEntry, IndexHeader, INDEX_HEADER_LENGTH,
+    decode_index, encode_index, IndexEntry, IndexHeader, INDEX_ENTRY_LENGTH, INDEX_HEADER_LENGTH,
 };
 use natswal::format::record::RECORD_OVERHEAD;
 use natswal::format::segment_header::{SegmentHeader, SEGMENT_HEADER_LENGTH};
@@ -111,15 +112,17 @@ fn build_frame(
     raft: (u64, u64),
     records: &[TimedRecord],
     extra_flags: u16,
-    durable_position: u64,
-) -> (Vec<u8>, FrameHeader) {
-    let mut builder = FrameBuilder::new();
-    builder.begin(base_offset, raft.0, raft.1);
-    for timed in records {
-        builder.push(&timed.record, timed.timestamp_ns);
-    }
-    let (bytes, header) = builder.finish(extra_flags, durable_position);
-    (bytes.to_vec(), header)
+) -> (Vec<u8>, Option<FrameHeader>) {
+    let timed: Vec<(Record, i64)> = records
+        .iter()
+        .map(|timed| (timed.record.clone(), timed.timestamp_ns))
+        .collect();
+    let bytes = encode_plain_frame(base_offset, &timed, extra_flags, raft.0, raft.1);
+    let header = match check_frame(&bytes) {
+        FrameCheck::Valid(header) => Some(header),
+        _ => None,
+    };
+    (bytes, header)
 }
 
 /// Iterates every record of a frame `check_frame` accepted, to the end,
@@ -156,16 +159,18 @@ struct ForgedFrame {
 fn forge(frame: &ForgedFrame) -> Vec<u8> {
     let length = FRAME_HEADER_LENGTH + frame.body.len();
     let mut bytes = vec![0u8; length];
-    bytes[0..4].copy_from_slice(b"NWF1");
+    bytes[0..4].copy_from_slice(b"NWF2");
     bytes[8..12].copy_from_slice(&(length as u32).to_le_bytes());
-    bytes[12..14].copy_from_slice(&(FRAME_HEADER_LENGTH as u16).to_le_bytes());
-    bytes[14..16].copy_from_slice(&frame.flags.to_le_bytes());
     bytes[16..24].copy_from_slice(&frame.base_offset.to_le_bytes());
     bytes[24..28].copy_from_slice(&frame.record_count.to_le_bytes());
     let body_length = frame.body_length_plain.unwrap_or(frame.body.len() as u32);
     bytes[28..32].copy_from_slice(&body_length.to_le_bytes());
+    bytes[64..66].copy_from_slice(&frame.flags.to_le_bytes());
+    bytes[84..86].copy_from_slice(&(FRAME_HEADER_LENGTH as u16).to_le_bytes());
     bytes[FRAME_HEADER_LENGTH..].copy_from_slice(&frame.body);
-    let crc = crc32c::crc32c(&bytes[8..]);
+    let body_crc = crc32c::crc32c(&bytes[FRAME_HEADER_LENGTH..]);
+    bytes[12..16].copy_from_slice(&body_crc.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[8..FRAME_HEADER_LENGTH]);
     bytes[4..8].copy_from_slice(&crc.to_le_bytes());
     bytes
 }
@@ -264,6 +269,7 @@ fn index_strategy() -> impl Strategy<Value = (IndexHeader, Vec<IndexEntry>)> {
                         relative_offset: relative,
                         position,
                         timestamp_max_before: time,
+                        relative_raft_index: relative / 2,
                     });
                 }
                 let header = IndexHeader {
@@ -275,6 +281,10 @@ fn index_strategy() -> impl Strategy<Value = (IndexHeader, Vec<IndexEntry>)> {
                     last_timestamp_ns: last,
                     segment_crc: crc,
                     record_count: records,
+                    salt: base_offset ^ next_offset,
+                    first_raft_index: records / 3,
+                    last_raft_term: records / 5,
+                    last_raft_index: records / 2,
                 };
                 (header, entries)
             },
@@ -293,12 +303,11 @@ proptest! {
         base_offset in prop_oneof![0u64..1 << 40, any::<u64>()],
         raft in (any::<u64>(), any::<u64>()),
         atomic in any::<bool>(),
-        durable_position in any::<u64>(),
         trailing in vec(any::<u8>(), 0..32),
     ) {
         let extra_flags = if atomic { flags::ATOMIC } else { 0 };
-        let (bytes, built) = build_frame(base_offset, raft, &records, extra_flags, durable_position);
-        // Whatever follows a frame (the next frame, zeros) does not change it.
+        let (bytes, built) = build_frame(base_offset, raft, &records, extra_flags);
+        // Whatever follows a frame (the next slot, zeros) does not change it.
         let mut followed = bytes.clone();
         followed.extend_from_slice(&trailing);
         let overflows = base_offset.checked_add(records.len() as u64).is_none();
@@ -311,13 +320,12 @@ proptest! {
             other => return Err(TestCaseError::fail(format!("frame not valid: {other:?}"))),
         };
         prop_assert!(!overflows, "a frame whose offsets overflow was accepted");
-        prop_assert_eq!(header, built);
+        prop_assert_eq!(Some(header), built);
         prop_assert_eq!(header.frame_length as usize, bytes.len());
         prop_assert_eq!(header.body_length_plain as usize, bytes.len() - FRAME_HEADER_LENGTH);
         prop_assert_eq!(header.base_offset, base_offset);
         prop_assert_eq!(header.record_count as usize, records.len());
         prop_assert_eq!((header.raft_term, header.raft_index), raft);
-        prop_assert_eq!(header.durable_position, durable_position);
         prop_assert_eq!(header.is_atomic(), atomic);
         prop_assert_eq!(header.first_timestamp_ns, records[0].timestamp_ns);
         prop_assert_eq!(
@@ -341,7 +349,7 @@ proptest! {
     #[test]
     fn indexes_and_segment_headers_round_trip(
         (header, entries) in index_strategy(),
-        segment in (any::<u64>(), any::<i64>(), any::<u32>(), any::<u8>()),
+        segment in (any::<u64>(), any::<i64>(), any::<u32>(), any::<u8>(), any::<u64>()),
     ) {
         let bytes = encode_index(&header, &entries);
         prop_assert_eq!(decode_index(&bytes), Ok((header, entries)));
@@ -351,6 +359,7 @@ proptest! {
             key_id: segment.2,
             compression: segment.3,
             cipher: segment.3.wrapping_add(1),
+            salt: segment.4,
         };
         let encoded = segment.encode();
         prop_assert_eq!(encoded.len(), SEGMENT_HEADER_LENGTH);
@@ -367,7 +376,7 @@ proptest! {
     #[test]
     fn random_bytes_never_panic_the_decoders(
         bytes in vec(any::<u8>(), 0..600),
-        prefix in prop_oneof![Just(&b""[..]), Just(&b"NWF1"[..]), Just(&b"NATSWALI"[..]), Just(&b"NATSWALS"[..])],
+        prefix in prop_oneof![Just(&b""[..]), Just(&b"NWF2"[..]), Just(&b"NATSWALI"[..]), Just(&b"NATSWALS"[..])],
     ) {
         let mut input = prefix.to_vec();
         input.extend_from_slice(&bytes);
@@ -384,7 +393,8 @@ proptest! {
         base_offset in 0u64..1 << 40,
         mutations in vec(mutation(), 1..4),
     ) {
-        let (original, built) = build_frame(base_offset, (0, 0), &records, 0, 64);
+        let (original, built) = build_frame(base_offset, (0, 0), &records, 0);
+        let built = built.expect("a built frame is valid");
         let mut damaged = original.clone();
         for mutation in &mutations {
             if damaged.is_empty() {
@@ -420,7 +430,7 @@ proptest! {
             prop_assert_eq!(&damaged, &original);
             prop_assert_eq!(decoded, (header, entries));
         }
-        let segment = SegmentHeader { base_offset: header.base_offset, created_at_ns: 5, key_id: 0, compression: 0, cipher: 0 };
+        let segment = SegmentHeader { base_offset: header.base_offset, created_at_ns: 5, key_id: 0, compression: 0, cipher: 0, salt: 9 };
         let encoded = segment.encode();
         let mut damaged = encoded.to_vec();
         for mutation in &mutations {
@@ -505,18 +515,18 @@ proptest! {
     ) {
         let mut bytes = encode_index(&header, &entries);
         bytes[56..60].copy_from_slice(&claimed_entries.to_le_bytes());
-        if shuffle && bytes.len() > INDEX_HEADER_LENGTH + 36 {
+        if shuffle && bytes.len() > INDEX_HEADER_LENGTH + 2 * INDEX_ENTRY_LENGTH + 4 {
             // Swap two entries and fix the entries checksum: out of order.
-            let (first, second) = (INDEX_HEADER_LENGTH, INDEX_HEADER_LENGTH + 16);
-            let copy = bytes[first..first + 16].to_vec();
-            bytes.copy_within(second..second + 16, first);
-            bytes[second..second + 16].copy_from_slice(&copy);
+            let (first, second) = (INDEX_HEADER_LENGTH, INDEX_HEADER_LENGTH + INDEX_ENTRY_LENGTH);
+            let copy = bytes[first..first + INDEX_ENTRY_LENGTH].to_vec();
+            bytes.copy_within(second..second + INDEX_ENTRY_LENGTH, first);
+            bytes[second..second + INDEX_ENTRY_LENGTH].copy_from_slice(&copy);
             let end = bytes.len() - 4;
             let crc = crc32c::crc32c(&bytes[INDEX_HEADER_LENGTH..end]);
             bytes[end..].copy_from_slice(&crc.to_le_bytes());
         }
-        let crc = crc32c::crc32c(&bytes[..92]);
-        bytes[92..96].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[..124]);
+        bytes[124..128].copy_from_slice(&crc.to_le_bytes());
         let (decoded, allocated) = allocated_by(|| decode_index(&bytes));
         prop_assert!(
             allocated <= allocation_bound(bytes.len()),
@@ -525,7 +535,7 @@ proptest! {
         );
         if let Ok((_, decoded_entries)) = decoded {
             prop_assert_eq!(decoded_entries.len() as u32, claimed_entries);
-            prop_assert_eq!(bytes.len(), INDEX_HEADER_LENGTH + decoded_entries.len() * 16 + 4);
+            prop_assert_eq!(bytes.len(), INDEX_HEADER_LENGTH + decoded_entries.len() * INDEX_ENTRY_LENGTH + 4);
             for pair in decoded_entries.windows(2) {
                 prop_assert!(pair[0].position < pair[1].position);
                 prop_assert!(pair[0].relative_offset <= pair[1].relative_offset);
@@ -545,8 +555,13 @@ fn frame_claiming_four_gib_allocates_nothing_large() {
             timestamp_ns: index,
         })
         .collect();
-    let (mut bytes, _) = build_frame(0, (0, 0), &records, 0, 64);
+    let (mut bytes, _) = build_frame(0, (0, 0), &records, 0);
     bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    let plain = u32::MAX - FRAME_HEADER_LENGTH as u32;
+    bytes[28..32].copy_from_slice(&plain.to_le_bytes());
+    // The header checksum is right: only the length check stands in the way.
+    let crc = crc32c::crc32c(&bytes[8..FRAME_HEADER_LENGTH]);
+    bytes[4..8].copy_from_slice(&crc.to_le_bytes());
     let (check, allocated) = allocated_by(|| check_frame(&bytes));
     assert_eq!(
         check,
@@ -569,6 +584,7 @@ fn index_claiming_u32_max_entries_allocates_nothing_large() {
             relative_offset: index * 10,
             position: 64 + index * 1000,
             timestamp_max_before: i64::from(index),
+            relative_raft_index: index,
         })
         .collect();
     let header = IndexHeader {
@@ -580,12 +596,16 @@ fn index_claiming_u32_max_entries_allocates_nothing_large() {
         last_timestamp_ns: 200,
         segment_crc: 0,
         record_count: 2000,
+        salt: 3,
+        first_raft_index: 1,
+        last_raft_term: 1,
+        last_raft_index: 200,
     };
     let mut bytes = encode_index(&header, &entries);
     bytes[56..60].copy_from_slice(&u32::MAX.to_le_bytes());
     // The header checksum is right: only the length check stands in the way.
-    let crc = crc32c::crc32c(&bytes[..92]);
-    bytes[92..96].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[..124]);
+    bytes[124..128].copy_from_slice(&crc.to_le_bytes());
     let (decoded, allocated) = allocated_by(|| decode_index(&bytes));
     let error = decoded.unwrap_err();
     assert!(error.contains("4294967295 entries"), "{error}");
@@ -658,6 +678,7 @@ fn segment_header_decoding_allocates_only_for_its_error() {
         key_id: 0,
         compression: 0,
         cipher: 0,
+        salt: 4,
     }
     .encode();
     let mut damaged = header.to_vec();

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use natswal::format::index::decode_index;
-use natswal::format::{index_file_name, segment_file_name};
+use natswal::format::segment_file_name;
 use natswal::io::memory::MemoryFileSystem;
 use natswal::io::FileSystem;
 use natswal::{
@@ -276,58 +276,68 @@ fn set_segment_version(path: &Path, version: u16) {
 }
 
 #[tokio::test]
-async fn a_segment_of_a_newer_format_version_is_refused_and_left_alone() {
+async fn a_segment_of_another_format_version_is_refused_and_left_alone() {
     let directory = tempfile::tempdir().unwrap();
     closed_stream(directory.path(), 3000).await;
     let segments = segment_files(directory.path());
-    for target in [&segments[0], segments.last().unwrap()] {
-        let trial = tempfile::tempdir().unwrap();
-        copy_directory(directory.path(), trial.path());
-        let path = trial.path().join(target.file_name().unwrap());
-        set_segment_version(&path, 2);
-        let before = directory_contents(trial.path());
-        for mode in [RecoveryMode::Strict, RecoveryMode::Repair] {
-            let options = StreamOptions {
-                config: small_config(),
-                recovery_mode: mode,
-                ..StreamOptions::default()
-            };
-            let error = open_reported(&os_file_system(), trial.path(), options)
-                .expect_err("a newer format version is refused");
-            match &error {
-                Error::UnsupportedVersion {
-                    path: named,
-                    found,
-                    supported,
-                } => {
-                    assert_eq!(named, &path);
-                    assert_eq!((*found, *supported), (2, 1));
+    let supported = natswal::format::FORMAT_VERSION;
+    for (version, hint) in [
+        (supported + 1, "upgrade natswal"),
+        (supported - 1, "earlier natswal"),
+    ] {
+        for target in [&segments[0], segments.last().unwrap()] {
+            let trial = tempfile::tempdir().unwrap();
+            copy_directory(directory.path(), trial.path());
+            let path = trial.path().join(target.file_name().unwrap());
+            set_segment_version(&path, version);
+            let before = directory_contents(trial.path());
+            for mode in [RecoveryMode::Strict, RecoveryMode::Repair] {
+                let options = StreamOptions {
+                    config: small_config(),
+                    recovery_mode: mode,
+                    ..StreamOptions::default()
+                };
+                let error = open_reported(&os_file_system(), trial.path(), options)
+                    .expect_err("another format version is refused");
+                match &error {
+                    Error::UnsupportedVersion {
+                        path: named,
+                        found,
+                        supported: reads,
+                    } => {
+                        assert_eq!(named, &path);
+                        assert_eq!((*found, *reads), (version, supported));
+                    }
+                    other => panic!("expected UnsupportedVersion, got {other}"),
                 }
-                other => panic!("expected UnsupportedVersion, got {other}"),
+                let message = error.to_string();
+                assert!(message.contains(&format!("version {version}")), "{message}");
+                assert!(message.contains(hint), "{message}");
+                assert!(message.contains(&path.display().to_string()), "{message}");
+                assert_eq!(
+                    directory_contents(trial.path()),
+                    before,
+                    "{mode:?} changed nothing"
+                );
             }
-            let message = error.to_string();
-            assert!(message.contains("version 2"), "{message}");
-            assert!(message.contains("upgrade natswal"), "{message}");
-            assert!(message.contains(&path.display().to_string()), "{message}");
-            assert_eq!(
-                directory_contents(trial.path()),
-                before,
-                "{mode:?} changed nothing"
-            );
         }
     }
 }
 
 #[tokio::test]
-async fn an_empty_or_zero_header_last_segment_is_removed() {
+async fn an_unfinished_segment_creation_leaves_nothing_and_a_zeroed_segment_is_repaired() {
     let directory = tempfile::tempdir().unwrap();
     let expected = closed_stream(directory.path(), 3000).await;
+    let next = expected.len() as u64;
+    // A crash while creating the next segment leaves only its temporary
+    // file: segments appear under their name whole (header synced, then
+    // renamed in).
     for zeros in [0u64, 64 * 1024] {
         let trial = tempfile::tempdir().unwrap();
-        copy_directory(directory.path(), trial.path());
-        // A crash between creating the next segment and syncing its header.
-        let next = expected.len() as u64;
-        let leftover = trial.path().join(segment_file_name(FIRST_OFFSET + next));
+        copy_directory_with_temporaries(directory.path(), trial.path());
+        let leftover = trial
+            .path()
+            .join(format!("{}.tmp", segment_file_name(FIRST_OFFSET + next)));
         std::fs::write(&leftover, vec![0u8; zeros as usize]).unwrap();
         let (stream, report) =
             open_reported(&os_file_system(), trial.path(), options(small_config())).unwrap();
@@ -338,6 +348,34 @@ async fn an_empty_or_zero_header_last_segment_is_removed() {
         assert_eq!(outcome.first_offset, FIRST_OFFSET + next);
         stream.close().unwrap();
     }
+    // A segment whose header is zeros under its real name is damage: the
+    // strict open names it, a repair rebuilds its header from its frames.
+    let trial = tempfile::tempdir().unwrap();
+    copy_directory(directory.path(), trial.path());
+    let last = segment_files(trial.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&last).unwrap();
+    bytes[..64].fill(0);
+    std::fs::write(&last, &bytes).unwrap();
+    let error = open_reported(&os_file_system(), trial.path(), options(small_config()))
+        .expect_err("a zeroed header is refused");
+    assert!(
+        error.to_string().contains(&last.display().to_string()) && error.is_corruption(),
+        "{error}"
+    );
+    let (stream, report) = open_reported(
+        &os_file_system(),
+        trial.path(),
+        repair_options(small_config()),
+    )
+    .unwrap();
+    assert_eq!(report.quarantined.len(), 1, "{report:?}");
+    assert_eq!(
+        (report.quarantined[0].start, report.quarantined[0].end),
+        (0, 64)
+    );
+    assert_exactly(&read_all(&stream).unwrap(), &expected);
+    let outcome = stream.append(record(next)).await.unwrap();
+    assert_eq!(outcome.first_offset, FIRST_OFFSET + next);
 }
 
 #[tokio::test]
@@ -601,7 +639,7 @@ async fn a_stream_without_records_is_at_the_first_offset_offline_too() {
     .unwrap();
     assert_eq!(
         report,
-        natswal::recovery::TruncateReport {
+        natswal::TruncateReport {
             next_offset: FIRST_OFFSET,
             ..Default::default()
         }
@@ -615,31 +653,69 @@ async fn a_stream_without_records_is_at_the_first_offset_offline_too() {
 }
 
 // ---------------------------------------------------------------------------
-// A segment whose sealing was interrupted by a crash.
+// A segment whose sealing a crash interrupted, or that lost frames.
 
 /// Makes `segment` look like the writer had moved on from it but a crash
-/// came before it was synced, cut and indexed: still preallocated, no
-/// index, and its last frames lost (zeros) or torn (partly written).
+/// came before it was cut and indexed: still allocated to its full size,
+/// no index. With `lost_frames`, its last frames are also gone (zeros) or
+/// damaged (half of them zeroed): damage, since every frame of a segment
+/// was durable before the next segment was created.
 fn interrupt_seal(segment: &Path, lost_frames: usize, torn: bool) -> u64 {
     let bytes = std::fs::read(segment).unwrap();
     let frames = frames_of(&bytes);
-    let first_lost = frames[frames.len() - lost_frames];
     let mut image = bytes.clone();
-    let lost_from = if torn {
-        // The first lost frame's first half reached the disk.
-        (first_lost.start + (first_lost.end - first_lost.start) / 2) as usize
-    } else {
-        first_lost.start as usize
+    let next_offset = match lost_frames {
+        0 => {
+            let last = frames.last().unwrap();
+            last.base_offset + u64::from(last.record_count)
+        }
+        _ => {
+            let first_lost = frames[frames.len() - lost_frames];
+            let lost_from = if torn {
+                (first_lost.start + (first_lost.end - first_lost.start) / 2) as usize
+            } else {
+                first_lost.start as usize
+            };
+            image[lost_from..].fill(0);
+            first_lost.base_offset
+        }
     };
-    image[lost_from..].fill(0);
     image.resize(64 * 1024, 0);
     std::fs::write(segment, image).unwrap();
     std::fs::remove_file(segment.with_extension("idx")).unwrap();
-    first_lost.base_offset
+    next_offset
 }
 
 #[tokio::test]
-async fn a_lost_tail_of_an_unfinished_segment_truncates_the_log_there() {
+async fn an_interrupted_seal_is_finished_on_open() {
+    let directory = tempfile::tempdir().unwrap();
+    let expected = closed_stream(directory.path(), 4000).await;
+    let segments = segment_files(directory.path());
+    let unfinished = &segments[1];
+    let length = std::fs::metadata(unfinished).unwrap().len();
+    interrupt_seal(unfinished, 0, false);
+    let (stream, report) =
+        open_reported(&os_file_system(), directory.path(), options(small_config())).unwrap();
+    assert!(report.completed_seals.contains(unfinished), "{report:?}");
+    assert!(
+        report.truncated.is_empty() && report.removed_files.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(unfinished).unwrap().len(),
+        length,
+        "cut to its frames again"
+    );
+    assert!(unfinished.with_extension("idx").exists());
+    assert_exactly(&read_all(&stream).unwrap(), &expected);
+    stream.close().unwrap();
+    drop(stream);
+    let report = RecoveryManager::verify(&os_file_system(), directory.path(), &mut |_| {}).unwrap();
+    assert!(report.is_healthy(), "{report:?}");
+}
+
+#[tokio::test]
+async fn a_sealed_segment_that_lost_frames_is_damage_and_costs_only_those_frames() {
     let directory = tempfile::tempdir().unwrap();
     let expected = closed_stream(directory.path(), 4000).await;
     for torn in [false, true] {
@@ -647,58 +723,85 @@ async fn a_lost_tail_of_an_unfinished_segment_truncates_the_log_there() {
         copy_directory(directory.path(), trial.path());
         let segments = segment_files(trial.path());
         assert!(segments.len() >= 4);
-        let unfinished = &segments[1];
-        let next_offset = interrupt_seal(unfinished, 3, torn);
-        // The records before the lost ones, all of which are kept.
-        let kept = index_of(next_offset);
-        let (stream, report) =
-            open_reported(&os_file_system(), trial.path(), options(small_config())).unwrap_or_else(
-                |error| panic!("torn {torn}: a crash must not block open: {error}"),
-            );
-        assert_exactly(&read_all(&stream).unwrap(), &expected[..kept]);
-        assert_eq!(stream.status().segments, 2);
-        for later in &segments[2..] {
-            assert!(report.removed_files.contains(later), "{report:?}");
-            assert!(!later.exists());
+        let damaged = &segments[1];
+        let first_lost = interrupt_seal(damaged, 3, torn);
+        let next_base: u64 = segments[2]
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .parse()
+            .unwrap();
+        let error = open_reported(&os_file_system(), trial.path(), options(small_config()))
+            .expect_err("lost frames of a sealed segment are refused");
+        match &error {
+            Error::Corruption { path, .. } => assert_eq!(path, damaged),
+            other => panic!("expected corruption, got {other}"),
         }
-        assert!(
-            report
-                .truncated
-                .iter()
-                .any(|tail| &tail.segment == unfinished),
-            "{report:?}"
-        );
-        // Appends continue at the cut, in the unfinished segment.
+        assert!(error.to_string().contains("natswal repair"), "{error}");
+        // Nothing was changed by the refusal, and no later segment was
+        // touched (the bug this replaces deleted them all).
+        for later in &segments[2..] {
+            assert!(later.exists());
+        }
+        let (stream, report) = open_reported(
+            &os_file_system(),
+            trial.path(),
+            repair_options(small_config()),
+        )
+        .unwrap();
+        assert_eq!(report.lost.len(), 1, "torn {torn}: {report:?}");
         assert_eq!(
-            stream
-                .append(record(kept as u64))
-                .await
-                .unwrap()
-                .first_offset,
-            next_offset
+            (report.lost[0].first_offset, report.lost[0].next_offset),
+            (first_lost, next_base),
+            "exactly the lost frames' offsets are recorded"
+        );
+        if torn {
+            assert_eq!(report.quarantined.len(), 1, "{report:?}");
+        }
+        let records = read_all(&stream).unwrap();
+        let kept: Vec<u64> = (FIRST_OFFSET..first_lost)
+            .chain(next_base..FIRST_OFFSET + expected.len() as u64)
+            .collect();
+        assert_eq!(records.len(), kept.len());
+        for (stored, offset) in records.iter().zip(kept) {
+            assert_record(stored, &expected[index_of(offset)], offset);
+        }
+        // Appends continue at the end, never reusing the lost offsets.
+        let next = expected.len() as u64;
+        assert_eq!(
+            stream.append(record(next)).await.unwrap().first_offset,
+            FIRST_OFFSET + next
         );
         stream.close().unwrap();
         drop(stream);
+        let report = RecoveryManager::verify(&os_file_system(), trial.path(), &mut |_| {}).unwrap();
+        assert!(report.is_healthy(), "torn {torn}: {report:?}");
         let stream = open(&os_file_system(), trial.path(), small_config()).unwrap();
-        assert_eq!(read_all(&stream).unwrap().len(), kept + 1);
+        assert_eq!(read_all(&stream).unwrap().len(), records.len() + 1);
     }
 }
 
 #[tokio::test]
-async fn a_gap_left_by_a_repair_is_not_taken_for_a_lost_tail() {
+async fn a_missing_segment_is_a_gap_that_only_a_repair_records() {
     let directory = tempfile::tempdir().unwrap();
     let expected = closed_stream(directory.path(), 4000).await;
     let segments = segment_files(directory.path());
-    // As after a repair moved the second segment to quarantine, and the
-    // first segment's index was lost too: the first segment is cut to its
-    // last frame, so the gap after it is not a crash's torn tail.
     std::fs::remove_file(&segments[1]).unwrap();
     std::fs::remove_file(segments[1].with_extension("idx")).unwrap();
-    std::fs::remove_file(segments[0].with_extension("idx")).unwrap();
-    let (stream, report) =
-        open_reported(&os_file_system(), directory.path(), options(small_config())).unwrap();
-    assert!(report.removed_files.is_empty(), "{report:?}");
-    let records = read_all(&stream).unwrap();
+    let error = open_reported(&os_file_system(), directory.path(), options(small_config()))
+        .expect_err("a gap between segments is refused");
+    let message = error.to_string();
+    assert!(
+        message.contains(&segments[0].display().to_string())
+            && message.contains(&segments[2].display().to_string()),
+        "the error names both files: {message}"
+    );
+    let (stream, report) = open_reported(
+        &os_file_system(),
+        directory.path(),
+        repair_options(small_config()),
+    )
+    .unwrap();
     let second_base: u64 = segments[1]
         .file_stem()
         .unwrap()
@@ -711,6 +814,12 @@ async fn a_gap_left_by_a_repair_is_not_taken_for_a_lost_tail() {
         .to_string_lossy()
         .parse()
         .unwrap();
+    assert_eq!(report.lost.len(), 1, "{report:?}");
+    assert_eq!(
+        (report.lost[0].first_offset, report.lost[0].next_offset),
+        (second_base, third_base)
+    );
+    let records = read_all(&stream).unwrap();
     let kept: Vec<u64> = (FIRST_OFFSET..second_base)
         .chain(third_base..FIRST_OFFSET + expected.len() as u64)
         .collect();
@@ -718,7 +827,10 @@ async fn a_gap_left_by_a_repair_is_not_taken_for_a_lost_tail() {
     for (stored, offset) in records.iter().zip(kept) {
         assert_record(stored, &expected[index_of(offset)], offset);
     }
-    assert!(std::fs::metadata(directory.path().join(index_file_name(FIRST_OFFSET))).is_ok());
+    stream.close().unwrap();
+    drop(stream);
+    let report = RecoveryManager::verify(&os_file_system(), directory.path(), &mut |_| {}).unwrap();
+    assert!(report.is_healthy(), "{report:?}");
 }
 
 #[tokio::test]

@@ -6,8 +6,8 @@ mod common;
 
 use common::*;
 use natswal::retention::RetentionDeletion;
-use natswal::segment::cache::SegmentCache;
-use natswal::stream::SealedSegment;
+use natswal::SealedSegment;
+use natswal::SegmentCache;
 use natswal::{
     Record, RetentionPolicy, StartPosition, Stream, StreamConfig, StreamOptions, FIRST_OFFSET,
 };

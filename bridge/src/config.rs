@@ -887,7 +887,13 @@ impl StreamSection {
                 messages_max: self.max_messages,
             },
             record_bytes_max,
-            frame_bytes_max: defaults.frame_bytes_max.min(self.segment_bytes - 64),
+            frame_bytes_max: defaults.frame_bytes_max.min(
+                StreamConfig {
+                    segment_bytes_max: self.segment_bytes,
+                    ..StreamConfig::default()
+                }
+                .frame_body_bytes_max(),
+            ),
             queue_bytes_max: defaults.queue_bytes_max.max(record_bytes_max),
             unsynced_bytes_max: defaults.unsynced_bytes_max.max(defaults.frame_bytes_max),
             ..defaults

@@ -10,8 +10,9 @@ use std::path::Path;
 use support::*;
 
 /// Flags of a frame (docs/FORMAT.md 2.2: u16 at byte 14).
+/// Flags of a frame (FORMAT.md 2.2: bytes 64..66 of the header).
 fn frame_flags(frame: &[u8]) -> u16 {
-    u16::from_le_bytes([frame[14], frame[15]])
+    u16::from_le_bytes([frame[64], frame[65]])
 }
 const FLAG_ZSTD: u16 = 1;
 const FLAG_ENCRYPTED: u16 = 1 << 2;

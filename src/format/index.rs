@@ -1,26 +1,28 @@
-//! Index file (FORMAT.md 3): sparse offset and time index of one segment,
-//! also used as the active segment's checkpoint. Derived data: any defect
-//! means "rebuild from the log", never "refuse to open".
+//! Index file (FORMAT.md 3): sparse offset, time and Raft index of one
+//! segment, also used as the active segment's checkpoint. Derived data: any
+//! defect means "rebuild from the log", never "refuse to open".
 
 use super::{read_i64, read_u16, read_u32, read_u64, write_i64, write_u16, write_u32, write_u64};
 
 pub const INDEX_MAGIC: &[u8; 8] = b"NATSWALI";
-pub const INDEX_HEADER_LENGTH: usize = 96;
-pub const INDEX_ENTRY_LENGTH: usize = 16;
-const HEADER_CRC_POSITION: usize = 92;
+pub const INDEX_HEADER_LENGTH: usize = 128;
+pub const INDEX_ENTRY_LENGTH: usize = 24;
+const HEADER_CRC_POSITION: usize = 124;
 
 pub const INDEX_FLAG_SEALED: u32 = 1;
-pub const INDEX_FLAG_CLEAN: u32 = 1 << 1;
 
-/// One sparse index entry: where a frame starts and what came before it.
+/// One sparse index entry: where a frame's slot starts and what came
+/// before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexEntry {
     /// Frame base offset minus the segment base offset.
     pub relative_offset: u32,
-    /// Byte position of the frame in the segment.
+    /// Byte position of the frame's slot in the segment.
     pub position: u32,
     /// Largest timestamp of all frames before this one in the segment.
     pub timestamp_max_before: i64,
+    /// Frame Raft index minus the segment's first Raft index (0 standalone).
+    pub relative_raft_index: u32,
 }
 
 /// Decoded index header.
@@ -34,6 +36,13 @@ pub struct IndexHeader {
     pub last_timestamp_ns: i64,
     pub segment_crc: u32,
     pub record_count: u64,
+    /// The segment header's salt: an index of an earlier file of the same
+    /// name never matches.
+    pub salt: u64,
+    /// Raft index of the segment's first frame (0: none or standalone).
+    pub first_raft_index: u64,
+    pub last_raft_term: u64,
+    pub last_raft_index: u64,
 }
 
 impl IndexHeader {
@@ -57,6 +66,10 @@ pub fn encode_index(header: &IndexHeader, entries: &[IndexEntry]) -> Vec<u8> {
     write_u32(&mut bytes, 56, entries.len() as u32);
     write_u32(&mut bytes, 60, header.segment_crc);
     write_u64(&mut bytes, 64, header.record_count);
+    write_u64(&mut bytes, 72, header.salt);
+    write_u64(&mut bytes, 80, header.first_raft_index);
+    write_u64(&mut bytes, 88, header.last_raft_term);
+    write_u64(&mut bytes, 96, header.last_raft_index);
     let crc = crc32c::crc32c(&bytes[..HEADER_CRC_POSITION]);
     write_u32(&mut bytes, HEADER_CRC_POSITION, crc);
     let mut position = INDEX_HEADER_LENGTH;
@@ -64,6 +77,7 @@ pub fn encode_index(header: &IndexHeader, entries: &[IndexEntry]) -> Vec<u8> {
         write_u32(&mut bytes, position, entry.relative_offset);
         write_u32(&mut bytes, position + 4, entry.position);
         write_i64(&mut bytes, position + 8, entry.timestamp_max_before);
+        write_u32(&mut bytes, position + 16, entry.relative_raft_index);
         position += INDEX_ENTRY_LENGTH;
     }
     let entries_crc = crc32c::crc32c(&bytes[INDEX_HEADER_LENGTH..position]);
@@ -71,7 +85,7 @@ pub fn encode_index(header: &IndexHeader, entries: &[IndexEntry]) -> Vec<u8> {
     bytes
 }
 
-/// Decodes only the header (the first 96 bytes), checking its checksum.
+/// Decodes only the header (the first 128 bytes), checking its checksum.
 pub fn decode_index_header(bytes: &[u8]) -> Result<(IndexHeader, u32), String> {
     if bytes.len() < INDEX_HEADER_LENGTH {
         return Err(format!(
@@ -101,6 +115,10 @@ pub fn decode_index_header(bytes: &[u8]) -> Result<(IndexHeader, u32), String> {
         last_timestamp_ns: read_i64(bytes, 48),
         segment_crc: read_u32(bytes, 60),
         record_count: read_u64(bytes, 64),
+        salt: read_u64(bytes, 72),
+        first_raft_index: read_u64(bytes, 80),
+        last_raft_term: read_u64(bytes, 88),
+        last_raft_index: read_u64(bytes, 96),
     };
     Ok((header, read_u32(bytes, 56)))
 }
@@ -128,12 +146,14 @@ pub fn decode_index(bytes: &[u8]) -> Result<(IndexHeader, Vec<IndexEntry>), Stri
             relative_offset: read_u32(chunk, 0),
             position: read_u32(chunk, 4),
             timestamp_max_before: read_i64(chunk, 8),
+            relative_raft_index: read_u32(chunk, 16),
         })
         .collect();
     let ordered = entries.windows(2).all(|pair| {
         pair[0].relative_offset <= pair[1].relative_offset
             && pair[0].position < pair[1].position
             && pair[0].timestamp_max_before <= pair[1].timestamp_max_before
+            && pair[0].relative_raft_index <= pair[1].relative_raft_index
     });
     if !ordered {
         return Err("index entries are not in order".to_string());
@@ -161,17 +181,23 @@ mod tests {
             last_timestamp_ns: 99,
             segment_crc: 0xdead_beef,
             record_count: 490,
+            salt: 77,
+            first_raft_index: 3,
+            last_raft_term: 2,
+            last_raft_index: 90,
         };
         let entries = vec![
             IndexEntry {
                 relative_offset: 0,
                 position: 64,
                 timestamp_max_before: i64::MIN,
+                relative_raft_index: 0,
             },
             IndexEntry {
                 relative_offset: 200,
                 position: 40_000,
                 timestamp_max_before: 50,
+                relative_raft_index: 40,
             },
         ];
         (header, entries)

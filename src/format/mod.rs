@@ -5,11 +5,13 @@
 
 pub mod frame;
 pub mod index;
+pub mod intent;
+pub mod metadata;
 pub mod record;
 pub mod segment_header;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 
 /// Width of the zero-padded base offset in segment file names.
 const FILE_NAME_DIGITS: usize = 20;

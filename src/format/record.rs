@@ -39,6 +39,13 @@ impl Record {
     /// Appends the encoded record. The caller has checked the lengths with
     /// [`Record::check_lengths`].
     pub fn encode_into(&self, timestamp_ns: i64, out: &mut Vec<u8>) {
+        self.encode_prefix_into(timestamp_ns, out);
+        out.extend_from_slice(&self.payload);
+    }
+
+    /// Appends everything of the encoded record but its payload (the frame
+    /// builder writes large payloads from their own buffers).
+    pub fn encode_prefix_into(&self, timestamp_ns: i64, out: &mut Vec<u8>) {
         let record_length = (self.encoded_length() - 4) as u32;
         out.extend_from_slice(&record_length.to_le_bytes());
         out.extend_from_slice(&timestamp_ns.to_le_bytes());
@@ -46,7 +53,6 @@ impl Record {
         out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.subject);
         out.extend_from_slice(&self.headers);
-        out.extend_from_slice(&self.payload);
     }
 
     /// Checks that the record fits the layout; returns a reason otherwise.

@@ -1,4 +1,5 @@
 //! Segment header: the first 64 bytes of every `.log` file (FORMAT.md 2.1).
+//! It names the segment's first offset, its key and its salt.
 
 use super::{read_i64, read_u16, read_u32, read_u64, write_i64, write_u16, write_u32, write_u64};
 use crate::error::{Error, Result};
@@ -18,6 +19,10 @@ pub struct SegmentHeader {
     /// Cipher of the segment's encrypted frames: 0 none, 1 AES-256-GCM,
     /// 2 ChaCha20-Poly1305.
     pub cipher: u8,
+    /// Random per incarnation of the file; seeds the slot checksums, so
+    /// bytes left from an earlier use of a recycled file, or a frame a
+    /// publisher put in a payload, never verify as a slot of this segment.
+    pub salt: u64,
 }
 
 impl SegmentHeader {
@@ -32,6 +37,7 @@ impl SegmentHeader {
         write_u32(&mut bytes, 32, self.key_id);
         bytes[36] = self.compression;
         bytes[37] = self.cipher;
+        write_u64(&mut bytes, 40, self.salt);
         let crc = crc32c::crc32c(&bytes[..CRC_POSITION]);
         write_u32(&mut bytes, CRC_POSITION, crc);
         bytes
@@ -74,11 +80,13 @@ impl SegmentHeader {
         }
         let header_length = read_u16(bytes, 10) as usize;
         let flags = read_u32(bytes, 12);
-        if header_length != SEGMENT_HEADER_LENGTH || flags != 0 {
+        let reserved_clear = bytes[38..40].iter().all(|byte| *byte == 0)
+            && bytes[48..60].iter().all(|byte| *byte == 0);
+        if header_length != SEGMENT_HEADER_LENGTH || flags != 0 || !reserved_clear {
             return Err(Error::corruption(
                 path,
                 0,
-                format!("segment header length {header_length} / flags {flags:#x} not understood by format version 1"),
+                format!("segment header length {header_length} / flags {flags:#x} / reserved bytes not understood by format version {}", super::FORMAT_VERSION),
             ));
         }
         Ok(SegmentHeader {
@@ -87,6 +95,7 @@ impl SegmentHeader {
             key_id: read_u32(bytes, 32),
             compression: bytes[36],
             cipher: bytes[37],
+            salt: read_u64(bytes, 40),
         })
     }
 }
@@ -103,6 +112,7 @@ mod tests {
             key_id: 3,
             compression: 1,
             cipher: 2,
+            salt: 0xfeed_beef_1234_5678,
         };
         let bytes = header.encode();
         let path = Path::new("x.log");
@@ -123,6 +133,7 @@ mod tests {
             key_id: 0,
             compression: 0,
             cipher: 0,
+            salt: 1,
         }
         .encode();
         write_u16(&mut bytes, 8, 9);

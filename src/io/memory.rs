@@ -1,31 +1,67 @@
-//! An in-memory file system for tests: it can simulate a crash and inject
-//! faults, so durability claims can be tested without pulling power cords.
+//! An in-memory file system for tests and the simulator: it can crash and
+//! inject faults, so durability claims are tested without pulling power
+//! cords. Deterministic: the same calls with the same seed give the same
+//! bytes.
 //!
-//! Crash model (see docs/FORMAT.md section 7): every file keeps the bytes it
-//! had at its last sync. After [`MemoryFileSystem::crash`], a synced byte is
-//! always there; an unsynced 4 KiB page may hold its old contents, its new
+//! Crash model (docs/FORMAT.md section 8): every file keeps the bytes it
+//! had at its last sync. After a crash a synced byte is always there; a
+//! page written since its last sync may hold its old contents, its new
 //! contents, or a mix of 512-byte sectors of both, independently of every
-//! other page (writeback has no order). A directory entry survives only if
-//! its directory was synced after it was created, renamed or removed.
+//! other page (writeback has no order). A directory entry (a created,
+//! renamed or removed file or directory) survives only if its directory was
+//! synced afterwards. A file's length is metadata: growth is made durable by
+//! the next sync of the file, a shrink only by `sync_all`.
 //!
-//! Faults: a failed sync after N successful ones (every later sync fails
-//! too), a space limit (ENOSPC), and bit flips.
+//! [`MemoryFileSystem::crash_after_operations`] stops the machine at its
+//! k-th mutating operation (create, write, sync, set length, allocate,
+//! remove, rename, make directory, sync directory): that operation and every
+//! later one fail, and a write cut by the crash may have reached the page
+//! cache in part. [`MemoryFileSystem::crash`] then gives the disk as it
+//! could be found afterwards.
+//!
+//! Faults: a failed sync once (the kernel drops the dirty pages and the
+//! next sync succeeds: fsyncgate) or for good, any operation failing with an
+//! errno for matching paths, a space limit (ENOSPC), bit flips and cuts.
 
-use super::{check_range, FileSystem, ReadableFile, WritableFile};
+use super::{File, FileSystem};
 use crate::error::{Error, Result};
-use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 const PAGE_BYTES: usize = 4096;
 const SECTOR_BYTES: usize = 512;
 
-#[derive(Debug, Default)]
+/// The mutating operations the file system counts and can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Create,
+    Write,
+    Sync,
+    SetLength,
+    Allocate,
+    Remove,
+    Rename,
+    MakeDirectory,
+    SyncDirectory,
+}
+
+/// A fault: operations of this kind on paths containing `path_contains`
+/// fail with `errno`, `count` times (`None`: from now on).
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub operation: Operation,
+    pub path_contains: String,
+    pub errno: i32,
+    pub count: Option<u32>,
+}
+
+#[derive(Debug, Default, Clone)]
 struct FileContents {
     data: Vec<u8>,
     durable: Vec<u8>,
+    /// Pages written since they were last made durable.
+    dirty: BTreeSet<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -39,27 +75,34 @@ impl MemoryFile {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    fn with(contents: FileContents) -> Arc<MemoryFile> {
+        Arc::new(MemoryFile {
+            contents: Mutex::new(contents),
+        })
+    }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     files: BTreeMap<PathBuf, Arc<MemoryFile>>,
     durable_files: BTreeMap<PathBuf, Arc<MemoryFile>>,
     directories: BTreeSet<PathBuf>,
-}
-
-#[derive(Debug)]
-struct Faults {
-    /// Successful syncs left before every sync fails; negative: never fail.
-    syncs_before_failure: AtomicI64,
-    space_limit_bytes: AtomicU64,
+    durable_directories: BTreeSet<PathBuf>,
+    operations: u64,
+    crash_after: Option<u64>,
+    crashed: bool,
+    faults: Vec<Fault>,
+    /// Successful syncs left before every sync fails; `None`: never.
+    syncs_before_failure: Option<u64>,
+    space_limit_bytes: u64,
+    random: SplitMix,
 }
 
 /// In-memory [`FileSystem`] with crash simulation and fault injection.
 #[derive(Debug, Clone)]
 pub struct MemoryFileSystem {
     state: Arc<Mutex<State>>,
-    faults: Arc<Faults>,
 }
 
 impl Default for MemoryFileSystem {
@@ -70,6 +113,7 @@ impl Default for MemoryFileSystem {
 
 /// A small deterministic generator, so a failing crash test can be replayed
 /// from its seed.
+#[derive(Debug, Clone)]
 struct SplitMix(u64);
 
 impl SplitMix {
@@ -93,14 +137,38 @@ fn not_found(path: &Path) -> Error {
     )
 }
 
+fn crashed_error() -> Error {
+    Error::Injected("the simulated machine crashed".to_string())
+}
+
+fn pages(start: usize, end: usize) -> std::ops::Range<usize> {
+    if start >= end {
+        return 0..0;
+    }
+    start / PAGE_BYTES..end.div_ceil(PAGE_BYTES)
+}
+
 impl MemoryFileSystem {
     pub fn new() -> MemoryFileSystem {
+        MemoryFileSystem::with_seed(0)
+    }
+
+    /// A file system whose entropy and cut writes follow `seed`.
+    pub fn with_seed(seed: u64) -> MemoryFileSystem {
         MemoryFileSystem {
-            state: Arc::new(Mutex::new(State::default())),
-            faults: Arc::new(Faults {
-                syncs_before_failure: AtomicI64::new(-1),
-                space_limit_bytes: AtomicU64::new(u64::MAX),
-            }),
+            state: Arc::new(Mutex::new(State {
+                files: BTreeMap::new(),
+                durable_files: BTreeMap::new(),
+                directories: BTreeSet::new(),
+                durable_directories: BTreeSet::new(),
+                operations: 0,
+                crash_after: None,
+                crashed: false,
+                faults: Vec::new(),
+                syncs_before_failure: None,
+                space_limit_bytes: u64::MAX,
+                random: SplitMix(seed ^ 0x005e_ed0f_fa17),
+            })),
         }
     }
 
@@ -112,17 +180,58 @@ impl MemoryFileSystem {
 
     /// After `successful_syncs` more syncs succeed, every sync fails with EIO.
     pub fn fail_syncs_after(&self, successful_syncs: u64) {
-        self.faults
-            .syncs_before_failure
-            .store(successful_syncs as i64, Ordering::SeqCst);
+        self.lock().syncs_before_failure = Some(successful_syncs);
     }
 
-    /// Limits the bytes all files may occupy; allocations beyond fail with ENOSPC.
+    /// The next sync of a file whose path contains `path_contains` fails
+    /// with EIO once; its dirty pages are dropped (never written), and the
+    /// sync after it succeeds, as Linux does.
+    pub fn fail_next_sync(&self, path_contains: &str) {
+        self.inject(Fault {
+            operation: Operation::Sync,
+            path_contains: path_contains.to_string(),
+            errno: libc::EIO,
+            count: Some(1),
+        });
+    }
+
+    /// Adds a fault.
+    pub fn inject(&self, fault: Fault) {
+        self.lock().faults.push(fault);
+    }
+
+    /// Removes every fault (the disk works again).
+    pub fn clear_faults(&self) {
+        let mut state = self.lock();
+        state.faults.clear();
+        state.syncs_before_failure = None;
+        state.space_limit_bytes = u64::MAX;
+    }
+
+    /// Limits the bytes all files may occupy; growth beyond fails with ENOSPC.
     pub fn set_space_limit(&self, bytes: u64) {
-        self.faults.space_limit_bytes.store(bytes, Ordering::SeqCst);
+        self.lock().space_limit_bytes = bytes;
     }
 
-    /// Flips one bit of a file, in memory and in its durable image.
+    /// The machine crashes at the `operation`-th mutating operation from
+    /// now on (1: the next one): it and every later one fail.
+    pub fn crash_after_operations(&self, operations: u64) {
+        let mut state = self.lock();
+        state.crash_after = Some(state.operations + operations);
+    }
+
+    /// Mutating operations done so far (crash points for
+    /// [`crash_after_operations`](MemoryFileSystem::crash_after_operations)).
+    pub fn operations(&self) -> u64 {
+        self.lock().operations
+    }
+
+    /// True once a crash point was reached.
+    pub fn has_crashed(&self) -> bool {
+        self.lock().crashed
+    }
+
+    /// Flips one bit of a file, in memory and on disk (as bit rot would).
     pub fn flip_bit(&self, path: &Path, bit: u64) -> Result<()> {
         let file = self.file(path)?;
         let mut contents = file.lock();
@@ -140,13 +249,29 @@ impl MemoryFileSystem {
         Ok(())
     }
 
-    /// Cuts a file to `length` bytes, durably (as a test's damage).
+    /// Cuts a file to `length` bytes, in memory and on disk (as another
+    /// program's `truncate` would).
     pub fn truncate_file(&self, path: &Path, length: u64) -> Result<()> {
         let file = self.file(path)?;
         let mut contents = file.lock();
         contents.data.truncate(length as usize);
         contents.durable.truncate(length as usize);
+        let last_page = (length as usize).div_ceil(PAGE_BYTES);
+        contents.dirty.retain(|page| *page < last_page);
         Ok(())
+    }
+
+    /// Bytes of a file as they are on disk now.
+    pub fn durable_bytes(&self, path: &Path) -> Result<Vec<u8>> {
+        let state = self.lock();
+        let file = state
+            .durable_files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| not_found(path))?;
+        drop(state);
+        let bytes = file.lock().durable.clone();
+        Ok(bytes)
     }
 
     /// The file system as it could be found after power loss now. The seed
@@ -156,28 +281,39 @@ impl MemoryFileSystem {
         let state = self.lock();
         let mut files = BTreeMap::new();
         for (path, file) in &state.durable_files {
-            let contents = file.lock();
-            let torn = tear(&contents, &mut random);
+            if !state.directory_is_durable(&parent_of(path)) {
+                continue;
+            }
+            let torn = tear(&file.lock(), &mut random);
             files.insert(
                 path.clone(),
-                Arc::new(MemoryFile {
-                    contents: Mutex::new(FileContents {
-                        data: torn.clone(),
-                        durable: torn,
-                    }),
+                MemoryFile::with(FileContents {
+                    data: torn.clone(),
+                    durable: torn,
+                    dirty: BTreeSet::new(),
                 }),
             );
         }
+        let directories: BTreeSet<PathBuf> = state
+            .directories
+            .iter()
+            .filter(|directory| state.directory_is_durable(directory))
+            .cloned()
+            .collect();
         MemoryFileSystem {
             state: Arc::new(Mutex::new(State {
                 durable_files: files.clone(),
                 files,
-                directories: state.directories.clone(),
+                durable_directories: directories.clone(),
+                directories,
+                operations: 0,
+                crash_after: None,
+                crashed: false,
+                faults: Vec::new(),
+                syncs_before_failure: None,
+                space_limit_bytes: u64::MAX,
+                random: SplitMix(random.next()),
             })),
-            faults: Arc::new(Faults {
-                syncs_before_failure: AtomicI64::new(-1),
-                space_limit_bytes: AtomicU64::new(u64::MAX),
-            }),
         }
     }
 
@@ -189,17 +325,79 @@ impl MemoryFileSystem {
             .ok_or_else(|| not_found(path))
     }
 
-    fn allocated_bytes(state: &State) -> u64 {
-        state
-            .files
+    fn wrap(&self, path: &Path, file: Arc<MemoryFile>, writable: bool) -> Arc<dyn File> {
+        Arc::new(MemoryHandle {
+            file,
+            path: path.to_path_buf(),
+            file_system: self.clone(),
+            writable,
+        })
+    }
+}
+
+impl State {
+    /// A directory survives a crash if its entry and every parent's did
+    /// (the root always does).
+    fn directory_is_durable(&self, directory: &Path) -> bool {
+        match directory.parent() {
+            None => true,
+            Some(parent) => {
+                self.durable_directories.contains(directory) && self.directory_is_durable(parent)
+            }
+        }
+    }
+
+    /// Counts one mutating operation and applies crash points and faults.
+    fn operation(&mut self, operation: Operation, path: &Path) -> Result<()> {
+        if self.crashed {
+            return Err(crashed_error());
+        }
+        self.operations += 1;
+        if self.crash_after.is_some_and(|at| self.operations >= at) {
+            self.crashed = true;
+            return Err(crashed_error());
+        }
+        let path_text = path.to_string_lossy();
+        let matched = self.faults.iter_mut().position(|fault| {
+            fault.operation == operation
+                && path_text.contains(&fault.path_contains)
+                && fault.count != Some(0)
+        });
+        if let Some(index) = matched {
+            let fault = &mut self.faults[index];
+            if let Some(count) = fault.count.as_mut() {
+                *count -= 1;
+            }
+            let errno = fault.errno;
+            return Err(Error::io(
+                format!("{operation:?} of {} failed (injected)", path.display()),
+                std::io::Error::from_raw_os_error(errno),
+            ));
+        }
+        if operation == Operation::Sync {
+            match self.syncs_before_failure {
+                Some(0) => {
+                    return Err(Error::io(
+                        format!("sync of {} failed (injected)", path.display()),
+                        std::io::Error::from_raw_os_error(libc::EIO),
+                    ))
+                }
+                Some(left) => self.syncs_before_failure = Some(left - 1),
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.files
             .values()
             .map(|file| file.lock().data.len() as u64)
             .sum()
     }
 
-    fn reserve(&self, state: &State, path: &Path, extra_bytes: u64) -> Result<()> {
-        let limit = self.faults.space_limit_bytes.load(Ordering::SeqCst);
-        if Self::allocated_bytes(state).saturating_add(extra_bytes) > limit {
+    fn reserve(&self, path: &Path, extra_bytes: u64) -> Result<()> {
+        if self.allocated_bytes().saturating_add(extra_bytes) > self.space_limit_bytes {
             return Err(Error::io(
                 format!("cannot allocate {extra_bytes} bytes for {}", path.display()),
                 std::io::Error::from_raw_os_error(libc::ENOSPC),
@@ -207,44 +405,19 @@ impl MemoryFileSystem {
         }
         Ok(())
     }
-
-    fn sync_fault(&self, what: &str) -> Result<()> {
-        let left = self.faults.syncs_before_failure.load(Ordering::SeqCst);
-        if left < 0 {
-            return Ok(());
-        }
-        if left == 0 {
-            return Err(Error::io(
-                format!("{what} failed (injected)"),
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
-        self.faults
-            .syncs_before_failure
-            .fetch_sub(1, Ordering::SeqCst);
-        Ok(())
-    }
-
-    fn writable(&self, path: &Path, file: Arc<MemoryFile>) -> Arc<dyn WritableFile> {
-        Arc::new(MemoryWritable {
-            file,
-            path: path.to_path_buf(),
-            file_system: self.clone(),
-        })
-    }
 }
 
 /// One possible on-disk image of a file after a crash.
 fn tear(contents: &FileContents, random: &mut SplitMix) -> Vec<u8> {
     let mut result = contents.durable.clone();
-    // The length is metadata: it is the durable one. New bytes beyond it
-    // were never made durable and are gone.
+    // The length is metadata: it is the durable one.
     let length = result.len().min(contents.data.len());
-    for page_start in (0..length).step_by(PAGE_BYTES) {
-        let page_end = (page_start + PAGE_BYTES).min(length);
-        if result[page_start..page_end] == contents.data[page_start..page_end] {
+    for &page in &contents.dirty {
+        let page_start = page * PAGE_BYTES;
+        if page_start >= length {
             continue;
         }
+        let page_end = (page_start + PAGE_BYTES).min(length);
         match random.next() % 3 {
             0 => {}
             1 => result[page_start..page_end].copy_from_slice(&contents.data[page_start..page_end]),
@@ -263,84 +436,37 @@ fn tear(contents: &FileContents, random: &mut SplitMix) -> Vec<u8> {
 }
 
 impl FileSystem for MemoryFileSystem {
-    fn create_preallocated(
-        &self,
-        path: &Path,
-        capacity_bytes: u64,
-    ) -> Result<Arc<dyn WritableFile>> {
+    fn create(&self, path: &Path) -> Result<Arc<dyn File>> {
         let mut state = self.lock();
+        state.operation(Operation::Create, path)?;
         if state.files.contains_key(path) {
             return Err(Error::io(
                 format!("cannot create {}", path.display()),
                 std::io::Error::from(std::io::ErrorKind::AlreadyExists),
             ));
         }
-        self.reserve(&state, path, capacity_bytes)?;
-        let file = Arc::new(MemoryFile {
-            contents: Mutex::new(FileContents {
-                data: vec![0; capacity_bytes as usize],
-                durable: Vec::new(),
-            }),
-        });
+        if !state.directories.contains(&parent_of(path)) {
+            return Err(not_found(&parent_of(path)));
+        }
+        let file = MemoryFile::with(FileContents::default());
         state.files.insert(path.to_path_buf(), Arc::clone(&file));
         drop(state);
-        Ok(self.writable(path, file))
+        Ok(self.wrap(path, file, true))
     }
 
-    fn open_writable(&self, path: &Path, capacity_bytes: u64) -> Result<Arc<dyn WritableFile>> {
-        let state = self.lock();
-        let file = state
-            .files
-            .get(path)
-            .cloned()
-            .ok_or_else(|| not_found(path))?;
-        let current = file.lock().data.len() as u64;
-        if capacity_bytes > current {
-            self.reserve(&state, path, capacity_bytes - current)?;
-            file.lock().data.resize(capacity_bytes as usize, 0);
-        }
-        drop(state);
-        Ok(self.writable(path, file))
-    }
-
-    fn open_readable(&self, path: &Path) -> Result<Arc<dyn ReadableFile>> {
-        Ok(Arc::new(MemoryView {
-            file: self.file(path)?,
-        }))
+    fn open(&self, path: &Path, writable: bool) -> Result<Arc<dyn File>> {
+        let file = self.file(path)?;
+        Ok(self.wrap(path, file, writable))
     }
 
     fn read(&self, path: &Path) -> Result<Vec<u8>> {
         Ok(self.file(path)?.lock().data.clone())
     }
 
-    fn read_prefix(&self, path: &Path, length: usize) -> Result<Vec<u8>> {
-        let file = self.file(path)?;
-        let contents = file.lock();
-        Ok(contents.data[..length.min(contents.data.len())].to_vec())
-    }
-
-    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        self.sync_fault(&format!(
-            "fsync of {}",
-            super::os::temporary_path(path).display()
-        ))?;
-        let mut state = self.lock();
-        self.reserve(&state, path, bytes.len() as u64)?;
-        let file = Arc::new(MemoryFile {
-            contents: Mutex::new(FileContents {
-                data: bytes.to_vec(),
-                durable: bytes.to_vec(),
-            }),
-        });
-        state.files.insert(path.to_path_buf(), Arc::clone(&file));
-        // The rename and the directory sync make the new entry durable.
-        let directory = parent_of(path);
-        sync_entries(&mut state, &directory);
-        Ok(())
-    }
-
     fn remove(&self, path: &Path) -> Result<()> {
-        self.lock()
+        let mut state = self.lock();
+        state.operation(Operation::Remove, path)?;
+        state
             .files
             .remove(path)
             .map(|_| ())
@@ -349,6 +475,10 @@ impl FileSystem for MemoryFileSystem {
 
     fn rename(&self, from: &Path, to: &Path) -> Result<()> {
         let mut state = self.lock();
+        state.operation(Operation::Rename, from)?;
+        if !state.directories.contains(&parent_of(to)) {
+            return Err(not_found(&parent_of(to)));
+        }
         let file = state.files.remove(from).ok_or_else(|| not_found(from))?;
         state.files.insert(to.to_path_buf(), file);
         Ok(())
@@ -359,29 +489,58 @@ impl FileSystem for MemoryFileSystem {
         if !state.directories.contains(directory) {
             return Err(not_found(directory));
         }
-        Ok(state
-            .files
-            .keys()
+        let files = state.files.keys();
+        let directories = state.directories.iter();
+        let mut names: Vec<String> = files
+            .chain(directories)
             .filter(|path| path.parent() == Some(directory))
             .filter_map(|path| path.file_name()?.to_str().map(str::to_string))
-            .collect())
+            .collect();
+        names.sort();
+        Ok(names)
     }
 
-    fn create_directory(&self, path: &Path) -> Result<()> {
+    fn make_directory(&self, path: &Path) -> Result<()> {
         let mut state = self.lock();
-        let mut current = Some(path);
-        while let Some(directory) = current {
-            if directory.as_os_str().is_empty() {
-                break;
-            }
-            state.directories.insert(directory.to_path_buf());
-            current = directory.parent();
+        state.operation(Operation::MakeDirectory, path)?;
+        if state.files.contains_key(path) {
+            return Err(Error::io(
+                format!("cannot create directory {}", path.display()),
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ));
         }
+        state.directories.insert(path.to_path_buf());
         Ok(())
     }
 
+    fn is_directory(&self, path: &Path) -> bool {
+        self.lock().directories.contains(path)
+    }
+
     fn sync_directory(&self, path: &Path) -> Result<()> {
-        sync_entries(&mut self.lock(), path);
+        let mut state = self.lock();
+        state.operation(Operation::SyncDirectory, path)?;
+        let State {
+            files,
+            durable_files,
+            directories,
+            durable_directories,
+            ..
+        } = &mut *state;
+        durable_files.retain(|file, _| file.parent() != Some(path));
+        durable_files.extend(
+            files
+                .iter()
+                .filter(|(file, _)| file.parent() == Some(path))
+                .map(|(file, contents)| (file.clone(), Arc::clone(contents))),
+        );
+        durable_directories.retain(|directory| directory.parent() != Some(path));
+        durable_directories.extend(
+            directories
+                .iter()
+                .filter(|directory| directory.parent() == Some(path))
+                .cloned(),
+        );
         Ok(())
     }
 
@@ -393,123 +552,202 @@ impl FileSystem for MemoryFileSystem {
         let state = self.lock();
         state.files.contains_key(path) || state.directories.contains(path)
     }
+
+    fn entropy(&self) -> u64 {
+        self.lock().random.next()
+    }
 }
 
-/// Makes the live entries of one directory its durable entries.
-fn sync_entries(state: &mut State, directory: &Path) {
-    state
-        .durable_files
-        .retain(|path, _| path.parent() != Some(directory));
-    let live: Vec<(PathBuf, Arc<MemoryFile>)> = state
-        .files
-        .iter()
-        .filter(|(path, _)| path.parent() == Some(directory))
-        .map(|(path, file)| (path.clone(), Arc::clone(file)))
-        .collect();
-    state.durable_files.extend(live);
-}
-
-struct MemoryWritable {
+struct MemoryHandle {
     file: Arc<MemoryFile>,
     path: PathBuf,
     file_system: MemoryFileSystem,
+    writable: bool,
 }
 
-impl WritableFile for MemoryWritable {
-    fn write_at(&self, position: u64, bytes: &[u8]) -> Result<()> {
-        let mut contents = self.file.lock();
-        check_range(
-            position,
-            position + bytes.len() as u64,
-            contents.data.len() as u64,
-        )?;
-        let start = position as usize;
-        contents.data[start..start + bytes.len()].copy_from_slice(bytes);
-        Ok(())
+impl MemoryHandle {
+    fn check_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::io(
+                format!("{} was opened read-only", self.path.display()),
+                std::io::Error::from_raw_os_error(libc::EBADF),
+            ))
+        }
+    }
+}
+
+impl File for MemoryHandle {
+    fn path(&self) -> &Path {
+        &self.path
     }
 
-    fn zero_range(&self, start: u64, end: u64) -> Result<()> {
-        let mut contents = self.file.lock();
-        check_range(start, end, contents.data.len() as u64)?;
-        contents.data[start as usize..end as usize].fill(0);
+    fn read_at(&self, position: u64, buffer: &mut [u8]) -> Result<usize> {
+        let contents = self.file.lock();
+        let start = (position as usize).min(contents.data.len());
+        let end = (start + buffer.len()).min(contents.data.len());
+        buffer[..end - start].copy_from_slice(&contents.data[start..end]);
+        Ok(end - start)
+    }
+
+    fn write_at(&self, position: u64, bytes: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let mut state = self.file_system.lock();
+        let end = position as usize + bytes.len();
+        let length = self.file.lock().data.len();
+        if end > length {
+            state.reserve(&self.path, (end - length) as u64)?;
+        }
+        let mut written = bytes.len();
+        if let Err(error) = state.operation(Operation::Write, &self.path) {
+            if !state.crashed {
+                return Err(error);
+            }
+            // The crash came in the middle of this write: a prefix of it,
+            // in whole sectors, may have reached the page cache.
+            written =
+                (state.random.next() as usize % (bytes.len() + 1)) / SECTOR_BYTES * SECTOR_BYTES;
+            if written == 0 {
+                return Err(error);
+            }
+            apply_write(&mut self.file.lock(), position as usize, &bytes[..written]);
+            return Err(error);
+        }
+        drop(state);
+        apply_write(&mut self.file.lock(), position as usize, &bytes[..written]);
         Ok(())
     }
 
     fn sync_range(&self, start: u64, end: u64) -> Result<()> {
-        self.file_system
-            .sync_fault(&format!("sync of {} [{start}, {end})", self.path.display()))?;
+        let mut state = self.file_system.lock();
+        let result = state.operation(Operation::Sync, &self.path);
+        drop(state);
         let mut contents = self.file.lock();
-        check_range(start, end, contents.data.len() as u64)?;
-        let length = contents.data.len();
-        contents.durable.resize(length, 0);
-        let FileContents { data, durable } = &mut *contents;
-        durable[start as usize..end as usize].copy_from_slice(&data[start as usize..end as usize]);
+        let range = pages(start as usize, end as usize);
+        if let Err(error) = result {
+            if matches!(&error, Error::Io { .. }) {
+                // fsyncgate: the kernel marks the pages clean although they
+                // never reached the disk; a later sync reports success.
+                contents.dirty.retain(|page| !range.contains(page));
+            }
+            return Err(error);
+        }
+        let FileContents {
+            data,
+            durable,
+            dirty,
+        } = &mut *contents;
+        if data.len() > durable.len() {
+            durable.resize(data.len(), 0);
+        }
+        let synced: Vec<usize> = dirty.range(range).copied().collect();
+        for page in synced {
+            let page_start = page * PAGE_BYTES;
+            let page_end = (page_start + PAGE_BYTES).min(data.len());
+            if page_start < page_end {
+                durable[page_start..page_end].copy_from_slice(&data[page_start..page_end]);
+            }
+            dirty.remove(&page);
+        }
         Ok(())
     }
 
     fn sync_all(&self) -> Result<()> {
-        self.file_system
-            .sync_fault(&format!("fsync of {}", self.path.display()))?;
+        let mut state = self.file_system.lock();
+        let result = state.operation(Operation::Sync, &self.path);
+        drop(state);
         let mut contents = self.file.lock();
+        if let Err(error) = result {
+            if matches!(&error, Error::Io { .. }) {
+                contents.dirty.clear();
+            }
+            return Err(error);
+        }
         contents.durable = contents.data.clone();
+        contents.dirty.clear();
         Ok(())
     }
 
     fn set_length(&self, length_bytes: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut state = self.file_system.lock();
+        let current = self.file.lock().data.len() as u64;
+        if length_bytes > current {
+            state.reserve(&self.path, length_bytes - current)?;
+        }
+        state.operation(Operation::SetLength, &self.path)?;
+        drop(state);
         let mut contents = self.file.lock();
+        let old = contents.data.len();
         contents.data.resize(length_bytes as usize, 0);
+        let new = contents.data.len();
+        if new > old {
+            let grown = pages(old, new);
+            contents.dirty.extend(grown);
+        } else {
+            let last_page = new.div_ceil(PAGE_BYTES);
+            contents.dirty.retain(|page| *page < last_page);
+            if new % PAGE_BYTES != 0 {
+                contents.dirty.insert(new / PAGE_BYTES);
+            }
+        }
         Ok(())
     }
 
-    fn capacity(&self) -> u64 {
-        self.file.lock().data.len() as u64
+    fn allocate(&self, length_bytes: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut state = self.file_system.lock();
+        let current = self.file.lock().data.len() as u64;
+        if length_bytes > current {
+            state.reserve(&self.path, length_bytes - current)?;
+        }
+        state.operation(Operation::Allocate, &self.path)?;
+        drop(state);
+        let mut contents = self.file.lock();
+        if (length_bytes as usize) > contents.data.len() {
+            contents.data.resize(length_bytes as usize, 0);
+        }
+        Ok(())
     }
 
-    fn view(&self) -> Arc<dyn ReadableFile> {
-        Arc::new(MemoryView {
-            file: Arc::clone(&self.file),
-        })
+    fn length(&self) -> Result<u64> {
+        Ok(self.file.lock().data.len() as u64)
     }
 }
 
-struct MemoryView {
-    file: Arc<MemoryFile>,
-}
-
-impl ReadableFile for MemoryView {
-    fn length(&self) -> u64 {
-        self.file.lock().data.len() as u64
+fn apply_write(contents: &mut FileContents, position: usize, bytes: &[u8]) {
+    let end = position + bytes.len();
+    if end > contents.data.len() {
+        contents.data.resize(end, 0);
     }
-
-    fn bytes(&self, start: u64, end: u64) -> Result<Bytes> {
-        let contents = self.file.lock();
-        check_range(start, end, contents.data.len() as u64)?;
-        Ok(Bytes::copy_from_slice(
-            &contents.data[start as usize..end as usize],
-        ))
-    }
+    contents.data[position..end].copy_from_slice(bytes);
+    contents.dirty.extend(pages(position, end));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn directory(file_system: &MemoryFileSystem) -> PathBuf {
+        let directory = PathBuf::from("/d");
+        file_system.create_directory(&directory).unwrap();
+        directory
+    }
+
     #[test]
     fn only_synced_bytes_and_entries_surely_survive_a_crash() {
         let file_system = MemoryFileSystem::new();
-        let directory = Path::new("/d");
-        file_system.create_directory(directory).unwrap();
+        let directory = directory(&file_system);
         let path = directory.join("a");
-        let file = file_system
-            .create_preallocated(&path, 3 * PAGE_BYTES as u64)
-            .unwrap();
+        let file = file_system.create(&path).unwrap();
+        file.allocate(3 * PAGE_BYTES as u64).unwrap();
         file.write_at(0, &[1; 100]).unwrap();
         file.sync_range(0, 100).unwrap();
-        file_system.sync_directory(directory).unwrap();
+        file_system.sync_directory(&directory).unwrap();
         file.write_at(PAGE_BYTES as u64, &[2; 100]).unwrap();
-        let unsynced = file_system
-            .create_preallocated(&directory.join("b"), 10)
-            .unwrap();
+        let unsynced = file_system.create(&directory.join("b")).unwrap();
+        unsynced.write_at(0, &[3; 10]).unwrap();
         unsynced.sync_all().unwrap();
         for seed in 0..20 {
             let after = file_system.crash(seed);
@@ -520,21 +758,46 @@ mod tests {
     }
 
     #[test]
-    fn injected_sync_failure_and_space_limit() {
+    fn a_failed_sync_drops_the_pages_and_the_next_sync_succeeds() {
         let file_system = MemoryFileSystem::new();
-        file_system.create_directory(Path::new("/d")).unwrap();
-        let file = file_system
-            .create_preallocated(Path::new("/d/a"), 10)
-            .unwrap();
+        let directory = directory(&file_system);
+        let path = directory.join("a");
+        let file = file_system.create(&path).unwrap();
+        file_system.sync_directory(&directory).unwrap();
+        file.write_at(0, &[7; 100]).unwrap();
+        file_system.fail_next_sync("/d/a");
+        assert!(file.sync_range(0, 100).is_err());
+        file.sync_range(0, 100)
+            .expect("the next sync reports success, as Linux does");
+        for seed in 0..20 {
+            let bytes = file_system.crash(seed).read(&path).unwrap();
+            assert!(
+                bytes.iter().all(|byte| *byte == 0),
+                "the dropped pages never reached the disk"
+            );
+        }
+    }
+
+    #[test]
+    fn sticky_sync_failure_space_limit_and_crash_points() {
+        let file_system = MemoryFileSystem::new();
+        let directory = directory(&file_system);
+        let file = file_system.create(&directory.join("a")).unwrap();
         file_system.fail_syncs_after(1);
         file.sync_range(0, 10).unwrap();
         assert!(file.sync_range(0, 10).is_err());
         assert!(file.sync_all().is_err(), "a failed sync stays failed");
         file_system.set_space_limit(15);
-        let error = file_system
-            .create_preallocated(Path::new("/d/b"), 10)
-            .err()
-            .unwrap();
+        let error = file.allocate(20).unwrap_err();
         assert!(matches!(error, Error::DiskFull { .. }), "{error}");
+        file_system.clear_faults();
+        file_system.crash_after_operations(2);
+        file.write_at(0, &[1; 10]).unwrap();
+        assert!(
+            file.write_at(10, &[1; 10]).is_err(),
+            "the second operation crashes"
+        );
+        assert!(file_system.has_crashed());
+        assert!(file_system.create(&directory.join("b")).is_err());
     }
 }

@@ -1,33 +1,42 @@
-//! All file I/O of the engine goes through [`FileSystem`]: segment files,
-//! index files, directories. Three implementations:
-//! - [`os::OsFileSystem`] with [`WriteMode::Mmap`] (default): appends are
-//!   copies into a shared memory map, durability is `msync(MS_SYNC)`;
-//! - [`os::OsFileSystem`] with [`WriteMode::Pwrite`]: `pwrite` + `fdatasync`,
-//!   so the two write paths can be measured against each other;
-//! - [`memory::MemoryFileSystem`]: for tests; simulates a crash (only synced
-//!   bytes are sure to survive, the rest may be torn) and injects faults.
+//! All file I/O of the engine goes through [`FileSystem`] and [`File`]:
+//! segment files, index files, metadata, directories. Two implementations:
+//! - [`os::OsFileSystem`]: the real file system. Segment data is written
+//!   with `pwrite`/`pwritev` and made durable with `fdatasync`
+//!   ([`WriteMode::Pwrite`], the default and the measured fastest), or
+//!   copied into a shared writable map and made durable with `msync`
+//!   ([`WriteMode::Mmap`]);
+//! - [`memory::MemoryFileSystem`]: for tests and the simulator; it can
+//!   crash after its k-th operation (what was synced survives, the rest may
+//!   be torn), and inject faults (a failed sync once or for good, ENOSPC,
+//!   bit flips).
 //!
-//! Reads are always through [`ReadableFile::bytes`], which hands out
-//! `bytes::Bytes` that borrow the map (OS backends) without copying.
+//! Reads are always `pread` into buffers the caller owns ([`read_exact`]):
+//! a file cut short by another program is an error naming the file and the
+//! position, never a SIGBUS, and no buffer handed to a reader ever aliases
+//! memory the writer writes.
+//!
+//! Multi-step operations ([`FileSystem::write_atomic`],
+//! [`FileSystem::create_directory`]) are built from the primitives here, so
+//! a crash between any two of their steps is simulated like any other.
 
 pub mod memory;
-mod mmap;
 pub mod os;
-mod pwrite;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use bytes::Bytes;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// How the OS backend writes segment data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WriteMode {
-    /// Copy into a shared writable map; sync with `msync(MS_SYNC)`.
-    #[default]
-    Mmap,
     /// `pwrite` into the file; sync with `fdatasync`.
+    #[default]
     Pwrite,
+    /// Copy into a shared writable map of the allocated part of the file;
+    /// sync with `msync(MS_SYNC)`. A program that cuts the active segment
+    /// while natswal writes it kills natswal with SIGBUS in this mode.
+    Mmap,
 }
 
 impl std::str::FromStr for WriteMode {
@@ -38,7 +47,7 @@ impl std::str::FromStr for WriteMode {
             "mmap" => Ok(WriteMode::Mmap),
             "pwrite" => Ok(WriteMode::Pwrite),
             other => Err(format!(
-                "unknown write mode '{other}' (expected mmap or pwrite)"
+                "unknown write mode '{other}' (expected pwrite or mmap)"
             )),
         }
     }
@@ -55,44 +64,31 @@ impl std::fmt::Display for WriteMode {
 
 /// The engine's view of a file system.
 pub trait FileSystem: Send + Sync + std::fmt::Debug + 'static {
-    /// Creates a new file of `capacity_bytes`, with its blocks allocated
-    /// (`fallocate`), so later writes into it cannot fail for lack of space.
-    /// Fails if the file exists. The caller syncs the directory.
-    fn create_preallocated(
-        &self,
-        path: &Path,
-        capacity_bytes: u64,
-    ) -> Result<Arc<dyn WritableFile>>;
+    /// Creates a new, empty file for reading and writing; fails if it
+    /// exists. The caller syncs the directory.
+    fn create(&self, path: &Path) -> Result<Arc<dyn File>>;
 
-    /// Opens an existing file for writing and allocates it up to
-    /// `capacity_bytes` (it may have been cut shorter when it was sealed).
-    fn open_writable(&self, path: &Path, capacity_bytes: u64) -> Result<Arc<dyn WritableFile>>;
+    /// Opens an existing file, for reading and also writing if `writable`.
+    fn open(&self, path: &Path, writable: bool) -> Result<Arc<dyn File>>;
 
-    /// Opens an existing file for zero-copy reading. The handle needs no open
-    /// file descriptor once mapped.
-    fn open_readable(&self, path: &Path) -> Result<Arc<dyn ReadableFile>>;
-
-    /// Reads a whole small file (indexes, reports).
+    /// Reads a whole small file (indexes, metadata, reports).
     fn read(&self, path: &Path) -> Result<Vec<u8>>;
-
-    /// Reads at most `length` bytes from the start of a file.
-    fn read_prefix(&self, path: &Path, length: usize) -> Result<Vec<u8>>;
-
-    /// Replaces `path` atomically: writes `path.tmp`, syncs it, renames it
-    /// over `path` and syncs the directory.
-    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()>;
 
     /// Removes a file (the caller syncs the directory).
     fn remove(&self, path: &Path) -> Result<()>;
 
-    /// Renames a file (the caller syncs the directory).
+    /// Renames a file, replacing `to` if it exists (the caller syncs the
+    /// directories).
     fn rename(&self, from: &Path, to: &Path) -> Result<()>;
 
-    /// Names of the files in a directory, sorted.
+    /// Names of the entries (files and directories) of a directory, sorted.
     fn list(&self, directory: &Path) -> Result<Vec<String>>;
 
-    /// Creates a directory and its parents, syncing the parent.
-    fn create_directory(&self, path: &Path) -> Result<()>;
+    /// Creates one directory whose parent exists (the caller syncs the
+    /// parent).
+    fn make_directory(&self, path: &Path) -> Result<()>;
+
+    fn is_directory(&self, path: &Path) -> bool;
 
     /// Makes the directory's entries durable.
     fn sync_directory(&self, path: &Path) -> Result<()>;
@@ -102,13 +98,57 @@ pub trait FileSystem: Send + Sync + std::fmt::Debug + 'static {
 
     fn exists(&self, path: &Path) -> bool;
 
+    /// Random bits for salts and nonce epochs: the OS's for real files, the
+    /// seed's for the in-memory one (so a simulation replays exactly).
+    fn entropy(&self) -> u64;
+
     /// Takes the exclusive lock of a stream directory, held until the guard
     /// drops, so two processes (a server and an offline repair, or two
     /// servers on one data directory) never write one stream. Fails at once
-    /// with [`Error::Locked`](crate::Error::Locked) if another holds it.
-    /// Backends without other processes need no lock.
+    /// with [`Error::Locked`] if another holds it. Backends without other
+    /// processes need no lock.
     fn lock_directory(&self, _directory: &Path) -> Result<DirectoryLock> {
         Ok(DirectoryLock::default())
+    }
+
+    /// Replaces `path` atomically: writes `path.tmp`, syncs it, renames it
+    /// over `path` and syncs the directory. A crash at any step leaves the
+    /// old contents or the new ones (and maybe a `.tmp` file, which open
+    /// deletes).
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let temporary = temporary_path(path);
+        if self.exists(&temporary) {
+            self.remove(&temporary)?;
+        }
+        let written = self.create(&temporary).and_then(|file| {
+            file.write_at(0, bytes)?;
+            file.sync_all()
+        });
+        if let Err(error) = written {
+            let _ = self.remove(&temporary);
+            return Err(error);
+        }
+        self.rename(&temporary, path)?;
+        self.sync_directory(&parent_of(path))
+    }
+
+    /// Creates a directory and every missing parent, syncing the parent of
+    /// each directory it creates (so the new entries are durable).
+    fn create_directory(&self, path: &Path) -> Result<()> {
+        let mut missing = Vec::new();
+        let mut current = Some(path);
+        while let Some(directory) = current {
+            if directory.as_os_str().is_empty() || self.is_directory(directory) {
+                break;
+            }
+            missing.push(directory.to_path_buf());
+            current = directory.parent();
+        }
+        for directory in missing.iter().rev() {
+            self.make_directory(directory)?;
+            self.sync_directory(&parent_of(directory))?;
+        }
+        Ok(())
     }
 }
 
@@ -125,53 +165,94 @@ impl DirectoryLock {
     }
 }
 
-/// A file being appended to by one writer thread while readers read the
-/// part of it that is published.
-pub trait WritableFile: Send + Sync {
-    /// Copies `bytes` to `position`. The range must lie inside the capacity.
+/// An open file. Positioned reads and writes; any number of threads may
+/// read while one writes.
+pub trait File: Send + Sync {
+    fn path(&self) -> &Path;
+
+    /// Reads up to `buffer.len()` bytes at `position`; fewer only at the end
+    /// of the file.
+    fn read_at(&self, position: u64, buffer: &mut [u8]) -> Result<usize>;
+
+    /// Writes all of `bytes` at `position`, growing the file if needed.
     fn write_at(&self, position: u64, bytes: &[u8]) -> Result<()>;
 
-    /// Writes zeros over `[start, end)`.
-    fn zero_range(&self, start: u64, end: u64) -> Result<()>;
+    /// Writes `parts` one after another from `position` (`pwritev`).
+    fn write_vectored_at(&self, position: u64, parts: &[&[u8]]) -> Result<()> {
+        let mut at = position;
+        for part in parts {
+            self.write_at(at, part)?;
+            at += part.len() as u64;
+        }
+        Ok(())
+    }
 
-    /// Makes `[start, end)` durable. An error here is final: the caller must
-    /// never retry and assume durability (fsyncgate).
+    /// Makes the data written in `[start, end)` durable (`fdatasync`, or
+    /// `msync` of that range in mmap mode). An error here is final: the
+    /// caller must never retry and assume durability (fsyncgate).
     fn sync_range(&self, start: u64, end: u64) -> Result<()>;
 
-    /// Makes the file's data and metadata (its length) durable.
+    /// Makes the file's data and metadata (its length) durable (`fsync`).
     fn sync_all(&self) -> Result<()>;
 
     /// Sets the file length (cutting a sealed segment to its data).
     fn set_length(&self, length_bytes: u64) -> Result<()>;
 
-    /// Bytes that may be written.
-    fn capacity(&self) -> u64;
+    /// Allocates `[0, length_bytes)` (`fallocate`), so that writes inside it
+    /// cannot fail for lack of space; grows the file length to it.
+    fn allocate(&self, length_bytes: u64) -> Result<()>;
 
-    /// A read view of the same file.
-    fn view(&self) -> Arc<dyn ReadableFile>;
-
-    /// Prepares `[start, end)` for writing ahead of time (maps the pages
-    /// writable), so the writer does not stop on page faults. A hint.
-    fn prepare_range(&self, _start: u64, _end: u64) {}
+    /// Current length in bytes.
+    fn length(&self) -> Result<u64>;
 }
 
-/// Zero-copy read access to a file.
-pub trait ReadableFile: Send + Sync {
-    /// Readable length in bytes.
-    fn length(&self) -> u64;
-
-    /// The bytes `[start, end)`. The caller guarantees the range is not
-    /// written while the returned `Bytes` lives (it lies below the stream's
-    /// published position, which only moves forward while the stream is open).
-    fn bytes(&self, start: u64, end: u64) -> Result<Bytes>;
-}
-
-/// Checks a read range against a length, for implementations.
-pub(crate) fn check_range(start: u64, end: u64, length: u64) -> Result<()> {
-    if start > end || end > length {
-        return Err(crate::error::Error::InvalidInput(format!(
-            "read of [{start}, {end}) outside a file of {length} bytes"
-        )));
+/// Reads exactly `[position, position + length)` into a new buffer. A file
+/// shorter than that is corruption (something cut it), named with its path.
+pub fn read_exact(file: &dyn File, position: u64, length: usize) -> Result<Bytes> {
+    let mut buffer = vec![0u8; length];
+    let mut filled = 0;
+    while filled < length {
+        let read = file.read_at(position + filled as u64, &mut buffer[filled..])?;
+        if read == 0 {
+            return Err(Error::corruption(
+                file.path(),
+                position + filled as u64,
+                format!(
+                    "the file ends at byte {}, but {} bytes from byte {position} were expected (was it cut by another program?)",
+                    position + filled as u64,
+                    length
+                ),
+            ));
+        }
+        filled += read;
     }
-    Ok(())
+    Ok(Bytes::from(buffer))
+}
+
+/// Reads at most `length` bytes from `position` (fewer at the end).
+pub fn read_up_to(file: &dyn File, position: u64, length: usize) -> Result<Bytes> {
+    let mut buffer = vec![0u8; length];
+    let mut filled = 0;
+    while filled < length {
+        let read = file.read_at(position + filled as u64, &mut buffer[filled..])?;
+        if read == 0 {
+            break;
+        }
+        filled += read;
+    }
+    buffer.truncate(filled);
+    Ok(Bytes::from(buffer))
+}
+
+pub(crate) fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+pub(crate) fn temporary_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(".tmp");
+    PathBuf::from(name)
 }

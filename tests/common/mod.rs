@@ -3,14 +3,19 @@
 
 use natswal::io::os::OsFileSystem;
 use natswal::io::{FileSystem, WriteMode};
-use natswal::segment::cache::SegmentCache;
 use natswal::{
-    Record, StartPosition, StoredRecord, Stream, StreamConfig, StreamOptions, FIRST_OFFSET,
+    Record, SegmentCache, StartPosition, StoredRecord, Stream, StreamConfig, StreamOptions,
+    FIRST_OFFSET,
 };
 use std::path::Path;
 use std::sync::Arc;
 
 pub fn os_file_system() -> Arc<dyn FileSystem> {
+    Arc::new(OsFileSystem::new(WriteMode::Pwrite))
+}
+
+/// The real file system writing through a shared map.
+pub fn mmap_file_system() -> Arc<dyn FileSystem> {
     Arc::new(OsFileSystem::new(WriteMode::Mmap))
 }
 
@@ -224,7 +229,8 @@ pub async fn wait_sealed_segments_indexed(stream: &Stream) {
     .await;
 }
 
-/// A frame found in a segment file.
+/// A frame found in a segment file: its slot starts at `start`, the frame
+/// itself at `start + 16`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameSpan {
     pub start: u64,
@@ -234,22 +240,33 @@ pub struct FrameSpan {
     pub atomic: bool,
 }
 
-/// The chain of valid frames of a segment image, from its header on.
+/// The chain of valid slots and frames of a segment image, from its header
+/// on (the salt comes from the header).
 pub fn frames_of(bytes: &[u8]) -> Vec<FrameSpan> {
-    use natswal::format::frame::{check_frame, FrameCheck};
+    use natswal::format::frame::{check_frame, salt_state, FrameCheck, SlotHeader};
+    use natswal::format::segment_header::SEGMENT_HEADER_LENGTH;
     let mut frames = Vec::new();
-    let mut position = natswal::format::segment_header::SEGMENT_HEADER_LENGTH;
-    while position < bytes.len() {
-        let FrameCheck::Valid(header) = check_frame(&bytes[position..]) else {
+    let Ok(header) =
+        natswal::format::segment_header::SegmentHeader::decode(bytes, Path::new("segment"))
+    else {
+        return frames;
+    };
+    let state = salt_state(header.salt);
+    let mut position = SEGMENT_HEADER_LENGTH;
+    while position + 16 <= bytes.len() {
+        if SlotHeader::decode(&bytes[position..], state).is_none() {
+            break;
+        }
+        let FrameCheck::Valid(frame) = check_frame(&bytes[position + 16..]) else {
             break;
         };
-        let end = position + header.frame_length as usize;
+        let end = position + 16 + frame.frame_length as usize;
         frames.push(FrameSpan {
             start: position as u64,
             end: end as u64,
-            base_offset: header.base_offset,
-            record_count: header.record_count,
-            atomic: header.is_atomic(),
+            base_offset: frame.base_offset,
+            record_count: frame.record_count,
+            atomic: frame.is_atomic(),
         });
         position = end;
     }
@@ -286,17 +303,26 @@ pub fn copy_directory(source: &Path, target: &Path) {
     }
 }
 
+/// Copies a stream directory including its temporary files.
+pub fn copy_directory_with_temporaries(source: &Path, target: &Path) {
+    try_copy(source, target, true).unwrap();
+}
+
 fn try_copy_directory(source: &Path, target: &Path) -> std::io::Result<()> {
+    try_copy(source, target, false)
+}
+
+fn try_copy(source: &Path, target: &Path, temporaries: bool) -> std::io::Result<()> {
     std::fs::create_dir_all(target)?;
     for entry in std::fs::read_dir(source)? {
         let entry = entry?;
         let path = entry.path();
         let name = entry.file_name();
-        if name.to_string_lossy().ends_with(".tmp") {
+        if !temporaries && name.to_string_lossy().ends_with(".tmp") {
             continue;
         }
         if entry.file_type()?.is_dir() {
-            try_copy_directory(&path, &target.join(&name))?;
+            try_copy(&path, &target.join(&name), temporaries)?;
         } else {
             std::fs::copy(&path, target.join(&name))?;
         }

@@ -17,7 +17,7 @@ use crate::error::BridgeError;
 use bytes::Bytes;
 use natswal::io::os::OsFileSystem;
 use natswal::io::{FileSystem, WriteMode};
-use natswal::segment::cache::SegmentCache;
+use natswal::SegmentCache;
 use natswal::{
     AppendRequest, Completion, Durability, Record, StartPosition, Stream, StreamConfig,
     StreamOptions, SubjectPattern,

@@ -1,0 +1,1254 @@
+//! The Log: one stream's segments and everything that keeps them correct.
+//! It owns the segment files, the durable watermark, the metadata file and
+//! every multi-step file operation; the stream, the BatchCoordinator,
+//! readers and retention use it through this API only (the arrows run one
+//! way: stream -> coordinator -> log -> segments), and so will Raft
+//! replication:
+//!
+//! - [`Log::append`] writes a frame of records as the leader (the log
+//!   assigns the offsets; the caller gives the Raft term and index);
+//!   [`Log::append_stored`] writes a frame exactly as a leader stored it,
+//!   checking that its offsets and Raft index continue the log;
+//!   [`Log::append_raft_entry`] writes a blank or membership entry;
+//! - [`Log::sync`] makes everything written durable (group commit) through
+//!   the [`durability`] gate, which owns every sync of the log's files;
+//!   [`Log::durable`], [`Log::subscribe_durable`] and
+//!   [`Log::wait_durable`] give the durable watermark (last durable Raft id
+//!   and offset) and resolve when an index is durable;
+//! - [`Log::read_frames`] reads stored frames by Raft index or offset range,
+//!   as the bytes on disk, never a short range;
+//! - [`Log::truncate_after`] / [`Log::truncate_from_offset`] cut the log
+//!   online and crash-atomically (a durable intent, then the steps; an open
+//!   after a crash finishes them), never splitting a Raft entry; readers past
+//!   the cut get [`Error::Truncated`], never stale bytes;
+//! - [`Log::install_segment`] links in a sealed segment received from a
+//!   peer, checked by CRC and walked before it is renamed in: a crash leaves
+//!   no segment or the whole one;
+//! - [`Log::metadata`] and the `save_*` methods keep the Raft vote, commit
+//!   index and purge point in the stream's metadata file (atomic, CRC'd; a
+//!   damaged one is an error, never a default).
+//!
+//! Invariants: offsets are dense (a repair's gap frame records lost ones);
+//! Raft indexes of consecutive entries are consecutive; every frame below a
+//! segment's visible length is whole and checksummed; nothing written after
+//! the last successful sync is reported durable; a segment that is not the
+//! last holds every offset up to the next one's first.
+
+pub mod cache;
+pub mod durability;
+pub mod index;
+pub mod recovery;
+pub mod segment;
+pub(crate) mod walker;
+pub mod writer;
+
+use crate::codec::{FrameEncoder, Keyring};
+use crate::config::StreamConfig;
+use crate::error::{Error, Result};
+use crate::format::frame::{FrameBuilder, FrameHeader, FrameKind, FRAME_HEADER_LENGTH};
+use crate::format::index::{encode_index, IndexEntry, INDEX_FLAG_SEALED};
+use crate::format::metadata::{CleanMark, LogId, StreamMetadata, Vote, METADATA_FILE_NAME};
+use crate::format::segment_header::{SegmentHeader, SEGMENT_HEADER_LENGTH};
+use crate::io::{File, FileSystem};
+use cache::SegmentCache;
+use durability::{DurabilityGate, DurablePoint};
+use recovery::{RecoveryManager, RecoveryMode, RecoveryReport, TruncateReport};
+use segment::StorageSegment;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use tokio::sync::watch;
+use walker::{read_slot, ByteSource, Slot};
+use writer::{
+    ActiveSegment, AppendMeta, Appended, SealJob, SegmentWriter, WriterState, RECYCLE_DIRECTORY,
+};
+
+/// One frame exactly as stored: its checked header and its bytes (header
+/// included, slot excluded).
+#[derive(Debug, Clone)]
+pub struct StoredFrame {
+    pub header: FrameHeader,
+    pub bytes: bytes::Bytes,
+}
+
+impl StoredFrame {
+    pub fn is_encrypted(&self) -> bool {
+        self.header.is_encrypted()
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.header.is_compressed()
+    }
+}
+
+/// A sealed segment as a file that can be shipped and checked by CRC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedSegment {
+    pub path: PathBuf,
+    pub base_offset: u64,
+    pub next_offset: u64,
+    pub length: u64,
+    /// CRC32C of the whole file.
+    pub crc32c: u32,
+    pub first_raft_index: u64,
+    pub last_log_id: LogId,
+}
+
+/// A range of frames to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameRange {
+    /// Frames with Raft index in `[start, end)`.
+    RaftIndex { start: u64, end: u64 },
+    /// Frames holding offsets in `[start, end)` (the first may begin
+    /// before `start`).
+    Offset { start: u64, end: u64 },
+}
+
+/// How to open a log.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub name: String,
+    pub config: StreamConfig,
+    pub recovery_mode: RecoveryMode,
+    /// Keys for encrypted segments, old and current.
+    pub keyring: Arc<Keyring>,
+    /// The node whose nonces this log's frames carry (0 standalone).
+    pub node_id: u16,
+    pub cache: Arc<SegmentCache>,
+}
+
+/// The shared state of one log.
+pub(crate) struct LogShared {
+    pub name: String,
+    pub directory: PathBuf,
+    pub file_system: Arc<dyn FileSystem>,
+    pub config: StreamConfig,
+    pub cache: Arc<SegmentCache>,
+    pub keyring: Arc<Keyring>,
+    pub segments: RwLock<Vec<Arc<StorageSegment>>>,
+    pub gate: DurabilityGate,
+    pub metadata: Mutex<StreamMetadata>,
+    pub seals: Mutex<Vec<SealJob>>,
+    /// Bumped by every truncation: readers reposition or fail.
+    pub truncations: AtomicU64,
+    /// Bumped whenever more frames may be visible (or the log closes).
+    pub visible: watch::Sender<u64>,
+    /// Durable length of the active segment at its last checkpoint.
+    pub checkpointed: AtomicU64,
+    pub _lock: crate::io::DirectoryLock,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl LogShared {
+    pub fn gate_check(&self) -> Result<()> {
+        if self.gate.is_poisoned() {
+            return Err(self.gate.poisoned_error());
+        }
+        Ok(())
+    }
+
+    pub fn segments_snapshot(&self) -> Vec<Arc<StorageSegment>> {
+        self.segments
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn push_segment(&self, segment: Arc<StorageSegment>) {
+        self.segments
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(segment);
+    }
+
+    pub fn notify_readers(&self) {
+        self.visible
+            .send_modify(|version| *version = version.wrapping_add(1));
+    }
+
+    pub fn queue_seal(&self, job: SealJob) {
+        lock(&self.seals).push(job);
+    }
+
+    pub fn too_old(&self, active: &ActiveSegment, now_ns: i64) -> bool {
+        match (self.config.segment_age_max_ms, active.first_write_ns) {
+            (Some(age_max_ms), Some(first)) => {
+                now_ns.saturating_sub(first) >= (age_max_ms as i64).saturating_mul(1_000_000)
+            }
+            _ => false,
+        }
+    }
+
+    fn metadata_path(&self) -> PathBuf {
+        self.directory.join(METADATA_FILE_NAME)
+    }
+
+    /// Writes changed metadata atomically, then keeps it.
+    fn save_metadata(&self, change: impl FnOnce(&mut StreamMetadata)) -> Result<StreamMetadata> {
+        let mut metadata = lock(&self.metadata);
+        let mut next = *metadata;
+        change(&mut next);
+        self.file_system
+            .write_atomic(&self.metadata_path(), &next.encode())?;
+        *metadata = next;
+        Ok(next)
+    }
+
+    /// Raises the generation and nonce epoch and clears the clean mark,
+    /// durably: done before the first write of an open or a truncation.
+    pub fn raise_generation(&self) -> Result<StreamMetadata> {
+        let current = *lock(&self.metadata);
+        let generation = current.generation.checked_add(1);
+        let epoch = current.nonce_epoch.checked_add(1);
+        let (Some(generation), Some(epoch)) = (generation, epoch) else {
+            return Err(Error::InvalidInput(format!(
+                "the generations or nonce epochs of stream '{}' are exhausted; copy it under a new key",
+                self.name
+            )));
+        };
+        self.save_metadata(|metadata| {
+            metadata.generation = generation;
+            metadata.nonce_epoch = epoch;
+            metadata.clean = None;
+        })
+    }
+
+    /// Removes an active segment that holds no frame, durably.
+    pub fn remove_empty_segment(&self, segment: &Arc<StorageSegment>) -> Result<()> {
+        segment.mark_removed();
+        self.segments
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|listed| !Arc::ptr_eq(listed, segment));
+        for path in [segment.index_path(), segment.path()] {
+            if self.file_system.exists(path) {
+                self.file_system.remove(path)?;
+            }
+        }
+        self.gate
+            .sync_directory(self.file_system.as_ref(), &self.directory)
+    }
+
+    /// Creates the file of a new segment with `header`: a recycled file if
+    /// one waits, else a new one; built under another name, its header
+    /// synced, then renamed in and the directory synced.
+    pub fn install_new_segment_file(&self, header: &SegmentHeader) -> Result<(Arc<dyn File>, u64)> {
+        let path = self
+            .directory
+            .join(crate::format::segment_file_name(header.base_offset));
+        let capacity = self.config.segment_bytes_max;
+        let recycle = self.directory.join(RECYCLE_DIRECTORY);
+        let recycled = if self.file_system.is_directory(&recycle) {
+            self.file_system.list(&recycle)?.into_iter().next()
+        } else {
+            None
+        };
+        let (staging, file) = match recycled {
+            Some(name) => {
+                let staging = recycle.join(name);
+                (staging.clone(), self.file_system.open(&staging, true)?)
+            }
+            None => {
+                let staging = crate::io::temporary_path(&path);
+                if self.file_system.exists(&staging) {
+                    self.file_system.remove(&staging)?;
+                }
+                (staging.clone(), self.file_system.create(&staging)?)
+            }
+        };
+        let prepared = file
+            .allocate(capacity)
+            .and_then(|()| file.write_at(0, &header.encode()));
+        if let Err(error) = prepared {
+            if staging
+                .extension()
+                .is_some_and(|extension| extension == "tmp")
+            {
+                let _ = self.file_system.remove(&staging);
+            }
+            return Err(error);
+        }
+        self.gate.sync_file(file.as_ref(), true, 0, 0)?;
+        self.file_system.rename(&staging, &path)?;
+        self.gate
+            .sync_directory(self.file_system.as_ref(), &self.directory)?;
+        if staging.starts_with(&recycle) {
+            self.gate
+                .sync_directory(self.file_system.as_ref(), &recycle)?;
+        }
+        let capacity = file.length()?.max(capacity);
+        Ok((file, capacity))
+    }
+
+    /// Cuts and indexes the segments whose frames rotation made durable.
+    /// Index writes failing (a full disk) do not poison: indexes are
+    /// derived data and retried later.
+    pub fn finish_seals(&self) -> Result<()> {
+        let jobs: Vec<SealJob> = std::mem::take(&mut *lock(&self.seals));
+        for job in jobs {
+            if job.segment.is_removed() {
+                continue;
+            }
+            if let Err(error) = job.file.set_length(job.length) {
+                self.gate.poison(&error);
+                return Err(self.gate.poisoned_error());
+            }
+            self.gate.sync_file(job.file.as_ref(), true, 0, 0)?;
+            let crc = match job.crc {
+                Some(crc) => crc,
+                None => crc32c::crc32c(&crate::io::read_exact(
+                    job.file.as_ref(),
+                    0,
+                    job.length as usize,
+                )?),
+            };
+            let mut header = job.builder.header(job.length, job.segment.header().salt);
+            header.flags |= INDEX_FLAG_SEALED;
+            header.segment_crc = crc;
+            let entries: Vec<IndexEntry> = job.builder.entries.clone();
+            let encoded = encode_index(&header, &entries);
+            if let Err(error) = self
+                .file_system
+                .write_atomic(job.segment.index_path(), &encoded)
+            {
+                tracing::warn!(stream = %self.name, %error, "cannot write a sealed segment's index; it is kept in memory and retried");
+                job.segment.set_pending_index(encoded);
+            }
+            job.segment.mark_indexed(crc, entries);
+            self.cache.insert(&job.segment);
+            tracing::debug!(segment = %job.segment.path().display(), length = job.length, "segment sealed");
+        }
+        self.notify_readers();
+        Ok(())
+    }
+
+    /// The active segment (the last one, if not sealed).
+    fn active_segment(&self) -> Option<Arc<StorageSegment>> {
+        self.segments_snapshot()
+            .last()
+            .filter(|segment| !segment.is_sealed())
+            .cloned()
+    }
+
+    /// Rewrites the active segment's checkpoint from what is durable (no
+    /// writer lock needed). A failure is logged, never poisons.
+    pub fn checkpoint(&self) -> Option<u64> {
+        let segment = self.active_segment()?;
+        let progress = segment.durable_progress()?;
+        let mut header = index::IndexBuilder::new(segment.base_offset(), 1)
+            .header(progress.length, segment.header().salt);
+        header.next_offset = progress.next_offset;
+        header.record_count = progress.record_count;
+        header.first_timestamp_ns = progress.first_timestamp_ns;
+        header.last_timestamp_ns = if progress.record_count == 0 {
+            0
+        } else {
+            progress.last_timestamp_ns
+        };
+        header.first_raft_index = progress.first_raft_index;
+        header.last_raft_term = progress.last_log_id.term;
+        header.last_raft_index = progress.last_log_id.index;
+        let entries = segment.growing_entries_below(progress.length);
+        match self
+            .file_system
+            .write_atomic(segment.index_path(), &encode_index(&header, &entries))
+        {
+            Ok(()) => {
+                self.checkpointed.store(progress.length, Ordering::Release);
+                Some(progress.length)
+            }
+            Err(error) => {
+                tracing::warn!(stream = %self.name, %error, "cannot write the checkpoint; recovery will validate more of the log");
+                None
+            }
+        }
+    }
+
+    /// Writes the checkpoint when enough was made durable since the last.
+    pub fn checkpoint_if_due(&self) {
+        let Some(segment) = self.active_segment() else {
+            return;
+        };
+        let durable = segment.durable_length();
+        let last = self.checkpointed.load(Ordering::Acquire);
+        if durable > last.max(SEGMENT_HEADER_LENGTH as u64)
+            && (durable - last >= self.config.checkpoint_interval_bytes || durable < last)
+        {
+            self.checkpoint();
+        }
+    }
+}
+
+/// An open log. Cheap to clone; all clones are the same log.
+#[derive(Clone)]
+pub struct Log {
+    shared: Arc<LogShared>,
+    writer: Arc<Mutex<SegmentWriter>>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Log")
+            .field("name", &self.shared.name)
+            .field("directory", &self.shared.directory)
+            .finish()
+    }
+}
+
+/// A source over a segment's visible bytes, read in windows.
+pub(crate) struct SegmentSource<'a> {
+    pub segment: &'a Arc<StorageSegment>,
+    pub cache: &'a SegmentCache,
+    pub end: u64,
+    window_start: u64,
+    window: bytes::Bytes,
+}
+
+impl<'a> SegmentSource<'a> {
+    pub fn new(
+        segment: &'a Arc<StorageSegment>,
+        cache: &'a SegmentCache,
+        end: u64,
+    ) -> SegmentSource<'a> {
+        SegmentSource::with_window(segment, cache, end, 0, bytes::Bytes::new())
+    }
+
+    /// A source that starts with bytes already read from `window_start`.
+    pub fn with_window(
+        segment: &'a Arc<StorageSegment>,
+        cache: &'a SegmentCache,
+        end: u64,
+        window_start: u64,
+        window: bytes::Bytes,
+    ) -> SegmentSource<'a> {
+        SegmentSource {
+            segment,
+            cache,
+            end,
+            window_start,
+            window,
+        }
+    }
+
+    /// The bytes read ahead, for the next source over the same segment.
+    pub fn into_window(self) -> (u64, bytes::Bytes) {
+        (self.window_start, self.window)
+    }
+}
+
+/// Bytes a window read asks for at least.
+pub(crate) const READ_WINDOW_BYTES: usize = 256 * 1024;
+
+impl ByteSource for SegmentSource<'_> {
+    fn end(&self) -> u64 {
+        self.end
+    }
+
+    fn get(&mut self, position: u64, length: usize) -> Result<bytes::Bytes> {
+        let wanted_end = (position + length as u64).min(self.end);
+        if position >= wanted_end {
+            return Ok(bytes::Bytes::new());
+        }
+        let window_end = self.window_start + self.window.len() as u64;
+        if position >= self.window_start && wanted_end <= window_end {
+            let start = (position - self.window_start) as usize;
+            return Ok(self
+                .window
+                .slice(start..start + (wanted_end - position) as usize));
+        }
+        let read_end = (position + READ_WINDOW_BYTES as u64)
+            .max(wanted_end)
+            .min(self.end);
+        self.window = self
+            .segment
+            .read(self.cache, position, (read_end - position) as usize)?;
+        self.window_start = position;
+        Ok(self.window.slice(..(wanted_end - position) as usize))
+    }
+}
+
+impl Log {
+    /// Opens (recovering if needed) or creates the log stored in
+    /// `directory`.
+    pub fn open(
+        file_system: Arc<dyn FileSystem>,
+        directory: &Path,
+        options: LogOptions,
+    ) -> Result<(Log, RecoveryReport)> {
+        options.config.validate()?;
+        let recovered = RecoveryManager::open(
+            &file_system,
+            directory,
+            &options.config,
+            options.recovery_mode,
+            options.node_id,
+        )?;
+        let encryption = match options.config.encryption {
+            None => None,
+            Some(encryption) => {
+                let key = options.keyring.get(encryption.key_id).ok_or_else(|| Error::InvalidConfig {
+                    key: "encryption".to_string(),
+                    reason: format!(
+                        "stream '{}' is to be encrypted with key id {}, which is not configured (configured: {:?})",
+                        options.name,
+                        encryption.key_id,
+                        options.keyring.ids()
+                    ),
+                })?;
+                Some((encryption.cipher, Arc::clone(key)))
+            }
+        };
+        let metadata = StreamMetadata {
+            node_id: options.node_id,
+            ..recovered.metadata
+        };
+        let encoder = FrameEncoder::new(
+            options.config.compression,
+            encryption,
+            options.node_id,
+            metadata.nonce_epoch,
+        );
+        let recovered_point = DurablePoint {
+            sequence: 0,
+            next_offset: recovered.next_offset,
+            last_log_id: recovered.last_log_id,
+        };
+        let gate = DurabilityGate::new(&options.name, recovered_point);
+        if let Some(active) = &recovered.active {
+            gate.set_active(
+                Arc::clone(&active.segment),
+                Arc::clone(&active.file),
+                active.position,
+            );
+            active
+                .segment
+                .set_durable_progress(active.builder.progress(active.position));
+        }
+        let (visible, _) = watch::channel(0u64);
+        let checkpointed = recovered
+            .active
+            .as_ref()
+            .map_or(0, |active| active.position);
+        let shared = Arc::new(LogShared {
+            name: options.name.clone(),
+            directory: directory.to_path_buf(),
+            file_system,
+            config: options.config.clone(),
+            cache: options.cache,
+            keyring: options.keyring,
+            segments: RwLock::new(recovered.segments),
+            gate,
+            metadata: Mutex::new(metadata),
+            seals: Mutex::new(Vec::new()),
+            truncations: AtomicU64::new(0),
+            visible,
+            checkpointed: AtomicU64::new(checkpointed),
+            _lock: recovered.lock,
+        });
+        let writer = SegmentWriter {
+            encoder,
+            state: WriterState {
+                active: recovered.active,
+                next_offset: recovered.next_offset,
+                last_log_id: recovered.last_log_id,
+                timestamp_max: recovered.timestamp_max,
+                sequence: 0,
+                generation: metadata.generation,
+                generation_raised: false,
+            },
+        };
+        let report = recovered.report;
+        if !report.truncated.is_empty() || !report.quarantined.is_empty() || !report.lost.is_empty()
+        {
+            tracing::warn!(stream = %options.name, ?report, "stream recovered with changes");
+        } else {
+            tracing::info!(
+                stream = %options.name,
+                segments = report.segments,
+                validated_bytes = report.validated_bytes,
+                clean = report.clean_shutdown,
+                "stream opened"
+            );
+        }
+        Ok((
+            Log {
+                shared,
+                writer: Arc::new(Mutex::new(writer)),
+            },
+            report,
+        ))
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<LogShared> {
+        &self.shared
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn directory(&self) -> &Path {
+        &self.shared.directory
+    }
+
+    pub fn config(&self) -> &StreamConfig {
+        &self.shared.config
+    }
+
+    pub fn cache(&self) -> &Arc<SegmentCache> {
+        &self.shared.cache
+    }
+
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.shared.keyring
+    }
+
+    fn writer(&self) -> MutexGuard<'_, SegmentWriter> {
+        lock(&self.writer)
+    }
+
+    /// Key id and cipher of the active segment and of new segments.
+    pub fn keys(&self) -> (Option<(u32, u8)>, (u32, u8)) {
+        let writer = self.writer();
+        let active = writer.state.active.as_ref().map(|active| {
+            let header = active.segment.header();
+            (header.key_id, header.cipher)
+        });
+        (active, writer.encoder.segment_key())
+    }
+
+    /// Appends the records in `builder` as one frame (leader, standalone):
+    /// the log assigns their offsets; `meta` gives the Raft id and whether
+    /// the frame is an atomic batch. Durable after the next [`sync`].
+    ///
+    /// [`sync`]: Log::sync
+    pub fn append(
+        &self,
+        builder: &mut FrameBuilder,
+        meta: AppendMeta,
+        now_ns: i64,
+    ) -> Result<Appended> {
+        self.writer().append(&self.shared, builder, meta, now_ns)
+    }
+
+    /// Appends a frame exactly as a leader stored it.
+    pub fn append_stored(&self, frame: &[u8], now_ns: i64) -> Result<Appended> {
+        self.writer().append_stored(&self.shared, frame, now_ns)
+    }
+
+    /// Appends a Raft entry that holds no records: a blank entry, or an
+    /// opaque one (membership) with `body`.
+    pub fn append_raft_entry(
+        &self,
+        kind: FrameKind,
+        term: u64,
+        raft_index: u64,
+        body: &[u8],
+        now_ns: i64,
+    ) -> Result<Appended> {
+        if !matches!(kind, FrameKind::Blank | FrameKind::Opaque) || raft_index == 0 {
+            return Err(Error::InvalidInput(
+                "a Raft entry without records is blank or opaque and has an index".to_string(),
+            ));
+        }
+        let mut writer = self.writer();
+        let header = FrameHeader {
+            frame_length: (FRAME_HEADER_LENGTH + body.len()) as u32,
+            body_crc: crc32c::crc32c(body),
+            base_offset: writer.state.next_offset,
+            body_length_plain: body.len() as u32,
+            raft_term: term,
+            raft_index,
+            kind,
+            ..FrameHeader::default()
+        };
+        let mut frame = header.encode().to_vec();
+        frame.extend_from_slice(body);
+        writer.append_stored(&self.shared, &frame, now_ns)
+    }
+
+    /// Makes every frame written so far durable (one sync: group commit),
+    /// then finishes sealed segments and writes a checkpoint when due.
+    pub fn sync(&self) -> Result<DurablePoint> {
+        let point = self.shared.gate.sync()?;
+        self.shared.finish_seals()?;
+        self.shared.checkpoint_if_due();
+        self.shared.notify_readers();
+        Ok(point)
+    }
+
+    /// Makes frames written so far visible to readers before they are
+    /// durable (durability `none` and `interval`).
+    pub fn publish_written(&self) {
+        self.shared.gate.publish_written();
+        self.shared.notify_readers();
+    }
+
+    pub fn written(&self) -> DurablePoint {
+        self.shared.gate.written()
+    }
+
+    pub fn durable(&self) -> DurablePoint {
+        self.shared.gate.durable()
+    }
+
+    pub fn subscribe_durable(&self) -> watch::Receiver<DurablePoint> {
+        self.shared.gate.subscribe()
+    }
+
+    /// Resolves once the frame with Raft index `raft_index` is durable (the
+    /// Raft LogFlushed callback hangs on it); fails if a sync failed.
+    pub async fn wait_durable(&self, raft_index: u64) -> Result<DurablePoint> {
+        let mut receiver = self.subscribe_durable();
+        loop {
+            if self.shared.gate.is_poisoned() {
+                return Err(self.shared.gate.poisoned_error());
+            }
+            let point = *receiver.borrow_and_update();
+            if point.last_log_id.index >= raft_index {
+                return Ok(point);
+            }
+            if receiver.changed().await.is_err() {
+                return Err(Error::Closed {
+                    stream: self.shared.name.clone(),
+                });
+            }
+        }
+    }
+
+    /// Resolves once the frame with write sequence `sequence` is durable.
+    pub async fn wait_durable_sequence(&self, sequence: u64) -> Result<DurablePoint> {
+        let mut receiver = self.subscribe_durable();
+        loop {
+            if self.shared.gate.is_poisoned() {
+                return Err(self.shared.gate.poisoned_error());
+            }
+            let point = *receiver.borrow_and_update();
+            if point.sequence >= sequence {
+                return Ok(point);
+            }
+            if receiver.changed().await.is_err() {
+                return Err(Error::Closed {
+                    stream: self.shared.name.clone(),
+                });
+            }
+        }
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.gate.is_poisoned()
+    }
+
+    pub fn poison_cause(&self) -> Option<String> {
+        self.shared.gate.poison_cause()
+    }
+
+    /// Segments, oldest first.
+    pub fn segments(&self) -> Vec<Arc<StorageSegment>> {
+        self.shared.segments_snapshot()
+    }
+
+    /// Sealed, indexed segments, oldest first, as files with their CRC.
+    pub fn sealed_segments(&self) -> Vec<SealedSegment> {
+        self.shared
+            .segments_snapshot()
+            .iter()
+            .filter(|segment| segment.is_indexed())
+            .map(|segment| SealedSegment {
+                path: segment.path().to_path_buf(),
+                base_offset: segment.base_offset(),
+                next_offset: segment.next_offset(),
+                length: segment.visible_length(),
+                crc32c: segment.segment_crc(),
+                first_raft_index: segment.first_raft_index(),
+                last_log_id: segment.last_log_id(),
+            })
+            .collect()
+    }
+
+    /// How many truncations the log has seen since it was opened.
+    pub fn truncations(&self) -> u64 {
+        self.shared.truncations.load(Ordering::Acquire)
+    }
+
+    pub fn subscribe_visible(&self) -> watch::Receiver<u64> {
+        self.shared.visible.subscribe()
+    }
+
+    /// The stream's metadata (vote, commit index, purge point, generation).
+    pub fn metadata(&self) -> StreamMetadata {
+        *lock(&self.shared.metadata)
+    }
+
+    /// Saves the Raft vote durably before returning.
+    pub fn save_vote(&self, vote: Vote) -> Result<()> {
+        self.shared
+            .save_metadata(|metadata| metadata.vote = Some(vote))
+            .map(|_| ())
+    }
+
+    /// Saves the Raft commit index durably.
+    pub fn save_committed(&self, committed: Option<LogId>) -> Result<()> {
+        self.shared
+            .save_metadata(|metadata| metadata.committed = committed)
+            .map(|_| ())
+    }
+
+    /// Saves the last purged Raft id durably (purging is logical: the log
+    /// is the stream, retention alone removes data).
+    pub fn save_purged(&self, purged: LogId) -> Result<()> {
+        self.shared
+            .save_metadata(|metadata| metadata.last_purged = Some(purged))
+            .map(|_| ())
+    }
+
+    /// Reads stored frames, exactly as on disk. Every frame of the range
+    /// is returned or the call fails: a range is never short.
+    pub fn read_frames(&self, range: FrameRange) -> Result<Vec<StoredFrame>> {
+        let (start, end) = match range {
+            FrameRange::RaftIndex { start, end } | FrameRange::Offset { start, end } => {
+                (start, end)
+            }
+        };
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let segments = self.shared.segments_snapshot();
+        let cache = &self.shared.cache;
+        let first = match range {
+            FrameRange::RaftIndex { .. } => segments.iter().rposition(|segment| {
+                segment.first_raft_index() != 0 && segment.first_raft_index() <= start
+            }),
+            FrameRange::Offset { .. } => segments
+                .iter()
+                .rposition(|segment| segment.base_offset() <= start),
+        };
+        let mut frames = Vec::new();
+        let mut expected = start;
+        for segment in segments.iter().skip(first.unwrap_or(0)) {
+            let mut position = match range {
+                FrameRange::RaftIndex { .. } => segment.seek_raft_index(cache, expected)?,
+                FrameRange::Offset { .. } => segment.seek_offset(cache, expected)?,
+            };
+            let end_position = segment.visible_length();
+            let mut source = SegmentSource::new(segment, cache, end_position);
+            while position < end_position {
+                let frame = match read_slot(&mut source, position, segment.salt_state(), u32::MAX)?
+                {
+                    Slot::Frame(frame) => frame,
+                    Slot::Defect(defect) => {
+                        return Err(Error::corruption(segment.path(), position, defect.reason))
+                    }
+                };
+                position = frame.end();
+                let header = frame.header;
+                let wanted = match range {
+                    FrameRange::RaftIndex { .. } => {
+                        header.raft_index >= start && header.raft_index < end
+                    }
+                    FrameRange::Offset { .. } => {
+                        header.kind.takes_offsets()
+                            && header.next_offset() > start
+                            && header.base_offset < end
+                    }
+                };
+                if wanted {
+                    if let FrameRange::RaftIndex { .. } = range {
+                        if header.raft_index != expected {
+                            return Err(Error::InvalidInput(format!(
+                                "Raft index {expected} is not in the log (found {})",
+                                header.raft_index
+                            )));
+                        }
+                        expected += 1;
+                    } else {
+                        expected = header.next_offset();
+                    }
+                    frames.push(StoredFrame {
+                        header,
+                        bytes: frame.bytes,
+                    });
+                }
+                let done = match range {
+                    FrameRange::RaftIndex { .. } => {
+                        header.raft_index + 1 >= end && header.raft_index != 0
+                    }
+                    FrameRange::Offset { .. } => header.next_offset() >= end,
+                };
+                if done && wanted {
+                    return Ok(frames);
+                }
+            }
+        }
+        if expected < end {
+            return Err(Error::InvalidInput(format!(
+                "the log holds {} frames of the range [{start}, {end}); it ends before {expected}",
+                frames.len()
+            )));
+        }
+        Ok(frames)
+    }
+
+    /// Removes these segments (identities, not counts: a segment already
+    /// gone is skipped) for retention. Never the active segment. Their
+    /// files are recycled for new segments or deleted.
+    pub fn remove_segments(
+        &self,
+        doomed: &[Arc<StorageSegment>],
+    ) -> Result<Vec<Arc<StorageSegment>>> {
+        let removed: Vec<Arc<StorageSegment>> = {
+            let mut segments = self
+                .shared
+                .segments
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let last = segments.last().cloned();
+            let mut removed = Vec::new();
+            segments.retain(|segment| {
+                let goes = segment.is_indexed()
+                    && !last.as_ref().is_some_and(|last| Arc::ptr_eq(last, segment))
+                    && doomed.iter().any(|doomed| Arc::ptr_eq(doomed, segment));
+                if goes {
+                    removed.push(Arc::clone(segment));
+                }
+                !goes
+            });
+            removed
+        };
+        for segment in &removed {
+            // Waits for reads of it in progress; later reads fail.
+            segment.mark_removed();
+            recovery::retire_segment_file(
+                self.shared.file_system.as_ref(),
+                &self.shared.directory,
+                segment,
+                self.shared.config.recycle_segments_max,
+            )?;
+        }
+        if !removed.is_empty() {
+            self.shared.notify_readers();
+        }
+        Ok(removed)
+    }
+
+    /// Idle-time work: age rotation, seals, indexes rebuilt by readers, a
+    /// checkpoint of what became durable since the last.
+    pub fn maintenance(&self, now_ns: i64) -> Result<()> {
+        if self.shared.gate.is_poisoned() {
+            return Ok(());
+        }
+        let rotated = self.writer().rotate_if_old(&self.shared, now_ns)?;
+        self.shared.finish_seals()?;
+        for segment in self.shared.segments_snapshot() {
+            if let Some(encoded) = segment.take_pending_index() {
+                if let Err(error) = self
+                    .shared
+                    .file_system
+                    .write_atomic(segment.index_path(), &encoded)
+                {
+                    tracing::warn!(%error, "cannot write a rebuilt index; retried later");
+                    segment.set_pending_index(encoded);
+                }
+            }
+        }
+        let durable = self
+            .shared
+            .active_segment()
+            .map_or(0, |segment| segment.durable_length());
+        if durable > self.shared.checkpointed.load(Ordering::Acquire) {
+            self.shared.checkpoint();
+        }
+        if rotated {
+            self.shared.notify_readers();
+        }
+        Ok(())
+    }
+
+    /// Truncates the log after the entry with Raft index `raft_index`
+    /// (keeping it), online and crash-atomically. Entries are never split.
+    pub fn truncate_after(&self, raft_index: u64) -> Result<TruncateReport> {
+        self.truncate(recovery::Cut::AfterRaftIndex(raft_index))
+    }
+
+    /// Truncates the log so that its last record is below `from_offset`,
+    /// online and crash-atomically, at a frame boundary (a frame holding
+    /// `from_offset` goes whole: frames are never split online).
+    pub fn truncate_from_offset(&self, from_offset: u64) -> Result<TruncateReport> {
+        self.truncate(recovery::Cut::FrameHolding(from_offset))
+    }
+
+    fn truncate(&self, cut: recovery::Cut) -> Result<TruncateReport> {
+        let mut writer = self.writer();
+        let shared = &self.shared;
+        shared.gate_check()?;
+        shared.gate.sync()?;
+        shared.finish_seals()?;
+        let segments = shared.segments_snapshot();
+        let Some((intent, report)) = recovery::plan_cut(
+            &shared.file_system,
+            &segments,
+            writer.state.next_offset,
+            cut,
+        )?
+        else {
+            return Ok(TruncateReport {
+                next_offset: writer.state.next_offset,
+                ..TruncateReport::default()
+            });
+        };
+        let boundary = segments
+            .iter()
+            .position(|segment| segment.base_offset() == intent.segment_base)
+            .expect("the boundary is a segment of the log");
+        for segment in &segments[boundary..] {
+            segment.mark_removed();
+        }
+        shared.gate.clear_active();
+        writer.state.active = None;
+        let metadata = *lock(&shared.metadata);
+        let done = recovery::execute_truncation(
+            shared.file_system.as_ref(),
+            &shared.directory,
+            metadata,
+            &intent,
+        )
+        .and_then(|raised| {
+            *lock(&shared.metadata) = raised;
+            recovery::reopen_tail(
+                &shared.file_system,
+                &shared.directory,
+                &shared.config,
+                intent.segment_base,
+                raised,
+            )
+        });
+        let (segment, active) = match done {
+            Ok(reopened) => reopened,
+            Err(error) => {
+                // The intent is durable: the next open finishes the cut.
+                shared.gate.poison(&error);
+                return Err(shared.gate.poisoned_error());
+            }
+        };
+        {
+            let mut listed = shared
+                .segments
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            listed.truncate(boundary);
+            if let Some(previous) = listed.last() {
+                segment.set_timestamp_max_through(previous.timestamp_max_through());
+            }
+            listed.push(Arc::clone(&segment));
+        }
+        let metadata = *lock(&shared.metadata);
+        writer.state.generation = metadata.generation;
+        writer.state.generation_raised = true;
+        writer.encoder.set_epoch(metadata.nonce_epoch);
+        writer.state.next_offset = segment.next_offset();
+        writer.state.last_log_id = shared
+            .segments_snapshot()
+            .iter()
+            .rev()
+            .map(|segment| segment.last_log_id())
+            .find(|id| id.index != 0)
+            .unwrap_or_default();
+        writer.state.timestamp_max = segment.timestamp_max_through();
+        let point = DurablePoint {
+            sequence: 0,
+            next_offset: writer.state.next_offset,
+            last_log_id: writer.state.last_log_id,
+        };
+        shared.gate.reset(point, active.position);
+        shared.gate.set_active(
+            Arc::clone(&segment),
+            Arc::clone(&active.file),
+            active.position,
+        );
+        segment.set_durable_progress(active.builder.progress(active.position));
+        shared.checkpointed.store(0, Ordering::Release);
+        writer.state.active = Some(active);
+        shared.truncations.fetch_add(1, Ordering::AcqRel);
+        shared.notify_readers();
+        Ok(report)
+    }
+
+    /// Where a segment file received from a peer is written before
+    /// [`install_segment`](Log::install_segment) links it in.
+    pub fn incoming_path(&self, base_offset: u64) -> Result<PathBuf> {
+        let incoming = self.shared.directory.join(recovery::INCOMING_DIRECTORY);
+        self.shared.file_system.create_directory(&incoming)?;
+        Ok(incoming.join(crate::format::segment_file_name(base_offset)))
+    }
+
+    /// Links in a sealed segment received from a peer (written at
+    /// [`incoming_path`](Log::incoming_path)): checked against the
+    /// expected length and CRC, walked whole, synced, then renamed in. It
+    /// must continue the log (its first offset is the log's next, its first
+    /// Raft index follows the log's last), and the active segment must be
+    /// empty. A crash leaves no segment or the whole one.
+    pub fn install_segment(&self, received: &Path, expected: &SealedSegment) -> Result<()> {
+        let mut writer = self.writer();
+        let shared = &self.shared;
+        shared.gate_check()?;
+        if let Some(active) = &writer.state.active {
+            if active.position > SEGMENT_HEADER_LENGTH as u64 {
+                return Err(Error::InvalidInput(format!(
+                    "cannot install a segment while the active segment {} holds frames",
+                    active.segment.path().display()
+                )));
+            }
+        }
+        if expected.base_offset != writer.state.next_offset {
+            return Err(Error::InvalidInput(format!(
+                "segment starting at offset {} does not continue the log at offset {}",
+                expected.base_offset, writer.state.next_offset
+            )));
+        }
+        let file = shared.file_system.open(received, true)?;
+        let bytes = recovery::read_whole(file.as_ref())?;
+        let crc = crc32c::crc32c(&bytes);
+        if bytes.len() as u64 != expected.length || crc != expected.crc32c {
+            return Err(Error::corruption(
+                received,
+                0,
+                format!(
+                    "received segment is {} bytes with CRC {crc:#010x}, expected {} bytes with CRC {:#010x}",
+                    bytes.len(),
+                    expected.length,
+                    expected.crc32c
+                ),
+            ));
+        }
+        let header = SegmentHeader::decode(&bytes, received)?;
+        if header.base_offset != expected.base_offset {
+            return Err(Error::corruption(
+                received,
+                16,
+                format!(
+                    "header says base offset {}, expected {}",
+                    header.base_offset, expected.base_offset
+                ),
+            ));
+        }
+        let walked =
+            recovery::walk_whole(bytes.clone(), &header, shared.config.index_interval_bytes)?;
+        if let Some(damage) = walked.damages.first() {
+            return Err(Error::corruption(
+                received,
+                damage.position,
+                damage.reason.clone(),
+            ));
+        }
+        if walked.end != bytes.len() as u64 || walked.builder.next_offset != expected.next_offset {
+            return Err(Error::corruption(
+                received,
+                walked.end,
+                format!(
+                    "the frames end at byte {} (offset {}), the file is {} bytes to offset {}",
+                    walked.end,
+                    walked.builder.next_offset,
+                    bytes.len(),
+                    expected.next_offset
+                ),
+            ));
+        }
+        let last = writer.state.last_log_id.index;
+        let first_index = walked.builder.first_raft_index;
+        if last != 0 && first_index != 0 && first_index != last + 1 {
+            return Err(Error::InvalidInput(format!(
+                "segment begins at Raft index {first_index}, the log ends at {last}"
+            )));
+        }
+        shared.gate.sync_file(file.as_ref(), true, 0, 0)?;
+        // Its slots carry the peer's generations: ours must be above them
+        // before anything is written after it.
+        let generation_max = walked.generation;
+        shared.save_metadata(|metadata| {
+            metadata.generation = metadata.generation.max(generation_max);
+            metadata.clean = None;
+        })?;
+        if let Some(active) = writer.state.active.take() {
+            shared.gate.clear_active();
+            shared.remove_empty_segment(&active.segment)?;
+        }
+        let path = shared
+            .directory
+            .join(crate::format::segment_file_name(header.base_offset));
+        shared.file_system.rename(received, &path)?;
+        shared
+            .gate
+            .sync_directory(shared.file_system.as_ref(), &shared.directory)?;
+        let mut index = walked.builder.header(walked.end, header.salt);
+        index.flags |= INDEX_FLAG_SEALED;
+        index.segment_crc = crc;
+        let segment = Arc::new(StorageSegment::new(
+            Arc::clone(&shared.file_system),
+            &shared.directory,
+            header,
+            walked.builder.progress(walked.end),
+            true,
+        ));
+        if let Err(error) = shared.file_system.write_atomic(
+            segment.index_path(),
+            &encode_index(&index, &walked.builder.entries),
+        ) {
+            tracing::warn!(%error, "cannot write an installed segment's index; the next open rebuilds it");
+        }
+        segment.mark_indexed(crc, walked.builder.entries.clone());
+        if let Some(previous) = shared.segments_snapshot().last() {
+            segment.set_timestamp_max_through(previous.timestamp_max_through());
+        }
+        writer.state.next_offset = segment.next_offset();
+        if segment.last_log_id().index != 0 {
+            writer.state.last_log_id = segment.last_log_id();
+        }
+        writer.state.timestamp_max = writer
+            .state
+            .timestamp_max
+            .max(segment.timestamp_max_through());
+        writer.state.generation_raised = false;
+        shared.push_segment(segment);
+        let point = DurablePoint {
+            sequence: writer.state.sequence,
+            next_offset: writer.state.next_offset,
+            last_log_id: writer.state.last_log_id,
+        };
+        shared.gate.reset(point, 0);
+        shared.notify_readers();
+        Ok(())
+    }
+
+    /// Syncs, seals, checkpoints and marks the log cleanly closed. After a
+    /// failed sync it only reports the failure.
+    pub fn close(&self) -> Result<()> {
+        let _writer = self.writer();
+        let shared = &self.shared;
+        if shared.gate.is_poisoned() {
+            shared.notify_readers();
+            return Err(shared.gate.poisoned_error());
+        }
+        shared.gate.sync()?;
+        shared.finish_seals()?;
+        let mark = shared.active_segment().and_then(|segment| {
+            shared.checkpoint().map(|length| CleanMark {
+                segment_base: segment.base_offset(),
+                data_length: length,
+                next_offset: segment.next_offset(),
+            })
+        });
+        if let Some(mark) = mark {
+            if let Err(error) = shared.save_metadata(|metadata| metadata.clean = Some(mark)) {
+                tracing::warn!(stream = %shared.name, %error, "cannot mark the clean shutdown; the next open validates the tail");
+            }
+        }
+        shared.notify_readers();
+        Ok(())
+    }
+}
