@@ -199,6 +199,9 @@ impl Reader {
     // same reader returns more records after later appends.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<StoredRecord>> {
+        // Records buffered from a frame a truncation removed are not handed
+        // out.
+        self.follow_truncation()?;
         loop {
             if let Some(records) = &mut self.records {
                 let next_offset = self.next_offset;
@@ -398,6 +401,7 @@ impl Reader {
     /// reader's next offset (the caller skips those records); the subject
     /// filter does not apply to whole frames. `None` when caught up.
     pub fn next_stored_frame(&mut self) -> Result<Option<StoredFrame>> {
+        self.follow_truncation()?;
         // Records of a partly consumed frame were already handed out.
         self.records = None;
         let Some(frame) = self.locate_frame()? else {

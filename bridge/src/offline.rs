@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 fn file_system() -> Arc<dyn FileSystem> {
-    Arc::new(OsFileSystem::new(WriteMode::Mmap))
+    Arc::new(OsFileSystem::new(WriteMode::Pwrite))
 }
 
 fn require_directory(dir: &Path) -> Result<()> {
@@ -66,7 +66,7 @@ pub fn verify(dir: &Path) -> Result<ExitCode> {
         report.next_offset
     );
     if let Some(torn) = &report.torn_tail {
-        println!("torn tail (truncated on the next open, nothing acknowledged is in it): {torn}");
+        println!("torn tail (left behind by the next open): {torn}");
     }
     for problem in &report.problems {
         println!("PROBLEM: {problem}");
@@ -102,15 +102,38 @@ pub fn repair(dir: &Path, audit_log: Option<&Path>) -> Result<ExitCode> {
             serde_json::json!({
                 "truncated": report.truncated.iter().map(|tail| format!("{}@{}", tail.segment.display(), tail.position)).collect::<Vec<_>>(),
                 "quarantined": report.quarantined.iter().map(|range| range.saved_to.display().to_string()).collect::<Vec<_>>(),
+                "lost_offsets": report.lost.iter().map(|lost| format!("{}..{}", lost.first_offset, lost.next_offset)).collect::<Vec<_>>(),
                 "rebuilt_indexes": report.rebuilt_indexes.len(),
+                "rebuilt_metadata": report.rebuilt_metadata,
             })
         },
     )?;
+    print_recovery(&report);
+    let changed = !report.quarantined.is_empty()
+        || !report.lost.is_empty()
+        || !report.rebuilt_indexes.is_empty()
+        || !report.completed_seals.is_empty()
+        || report.completed_truncation.is_some()
+        || report.rebuilt_metadata;
+    if changed {
+        println!(
+            "repaired: {} segments; `natswal verify` checks the result",
+            report.segments
+        );
+    } else {
+        println!("nothing to repair: {} segments", report.segments);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints what a recovery found and did, one line per change.
+fn print_recovery(report: &natswal::RecoveryReport) {
     for tail in &report.truncated {
         println!(
-            "truncated torn tail of {} at byte {}: {}",
+            "left a torn tail of {} at byte {} ({} unprovable frames after it; never synced, nothing acknowledged at fsync was in it): {}",
             tail.segment.display(),
             tail.position,
+            tail.frames_dropped,
             tail.reason
         );
     }
@@ -125,11 +148,27 @@ pub fn repair(dir: &Path, audit_log: Option<&Path>) -> Result<ExitCode> {
             range.saved_to.display()
         );
     }
+    for lost in &report.lost {
+        println!(
+            "lost offsets {}..{} ({} records) in {}: recorded as a gap; later offsets are unchanged",
+            lost.first_offset,
+            lost.next_offset,
+            lost.next_offset - lost.first_offset,
+            lost.segment.display()
+        );
+    }
+    for sealed in &report.completed_seals {
+        println!("finished the interrupted seal of {}", sealed.display());
+    }
+    if let Some(offset) = report.completed_truncation {
+        println!("finished an interrupted truncation from offset {offset}");
+    }
+    if report.rebuilt_metadata {
+        println!("rebuilt the stream metadata from the log (a Raft vote, commit index and purge point it held are lost)");
+    }
     for index in &report.rebuilt_indexes {
         println!("rebuilt index {}", index.display());
     }
-    println!("repaired: {} segments", report.segments);
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Audits the outcome of an offline action by the CLI's user: `ok` with

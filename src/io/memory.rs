@@ -47,12 +47,14 @@ pub enum Operation {
 }
 
 /// A fault: operations of this kind on paths containing `path_contains`
-/// fail with `errno`, `count` times (`None`: from now on).
+/// fail with `errno`, after `after` of them succeeded, `count` times
+/// (`None`: from then on).
 #[derive(Debug, Clone)]
 pub struct Fault {
     pub operation: Operation,
     pub path_contains: String,
     pub errno: i32,
+    pub after: u32,
     pub count: Option<u32>,
 }
 
@@ -191,6 +193,7 @@ impl MemoryFileSystem {
             operation: Operation::Sync,
             path_contains: path_contains.to_string(),
             errno: libc::EIO,
+            after: 0,
             count: Some(1),
         });
     }
@@ -365,14 +368,18 @@ impl State {
         });
         if let Some(index) = matched {
             let fault = &mut self.faults[index];
-            if let Some(count) = fault.count.as_mut() {
-                *count -= 1;
+            if fault.after > 0 {
+                fault.after -= 1;
+            } else {
+                if let Some(count) = fault.count.as_mut() {
+                    *count -= 1;
+                }
+                let errno = fault.errno;
+                return Err(Error::io(
+                    format!("{operation:?} of {} failed (injected)", path.display()),
+                    std::io::Error::from_raw_os_error(errno),
+                ));
             }
-            let errno = fault.errno;
-            return Err(Error::io(
-                format!("{operation:?} of {} failed (injected)", path.display()),
-                std::io::Error::from_raw_os_error(errno),
-            ));
         }
         if operation == Operation::Sync {
             match self.syncs_before_failure {

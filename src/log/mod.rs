@@ -281,6 +281,9 @@ impl LogShared {
             self.gate
                 .sync_directory(self.file_system.as_ref(), &recycle)?;
         }
+        drop(file);
+        // Opened again under its name, so that errors name the segment.
+        let file = self.file_system.open(&path, true)?;
         let capacity = file.length()?.max(capacity);
         Ok((file, capacity))
     }
@@ -836,7 +839,9 @@ impl Log {
                 FrameRange::RaftIndex { .. } => segment.seek_raft_index(cache, expected)?,
                 FrameRange::Offset { .. } => segment.seek_offset(cache, expected)?,
             };
-            let end_position = segment.visible_length();
+            // Written frames, durable or not: Raft reads its own entries
+            // before they are flushed.
+            let end_position = segment.written_length();
             let mut source = SegmentSource::new(segment, cache, end_position);
             while position < end_position {
                 let frame = match read_slot(&mut source, position, segment.salt_state(), u32::MAX)?

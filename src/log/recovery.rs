@@ -630,9 +630,13 @@ impl RecoveryManager {
                 ));
             }
             let walked = analysis.walk.as_ref().expect("verify walks every segment");
-            if let Some(problem) =
-                index_problem(file_system.as_ref(), &analysis, walked, next_base.is_none())
-            {
+            if let Some(problem) = index_problem(
+                file_system.as_ref(),
+                &analysis.path,
+                &analysis.header,
+                walked,
+                next_base.is_none(),
+            ) {
                 report.problems.push(problem);
             }
             report.segments += 1;
@@ -1069,6 +1073,32 @@ fn finish_analysis(
     }
     let index_path = context.directory.join(index_file_name(analysis.base));
     if !is_last {
+        // A repair walks every segment: one whose index already matches its
+        // frames keeps it.
+        let index_path_ok = analysis.file_length == walked.end
+            && !walked.frames.is_empty()
+            && index_problem(
+                file_system.as_ref(),
+                &analysis.path,
+                &analysis.header,
+                &walked,
+                false,
+            )
+            .is_none();
+        if let Some((index, entries)) = index_path_ok
+            .then(|| read_index(file_system.as_ref(), &index_path, &analysis.header))
+            .flatten()
+        {
+            let segment = StorageSegment::new(
+                Arc::clone(file_system),
+                context.directory,
+                analysis.header,
+                progress_of(&index),
+                true,
+            );
+            segment.mark_indexed(index.segment_crc, entries);
+            return Ok((Arc::new(segment), None));
+        }
         // A sealed segment without a valid index: its seal was interrupted
         // (or its index lost). Its frames are complete: cut and index it.
         let file = file_system.open(&analysis.path, true)?;
@@ -1122,11 +1152,12 @@ fn finish_analysis(
 /// cover less than its data.
 fn index_problem(
     file_system: &dyn FileSystem,
-    analysis: &Analysis,
+    segment_path: &Path,
+    header: &SegmentHeader,
     walked: &Walk,
     is_last: bool,
 ) -> Option<String> {
-    let index_path = analysis.path.with_extension("idx");
+    let index_path = segment_path.with_extension("idx");
     let bytes = match file_system.read(&index_path) {
         Ok(bytes) => bytes,
         Err(_) if is_last => return None,
@@ -1146,7 +1177,7 @@ fn index_problem(
             ))
         }
     };
-    if index.salt != analysis.header.salt || index.base_offset != analysis.base {
+    if index.salt != header.salt || index.base_offset != header.base_offset {
         return Some(format!(
             "{}: belongs to another segment file",
             index_path.display()
@@ -1162,7 +1193,7 @@ fn index_problem(
                 let entry = (
                     frame.position,
                     timestamp_max,
-                    frame.header.base_offset - analysis.base,
+                    frame.header.base_offset - header.base_offset,
                     frame.header.raft_index.saturating_sub(first_raft),
                 );
                 if frame.header.stored_records() > 0 {
@@ -1172,9 +1203,9 @@ fn index_problem(
             })
             .collect()
     };
-    let mut expected = walked.builder.header(walked.end, analysis.header.salt);
+    let mut expected = walked.builder.header(walked.end, header.salt);
     if index.is_sealed() {
-        let bytes = file_system.read(&analysis.path).ok()?;
+        let bytes = file_system.read(segment_path).ok()?;
         expected.segment_crc = crc32c::crc32c(&bytes[..(walked.end as usize).min(bytes.len())]);
         if !index_matches(&index, &entries, &expected, &frames) {
             return Some(format!(

@@ -49,6 +49,9 @@ pub struct StorageSegment {
     salt_state: u32,
     file_system: Arc<dyn FileSystem>,
     visible_length: AtomicU64,
+    /// Bytes the writer wrote (whole slots and frames), visible or not:
+    /// what Raft reads of its own log before it is durable.
+    written_length: AtomicU64,
     next_offset: AtomicU64,
     record_count: AtomicU64,
     first_timestamp_ns: AtomicI64,
@@ -119,6 +122,7 @@ impl StorageSegment {
             salt_state: salt_state(header.salt),
             file_system,
             visible_length: AtomicU64::new(progress.length),
+            written_length: AtomicU64::new(progress.length),
             next_offset: AtomicU64::new(progress.next_offset),
             record_count: AtomicU64::new(progress.record_count),
             first_timestamp_ns: AtomicI64::new(progress.first_timestamp_ns),
@@ -183,6 +187,17 @@ impl StorageSegment {
 
     pub fn next_offset(&self) -> u64 {
         self.next_offset.load(Ordering::Acquire)
+    }
+
+    /// Bytes written so far (at least the visible length).
+    pub fn written_length(&self) -> u64 {
+        self.written_length
+            .load(Ordering::Acquire)
+            .max(self.visible_length())
+    }
+
+    pub(crate) fn mark_written(&self, length: u64) {
+        self.written_length.fetch_max(length, Ordering::AcqRel);
     }
 
     pub fn record_count(&self) -> u64 {

@@ -298,6 +298,7 @@ impl WriterState {
             active.segment.push_index_entry(entry);
         }
         active.position += stored_bytes;
+        active.segment.mark_written(active.position);
         active.first_write_ns.get_or_insert(now_ns);
         self.next_offset = header.next_offset();
         if header.raft_index != 0 {

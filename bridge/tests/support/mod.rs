@@ -26,6 +26,123 @@ pub fn nats_server_binary() -> PathBuf {
     path
 }
 
+/// The `natswal` binary under test. `NATSWAL_BIN` overrides it, so a test
+/// can be run against another build (an earlier one, to see it fail).
+pub fn natswal_binary() -> PathBuf {
+    match std::env::var_os("NATSWAL_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_natswal")),
+    }
+}
+
+/// Runs `natswal` with `args` to completion: its exit code (-signal when
+/// killed) and its output, stdout then stderr.
+pub fn natswal_run(args: &[&str]) -> (i32, String) {
+    let output = Command::new(natswal_binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run natswal");
+    let code = output.status.code().unwrap_or_else(|| {
+        use std::os::unix::process::ExitStatusExt;
+        -output.status.signal().unwrap_or(0)
+    });
+    let mut text = String::from_utf8_lossy(&output.stdout).to_string();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (code, text)
+}
+
+/// Where a frame is in a segment file: its slot starts at `start`, the
+/// frame at `start + 16`, the next slot at `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSpan {
+    pub start: u64,
+    pub end: u64,
+    pub base_offset: u64,
+    pub record_count: u32,
+}
+
+/// The valid slots and frames of a segment file's bytes, from the first.
+pub fn frame_spans(bytes: &[u8]) -> Vec<FrameSpan> {
+    use natswal::format::frame::{check_frame, salt_state, FrameCheck, SlotHeader};
+    let mut spans = Vec::new();
+    let Ok(header) =
+        natswal::format::segment_header::SegmentHeader::decode(bytes, Path::new("segment"))
+    else {
+        return spans;
+    };
+    let state = salt_state(header.salt);
+    let mut position = natswal::format::segment_header::SEGMENT_HEADER_LENGTH;
+    while position + 16 <= bytes.len() {
+        if SlotHeader::decode(&bytes[position..], state).is_none() {
+            break;
+        }
+        let FrameCheck::Valid(frame) = check_frame(&bytes[position + 16..]) else {
+            break;
+        };
+        let end = position + 16 + frame.frame_length as usize;
+        spans.push(FrameSpan {
+            start: position as u64,
+            end: end as u64,
+            base_offset: frame.base_offset,
+            record_count: frame.record_count,
+        });
+        position = end;
+    }
+    spans
+}
+
+/// Segment files of a stream directory, in offset order.
+pub fn segment_files(directory: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<_> = std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "log"))
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Publishes `count` messages to `events.<n>` with up to 256 requests in
+/// flight and returns each acknowledged offset with its payload.
+pub async fn publish_acked(
+    client: &async_nats::Client,
+    count: usize,
+    first: usize,
+) -> std::collections::BTreeMap<u64, Bytes> {
+    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in first..first + count {
+        let permit = std::sync::Arc::clone(&window)
+            .acquire_owned()
+            .await
+            .unwrap();
+        let client = client.clone();
+        tasks.spawn(async move {
+            let payload = Bytes::from(format!("event {index} {}", "x".repeat(index % 120)));
+            let reply = client
+                .request(format!("events.{}", index % 7), payload.clone())
+                .await
+                .expect("ack arrives");
+            drop(permit);
+            let ack: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON ack");
+            let offset = ack["seq"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("not a PubAck: {ack}"));
+            (offset, payload)
+        });
+    }
+    let mut acked = std::collections::BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (offset, payload) = joined.unwrap();
+        assert!(
+            acked.insert(offset, payload).is_none(),
+            "offset {offset} acked twice"
+        );
+    }
+    acked
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -161,7 +278,7 @@ impl Natswal {
     }
 
     fn spawn(data_dir: &Path, config_path: &Path, http_port: u16) -> Result<Natswal, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_natswal"))
+        let mut child = Command::new(natswal_binary())
             .args(["serve", "--config"])
             .arg(config_path)
             .env("RUST_LOG", "warn,natswal::server=info")
