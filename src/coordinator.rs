@@ -166,6 +166,10 @@ struct QueueState {
 struct Written {
     sequence: u64,
     bytes: u64,
+    /// The log's truncations when written, and the frame's end: a
+    /// truncation since may have removed it.
+    truncations: u64,
+    next_offset: u64,
     completions: Vec<(Completion, AppendOutcome, Instant)>,
 }
 
@@ -503,9 +507,7 @@ impl BatchCoordinator {
         let records = (appended.next_offset - appended.base_offset) as u32;
         self.metrics.record_frame(records, appended.stored_bytes);
         match self.config.durability {
-            Durability::Fsync => {
-                self.push_written(appended.sequence, appended.stored_bytes, completions)
-            }
+            Durability::Fsync => self.push_written(&appended, completions),
             Durability::None | Durability::Interval { .. } => {
                 log.publish_written();
                 for (completion, outcome, enqueued_at) in completions {
@@ -513,7 +515,7 @@ impl BatchCoordinator {
                     completion.complete(Ok(outcome));
                 }
                 if matches!(self.config.durability, Durability::Interval { .. }) {
-                    self.push_written(appended.sequence, appended.stored_bytes, Vec::new());
+                    self.push_written(&appended, Vec::new());
                 }
             }
         }
@@ -521,20 +523,21 @@ impl BatchCoordinator {
 
     fn push_written(
         &self,
-        sequence: u64,
-        bytes: u64,
+        appended: &crate::log::writer::Appended,
         completions: Vec<(Completion, AppendOutcome, Instant)>,
     ) {
         let mut in_flight = lock(&self.in_flight);
-        in_flight.unsynced_bytes += bytes;
+        in_flight.unsynced_bytes += appended.stored_bytes;
         match in_flight.entries.back_mut() {
             Some(last) if completions.is_empty() && last.completions.is_empty() => {
-                last.sequence = sequence;
-                last.bytes += bytes;
+                last.sequence = appended.sequence;
+                last.bytes += appended.stored_bytes;
             }
             _ => in_flight.entries.push_back(Written {
-                sequence,
-                bytes,
+                sequence: appended.sequence,
+                bytes: appended.stored_bytes,
+                truncations: appended.truncations,
+                next_offset: appended.next_offset,
                 completions,
             }),
         }
@@ -654,8 +657,16 @@ impl BatchCoordinator {
         }
         self.space_signal.notify_all();
         for entry in done {
+            // Durable, but a truncation since may have removed it.
+            let removed =
+                result.is_ok() && !log.survives_truncations(entry.truncations, entry.next_offset);
             for (completion, outcome, enqueued_at) in entry.completions {
                 match &result {
+                    Ok(_) if removed => completion.complete(Err(Error::Truncated {
+                        stream: self.name.clone(),
+                        next_offset: log.written().next_offset,
+                        reader_offset: outcome.first_offset,
+                    })),
                     Ok(_) => {
                         self.metrics.record_append_latency(enqueued_at.elapsed());
                         completion.complete(Ok(outcome));

@@ -305,9 +305,19 @@ impl Reader {
                 // Retention or a truncation removed the segment while this
                 // reader was in it: go on from what is stored now, as a
                 // reader starting now would.
-                Err(Error::SegmentRemoved { .. }) if segment.is_removed() => {
+                Err(error @ Error::SegmentRemoved { .. }) if segment.is_removed() => {
                     if self.log.truncations() != self.truncations {
                         continue;
+                    }
+                    let listed = self
+                        .log
+                        .segments()
+                        .iter()
+                        .any(|listed| Arc::ptr_eq(listed, &segment));
+                    if listed {
+                        // A truncation failed half way (the log is poisoned
+                        // until a restart finishes it): nothing to go on to.
+                        return Err(error);
                     }
                     self.set_segment(None, SEGMENT_HEADER_LENGTH as u64);
                     continue;

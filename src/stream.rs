@@ -132,6 +132,8 @@ pub struct Stream {
     inner: Arc<StreamInner>,
     driver: Driver,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Dropped as a killed process would be: no close.
+    abandoned: bool,
 }
 
 impl std::fmt::Debug for Stream {
@@ -214,6 +216,7 @@ impl Stream {
                 inner,
                 driver: options.driver,
                 writer_thread: Mutex::new(writer_thread),
+                abandoned: false,
             },
             report,
         ))
@@ -386,6 +389,22 @@ impl Stream {
 
     /// Stops intake, writes and syncs everything queued, completes its
     /// appends, checkpoints and stops the threads. Blocks; idempotent.
+    /// Drops a manually driven stream as a killed process would be: nothing
+    /// more is written, synced or marked clean, and its memory is freed
+    /// (the simulator's process restarts and power losses). A stream with
+    /// its own threads cannot be stopped at an arbitrary point: it is
+    /// closed normally and an error says so.
+    pub fn abandon(mut self) -> Result<()> {
+        if self.driver != Driver::Manual {
+            return Err(Error::InvalidInput(format!(
+                "stream '{}' runs its own threads: only a manually driven stream can be abandoned; it was closed",
+                self.inner.name
+            )));
+        }
+        self.abandoned = true;
+        Ok(())
+    }
+
     pub fn close(&self) -> Result<()> {
         self.inner.coordinator.begin_close();
         let handle = self
@@ -431,6 +450,8 @@ fn spawn_threads(inner: &Arc<StreamInner>) -> Result<JoinHandle<()>> {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        let _ = self.close();
+        if !self.abandoned {
+            let _ = self.close();
+        }
     }
 }

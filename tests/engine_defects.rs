@@ -94,6 +94,44 @@ async fn a_new_key_with_an_empty_active_segment_replaces_it() {
 }
 
 #[tokio::test]
+async fn a_sealed_segment_that_is_last_again_takes_appends_and_survives_a_crash() {
+    let file_system = MemoryFileSystem::new();
+    let (stream, _) = open_memory(&file_system, options(small_config()));
+    let first: Vec<_> = (0..2000).map(record).collect();
+    append_all(&stream, &first).await;
+    let active_base = stream.log().segments().last().unwrap().base_offset();
+    stream.log().truncate_from_offset(active_base).unwrap();
+    stream.close().unwrap();
+    drop(stream);
+    // The empty segment after the sealed one goes, as when the creation
+    // of a next segment did not complete: the sealed segment (with its
+    // sealed index) is the last one again. A repair walks it instead of
+    // trusting its index and makes it the active segment.
+    let empty = Path::new("/data/s").join(natswal::format::segment_file_name(active_base));
+    file_system.remove(&empty).unwrap();
+    let repair = StreamOptions {
+        recovery_mode: RecoveryMode::Repair,
+        ..options(small_config())
+    };
+    let (stream, _) = open_memory(&file_system, repair);
+    let kept = (active_base - FIRST_OFFSET) as usize;
+    let more: Vec<_> = (kept as u64..kept as u64 + 5).map(record).collect();
+    for record in &more {
+        stream.append(record.clone()).await.unwrap();
+    }
+    std::mem::forget(stream);
+    let mut expected = first[..kept].to_vec();
+    expected.extend(more);
+    for seed in 0..4 {
+        // The seal's index must not claim the segment ends where the
+        // acknowledged appends begin.
+        let (reopened, report) = open_memory(&file_system.crash(seed), options(small_config()));
+        assert!(report.lost.is_empty(), "seed {seed}: {report:?}");
+        assert_exactly(&read_all(&reopened).unwrap(), &expected);
+    }
+}
+
+#[tokio::test]
 async fn retention_removes_by_identity_and_recycles_segment_files() {
     let directory = tempfile::tempdir().unwrap();
     let config = StreamConfig {

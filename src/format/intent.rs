@@ -9,7 +9,7 @@ use super::{read_u16, read_u32, read_u64, write_u16, write_u32, write_u64};
 
 pub const INTENT_MAGIC: &[u8; 8] = b"NATSWALT";
 pub const INTENT_FILE_NAME: &str = "truncate.intent";
-const HEADER_LENGTH: usize = 48;
+const HEADER_LENGTH: usize = 56;
 
 /// What a truncation does, in terms of files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +23,9 @@ pub struct TruncationIntent {
     /// A frame appended at the cut: the records of the frame that
     /// straddled it which are kept (empty for a cut at a frame boundary).
     pub replacement: Vec<u8>,
+    /// The salt of the cut segment, so that the replacement's slot can be
+    /// written even when the segment header was damaged after the plan.
+    pub salt: u64,
 }
 
 impl TruncationIntent {
@@ -35,6 +38,7 @@ impl TruncationIntent {
         write_u64(&mut bytes, 24, self.segment_base);
         write_u64(&mut bytes, 32, self.position);
         write_u32(&mut bytes, 40, self.replacement.len() as u32);
+        write_u64(&mut bytes, 48, self.salt);
         bytes.extend_from_slice(&self.replacement);
         let crc = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
@@ -64,6 +68,7 @@ impl TruncationIntent {
             segment_base: read_u64(bytes, 24),
             position: read_u64(bytes, 32),
             replacement: bytes[HEADER_LENGTH..body_end].to_vec(),
+            salt: read_u64(bytes, 48),
         })
     }
 }
@@ -79,6 +84,7 @@ mod tests {
             segment_base: 40,
             position: 4096,
             replacement: vec![1, 2, 3, 4, 5],
+            salt: 0x1234_5678_9abc_def0,
         };
         let bytes = intent.encode();
         assert_eq!(TruncationIntent::decode(&bytes), Ok(intent));

@@ -131,6 +131,9 @@ pub(crate) struct LogShared {
     pub seals: Mutex<Vec<SealJob>>,
     /// Bumped by every truncation: readers reposition or fail.
     pub truncations: AtomicU64,
+    /// The offset each truncation cut at, in order (appends written before
+    /// one of them at or past its cut were removed).
+    pub cuts: Mutex<Vec<u64>>,
     /// Bumped whenever more frames may be visible (or the log closes).
     pub visible: watch::Sender<u64>,
     /// Durable length of the active segment at its last checkpoint.
@@ -523,12 +526,29 @@ impl Log {
             last_log_id: recovered.last_log_id,
         };
         let gate = DurabilityGate::new(&options.name, recovered_point);
+        let mut tail_synced = false;
         if let Some(active) = &recovered.active {
             gate.set_active(
                 Arc::clone(&active.segment),
                 Arc::clone(&active.file),
                 active.position,
             );
+            // The tail recovery validated past what was known durable may
+            // be in the page cache only: the process died, or a sync failed
+            // and the kernel marked its pages clean without writing them
+            // (then a sync now would succeed and persist nothing). Write
+            // it again and sync it before anything builds on it.
+            let durable = active.segment.durable_length();
+            tail_synced = durable < active.position;
+            if tail_synced {
+                let tail = crate::io::read_exact(
+                    active.file.as_ref(),
+                    durable,
+                    (active.position - durable) as usize,
+                )?;
+                active.file.write_at(durable, &tail)?;
+                gate.sync_file(active.file.as_ref(), false, durable, active.position)?;
+            }
             active
                 .segment
                 .set_durable_progress(active.builder.progress(active.position));
@@ -550,6 +570,7 @@ impl Log {
             metadata: Mutex::new(metadata),
             seals: Mutex::new(Vec::new()),
             truncations: AtomicU64::new(0),
+            cuts: Mutex::new(Vec::new()),
             visible,
             checkpointed: AtomicU64::new(checkpointed),
             _lock: recovered.lock,
@@ -566,6 +587,13 @@ impl Log {
                 generation_raised: false,
             },
         };
+        let unindexed = shared
+            .active_segment()
+            .is_some_and(|segment| !shared.file_system.exists(segment.index_path()));
+        if tail_synced || unindexed {
+            // What recovery validated is durable now: checkpoint it.
+            shared.checkpoint();
+        }
         let report = recovered.report;
         if !report.truncated.is_empty() || !report.quarantined.is_empty() || !report.lost.is_empty()
         {
@@ -778,6 +806,16 @@ impl Log {
     /// How many truncations the log has seen since it was opened.
     pub fn truncations(&self) -> u64 {
         self.shared.truncations.load(Ordering::Acquire)
+    }
+
+    /// True if a frame written when the log had seen `truncations`
+    /// truncations, ending before `next_offset`, is still in the log (no
+    /// later truncation cut below its end).
+    pub fn survives_truncations(&self, truncations: u64, next_offset: u64) -> bool {
+        lock(&self.shared.cuts)
+            .iter()
+            .skip(truncations as usize)
+            .all(|cut| next_offset <= *cut)
     }
 
     pub fn subscribe_visible(&self) -> watch::Receiver<u64> {
@@ -1079,6 +1117,7 @@ impl Log {
         segment.set_durable_progress(active.builder.progress(active.position));
         shared.checkpointed.store(0, Ordering::Release);
         writer.state.active = Some(active);
+        lock(&shared.cuts).push(writer.state.next_offset);
         shared.truncations.fetch_add(1, Ordering::AcqRel);
         shared.notify_readers();
         Ok(report)

@@ -34,7 +34,7 @@ use crate::format::frame::{
     SlotHeader, FRAME_HEADER_LENGTH, SLOT_HEADER_LENGTH,
 };
 use crate::format::index::{
-    decode_index, encode_index, IndexEntry, IndexHeader, INDEX_FLAG_SEALED,
+    decode_index, decode_index_header, encode_index, IndexEntry, IndexHeader, INDEX_FLAG_SEALED,
 };
 use crate::format::intent::{TruncationIntent, INTENT_FILE_NAME};
 use crate::format::metadata::{LogId, StreamMetadata, METADATA_FILE_NAME};
@@ -259,6 +259,34 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
+    /// Raft index of a segment's first frame (0: none, standalone, or not
+    /// readable).
+    fn first_raft_index(&self, base: u64) -> u64 {
+        let path = self.directory.join(segment_file_name(base));
+        let Ok(file) = self.file_system.open(&path, false) else {
+            return 0;
+        };
+        let Ok(head) = crate::io::read_up_to(
+            file.as_ref(),
+            0,
+            SEGMENT_HEADER_LENGTH + SLOT_HEADER_LENGTH + FRAME_HEADER_LENGTH,
+        ) else {
+            return 0;
+        };
+        let Ok(header) = SegmentHeader::decode(&head, &path) else {
+            return 0;
+        };
+        if SlotHeader::decode(&head[SEGMENT_HEADER_LENGTH..], salt_state(header.salt)).is_none() {
+            return 0;
+        }
+        match crate::format::frame::check_header(
+            &head[SEGMENT_HEADER_LENGTH + SLOT_HEADER_LENGTH..],
+        ) {
+            FrameCheck::Valid(frame) => frame.raft_index,
+            _ => 0,
+        }
+    }
+
     fn analyze(
         &self,
         base: u64,
@@ -389,6 +417,7 @@ impl Context<'_> {
                 0
             },
             collect_frames: collect,
+            stop_at: next_base.map(|next| (next, self.first_raft_index(next))),
         };
         let walked = if collect {
             let bytes = crate::io::read_exact(file.as_ref(), 0, data_end as usize)?;
@@ -849,26 +878,28 @@ fn rebuild_metadata(
     for base in segment_bases(file_system.as_ref(), directory)? {
         let path = directory.join(segment_file_name(base));
         let bytes = Bytes::from(file_system.read(&path)?);
-        let Ok(header) = SegmentHeader::decode(&bytes, &path) else {
+        let Some(salt) = segment_salt(file_system.as_ref(), directory, base, &bytes) else {
             continue;
         };
-        let state = salt_state(header.salt);
+        let state = salt_state(salt);
+        // Every slot that verifies counts, damage or not in between: a
+        // generation or an epoch missed here could be used again.
         let mut position = SEGMENT_HEADER_LENGTH;
         while position + SLOT_HEADER_LENGTH <= bytes.len() {
             let Some(slot) = SlotHeader::decode(&bytes[position..], state) else {
-                break;
-            };
-            let frame_start = position + SLOT_HEADER_LENGTH;
-            let FrameCheck::Valid(frame) = check_frame(&bytes[frame_start..]) else {
-                break;
+                position += 1;
+                continue;
             };
             generation = generation.max(slot.generation);
-            if frame.is_encrypted() && frame.nonce[..2] == node_id.to_le_bytes() {
-                epoch = epoch.max(u32::from_le_bytes(
-                    frame.nonce[2..6].try_into().expect("4 bytes"),
-                ));
+            let frame_start = position + SLOT_HEADER_LENGTH;
+            if let FrameCheck::Valid(frame) = check_frame(&bytes[frame_start..]) {
+                if frame.is_encrypted() && frame.nonce[..2] == node_id.to_le_bytes() {
+                    epoch = epoch.max(u32::from_le_bytes(
+                        frame.nonce[2..6].try_into().expect("4 bytes"),
+                    ));
+                }
             }
-            position = frame_start + frame.frame_length as usize;
+            position = frame_start + slot.frame_length as usize;
         }
     }
     let jump = 1 << 16 | (file_system.entropy() as u32 & 0xffff);
@@ -883,6 +914,27 @@ fn rebuild_metadata(
         node_id,
         ..StreamMetadata::default()
     })
+}
+
+/// The salt of a segment: from its header, or from its index when the
+/// header is damaged.
+fn segment_salt(
+    file_system: &dyn FileSystem,
+    directory: &Path,
+    base: u64,
+    bytes: &[u8],
+) -> Option<u64> {
+    let path = directory.join(segment_file_name(base));
+    if let Ok(header) = SegmentHeader::decode(bytes, &path) {
+        return Some(header.salt);
+    }
+    file_system
+        .read(&directory.join(index_file_name(base)))
+        .ok()
+        .and_then(|index| decode_index_header(&index).ok())
+        .map(|(index, _)| index)
+        .filter(|index| index.base_offset == base)
+        .map(|index| index.salt)
 }
 
 /// Deletes what no crash-free stream holds: `*.tmp` files (incomplete
@@ -957,6 +1009,7 @@ fn recover_segments(
     let mut last_log_id = LogId::default();
     let mut timestamp_max = i64::MIN;
     let mut repaired = std::collections::BTreeSet::new();
+    let mut headers_rebuilt = std::collections::BTreeSet::new();
     let mut position = 0;
     while let Some(&base) = bases.get(position) {
         let path = directory.join(segment_file_name(base));
@@ -979,7 +1032,7 @@ fn recover_segments(
         if repairing {
             let head = file_system.read(&path)?;
             if let Err(error @ Error::Corruption { .. }) = SegmentHeader::decode(&head, &path) {
-                if !repaired.insert(base) {
+                if !headers_rebuilt.insert(base) {
                     return Err(error);
                 }
                 rebuild_segment_header(
@@ -1104,9 +1157,12 @@ fn finish_analysis(
         let file = file_system.open(&analysis.path, true)?;
         if analysis.file_length != walked.end {
             file.set_length(walked.end)?;
-            file.sync_all()?;
             report.completed_seals.push(analysis.path.clone());
         }
+        // Even a file already cut to its frames may have a length that was
+        // never made durable (its seal's fsync failed): the index below
+        // claims it is.
+        file.sync_all()?;
         let bytes = crate::io::read_exact(file.as_ref(), 0, walked.end as usize)?;
         let mut index = walked.builder.header(walked.end, analysis.header.salt);
         index.flags |= INDEX_FLAG_SEALED;
@@ -1124,6 +1180,15 @@ fn finish_analysis(
         return Ok((Arc::new(segment), None));
     }
     if analysis.checkpoint.is_none() {
+        // A sealed index on the last segment (the next segment's creation
+        // did not complete, or an empty one was removed) would claim the
+        // segment ends where the frames about to be appended begin: it
+        // goes, durably, before anything is written. Log::open writes a
+        // checkpoint in its place.
+        if file_system.exists(&index_path) {
+            file_system.remove(&index_path)?;
+            file_system.sync_directory(context.directory)?;
+        }
         report.rebuilt_indexes.push(index_path);
     }
     let file = file_system.open(&analysis.path, true)?;
@@ -1135,6 +1200,11 @@ fn finish_analysis(
         false,
     ));
     segment.attach_active(Arc::clone(&file), walked.builder.entries.clone());
+    // Only what a checkpoint or a clean shutdown vouches for is known
+    // durable: the walked tail may be in the page cache only (the process
+    // died, the machine did not). Log::open syncs it before building on it.
+    let floor = analysis.expectation.durable_floor.min(walked.end);
+    segment.reset_durable_length(floor);
     let active = ActiveSegment {
         segment: Arc::clone(&segment),
         file,
@@ -1310,14 +1380,23 @@ fn repair_segment(
         .walk
         .as_ref()
         .expect("a segment with problems was walked");
-    let salt = salt_state(analysis.header.salt);
-    let generation = walked.generation;
+    // The image is written under a new salt: an index of the old image
+    // (the repair may crash before it replaces it) then no longer matches
+    // the segment and is ignored, never taken to describe the new frames.
+    let header = SegmentHeader {
+        salt: file_system.entropy(),
+        ..analysis.header
+    };
+    let salt = salt_state(header.salt);
+    // A slot the repair adds takes the generation of the slot before it, so
+    // generations stay non-decreasing through the segment.
+    let mut generation = 0u32;
     let data_end = analysis
         .expectation
         .data_end
         .unwrap_or(u64::MAX)
         .min(bytes.len() as u64);
-    let mut image = bytes[..SEGMENT_HEADER_LENGTH].to_vec();
+    let mut image = header.encode().to_vec();
     let mut frames = walked.frames.iter().peekable();
     let mut problems: Vec<&Problem> = analysis.problems.iter().collect();
     problems.sort_by_key(|problem| problem.position);
@@ -1336,6 +1415,7 @@ fn repair_segment(
             let start = (frame.position as usize) + SLOT_HEADER_LENGTH;
             let end = start + frame.header.frame_length as usize;
             push_slot(&mut image, &bytes[start..end], salt, frame.slot.generation);
+            generation = frame.slot.generation;
             continue;
         }
         let problem = problems.next().expect("peeked");
@@ -1387,6 +1467,45 @@ fn repair_segment(
             });
         }
     }
+    // A problem at or after the torn position (offsets the next segment or
+    // a checkpoint proves missing) already covers the tail.
+    let torn = analysis.torn.as_ref().filter(|torn| {
+        analysis
+            .problems
+            .iter()
+            .all(|problem| problem.position < torn.position)
+    });
+    if let Some(torn) = torn {
+        // The rewrite leaves the torn tail out: it is reported as an open
+        // reports it, and its bytes are kept, since a damaged last frame
+        // that nothing after it proves durable looks just like a torn write
+        // (FORMAT.md 7.6). The copy is bounded by the largest frame (a
+        // recycled file holds an earlier use's bytes after it).
+        report.truncated.push(TruncatedTail {
+            segment: analysis.path.clone(),
+            position: torn.position,
+            reason: torn.reason.clone(),
+            frames_dropped: torn.frames_dropped,
+        });
+        let bound = torn.end.max(torn.position)
+            + context.config.frame_bytes_max
+            + SLOT_HEADER_LENGTH as u64;
+        let tail_end = data_end.min(bound).max(torn.position);
+        let tail = &bytes[torn.position as usize..tail_end as usize];
+        if let Some(last) = tail.iter().rposition(|byte| *byte != 0) {
+            let end = torn.position + last as u64 + 1;
+            let saved = save_quarantined(
+                file_system,
+                context.directory,
+                &analysis.path,
+                torn.position,
+                end,
+                &tail[..=last],
+                &format!("torn tail cut by a repair: {}", torn.reason),
+            )?;
+            report.quarantined.push(saved);
+        }
+    }
     // The whole image is durable once written: every slot's
     // durable_position is its own position.
     file_system.write_atomic(&analysis.path, &image)?;
@@ -1399,6 +1518,7 @@ fn repair_segment(
         end_floor: image.len() as u64,
         search_bytes: 0,
         collect_frames: false,
+        stop_at: None,
     };
     let start = WalkStart {
         position: SEGMENT_HEADER_LENGTH as u64,
@@ -1413,7 +1533,7 @@ fn repair_segment(
         start,
         &params,
     )?;
-    let mut index = rewalked.builder.header(length, analysis.header.salt);
+    let mut index = rewalked.builder.header(length, header.salt);
     if !is_last {
         index.flags |= INDEX_FLAG_SEALED;
         index.segment_crc = crc32c::crc32c(&image);
@@ -1426,10 +1546,13 @@ fn repair_segment(
     Ok(())
 }
 
-/// Repairs a segment whose header is damaged: its frames are found by
-/// their own checksums from the first slot on (offsets must follow from
-/// the file name), written back under a new header and salt; what follows
-/// the last such frame goes to quarantine.
+/// Repairs a segment whose header is damaged. Its index (sealed or
+/// checkpoint) keeps the salt: with it the header is rebuilt exactly and
+/// the frames stay as they are (other damage is then repaired as usual).
+/// Without it, frames are found by their own checksums (offsets following
+/// the file name's), written back under a new header and salt; what lies
+/// between them goes to quarantine and the offsets it held are recorded
+/// lost. The old header is saved to quarantine either way.
 fn rebuild_segment_header(
     file_system: &dyn FileSystem,
     directory: &Path,
@@ -1440,35 +1563,14 @@ fn rebuild_segment_header(
 ) -> Result<()> {
     let path = directory.join(segment_file_name(base));
     let bytes = file_system.read(&path)?;
-    let salt = file_system.entropy();
-    let state = salt_state(salt);
-    let mut position = SEGMENT_HEADER_LENGTH;
-    let mut offset = base;
-    let mut frames: Vec<(usize, usize)> = Vec::new();
-    let mut key = (0u32, 0u8);
-    while position + SLOT_HEADER_LENGTH < bytes.len() {
-        let frame_start = position + SLOT_HEADER_LENGTH;
-        let FrameCheck::Valid(header) = check_frame(&bytes[frame_start..]) else {
-            break;
-        };
-        if header.base_offset != offset {
-            break;
-        }
-        if header.is_encrypted() {
-            key = (header.key_id, header.cipher);
-        }
-        offset = header.next_offset();
-        frames.push((frame_start, frame_start + header.frame_length as usize));
-        position = frame_start + header.frame_length as usize;
-    }
-    let header = SegmentHeader {
-        base_offset: base,
-        created_at_ns: 0,
-        key_id: key.0,
-        compression: 0,
-        cipher: key.1,
-        salt,
-    };
+    let index_path = directory.join(index_file_name(base));
+    let known_salt = segment_salt(file_system, directory, base, &bytes);
+    let frames = frames_by_checksum(&bytes, base);
+    let key = frames
+        .iter()
+        .map(|(_, header)| header)
+        .find(|header| header.is_encrypted())
+        .map_or((0, 0), |header| (header.key_id, header.cipher));
     let saved = save_quarantined(
         file_system,
         directory,
@@ -1479,40 +1581,118 @@ fn rebuild_segment_header(
         reason,
     )?;
     report.quarantined.push(saved);
-    let mut image = header.encode().to_vec();
-    for (start, end) in &frames {
-        push_slot(&mut image, &bytes[*start..*end], state, 0);
+    let header = |salt| SegmentHeader {
+        base_offset: base,
+        created_at_ns: 0,
+        key_id: key.0,
+        compression: 0,
+        cipher: key.1,
+        salt,
+    };
+    if let Some(salt) = known_salt {
+        let mut image = bytes.clone();
+        image[..SEGMENT_HEADER_LENGTH].copy_from_slice(&header(salt).encode());
+        return file_system.write_atomic(&path, &image);
     }
-    let rest_end = bytes.len().min(position + (1 << 20));
-    let rest_nonzero = bytes[position..rest_end].iter().any(|byte| *byte != 0);
-    if next_base.is_some() && rest_nonzero {
-        let saved = save_quarantined(
-            file_system,
-            directory,
-            &path,
-            position as u64,
-            bytes.len() as u64,
-            &bytes[position..],
-            "after the last frame found when rebuilding a damaged segment header",
-        )?;
-        report.quarantined.push(saved);
+    let salt = file_system.entropy();
+    let state = salt_state(salt);
+    let mut image = header(salt).encode().to_vec();
+    let mut offset = base;
+    let mut position = SEGMENT_HEADER_LENGTH;
+    let lost = |first: u64, next: u64, image: &mut Vec<u8>, report: &mut RecoveryReport| {
+        if next > first {
+            let gap = encode_empty_frame(FrameKind::Gap, first, (next - first) as u32, 0, 0);
+            push_slot(image, &gap, state, 0);
+            report.lost.push(LostOffsets {
+                segment: path.clone(),
+                first_offset: first,
+                next_offset: next,
+            });
+        }
+    };
+    for (start, frame) in &frames {
+        if *start > position {
+            let saved = save_quarantined(
+                file_system,
+                directory,
+                &path,
+                position as u64,
+                *start as u64,
+                &bytes[position..*start],
+                "between frames found when rebuilding a damaged segment header",
+            )?;
+            report.quarantined.push(saved);
+        }
+        lost(offset, frame.base_offset, &mut image, report);
+        let frame_start = start + SLOT_HEADER_LENGTH;
+        push_slot(
+            &mut image,
+            &bytes[frame_start..frame_start + frame.frame_length as usize],
+            state,
+            0,
+        );
+        offset = frame.next_offset();
+        position = frame_start + frame.frame_length as usize;
     }
-    if let Some(next) = next_base.filter(|next| *next > offset) {
-        let gap = encode_empty_frame(FrameKind::Gap, offset, (next - offset) as u32, 0, 0);
-        push_slot(&mut image, &gap, state, 0);
-        report.lost.push(LostOffsets {
-            segment: path.clone(),
-            first_offset: offset,
-            next_offset: next,
-        });
+    if let Some(next) = next_base {
+        let rest_nonzero = bytes[position.min(bytes.len())..]
+            .iter()
+            .any(|byte| *byte != 0);
+        if rest_nonzero {
+            let saved = save_quarantined(
+                file_system,
+                directory,
+                &path,
+                position as u64,
+                bytes.len() as u64,
+                &bytes[position..],
+                "after the last frame found when rebuilding a damaged segment header",
+            )?;
+            report.quarantined.push(saved);
+        }
+        lost(offset.min(next), next, &mut image, report);
     }
     file_system.write_atomic(&path, &image)?;
-    let index_path = directory.join(index_file_name(base));
     if file_system.exists(&index_path) {
         file_system.remove(&index_path)?;
         file_system.sync_directory(directory)?;
     }
     Ok(())
+}
+
+/// Frames of a segment image found by their own checksums (the salt being
+/// unknown): from the first slot on, each where its predecessor ends, or at
+/// the next position where a frame verifies with offsets at or after the
+/// expected ones. Slot positions and frame headers.
+fn frames_by_checksum(bytes: &[u8], base: u64) -> Vec<(usize, crate::format::frame::FrameHeader)> {
+    let mut frames = Vec::new();
+    let mut expected = base;
+    let mut position = SEGMENT_HEADER_LENGTH;
+    while position + SLOT_HEADER_LENGTH + FRAME_HEADER_LENGTH <= bytes.len() {
+        let frame_start = position + SLOT_HEADER_LENGTH;
+        match check_frame(&bytes[frame_start..]) {
+            FrameCheck::Valid(header) if header.base_offset >= expected => {
+                expected = header.next_offset();
+                frames.push((position, header));
+                position = frame_start + header.frame_length as usize;
+            }
+            _ => {
+                let from = frame_start + 1;
+                let found =
+                    memchr::memmem::find_iter(&bytes[from..], crate::format::frame::FRAME_MAGIC)
+                        .map(|found| from + found)
+                        .find(|candidate| {
+                            matches!(check_frame(&bytes[*candidate..]),
+                            FrameCheck::Valid(header) if header.base_offset >= expected)
+                        });
+                match found {
+                    Some(candidate) => position = candidate - SLOT_HEADER_LENGTH,
+                    None => break,
+                }
+            }
+        }
+    }
+    frames
 }
 
 /// Where a truncation cuts.
@@ -1619,8 +1799,30 @@ pub(crate) fn plan_cut(
             }
             _ => None,
         };
-        match prefix {
-            Some((kept, records)) => {
+        let gap_kept = match cut {
+            Cut::SplitAt(offset) | Cut::FrameHolding(offset)
+                if frame.header.kind == FrameKind::Gap && offset > frame.header.base_offset =>
+            {
+                Some(offset - frame.header.base_offset)
+            }
+            _ => None,
+        };
+        match (prefix, gap_kept) {
+            // A gap frame (offsets a repair recorded lost) holds no record:
+            // a shorter one keeps the cut exactly where it was asked for,
+            // so offsets below it are never reused.
+            (_, Some(kept)) => {
+                let kept_offsets = u32::try_from(kept).expect("below a frame's own offset count");
+                replacement = encode_empty_frame(
+                    FrameKind::Gap,
+                    frame.header.base_offset,
+                    kept_offsets,
+                    0,
+                    0,
+                );
+                report.next_offset = frame.header.base_offset + kept;
+            }
+            (Some((kept, records)), None) => {
                 let prefix: Vec<(Record, i64)> = records
                     .iter()
                     .take(kept)
@@ -1640,7 +1842,7 @@ pub(crate) fn plan_cut(
                 report.next_offset = frame.header.base_offset + kept as u64;
             }
             // Atomic, encrypted without keys, or online: the frame goes whole.
-            None => {
+            (None, None) => {
                 report.records_removed += stored;
                 report.next_offset = frame.header.base_offset;
             }
@@ -1657,6 +1859,7 @@ pub(crate) fn plan_cut(
         segment_base: boundary.base_offset(),
         position,
         replacement,
+        salt: boundary.header().salt,
     };
     Ok(Some((intent, report)))
 }
@@ -1753,8 +1956,8 @@ pub(crate) fn redo_truncation(
     let file = file_system.open(&path, true)?;
     file.set_length(intent.position)?;
     if !intent.replacement.is_empty() {
-        let head = crate::io::read_exact(file.as_ref(), 0, SEGMENT_HEADER_LENGTH)?;
-        let header = SegmentHeader::decode(&head, &path)?;
+        // The salt comes from the intent: the header may have been damaged
+        // since the plan, and an explicit repair rebuilds it afterwards.
         let slot = SlotHeader {
             frame_length: intent.replacement.len() as u32,
             durable_position: intent.position as u32,
@@ -1762,12 +1965,45 @@ pub(crate) fn redo_truncation(
         };
         file.write_vectored_at(
             intent.position,
-            &[&slot.encode(salt_state(header.salt)), &intent.replacement],
+            &[&slot.encode(salt_state(intent.salt)), &intent.replacement],
         )?;
     }
     file.sync_all()?;
+    // All of the cut segment is durable now: a checkpoint says so, so that
+    // damage to it is never taken for a torn write.
+    checkpoint_whole(file_system, file.as_ref(), &index_path)?;
     file_system.remove(&directory.join(INTENT_FILE_NAME))?;
     file_system.sync_directory(directory)?;
+    Ok(())
+}
+
+/// Writes the checkpoint of a segment whose whole file is durable (derived
+/// data: a segment that does not walk cleanly gets none).
+fn checkpoint_whole(
+    file_system: &dyn FileSystem,
+    file: &dyn File,
+    index_path: &Path,
+) -> Result<()> {
+    let bytes = read_whole(file)?;
+    // A header damaged since the truncation was planned gets no checkpoint:
+    // an open finds the damage, and an explicit repair rebuilds it.
+    let Ok(header) = SegmentHeader::decode(&bytes, file.path()) else {
+        return Ok(());
+    };
+    let walked = walk_whole(
+        bytes.clone(),
+        &header,
+        crate::config::INDEX_INTERVAL_DEFAULT,
+    )?;
+    if !walked.damages.is_empty() || walked.end != bytes.len() as u64 {
+        return Ok(());
+    }
+    let index = walked.builder.header(walked.end, header.salt);
+    if let Err(error) =
+        file_system.write_atomic(index_path, &encode_index(&index, &walked.builder.entries))
+    {
+        tracing::warn!(%error, "cannot write a checkpoint after a truncation");
+    }
     Ok(())
 }
 
@@ -1817,6 +2053,7 @@ pub(crate) fn walk_whole(bytes: Bytes, header: &SegmentHeader, interval: u64) ->
         end_floor: length,
         search_bytes: 0,
         collect_frames: false,
+        stop_at: None,
     };
     let start = WalkStart {
         position: SEGMENT_HEADER_LENGTH as u64,

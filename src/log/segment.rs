@@ -277,6 +277,11 @@ impl StorageSegment {
             .fetch_max(earlier_segments_max, Ordering::AcqRel);
     }
 
+    /// After recovery: only this much is known durable.
+    pub(crate) fn reset_durable_length(&self, length: u64) {
+        self.durable_length.store(length, Ordering::Release);
+    }
+
     pub(crate) fn mark_durable(&self, length: u64) {
         self.durable_length.fetch_max(length, Ordering::AcqRel);
     }
@@ -437,6 +442,7 @@ impl StorageSegment {
             end_floor: length,
             search_bytes: 0,
             collect_frames: false,
+            stop_at: None,
         };
         let walked = walk(&mut source, start, &params)?;
         if let Some(damage) = walked.damages.first() {

@@ -270,6 +270,10 @@ pub(crate) struct WalkParams {
     pub search_bytes: u64,
     /// Keep every frame's summary (repair rewrites from them).
     pub collect_frames: bool,
+    /// A segment that is not the last ends where the next one begins: at
+    /// this offset, and (for Raft entries that take no offsets) before this
+    /// Raft index (0: unknown). Bytes after are not this segment's.
+    pub stop_at: Option<(u64, u64)>,
 }
 
 /// A damaged range that was durable: corruption.
@@ -454,6 +458,25 @@ pub(crate) fn walk(
             None if position >= source.end() => break,
             None => read_slot(source, position, params.salt_state, params.generation_max)?,
         };
+        if let (Some((offset, raft_index)), Slot::Frame(frame)) = (params.stop_at, &slot) {
+            let header = &frame.header;
+            let beyond = header.base_offset >= offset
+                && (header.kind.takes_offsets()
+                    || raft_index == 0
+                    || header.raft_index == 0
+                    || header.raft_index >= raft_index);
+            if beyond {
+                break;
+            }
+        }
+        if params
+            .stop_at
+            .is_some_and(|(offset, _)| builder.next_offset >= offset)
+            && !matches!(slot, Slot::Frame(_))
+        {
+            // The segment's data ended where the next segment begins.
+            break;
+        }
         let defect = match slot {
             Slot::Frame(frame) => match continuity_defect(&frame, &builder, generation) {
                 None => {

@@ -75,6 +75,9 @@ pub struct Appended {
     pub log_id: LogId,
     /// Bytes the frame took in its segment (slot included).
     pub stored_bytes: u64,
+    /// Truncations the log had seen when the frame was written (see
+    /// [`Log::survives_truncations`](super::Log::survives_truncations)).
+    pub truncations: u64,
 }
 
 /// Who asked for a frame: the caller's Raft id and whether it is atomic.
@@ -324,6 +327,9 @@ impl WriterState {
             next_offset: self.next_offset,
             log_id: self.last_log_id,
             stored_bytes,
+            truncations: shared
+                .truncations
+                .load(std::sync::atomic::Ordering::Acquire),
         })
     }
 
