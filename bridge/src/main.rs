@@ -17,6 +17,7 @@ mod nats;
 mod offline;
 mod protocol;
 mod server;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -93,6 +94,8 @@ enum Command {
     /// Benchmarks, each beside a peer measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run the engine's deterministic simulator: crashes, torn writes, failed syncs, full disks and bit flips over many seeds, checking every acknowledged record.
+    Sim(simulate::SimArgs),
 }
 
 /// Options of `natswal serve`.
@@ -142,10 +145,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs its life at info; client and offline commands only
     // warnings, so their output stays readable. RUST_LOG overrides both.
-    let default_level = if matches!(cli.command, Command::Serve(_)) {
-        "info"
-    } else {
-        "warn"
+    // The simulator injects the faults the engine logs: it reports them
+    // itself.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        Command::Sim(_) => "off",
+        _ => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -215,6 +220,7 @@ async fn run(command: Command) -> error::Result<ExitCode> {
             to_time.as_deref(),
             audit_log.as_deref(),
         ),
+        Command::Sim(args) => Ok(simulate::run(args)),
         Command::Bench(BenchCommand::Wal(args)) => {
             bench::wal::run(args).await.map(|()| ExitCode::SUCCESS)
         }
