@@ -132,6 +132,54 @@ async fn a_sealed_segment_that_is_last_again_takes_appends_and_survives_a_crash(
 }
 
 #[tokio::test]
+async fn a_repair_reports_the_torn_tail_it_cuts_and_keeps_its_bytes() {
+    let file_system = MemoryFileSystem::new();
+    let (stream, _) = open_memory(&file_system, options(small_config()));
+    let written: Vec<_> = (0..300).map(record).collect();
+    append_all(&stream, &written).await;
+    let active = stream.log().segments().last().unwrap().path().to_path_buf();
+    std::mem::forget(stream);
+    // A power loss after every append was synced; then a bit flips in the
+    // first frame of the active segment (damage: later frames prove it
+    // durable), and bytes that are not a frame follow the last one.
+    let crashed = file_system.crash(7);
+    let bytes = crashed.read(&active).unwrap();
+    let end = bytes.iter().rposition(|byte| *byte != 0).unwrap() as u64 + 1;
+    crashed.flip_bit(&active, (64 + 40) * 8).unwrap();
+    let garbage = vec![0xab; 300];
+    crashed
+        .open(&active, true)
+        .unwrap()
+        .write_at(end, &garbage)
+        .unwrap();
+    let repair = StreamOptions {
+        recovery_mode: RecoveryMode::Repair,
+        ..options(small_config())
+    };
+    let (repaired, report) = open_memory(&crashed, repair);
+    assert_eq!(report.truncated.len(), 1, "{report:?}");
+    assert_eq!(report.truncated[0].position, end, "{report:?}");
+    let kept = report
+        .quarantined
+        .iter()
+        .find(|range| range.reason.starts_with("torn tail cut by a repair"))
+        .unwrap_or_else(|| panic!("the torn tail's bytes are kept: {report:?}"));
+    assert_eq!((kept.start, kept.end), (end, end + garbage.len() as u64));
+    assert_eq!(crashed.read(&kept.saved_to).unwrap(), garbage);
+    assert_eq!(
+        report.lost.len(),
+        1,
+        "only the damaged frame is lost: {report:?}"
+    );
+    let lost = &report.lost[0];
+    let records = read_all(&repaired).unwrap();
+    assert_eq!(
+        records.len() as u64,
+        written.len() as u64 - (lost.next_offset - lost.first_offset)
+    );
+}
+
+#[tokio::test]
 async fn retention_removes_by_identity_and_recycles_segment_files() {
     let directory = tempfile::tempdir().unwrap();
     let config = StreamConfig {

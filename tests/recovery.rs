@@ -776,8 +776,24 @@ async fn a_sealed_segment_that_lost_frames_is_damage_and_costs_only_those_frames
         drop(stream);
         let report = RecoveryManager::verify(&os_file_system(), trial.path(), &mut |_| {}).unwrap();
         assert!(report.is_healthy(), "torn {torn}: {report:?}");
+        assert_eq!(
+            report.recorded_gaps,
+            vec![(first_lost, next_base)],
+            "verify lists the loss the repair recorded"
+        );
         let stream = open(&os_file_system(), trial.path(), small_config()).unwrap();
         assert_eq!(read_all(&stream).unwrap().len(), records.len() + 1);
+        drop(stream);
+        // A truncation inside the recorded gap cuts exactly there: a
+        // shorter gap stays, and no offset below the cut is reused.
+        assert!(next_base > first_lost + 1, "the gap spans several offsets");
+        let cut = first_lost + 1;
+        let truncated =
+            RecoveryManager::truncate_suffix(&os_file_system(), trial.path(), cut).unwrap();
+        assert_eq!(truncated.next_offset, cut, "torn {torn}: {truncated:?}");
+        let stream = open(&os_file_system(), trial.path(), small_config()).unwrap();
+        assert_eq!(stream.append(record(0)).await.unwrap().first_offset, cut);
+        assert_eq!(read_all(&stream).unwrap().len(), index_of(first_lost) + 1);
     }
 }
 

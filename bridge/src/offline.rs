@@ -68,6 +68,9 @@ pub fn verify(dir: &Path) -> Result<ExitCode> {
     if let Some(torn) = &report.torn_tail {
         println!("torn tail (left behind by the next open): {torn}");
     }
+    for (first, next) in &report.recorded_gaps {
+        println!("recorded gap: offsets {first}..{next} were lost to damage and reported by an earlier repair (see quarantine/)");
+    }
     for problem in &report.problems {
         println!("PROBLEM: {problem}");
     }
@@ -110,6 +113,7 @@ pub fn repair(dir: &Path, audit_log: Option<&Path>) -> Result<ExitCode> {
     )?;
     print_recovery(&report);
     let changed = !report.quarantined.is_empty()
+        || !report.truncated.is_empty()
         || !report.lost.is_empty()
         || !report.rebuilt_indexes.is_empty()
         || !report.completed_seals.is_empty()
@@ -130,7 +134,7 @@ pub fn repair(dir: &Path, audit_log: Option<&Path>) -> Result<ExitCode> {
 fn print_recovery(report: &natswal::RecoveryReport) {
     for tail in &report.truncated {
         println!(
-            "left a torn tail of {} at byte {} ({} unprovable frames after it; never synced, nothing acknowledged at fsync was in it): {}",
+            "left a torn tail of {} at byte {} ({} unprovable frames after it): {}; a write cut by a crash holds nothing acknowledged at fsync (only damage to the very last synced frames looks the same: docs/FORMAT.md 7.6)",
             tail.segment.display(),
             tail.position,
             tail.frames_dropped,

@@ -138,6 +138,9 @@ pub(crate) struct LogShared {
     pub visible: watch::Sender<u64>,
     /// Durable length of the active segment at its last checkpoint.
     pub checkpointed: AtomicU64,
+    /// Segment files this open created new, and reused from `recycle/`.
+    pub segment_files_created: AtomicU64,
+    pub segment_files_recycled: AtomicU64,
     pub _lock: crate::io::DirectoryLock,
 }
 
@@ -285,6 +288,12 @@ impl LogShared {
                 .sync_directory(self.file_system.as_ref(), &recycle)?;
         }
         drop(file);
+        let counter = if staging.starts_with(&recycle) {
+            &self.segment_files_recycled
+        } else {
+            &self.segment_files_created
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         // Opened again under its name, so that errors name the segment.
         let file = self.file_system.open(&path, true)?;
         let capacity = file.length()?.max(capacity);
@@ -573,6 +582,8 @@ impl Log {
             cuts: Mutex::new(Vec::new()),
             visible,
             checkpointed: AtomicU64::new(checkpointed),
+            segment_files_created: AtomicU64::new(0),
+            segment_files_recycled: AtomicU64::new(0),
             _lock: recovered.lock,
         });
         let writer = SegmentWriter {
@@ -622,6 +633,15 @@ impl Log {
 
     pub fn name(&self) -> &str {
         &self.shared.name
+    }
+
+    /// Segment files created new and reused from `recycle/` since the log
+    /// was opened (steady writing under retention should only reuse).
+    pub fn segment_file_counts(&self) -> (u64, u64) {
+        (
+            self.shared.segment_files_created.load(Ordering::Relaxed),
+            self.shared.segment_files_recycled.load(Ordering::Relaxed),
+        )
     }
 
     pub fn directory(&self) -> &Path {

@@ -651,7 +651,7 @@ impl RecoveryManager {
             }
             if let Some(torn) = &analysis.torn {
                 report.torn_tail = Some(format!(
-                    "{} at byte {}: {} ({} unprovable frames after it; never synced, so nothing acknowledged at fsync is in it)",
+                    "{} at byte {}: {} ({} unprovable frames after it; a write cut by a crash, which holds nothing acknowledged at fsync, unless the disk damaged the very last synced frames: docs/FORMAT.md 7.6)",
                     path.display(),
                     torn.position,
                     torn.reason,
@@ -659,6 +659,13 @@ impl RecoveryManager {
                 ));
             }
             let walked = analysis.walk.as_ref().expect("verify walks every segment");
+            report.recorded_gaps.extend(
+                walked
+                    .frames
+                    .iter()
+                    .filter(|frame| frame.header.kind == FrameKind::Gap)
+                    .map(|frame| (frame.header.base_offset, frame.header.next_offset())),
+            );
             if let Some(problem) = index_problem(
                 file_system.as_ref(),
                 &analysis.path,
@@ -845,6 +852,9 @@ pub struct VerifyReport {
     pub torn_tail: Option<String>,
     /// Damage or inconsistencies, each naming a file and position.
     pub problems: Vec<String>,
+    /// Offset ranges `[first, next)` an earlier repair recorded lost (gap
+    /// frames): not damage any more, but the record of it.
+    pub recorded_gaps: Vec<(u64, u64)>,
 }
 
 impl VerifyReport {
