@@ -98,10 +98,10 @@ pub struct ApiConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// `mmap` (default) or `pwrite`.
+    /// `pwrite` (default) or `mmap`.
     #[serde(default = "default_write_mode")]
     pub write_mode: String,
-    /// Sealed segments mapped at once, across all streams.
+    /// Sealed segment files kept open at once, across all streams.
     #[serde(default = "default_open_segments_max")]
     pub open_segments_max: usize,
 }
@@ -219,6 +219,9 @@ pub struct StreamSection {
     pub segment_bytes: u64,
     #[serde(default, with = "option_duration_text")]
     pub segment_max_age: Option<Duration>,
+    /// Retention-deleted segment files kept for reuse by new segments.
+    #[serde(default = "default_recycle_segments")]
+    pub recycle_segments: usize,
     /// Largest message (subject + headers + payload).
     #[serde(default = "default_max_message_bytes", with = "size_text")]
     pub max_message_bytes: u64,
@@ -297,7 +300,10 @@ fn default_api_prefix() -> String {
     API_PREFIX_DEFAULT.to_string()
 }
 fn default_write_mode() -> String {
-    "mmap".to_string()
+    natswal::io::WriteMode::default().to_string()
+}
+fn default_recycle_segments() -> usize {
+    StreamConfig::default().recycle_segments_max
 }
 fn default_open_segments_max() -> usize {
     natswal::store::OPEN_SEGMENTS_MAX_DEFAULT
@@ -331,6 +337,7 @@ fn default_streams() -> Vec<StreamSection> {
         max_messages: None,
         segment_bytes: default_segment_bytes(),
         segment_max_age: None,
+        recycle_segments: default_recycle_segments(),
         max_message_bytes: default_max_message_bytes(),
         duplicate_window: default_duplicate_window(),
         duplicate_ids_max: default_duplicate_ids_max(),
@@ -881,6 +888,7 @@ impl StreamSection {
             durability,
             segment_bytes_max: self.segment_bytes,
             segment_age_max_ms: self.segment_max_age.map(|age| age.as_millis() as u64),
+            recycle_segments_max: self.recycle_segments,
             retention: RetentionPolicy {
                 age_max_ms: self.max_age.map(|age| age.as_millis() as u64),
                 bytes_max: self.max_bytes,
@@ -904,6 +912,7 @@ impl StreamSection {
                     "record_bytes_max" => "max_message_bytes".to_string(),
                     "segment_bytes_max" => "segment_bytes".to_string(),
                     "segment_age_max_ms" => "segment_max_age".to_string(),
+                    "recycle_segments_max" => "recycle_segments".to_string(),
                     "encryption" => "encryption_key_id".to_string(),
                     _ => key,
                 },
@@ -943,6 +952,7 @@ sync_interval = "50ms"
 max_age = "7d"
 max_bytes = "10GiB"
 segment_bytes = "64MiB"
+recycle_segments = 0
 "#;
         let config = Config::parse(text).unwrap();
         config.validate().unwrap();
@@ -951,6 +961,15 @@ segment_bytes = "64MiB"
         assert_eq!(engine.retention.bytes_max, Some(10 << 30));
         assert_eq!(engine.retention.age_max_ms, Some(7 * 86_400_000));
         assert_eq!(engine.segment_bytes_max, 64 << 20);
+        assert_eq!(engine.recycle_segments_max, 0);
+        assert_eq!(
+            Config::default().streams[0]
+                .engine_config()
+                .unwrap()
+                .recycle_segments_max,
+            StreamConfig::default().recycle_segments_max
+        );
+        assert_eq!(Config::default().storage.write_mode, "pwrite");
     }
 
     fn error_of(text: &str) -> String {

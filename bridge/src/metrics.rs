@@ -248,6 +248,25 @@ impl BridgeMetrics {
                     .load(Ordering::Relaxed)
             );
         }
+        for (name, help, recycled) in [
+            (
+                "natswal_segment_files_created_total",
+                "Segment files created new (allocating extents).",
+                false,
+            ),
+            (
+                "natswal_segment_files_recycled_total",
+                "Segment files reused from recycle/ (no new extents, no discard).",
+                true,
+            ),
+        ] {
+            counter(&mut out, name, help, "counter");
+            for (stream, _) in &streams {
+                let (created, reused) = stream.log().segment_file_counts();
+                let value = if recycled { reused } else { created };
+                let _ = writeln!(out, "{name}{{stream=\"{}\"}} {value}", stream.name());
+            }
+        }
         counter(
             &mut out,
             "natswal_sync_latency_seconds",

@@ -351,6 +351,9 @@ async fn http_endpoints_and_status() {
         "natswal_batch_records_bucket{stream=\"events\",le=\"1\"}",
         "natswal_slow_consumer_events_total 0",
         "natswal_nats_connections 2",
+        // The first append created the stream's first segment file.
+        "natswal_segment_files_created_total{stream=\"events\"} 1",
+        "natswal_segment_files_recycled_total{stream=\"events\"} 0",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }

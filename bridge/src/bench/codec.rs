@@ -256,7 +256,7 @@ pub async fn codec_case(args: &WalBenchArgs) {
     let payload_bytes: usize = payloads.iter().map(Bytes::len).sum();
     let smallest = payloads.iter().map(Bytes::len).min().unwrap_or(0);
     let largest = payloads.iter().map(Bytes::len).max().unwrap_or(0);
-    let write_mode = WriteMode::Mmap;
+    let write_mode = WriteMode::default();
     let rounds = args.codec_rounds.max(1);
     // Per codec: sum of msgs/s, of MB/s, of throughput ratio to the round's
     // plain case, of log bytes per payload byte.

@@ -52,7 +52,7 @@ pub struct NatsBenchArgs {
     #[arg(long, default_value_t = 500)]
     pub fast_flow: u16,
     /// natswal's write mode (`mmap` or `pwrite`).
-    #[arg(long, default_value = "mmap")]
+    #[arg(long, default_value = "pwrite")]
     pub write_mode: String,
     /// Skip the batch cases.
     #[arg(long)]

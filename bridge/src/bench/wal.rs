@@ -248,10 +248,19 @@ pub(super) async fn run_producers(
     }
 }
 
-/// Sequential `write` + `fdatasync`: `total_bytes` in `syncs` equal chunks.
-fn raw_sequential(directory: &Path, total_bytes: u64, syncs: u64) -> f64 {
+/// Sequential `write` + `fdatasync`: `total_bytes` in `syncs` equal chunks,
+/// into a new file (`preallocated`: into a file `fallocate`d to the total
+/// first, as natswal's segments are). MB/s.
+fn raw_sequential(directory: &Path, total_bytes: u64, syncs: u64, preallocated: bool) -> f64 {
     let path = directory.join("raw-sequential.bin");
     let mut file = std::fs::File::create(&path).expect("raw file");
+    if preallocated {
+        natswal::io::os::OsFileSystem::new(WriteMode::Pwrite)
+            .open(&path, true)
+            .and_then(|handle| handle.allocate(total_bytes))
+            .expect("raw file allocated");
+        file.sync_all().expect("raw file allocation durable");
+    }
     let syncs = syncs.max(1);
     let chunk = (total_bytes / syncs).max(1) as usize;
     let buffer = vec![0xa5u8; chunk.min(64 << 20)];
@@ -287,9 +296,10 @@ pub async fn run(args: WalBenchArgs) -> crate::error::Result<()> {
         let rate = args.latency_rate.ok_or_else(|| {
             BridgeError::InvalidArgument("--latency-only needs --latency-rate".to_string())
         })?;
-        for write_mode in [WriteMode::Mmap, WriteMode::Pwrite] {
+        for write_mode in [WriteMode::Pwrite, WriteMode::Mmap] {
             latency_case(&args, rate, write_mode).await;
         }
+        recycling_case(&args, rate).await;
         return Ok(());
     }
     println!("# natswal bench wal");
@@ -307,9 +317,9 @@ pub async fn run(args: WalBenchArgs) -> crate::error::Result<()> {
         args.dir.display()
     );
     println!();
-    println!("| payload | durability | backend | msgs/s | MB/s | records/frame | syncs | raw write+fdatasync MB/s (same bytes, same syncs) | ratio to raw |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    let mut fsync_128_mmap = None;
+    println!("| payload | durability | backend | msgs/s | MB/s | records/frame | syncs | raw write+fdatasync MB/s (same bytes, same syncs) | ratio to raw | raw into a preallocated file MB/s | ratio to it |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut fsync_128_default = None;
     for &size in &args.sizes {
         for durability in [Durability::Fsync, Durability::None] {
             for write_mode in [WriteMode::Mmap, WriteMode::Pwrite] {
@@ -327,42 +337,50 @@ pub async fn run(args: WalBenchArgs) -> crate::error::Result<()> {
                 )
                 .await;
                 close(stream).await;
-                let raw = raw_sequential(&directory, result.log_bytes, result.syncs);
-                let ratio = result.log_bytes as f64 / result.seconds / 1e6 / raw;
-                if durability == Durability::Fsync && write_mode == WriteMode::Mmap && size == 128 {
-                    fsync_128_mmap = Some(result.messages_per_second());
+                if durability == Durability::Fsync
+                    && write_mode == WriteMode::default()
+                    && size == 128
+                {
+                    fsync_128_default = Some(result.messages_per_second());
                 }
+                let log_megabytes_per_second = result.log_bytes as f64 / result.seconds / 1e6;
                 let raw_text = if durability == Durability::Fsync {
-                    (format!("{raw:.0}"), format!("{ratio:.2}"))
+                    let raw = raw_sequential(&directory, result.log_bytes, result.syncs, false);
+                    let preallocated =
+                        raw_sequential(&directory, result.log_bytes, result.syncs, true);
+                    format!(
+                        "{raw:.0} | {:.2} | {preallocated:.0} | {:.2}",
+                        log_megabytes_per_second / raw,
+                        log_megabytes_per_second / preallocated
+                    )
                 } else {
-                    ("-".to_string(), "-".to_string())
+                    "- | - | - | -".to_string()
                 };
                 println!(
-                    "| {size} B | {durability} | {write_mode} | {:.0} | {:.1} | {:.0} | {} | {} | {} |",
+                    "| {size} B | {durability} | {write_mode} | {:.0} | {:.1} | {:.0} | {} | {raw_text} |",
                     result.messages_per_second(),
                     result.megabytes_per_second(),
                     result.messages as f64 / result.frames.max(1) as f64,
                     result.syncs,
-                    raw_text.0,
-                    raw_text.1,
                 );
                 let _ = std::fs::remove_dir_all(&directory);
             }
         }
     }
     println!();
-    println!("Ratio to raw compares log bytes per second (payload + record and frame headers) with a plain sequential write + fdatasync loop of the same bytes and the same number of syncs.");
+    println!("Ratio to raw compares log bytes per second (payload + record and frame headers) with a plain sequential write + fdatasync loop of the same bytes and the same number of syncs, run right after the case on the same disk: into a new file (the loop the targets name), and into a file fallocated first (what natswal's preallocated segments get; the gap between the two is the file system allocating extents at every sync). The default backend is {}.", WriteMode::default());
     if args.codec_rounds > 0 {
         super::codec::codec_case(&args).await;
     }
     if args.quick {
         return Ok(());
     }
-    if let Some(maximum) = fsync_128_mmap {
+    if let Some(maximum) = fsync_128_default {
         let rate = args.latency_rate.unwrap_or(maximum / 2.0);
-        for write_mode in [WriteMode::Mmap, WriteMode::Pwrite] {
+        for write_mode in [WriteMode::Pwrite, WriteMode::Mmap] {
             latency_case(&args, rate, write_mode).await;
         }
+        recycling_case(&args, rate).await;
     }
     if args.scan_records > 0 {
         scan_case(&args).await;
@@ -380,22 +398,21 @@ pub(super) async fn close(stream: Arc<Stream>) {
         .expect("close task");
 }
 
-/// Open-loop producers at a fixed rate; append-to-durable latency.
-async fn latency_case(args: &WalBenchArgs, rate_per_second: f64, write_mode: WriteMode) {
-    let directory = fresh_directory(&args.dir, "latency");
-    let stream = Arc::new(open_stream(
-        &directory,
-        write_mode,
-        stream_config(Durability::Fsync),
-    ));
+/// Open-loop producers at a fixed rate for `duration`: append-to-durable
+/// latency of every append, in nanoseconds.
+async fn open_loop(
+    stream: &Arc<Stream>,
+    producers: usize,
+    rate_per_second: f64,
+    duration: Duration,
+) -> Vec<u64> {
     let payload = Bytes::from(vec![0x5a; 128]);
     let subjects = Arc::new(subjects());
-    let per_producer = rate_per_second / args.producers as f64;
-    let duration = Duration::from_secs_f64(args.latency_seconds);
+    let per_producer = rate_per_second / producers as f64;
     let mut tasks = Vec::new();
     let origin = Instant::now();
-    for producer in 0..args.producers {
-        let stream = Arc::clone(&stream);
+    for producer in 0..producers {
+        let stream = Arc::clone(stream);
         let payload = payload.clone();
         let subjects = Arc::clone(&subjects);
         tasks.push(tokio::spawn(async move {
@@ -441,10 +458,19 @@ async fn latency_case(args: &WalBenchArgs, rate_per_second: f64, write_mode: Wri
     for task in tasks {
         samples.extend(task.await.expect("latency producer"));
     }
-    let (sync_buckets, _, sync_count) = stream.metrics().sync_latency_us.snapshot();
-    eprintln!("sync latency buckets (us, cumulative): {sync_buckets:?} of {sync_count}");
-    let (latency_buckets, _, _) = stream.metrics().append_latency_us.snapshot();
-    eprintln!("engine append latency buckets (us, cumulative): {latency_buckets:?}");
+    samples
+}
+
+/// Append-to-durable latency at a fixed offered rate on a fresh stream.
+async fn latency_case(args: &WalBenchArgs, rate_per_second: f64, write_mode: WriteMode) {
+    let directory = fresh_directory(&args.dir, "latency");
+    let stream = Arc::new(open_stream(
+        &directory,
+        write_mode,
+        stream_config(Durability::Fsync),
+    ));
+    let duration = Duration::from_secs_f64(args.latency_seconds);
+    let mut samples = open_loop(&stream, args.producers, rate_per_second, duration).await;
     close(stream).await;
     let achieved = samples.len() as f64 / args.latency_seconds;
     let values = percentiles_us(&mut samples, &[0.5, 0.99, 0.999]);
@@ -460,6 +486,51 @@ async fn latency_case(args: &WalBenchArgs, rate_per_second: f64, write_mode: Wri
     let _ = std::fs::remove_dir_all(&directory);
 }
 
+/// Steady writing under retention (16 MiB segments, 64 MiB kept), at the
+/// half-load rate, with segment recycling on (the default) and off: every
+/// new segment then allocates new extents, and every deleted one is
+/// discarded by the file system (`discard` mounts do it online).
+async fn recycling_case(args: &WalBenchArgs, rate_per_second: f64) {
+    println!();
+    println!("## Steady writing under retention: segment recycling on and off (128 B, fsync, {}, 16 MiB segments, 64 MiB retained)", WriteMode::default());
+    println!();
+    println!("| recycle_segments_max | offered msgs/s | achieved msgs/s | p50 µs | p99 µs | p99.9 µs | segment files created | reused |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for recycle_segments_max in [StreamConfig::default().recycle_segments_max, 0] {
+        let directory = fresh_directory(&args.dir, "recycling");
+        let config = StreamConfig {
+            segment_bytes_max: 16 << 20,
+            retention: natswal::RetentionPolicy {
+                bytes_max: Some(64 << 20),
+                ..natswal::RetentionPolicy::default()
+            },
+            maintenance_interval_ms: 100,
+            recycle_segments_max,
+            ..stream_config(Durability::Fsync)
+        };
+        let stream = Arc::new(open_stream(&directory, WriteMode::default(), config));
+        // Warm up until retention deletes (and, with recycling, reuses).
+        let warm_up = Duration::from_secs_f64(args.latency_seconds.max(1.0));
+        open_loop(&stream, args.producers, rate_per_second, warm_up).await;
+        let before = stream.log().segment_file_counts();
+        let duration = Duration::from_secs_f64(args.latency_seconds * 2.0);
+        let mut samples = open_loop(&stream, args.producers, rate_per_second, duration).await;
+        let after = stream.log().segment_file_counts();
+        close(stream).await;
+        let achieved = samples.len() as f64 / duration.as_secs_f64();
+        let values = percentiles_us(&mut samples, &[0.5, 0.99, 0.999]);
+        println!(
+            "| {recycle_segments_max} | {rate_per_second:.0} | {achieved:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            values[0],
+            values[1],
+            values[2],
+            after.0 - before.0,
+            after.1 - before.1
+        );
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+}
+
 /// Writes `scan_records` records of 128 B, then scans them from page cache.
 async fn scan_case(args: &WalBenchArgs) {
     let directory = fresh_directory(&args.dir, "scan");
@@ -467,7 +538,7 @@ async fn scan_case(args: &WalBenchArgs) {
         durability: Durability::None,
         ..StreamConfig::default()
     };
-    let stream = Arc::new(open_stream(&directory, WriteMode::Mmap, config));
+    let stream = Arc::new(open_stream(&directory, WriteMode::default(), config));
     let payload = Bytes::from(vec![0x5a; 128]);
     let subjects = subjects();
     let batch = 1000usize;
@@ -494,7 +565,11 @@ async fn scan_case(args: &WalBenchArgs) {
     }
     // Closed and dropped: the directory's lock is free for the reopen.
     close(stream).await;
-    let stream = open_stream(&directory, WriteMode::Mmap, stream_config(Durability::None));
+    let stream = open_stream(
+        &directory,
+        WriteMode::default(),
+        stream_config(Durability::None),
+    );
     println!();
     println!(
         "## Scan of {} records of 128 B from page cache",
@@ -541,7 +616,7 @@ async fn large_case(args: &WalBenchArgs) {
     let directory = fresh_directory(&args.dir, "large");
     let stream = Arc::new(open_stream(
         &directory,
-        WriteMode::Mmap,
+        WriteMode::default(),
         stream_config(Durability::Fsync),
     ));
     let target_bytes = args.large_gib << 30;
@@ -583,7 +658,7 @@ async fn large_case(args: &WalBenchArgs) {
     let opened = Instant::now();
     let reopened = open_stream(
         &directory,
-        WriteMode::Mmap,
+        WriteMode::default(),
         stream_config(Durability::Fsync),
     );
     let open_clean = opened.elapsed();
@@ -591,8 +666,9 @@ async fn large_case(args: &WalBenchArgs) {
     drop(reopened);
     println!();
     println!(
-        "## Writing {:.1} GiB (16 KiB payloads, fsync, mmap)",
-        written as f64 / (1u64 << 30) as f64
+        "## Writing {:.1} GiB (16 KiB payloads, fsync, {})",
+        written as f64 / (1u64 << 30) as f64,
+        WriteMode::default()
     );
     println!();
     println!("| write MB/s | RssAnon before | RssAnon max while writing | segments | open after clean shutdown |");
@@ -629,7 +705,7 @@ async fn crash_open_case(directory: &Path) {
     }
     let _ = child.wait();
     let opened = Instant::now();
-    let file_system: Arc<dyn FileSystem> = Arc::new(OsFileSystem::new(WriteMode::Mmap));
+    let file_system: Arc<dyn FileSystem> = Arc::new(OsFileSystem::new(WriteMode::default()));
     let (stream, report) = Stream::open(
         file_system,
         directory,
@@ -655,7 +731,7 @@ async fn crash_open_case(directory: &Path) {
 pub async fn writer_child(directory: &Path) -> crate::error::Result<()> {
     let stream = Arc::new(open_stream(
         directory,
-        WriteMode::Mmap,
+        WriteMode::default(),
         stream_config(Durability::Fsync),
     ));
     let args = WalBenchArgs {
