@@ -161,16 +161,12 @@ impl std::fmt::Display for SimFailure {
     }
 }
 
-/// SplitMix64: small, deterministic.
-struct Random(u64);
+/// The seed's choices (the in-memory file system's generator).
+struct Random(crate::io::memory::SplitMix);
 
 impl Random {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut value = self.0;
-        value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        value = (value ^ (value >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        value ^ (value >> 31)
+        self.0.next()
     }
 
     fn below(&mut self, bound: u64) -> u64 {
@@ -235,7 +231,7 @@ fn fail<T>(message: impl Into<String>) -> std::result::Result<T, String> {
 
 impl Simulation {
     fn new(seed: u64, verbose: bool) -> Simulation {
-        let mut random = Random(seed);
+        let mut random = Random(crate::io::memory::SplitMix(seed));
         let encrypted = random.chance(30);
         let config = StreamConfig {
             durability: if random.chance(80) {
@@ -700,44 +696,29 @@ impl Simulation {
             let Ok(bytes) = self.file_system.read(&directory.join(&name)) else {
                 continue;
             };
-            let header = match crate::format::segment_header::SegmentHeader::decode(
-                &bytes,
-                Path::new(&name),
-            ) {
-                Ok(header) => header,
-                Err(error) => {
-                    eprintln!("  {name} ({} bytes): {error}", bytes.len());
-                    continue;
-                }
-            };
-            let state = crate::format::frame::salt_state(header.salt);
-            let mut position = crate::format::segment_header::SEGMENT_HEADER_LENGTH;
-            let mut slots = Vec::new();
-            while position + 16 <= bytes.len() {
-                let Some(slot) =
-                    crate::format::frame::SlotHeader::decode(&bytes[position..], state)
-                else {
-                    break;
-                };
-                let frame = crate::format::frame::check_frame(&bytes[position + 16..]);
-                let described = match frame {
-                    crate::format::frame::FrameCheck::Valid(frame) => {
-                        format!(
-                            "{position}:{}+{} g{} d{}",
-                            frame.base_offset,
-                            frame.record_count,
-                            slot.generation,
-                            slot.durable_position
-                        )
-                    }
-                    other => format!(
-                        "{position}: {other:?} g{} d{}",
-                        slot.generation, slot.durable_position
-                    ),
-                };
-                slots.push(described);
-                position += 16 + slot.frame_length as usize;
+            if let Err(error) =
+                crate::format::segment_header::SegmentHeader::decode(&bytes, Path::new(&name))
+            {
+                eprintln!("  {name} ({} bytes): {error}", bytes.len());
+                continue;
             }
+            let slots: Vec<String> = crate::format::frame::slot_chain(&bytes)
+                .iter()
+                .map(|chained| match &chained.frame {
+                    crate::format::frame::FrameCheck::Valid(frame) => format!(
+                        "{}:{}+{} g{} d{}",
+                        chained.position,
+                        frame.base_offset,
+                        frame.record_count,
+                        chained.slot.generation,
+                        chained.slot.durable_position
+                    ),
+                    other => format!(
+                        "{}: {other:?} g{} d{}",
+                        chained.position, chained.slot.generation, chained.slot.durable_position
+                    ),
+                })
+                .collect();
             eprintln!("  {name} ({} bytes): {}", bytes.len(), slots.join(", "));
         }
     }

@@ -579,6 +579,56 @@ pub fn encode_empty_frame(
     header.encode().to_vec()
 }
 
+/// One slot of a segment image as [`slot_chain`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainedSlot {
+    /// Byte position of the slot header; the frame follows 16 bytes later.
+    pub position: usize,
+    pub slot: SlotHeader,
+    pub frame: FrameCheck,
+}
+
+impl ChainedSlot {
+    /// Where the next slot begins (after this slot's frame).
+    pub fn end(&self) -> usize {
+        self.position + SLOT_HEADER_LENGTH + self.slot.frame_length as usize
+    }
+}
+
+/// The slots of a whole segment image, for tools and tests that inspect a
+/// file (recovery's walker is `log/walker.rs`): from the first slot after
+/// the header, each where the previous one's length ends, up to the first
+/// slot header that does not verify under the header's salt. The frame of
+/// every listed slot is checked; a damaged one ends the chain after it.
+/// Empty when the segment header does not decode.
+pub fn slot_chain(segment: &[u8]) -> Vec<ChainedSlot> {
+    use super::segment_header::{SegmentHeader, SEGMENT_HEADER_LENGTH};
+    let mut chain = Vec::new();
+    let Ok(header) = SegmentHeader::decode(segment, std::path::Path::new("segment")) else {
+        return chain;
+    };
+    let state = salt_state(header.salt);
+    let mut position = SEGMENT_HEADER_LENGTH;
+    while position + SLOT_HEADER_LENGTH <= segment.len() {
+        let Some(slot) = SlotHeader::decode(&segment[position..], state) else {
+            break;
+        };
+        let frame = check_frame(&segment[position + SLOT_HEADER_LENGTH..]);
+        let valid = matches!(frame, FrameCheck::Valid(_));
+        let chained = ChainedSlot {
+            position,
+            slot,
+            frame,
+        };
+        position = chained.end();
+        chain.push(chained);
+        if !valid {
+            break;
+        }
+    }
+    chain
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,10 +116,10 @@ impl Default for MemoryFileSystem {
 /// A small deterministic generator, so a failing crash test can be replayed
 /// from its seed.
 #[derive(Debug, Clone)]
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut value = self.0;
         value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -583,6 +583,18 @@ impl MemoryHandle {
             ))
         }
     }
+
+    /// Counts `operation` and reserves the space a change of the file to
+    /// `length_bytes` takes (a full disk fails it before anything changes).
+    fn reserve_growth(&self, length_bytes: u64, operation: Operation) -> Result<()> {
+        self.check_writable()?;
+        let mut state = self.file_system.lock();
+        let current = self.file.lock().data.len() as u64;
+        if length_bytes > current {
+            state.reserve(&self.path, length_bytes - current)?;
+        }
+        state.operation(operation, &self.path)
+    }
 }
 
 impl File for MemoryHandle {
@@ -677,14 +689,7 @@ impl File for MemoryHandle {
     }
 
     fn set_length(&self, length_bytes: u64) -> Result<()> {
-        self.check_writable()?;
-        let mut state = self.file_system.lock();
-        let current = self.file.lock().data.len() as u64;
-        if length_bytes > current {
-            state.reserve(&self.path, length_bytes - current)?;
-        }
-        state.operation(Operation::SetLength, &self.path)?;
-        drop(state);
+        self.reserve_growth(length_bytes, Operation::SetLength)?;
         let mut contents = self.file.lock();
         let old = contents.data.len();
         contents.data.resize(length_bytes as usize, 0);
@@ -703,14 +708,7 @@ impl File for MemoryHandle {
     }
 
     fn allocate(&self, length_bytes: u64) -> Result<()> {
-        self.check_writable()?;
-        let mut state = self.file_system.lock();
-        let current = self.file.lock().data.len() as u64;
-        if length_bytes > current {
-            state.reserve(&self.path, length_bytes - current)?;
-        }
-        state.operation(Operation::Allocate, &self.path)?;
-        drop(state);
+        self.reserve_growth(length_bytes, Operation::Allocate)?;
         let mut contents = self.file.lock();
         if (length_bytes as usize) > contents.data.len() {
             contents.data.resize(length_bytes as usize, 0);

@@ -56,24 +56,18 @@ impl IndexBuilder {
         entries: Vec<IndexEntry>,
         interval_bytes: u64,
     ) -> IndexBuilder {
+        let progress = progress_of(header);
         IndexBuilder {
             base_offset: header.base_offset,
             interval_bytes,
             last_entry_position: entries.last().map(|entry| u64::from(entry.position)),
             entries,
-            next_offset: header.next_offset,
-            record_count: header.record_count,
-            first_timestamp_ns: header.first_timestamp_ns,
-            timestamp_max: if header.record_count == 0 {
-                i64::MIN
-            } else {
-                header.last_timestamp_ns
-            },
-            first_raft_index: header.first_raft_index,
-            last_log_id: LogId {
-                term: header.last_raft_term,
-                index: header.last_raft_index,
-            },
+            next_offset: progress.next_offset,
+            record_count: progress.record_count,
+            first_timestamp_ns: progress.first_timestamp_ns,
+            timestamp_max: progress.last_timestamp_ns,
+            first_raft_index: progress.first_raft_index,
+            last_log_id: progress.last_log_id,
         }
     }
 

@@ -467,24 +467,17 @@ impl ByteSource for SegmentSource<'_> {
 
     fn get(&mut self, position: u64, length: usize) -> Result<bytes::Bytes> {
         let wanted_end = (position + length as u64).min(self.end);
-        if position >= wanted_end {
-            return Ok(bytes::Bytes::new());
-        }
-        let window_end = self.window_start + self.window.len() as u64;
-        if position >= self.window_start && wanted_end <= window_end {
-            let start = (position - self.window_start) as usize;
-            return Ok(self
-                .window
-                .slice(start..start + (wanted_end - position) as usize));
-        }
         let read_end = (position + READ_WINDOW_BYTES as u64)
             .max(wanted_end)
             .min(self.end);
-        self.window = self
-            .segment
-            .read(self.cache, position, (read_end - position) as usize)?;
-        self.window_start = position;
-        Ok(self.window.slice(..(wanted_end - position) as usize))
+        let (segment, cache) = (self.segment, self.cache);
+        walker::read_through_window(
+            &mut self.window_start,
+            &mut self.window,
+            position,
+            wanted_end,
+            || segment.read(cache, position, read_end.saturating_sub(position) as usize),
+        )
     }
 }
 

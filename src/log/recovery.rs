@@ -71,6 +71,17 @@ pub struct TruncatedTail {
     pub frames_dropped: usize,
 }
 
+impl TruncatedTail {
+    fn of(segment: &Path, torn: &crate::log::walker::TornTail) -> TruncatedTail {
+        TruncatedTail {
+            segment: segment.to_path_buf(),
+            position: torn.position,
+            reason: torn.reason.clone(),
+            frames_dropped: torn.frames_dropped,
+        }
+    }
+}
+
 /// A damaged byte range moved aside by a repair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuarantinedRange {
@@ -1103,6 +1114,24 @@ fn recover_segments(
     Ok((segments, active, next_offset, last_log_id, timestamp_max))
 }
 
+/// A sealed segment whose index verified: known without being read.
+fn sealed_from_index(
+    context: &Context<'_>,
+    header: SegmentHeader,
+    index: &IndexHeader,
+    entries: Vec<IndexEntry>,
+) -> Arc<StorageSegment> {
+    let segment = StorageSegment::new(
+        Arc::clone(context.file_system),
+        context.directory,
+        header,
+        progress_of(index),
+        true,
+    );
+    segment.mark_indexed(index.segment_crc, entries);
+    Arc::new(segment)
+}
+
 /// A segment without problems as the log holds it: trusted, sealed (its
 /// interrupted seal finished), or the active one.
 fn finish_analysis(
@@ -1113,26 +1142,18 @@ fn finish_analysis(
 ) -> Result<(Arc<StorageSegment>, Option<ActiveSegment>)> {
     let file_system = context.file_system;
     if let Some((index, entries)) = analysis.trusted {
-        let segment = StorageSegment::new(
-            Arc::clone(file_system),
-            context.directory,
-            analysis.header,
-            progress_of(&index),
-            true,
-        );
-        segment.mark_indexed(index.segment_crc, entries);
-        return Ok((Arc::new(segment), None));
+        return Ok((
+            sealed_from_index(context, analysis.header, &index, entries),
+            None,
+        ));
     }
     let walked = analysis.walk.expect("an untrusted segment is walked");
     report.validated_bytes += walked.end.saturating_sub(analysis.start);
     if let Some(torn) = &analysis.torn {
         tracing::warn!(segment = %analysis.path.display(), position = torn.position, reason = %torn.reason, frames = torn.frames_dropped, "torn tail left behind: it was never synced");
-        report.truncated.push(TruncatedTail {
-            segment: analysis.path.clone(),
-            position: torn.position,
-            reason: torn.reason.clone(),
-            frames_dropped: torn.frames_dropped,
-        });
+        report
+            .truncated
+            .push(TruncatedTail::of(&analysis.path, torn));
     }
     let index_path = context.directory.join(index_file_name(analysis.base));
     if !is_last {
@@ -1152,15 +1173,10 @@ fn finish_analysis(
             .then(|| read_index(file_system.as_ref(), &index_path, &analysis.header))
             .flatten()
         {
-            let segment = StorageSegment::new(
-                Arc::clone(file_system),
-                context.directory,
-                analysis.header,
-                progress_of(&index),
-                true,
-            );
-            segment.mark_indexed(index.segment_crc, entries);
-            return Ok((Arc::new(segment), None));
+            return Ok((
+                sealed_from_index(context, analysis.header, &index, entries),
+                None,
+            ));
         }
         // A sealed segment without a valid index: its seal was interrupted
         // (or its index lost). Its frames are complete: cut and index it.
@@ -1491,12 +1507,9 @@ fn repair_segment(
         // that nothing after it proves durable looks just like a torn write
         // (FORMAT.md 7.6). The copy is bounded by the largest frame (a
         // recycled file holds an earlier use's bytes after it).
-        report.truncated.push(TruncatedTail {
-            segment: analysis.path.clone(),
-            position: torn.position,
-            reason: torn.reason.clone(),
-            frames_dropped: torn.frames_dropped,
-        });
+        report
+            .truncated
+            .push(TruncatedTail::of(&analysis.path, torn));
         let bound = torn.end.max(torn.position)
             + context.config.frame_bytes_max
             + SLOT_HEADER_LENGTH as u64;
@@ -1521,15 +1534,7 @@ fn repair_segment(
     file_system.write_atomic(&analysis.path, &image)?;
     let index_path = context.directory.join(index_file_name(analysis.base));
     let image = Bytes::from(image);
-    let params = WalkParams {
-        salt_state: salt,
-        generation_max: u32::MAX,
-        durable_floor: image.len() as u64,
-        end_floor: image.len() as u64,
-        search_bytes: 0,
-        collect_frames: false,
-        stop_at: None,
-    };
+    let params = WalkParams::whole(salt, image.len() as u64);
     let start = WalkStart {
         position: SEGMENT_HEADER_LENGTH as u64,
         builder: IndexBuilder::new(analysis.base, context.config.index_interval_bytes),
@@ -2056,15 +2061,7 @@ pub(crate) fn retire_segment_file(
 /// Walks a whole segment image from its first slot (install checks).
 pub(crate) fn walk_whole(bytes: Bytes, header: &SegmentHeader, interval: u64) -> Result<Walk> {
     let length = bytes.len() as u64;
-    let params = WalkParams {
-        salt_state: salt_state(header.salt),
-        generation_max: u32::MAX,
-        durable_floor: length,
-        end_floor: length,
-        search_bytes: 0,
-        collect_frames: false,
-        stop_at: None,
-    };
+    let params = WalkParams::whole(salt_state(header.salt), length);
     let start = WalkStart {
         position: SEGMENT_HEADER_LENGTH as u64,
         builder: IndexBuilder::new(header.base_offset, interval),

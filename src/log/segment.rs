@@ -435,15 +435,7 @@ impl StorageSegment {
             builder: IndexBuilder::new(self.base_offset, crate::config::INDEX_INTERVAL_DEFAULT),
             generation: 0,
         };
-        let params = WalkParams {
-            salt_state: self.salt_state,
-            generation_max: u32::MAX,
-            durable_floor: length,
-            end_floor: length,
-            search_bytes: 0,
-            collect_frames: false,
-            stop_at: None,
-        };
+        let params = WalkParams::whole(self.salt_state, length);
         let walked = walk(&mut source, start, &params)?;
         if let Some(damage) = walked.damages.first() {
             return Err(Error::corruption(

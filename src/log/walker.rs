@@ -62,24 +62,42 @@ impl ByteSource for FileSource<'_> {
 
     fn get(&mut self, position: u64, length: usize) -> Result<Bytes> {
         let wanted_end = (position + length as u64).min(self.end);
-        if position >= wanted_end {
-            return Ok(Bytes::new());
-        }
-        let window_end = self.window_start + self.window.len() as u64;
-        if position >= self.window_start && wanted_end <= window_end {
-            let start = (position - self.window_start) as usize;
-            return Ok(self
-                .window
-                .slice(start..start + (wanted_end - position) as usize));
-        }
-        let read_length = ((wanted_end - position) as usize)
+        let read_length = ((wanted_end.max(position) - position) as usize)
             .max(self.window_bytes)
-            .min((self.end - position) as usize);
-        self.window = crate::io::read_up_to(self.file, position, read_length)?;
-        self.window_start = position;
-        let available = (self.window.len() as u64).min(wanted_end - position) as usize;
-        Ok(self.window.slice(..available))
+            .min(self.end.saturating_sub(position) as usize);
+        read_through_window(
+            &mut self.window_start,
+            &mut self.window,
+            position,
+            wanted_end,
+            || crate::io::read_up_to(self.file, position, read_length),
+        )
     }
+}
+
+/// `[position, wanted_end)` from the window read ahead (`window` holds the
+/// bytes from `window_start` on) when it has them; otherwise the window is
+/// replaced by what `read` returns from `position` on. Short when `read`
+/// is (the end of a file).
+pub(crate) fn read_through_window(
+    window_start: &mut u64,
+    window: &mut Bytes,
+    position: u64,
+    wanted_end: u64,
+    read: impl FnOnce() -> Result<Bytes>,
+) -> Result<Bytes> {
+    if position >= wanted_end {
+        return Ok(Bytes::new());
+    }
+    let window_end = *window_start + window.len() as u64;
+    if position >= *window_start && wanted_end <= window_end {
+        let start = (position - *window_start) as usize;
+        return Ok(window.slice(start..start + (wanted_end - position) as usize));
+    }
+    *window = read()?;
+    *window_start = position;
+    let available = (window.len() as u64).min(wanted_end - position) as usize;
+    Ok(window.slice(..available))
 }
 
 /// Bytes already in memory (offline tools, tests).
@@ -274,6 +292,22 @@ pub(crate) struct WalkParams {
     /// this offset, and (for Raft entries that take no offsets) before this
     /// Raft index (0: unknown). Bytes after are not this segment's.
     pub stop_at: Option<(u64, u64)>,
+}
+
+impl WalkParams {
+    /// A whole image `length` bytes long that is all durable (a sealed
+    /// segment, or one a repair or truncation just wrote and synced).
+    pub fn whole(salt_state: u32, length: u64) -> WalkParams {
+        WalkParams {
+            salt_state,
+            generation_max: u32::MAX,
+            durable_floor: length,
+            end_floor: length,
+            search_bytes: 0,
+            collect_frames: false,
+            stop_at: None,
+        }
+    }
 }
 
 /// A damaged range that was durable: corruption.

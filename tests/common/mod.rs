@@ -243,34 +243,20 @@ pub struct FrameSpan {
 /// The chain of valid slots and frames of a segment image, from its header
 /// on (the salt comes from the header).
 pub fn frames_of(bytes: &[u8]) -> Vec<FrameSpan> {
-    use natswal::format::frame::{check_frame, salt_state, FrameCheck, SlotHeader};
-    use natswal::format::segment_header::SEGMENT_HEADER_LENGTH;
-    let mut frames = Vec::new();
-    let Ok(header) =
-        natswal::format::segment_header::SegmentHeader::decode(bytes, Path::new("segment"))
-    else {
-        return frames;
-    };
-    let state = salt_state(header.salt);
-    let mut position = SEGMENT_HEADER_LENGTH;
-    while position + 16 <= bytes.len() {
-        if SlotHeader::decode(&bytes[position..], state).is_none() {
-            break;
-        }
-        let FrameCheck::Valid(frame) = check_frame(&bytes[position + 16..]) else {
-            break;
-        };
-        let end = position + 16 + frame.frame_length as usize;
-        frames.push(FrameSpan {
-            start: position as u64,
-            end: end as u64,
-            base_offset: frame.base_offset,
-            record_count: frame.record_count,
-            atomic: frame.is_atomic(),
-        });
-        position = end;
-    }
-    frames
+    use natswal::format::frame::{slot_chain, FrameCheck};
+    slot_chain(bytes)
+        .into_iter()
+        .map_while(|chained| match chained.frame {
+            FrameCheck::Valid(frame) => Some(FrameSpan {
+                start: chained.position as u64,
+                end: chained.end() as u64,
+                base_offset: frame.base_offset,
+                record_count: frame.record_count,
+                atomic: frame.is_atomic(),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Segment files (`.log`) of a stream directory, in offset order.

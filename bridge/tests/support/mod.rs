@@ -64,32 +64,19 @@ pub struct FrameSpan {
 
 /// The valid slots and frames of a segment file's bytes, from the first.
 pub fn frame_spans(bytes: &[u8]) -> Vec<FrameSpan> {
-    use natswal::format::frame::{check_frame, salt_state, FrameCheck, SlotHeader};
-    let mut spans = Vec::new();
-    let Ok(header) =
-        natswal::format::segment_header::SegmentHeader::decode(bytes, Path::new("segment"))
-    else {
-        return spans;
-    };
-    let state = salt_state(header.salt);
-    let mut position = natswal::format::segment_header::SEGMENT_HEADER_LENGTH;
-    while position + 16 <= bytes.len() {
-        if SlotHeader::decode(&bytes[position..], state).is_none() {
-            break;
-        }
-        let FrameCheck::Valid(frame) = check_frame(&bytes[position + 16..]) else {
-            break;
-        };
-        let end = position + 16 + frame.frame_length as usize;
-        spans.push(FrameSpan {
-            start: position as u64,
-            end: end as u64,
-            base_offset: frame.base_offset,
-            record_count: frame.record_count,
-        });
-        position = end;
-    }
-    spans
+    use natswal::format::frame::{slot_chain, FrameCheck};
+    slot_chain(bytes)
+        .into_iter()
+        .map_while(|chained| match chained.frame {
+            FrameCheck::Valid(frame) => Some(FrameSpan {
+                start: chained.position as u64,
+                end: chained.end() as u64,
+                base_offset: frame.base_offset,
+                record_count: frame.record_count,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Segment files of a stream directory, in offset order.
