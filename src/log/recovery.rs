@@ -18,8 +18,15 @@
 //! Corruption makes a strict open fail with the file and byte position.
 //! An explicit repair moves exactly the damaged bytes to `quarantine/`
 //! (with a report), records the offsets they held as a gap frame, writes
-//! the segment back atomically with a fresh index, and leaves a stream that
-//! verifies and opens. Recovery never deletes data on its own.
+//! the segment back atomically under a new salt (so no index of the old
+//! image can describe it) and then its fresh index, and leaves a stream
+//! that verifies and opens. A torn tail it cuts is reported and kept in
+//! quarantine. Recovery never deletes data on its own.
+//!
+//! Every multi-step change is crash-atomic: a truncation goes through
+//! `truncate.intent` (redone by the next open), a rewritten file through
+//! write-to-temporary, sync, rename, directory sync; a repair interrupted
+//! anywhere is finished by running it again.
 
 use super::index::{progress_of, IndexBuilder};
 use super::segment::StorageSegment;
