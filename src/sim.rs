@@ -774,7 +774,9 @@ impl Simulation {
         if !report.quarantined.is_empty() || !report.lost.is_empty() {
             return fail(format!("a strict open changed data: {report:?}"));
         }
-        self.torn_reported = !report.truncated.is_empty();
+        // Sticky until a check: a repair (or a power loss in one) after this
+        // open may hide the torn tail it reported behind a clean mark.
+        self.torn_reported |= !report.truncated.is_empty();
         for tail in &report.truncated {
             self.event(format!(
                 "open left a torn tail of {} at byte {} ({} frames after it): {}",
@@ -948,6 +950,7 @@ impl Simulation {
         // Everything was read without an error: a flipped bit left nothing
         // that could be read as data.
         self.model.damaged = false;
+        self.torn_reported = false;
         // After a power loss the durable files are the files: an older,
         // damaged copy of the metadata cannot come back any more.
         if power_lost {
