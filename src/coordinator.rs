@@ -11,8 +11,9 @@
 //! - The sync step makes all frames written since the last sync durable
 //!   with one [`Log::sync`] (group commit) and completes their appends.
 //!
-//! The steps are plain functions, so the same coordinator runs under the
-//! stream's threads ([`run_writer`], [`run_syncer`]) or under the
+//! The steps are plain functions, so the same coordinator runs under an
+//! [`IoPool`](crate::pool::IoPool) (its write and sync lanes, woken through
+//! the coordinator's [`Waker`] when there is work) or under the
 //! deterministic simulator, which calls them itself in a seeded order.
 //!
 //! A failed sync poisons the log: the appends it covered and every later
@@ -25,8 +26,9 @@ use crate::format::record::Record;
 use crate::log::writer::AppendMeta;
 use crate::log::Log;
 use crate::metrics::StreamMetrics;
+use crate::pool::{Lane, Waker};
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -159,7 +161,6 @@ impl Pending {
 struct QueueState {
     items: VecDeque<Pending>,
     closing: bool,
-    writer_waiting: bool,
 }
 
 /// Appends written to the log, waiting for their frame to be durable.
@@ -209,12 +210,11 @@ pub(crate) struct BatchCoordinator {
     config: StreamConfig,
     metrics: Arc<StreamMetrics>,
     queue: Mutex<QueueState>,
-    queue_signal: Condvar,
     budget: Semaphore,
     budget_permits_max: u32,
     in_flight: Mutex<InFlight>,
-    in_flight_signal: Condvar,
-    space_signal: Condvar,
+    /// Wakes the write and sync lanes (unset: the caller drives the steps).
+    waker: OnceLock<Waker>,
     /// Message id of the last record written (written by the write step;
     /// set once at start from the log).
     last_message_id: Mutex<Option<Arc<str>>>,
@@ -237,9 +237,7 @@ impl BatchCoordinator {
             queue: Mutex::new(QueueState {
                 items: VecDeque::new(),
                 closing: false,
-                writer_waiting: false,
             }),
-            queue_signal: Condvar::new(),
             budget: Semaphore::new(permits as usize),
             budget_permits_max: permits,
             in_flight: Mutex::new(InFlight {
@@ -248,8 +246,7 @@ impl BatchCoordinator {
                 closing: false,
                 last_sync: Instant::now(),
             }),
-            in_flight_signal: Condvar::new(),
-            space_signal: Condvar::new(),
+            waker: OnceLock::new(),
             last_message_id: Mutex::new(None),
             scratch: Mutex::new(WriteScratch {
                 builder: FrameBuilder::new(),
@@ -262,11 +259,22 @@ impl BatchCoordinator {
         *lock(&self.last_message_id) = id;
     }
 
+    /// Has `waker` woken for work from now on (once).
+    pub fn set_waker(&self, waker: Waker) {
+        let _ = self.waker.set(waker);
+    }
+
+    fn wake(&self, lane: Lane) {
+        if let Some(waker) = self.waker.get() {
+            waker.wake(lane);
+        }
+    }
+
     /// Asks the writer to finish: it drains the queue, then the syncer.
     pub fn begin_close(&self) {
         lock(&self.queue).closing = true;
-        self.queue_signal.notify_all();
         self.budget.close();
+        self.wake(Lane::Write);
     }
 
     /// Appends queued or in flight.
@@ -406,11 +414,8 @@ impl BatchCoordinator {
             return Err(self.closed());
         }
         queue.items.push_back(pending);
-        let wake = queue.writer_waiting;
         drop(queue);
-        if wake {
-            self.queue_signal.notify_one();
-        }
+        self.wake(Lane::Write);
         Ok(())
     }
 
@@ -437,9 +442,32 @@ impl BatchCoordinator {
     }
 
     /// True when the writer has nothing more to do: closing and drained.
-    fn drained(&self) -> bool {
+    pub fn drained(&self) -> bool {
         let queue = lock(&self.queue);
         queue.closing && queue.items.is_empty()
+    }
+
+    /// After the last write: the syncer makes the rest durable and stops.
+    pub fn finish_writes(&self) {
+        lock(&self.in_flight).closing = true;
+        self.wake(Lane::Sync);
+    }
+
+    /// True when everything written is durable and no write will follow.
+    pub fn sync_finished(&self) -> bool {
+        let in_flight = lock(&self.in_flight);
+        in_flight.closing && in_flight.entries.is_empty()
+    }
+
+    /// When an interval sync falls due for what is written (interval
+    /// durability only).
+    pub fn sync_deadline(&self) -> Option<Instant> {
+        let Durability::Interval { interval_ms } = self.config.durability else {
+            return None;
+        };
+        let in_flight = lock(&self.in_flight);
+        (!in_flight.entries.is_empty())
+            .then(|| in_flight.last_sync + Duration::from_millis(interval_ms))
     }
 
     fn write_taken(
@@ -542,7 +570,7 @@ impl BatchCoordinator {
             }),
         }
         drop(in_flight);
-        self.in_flight_signal.notify_one();
+        self.wake(Lane::Sync);
     }
 
     /// Drops (and fails) the taken requests whose preconditions do not
@@ -655,7 +683,8 @@ impl BatchCoordinator {
             }
             in_flight.unsynced_bytes = in_flight.unsynced_bytes.saturating_sub(freed);
         }
-        self.space_signal.notify_all();
+        // The space freed may unblock the writer.
+        self.wake(Lane::Write);
         for entry in done {
             // Durable, but a truncation since may have removed it.
             let removed =
@@ -702,84 +731,5 @@ fn take_frame(items: &mut VecDeque<Pending>, taken: &mut Vec<Pending>, config: &
         bytes += next.encoded_bytes;
         records += next_records;
         taken.push(items.pop_front().expect("front exists"));
-    }
-}
-
-/// Body of a stream's writer thread: write steps, maintenance when due,
-/// until closed and drained; then it stops the syncer.
-pub(crate) fn run_writer(
-    coordinator: &BatchCoordinator,
-    log: &Log,
-    maintenance: &dyn Fn(),
-    syncer: std::thread::JoinHandle<()>,
-) {
-    let interval = Duration::from_millis(coordinator.config.maintenance_interval_ms);
-    let mut last_maintenance = Instant::now();
-    loop {
-        match coordinator.write_step(log, crate::log::writer::now_ns()) {
-            WriteStep::Wrote => {}
-            WriteStep::Blocked => {
-                let in_flight = lock(&coordinator.in_flight);
-                let _ = coordinator
-                    .space_signal
-                    .wait_timeout(in_flight, interval)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-            }
-            WriteStep::Idle => {
-                if coordinator.drained() {
-                    break;
-                }
-                let mut queue = lock(&coordinator.queue);
-                if queue.items.is_empty() && !queue.closing {
-                    queue.writer_waiting = true;
-                    let wait = interval.saturating_sub(last_maintenance.elapsed());
-                    queue = coordinator
-                        .queue_signal
-                        .wait_timeout(queue, wait.max(Duration::from_millis(1)))
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .0;
-                    queue.writer_waiting = false;
-                }
-            }
-        }
-        // Under steady load the queue never goes idle: rotate by age and
-        // apply retention here too.
-        if last_maintenance.elapsed() >= interval {
-            maintenance();
-            last_maintenance = Instant::now();
-        }
-    }
-    lock(&coordinator.in_flight).closing = true;
-    coordinator.in_flight_signal.notify_all();
-    let _ = syncer.join();
-}
-
-/// Body of a stream's syncer thread: sync steps as appends are written
-/// (or every interval), until closed and drained.
-pub(crate) fn run_syncer(coordinator: &BatchCoordinator, log: &Log) {
-    let period = match coordinator.config.durability {
-        Durability::Interval { interval_ms } => Duration::from_millis(interval_ms),
-        _ => Duration::from_secs(3600),
-    };
-    loop {
-        {
-            let mut in_flight = lock(&coordinator.in_flight);
-            while !coordinator.sync_due(&in_flight) {
-                if in_flight.closing && in_flight.entries.is_empty() {
-                    return;
-                }
-                let wait = if in_flight.entries.is_empty() {
-                    period
-                } else {
-                    period.saturating_sub(in_flight.last_sync.elapsed())
-                };
-                in_flight = coordinator
-                    .in_flight_signal
-                    .wait_timeout(in_flight, wait.max(Duration::from_millis(1)))
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .0;
-            }
-        }
-        coordinator.sync_step(log);
     }
 }

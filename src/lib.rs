@@ -28,6 +28,7 @@ pub mod format;
 pub mod io;
 pub mod log;
 pub mod metrics;
+pub mod pool;
 pub mod reader;
 pub mod retention;
 pub mod sim;

@@ -1,10 +1,19 @@
-//! Stream: one log with its BatchCoordinator, driven by a writer and a
-//! syncer thread (or, for the simulator, by its caller). The handle appends
+//! Stream: one log with its BatchCoordinator, driven by an
+//! [`IoPool`](crate::pool::IoPool) (shared by many streams, or two threads
+//! of its own) or, for the simulator, by its caller. The handle appends
 //! through the coordinator and creates readers; closing drains the queue,
 //! syncs, seals and checkpoints.
+//!
+//! Under a pool a stream is a [`Job`] with two lanes: the write lane takes
+//! one write step per turn (and the maintenance when due: age rotation,
+//! seals, checkpoints, retention), the sync lane one group commit per turn.
+//! An idle stream is in no queue and holds no thread; its write lane has a
+//! timer for the next maintenance.
 
 use crate::config::StreamConfig;
-use crate::coordinator::{AppendOutcome, AppendRequest, BatchCoordinator, Completion};
+use crate::coordinator::{
+    AppendOutcome, AppendRequest, BatchCoordinator, Completion, SyncStep, WriteStep,
+};
 use crate::error::{Error, Result};
 use crate::format::record::Record;
 use crate::io::FileSystem;
@@ -12,12 +21,14 @@ use crate::log::cache::SegmentCache;
 use crate::log::recovery::{RecoveryMode, RecoveryReport};
 use crate::log::{Log, LogOptions, SealedSegment};
 use crate::metrics::StreamMetrics;
+use crate::pool::{IoPool, Job, Lane, LaneStates, Outcome};
 use crate::reader::{Reader, StartPosition};
 use crate::retention::RetentionDeletion;
 use crate::subject::SubjectPattern;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Called for every segment retention removes.
@@ -50,11 +61,14 @@ impl std::fmt::Debug for StreamHooks {
 }
 
 /// Who runs a stream's write and sync steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub enum Driver {
-    /// A writer and a syncer thread.
+    /// A pool of two threads of its own (one writing while the other
+    /// syncs).
     #[default]
     Threads,
+    /// A pool shared with other streams: the stream costs no thread.
+    Pool(Arc<IoPool>),
     /// The caller, through [`Stream::step_write`], [`Stream::step_sync`]
     /// and [`Stream::step_maintenance`] (the deterministic simulator).
     Manual,
@@ -109,9 +123,106 @@ struct StreamInner {
     coordinator: BatchCoordinator,
     metrics: Arc<StreamMetrics>,
     hooks: StreamHooks,
+    /// Scheduling state in the pool.
+    lanes: LaneStates,
+    /// When the write lane last ran the maintenance.
+    last_maintenance: Mutex<Instant>,
+    /// Held by a turn of each lane; closing takes both, so no turn runs
+    /// while the log closes.
+    write_turn: Mutex<()>,
+    sync_turn: Mutex<()>,
+    /// Set once closing has drained everything: later turns do nothing.
+    stopped: AtomicBool,
+    /// Set by the sync lane when everything written is durable and the
+    /// writer has finished.
+    finished: Mutex<bool>,
+    finished_signal: Condvar,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Job for StreamInner {
+    fn run(&self, lane: Lane) -> Outcome {
+        match lane {
+            Lane::Write => self.write_turn(),
+            Lane::Sync => self.sync_turn(),
+        }
+    }
+
+    fn lanes(&self) -> &LaneStates {
+        &self.lanes
+    }
 }
 
 impl StreamInner {
+    /// One turn of the write lane: the maintenance when due, then one
+    /// write step.
+    fn write_turn(&self) -> Outcome {
+        let _turn = lock(&self.write_turn);
+        if self.stopped.load(Ordering::Acquire) {
+            return Outcome::default();
+        }
+        let interval = Duration::from_millis(self.log.config().maintenance_interval_ms);
+        let next_maintenance = {
+            let mut last = lock(&self.last_maintenance);
+            if last.elapsed() >= interval {
+                self.maintenance(crate::log::writer::now_ns());
+                *last = Instant::now();
+            }
+            *last + interval
+        };
+        match self
+            .coordinator
+            .write_step(&self.log, crate::log::writer::now_ns())
+        {
+            WriteStep::Wrote => Outcome {
+                again: true,
+                timer: None,
+            },
+            // The sync that frees space wakes the lane.
+            WriteStep::Blocked => Outcome {
+                again: false,
+                timer: Some(next_maintenance),
+            },
+            WriteStep::Idle if self.coordinator.drained() => {
+                self.coordinator.finish_writes();
+                Outcome::default()
+            }
+            WriteStep::Idle => Outcome {
+                again: false,
+                timer: Some(next_maintenance),
+            },
+        }
+    }
+
+    /// One turn of the sync lane: one group commit.
+    fn sync_turn(&self) -> Outcome {
+        let _turn = lock(&self.sync_turn);
+        if self.stopped.load(Ordering::Acquire) {
+            return Outcome::default();
+        }
+        match self.coordinator.sync_step(&self.log) {
+            SyncStep::Synced => Outcome {
+                again: true,
+                timer: None,
+            },
+            SyncStep::Idle => {
+                if self.coordinator.sync_finished() {
+                    *lock(&self.finished) = true;
+                    self.finished_signal.notify_all();
+                }
+                Outcome {
+                    again: false,
+                    timer: self.coordinator.sync_deadline(),
+                }
+            }
+        }
+    }
+
     fn maintenance(&self, now_ns: i64) {
         if let Err(error) = self.log.maintenance(now_ns) {
             tracing::warn!(stream = %self.name, %error, "maintenance failed; will retry");
@@ -130,8 +241,8 @@ impl StreamInner {
 /// An open stream.
 pub struct Stream {
     inner: Arc<StreamInner>,
-    driver: Driver,
-    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    /// The pool that runs it (`None`: the manual driver).
+    pool: Option<Arc<IoPool>>,
     /// Dropped as a killed process would be: no close.
     abandoned: bool,
 }
@@ -206,16 +317,29 @@ impl Stream {
             log,
             metrics,
             hooks: options.hooks.clone(),
+            lanes: LaneStates::default(),
+            last_maintenance: Mutex::new(Instant::now()),
+            write_turn: Mutex::new(()),
+            sync_turn: Mutex::new(()),
+            stopped: AtomicBool::new(false),
+            finished: Mutex::new(false),
+            finished_signal: Condvar::new(),
         });
-        let writer_thread = match options.driver {
+        let pool = match options.driver {
             Driver::Manual => None,
-            Driver::Threads => Some(spawn_threads(&inner)?),
+            Driver::Threads => Some(IoPool::new(&format!("natswal-{name}"), 2)?),
+            Driver::Pool(pool) => Some(pool),
         };
+        if let Some(pool) = &pool {
+            let job: Arc<dyn Job> = inner.clone();
+            inner.coordinator.set_waker(pool.waker(&job));
+            // The first turn arms the maintenance timer.
+            pool.waker(&job).wake(Lane::Write);
+        }
         Ok((
             Stream {
                 inner,
-                driver: options.driver,
-                writer_thread: Mutex::new(writer_thread),
+                pool,
                 abandoned: false,
             },
             report,
@@ -387,17 +511,15 @@ impl Stream {
         self.inner.maintenance(now_ns);
     }
 
-    /// Stops intake, writes and syncs everything queued, completes its
-    /// appends, checkpoints and stops the threads. Blocks; idempotent.
     /// Drops a manually driven stream as a killed process would be: nothing
     /// more is written, synced or marked clean, and its memory is freed
-    /// (the simulator's process restarts and power losses). A stream with
-    /// its own threads cannot be stopped at an arbitrary point: it is
-    /// closed normally and an error says so.
+    /// (the simulator's process restarts and power losses). A stream run
+    /// by a pool cannot be stopped at an arbitrary point: it is closed
+    /// normally and an error says so.
     pub fn abandon(mut self) -> Result<()> {
-        if self.driver != Driver::Manual {
+        if self.pool.is_some() {
             return Err(Error::InvalidInput(format!(
-                "stream '{}' runs its own threads: only a manually driven stream can be abandoned; it was closed",
+                "stream '{}' runs on an I/O pool: only a manually driven stream can be abandoned; it was closed",
                 self.inner.name
             )));
         }
@@ -405,47 +527,29 @@ impl Stream {
         Ok(())
     }
 
+    /// Stops intake, writes and syncs everything queued, completes its
+    /// appends, seals and checkpoints. Blocks; idempotent.
     pub fn close(&self) -> Result<()> {
-        self.inner.coordinator.begin_close();
-        let handle = self
-            .writer_thread
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                return Err(Error::InvalidInput(format!(
-                    "writer thread of stream '{}' panicked",
-                    self.inner.name
-                )));
+        let inner = &self.inner;
+        inner.coordinator.begin_close();
+        if self.pool.is_some() {
+            let mut finished = lock(&inner.finished);
+            while !*finished {
+                finished = inner
+                    .finished_signal
+                    .wait(finished)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
             }
-        } else if self.driver == Driver::Manual {
+        } else {
             let now = crate::log::writer::now_ns();
             while self.step_write(now) || self.step_sync() {}
         }
-        self.inner.log.close()
+        // No turn runs from here on: the log closes alone.
+        inner.stopped.store(true, Ordering::Release);
+        let _write_turn = lock(&inner.write_turn);
+        let _sync_turn = lock(&inner.sync_turn);
+        inner.log.close()
     }
-}
-
-fn spawn_threads(inner: &Arc<StreamInner>) -> Result<JoinHandle<()>> {
-    let syncer_inner = Arc::clone(inner);
-    let syncer = std::thread::Builder::new()
-        .name(format!("natswal-sync-{}", inner.name))
-        .spawn(move || crate::coordinator::run_syncer(&syncer_inner.coordinator, &syncer_inner.log))
-        .map_err(|error| Error::io("cannot start the syncer thread", error))?;
-    let writer_inner = Arc::clone(inner);
-    std::thread::Builder::new()
-        .name(format!("natswal-write-{}", inner.name))
-        .spawn(move || {
-            let maintenance = || writer_inner.maintenance(crate::log::writer::now_ns());
-            crate::coordinator::run_writer(
-                &writer_inner.coordinator,
-                &writer_inner.log,
-                &maintenance,
-                syncer,
-            )
-        })
-        .map_err(|error| Error::io("cannot start the writer thread", error))
 }
 
 impl Drop for Stream {
