@@ -1056,6 +1056,7 @@ impl Simulation {
                     keyring: Arc::clone(&keyring),
                     node_id: 2,
                     cache: Arc::new(SegmentCache::new(2)),
+                    store_locked: None,
                 },
             )
             .map(|(log, _)| log)

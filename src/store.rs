@@ -1,12 +1,16 @@
 //! Store: the streams of one data directory (`<data_dir>/streams/<name>`),
-//! sharing one file system and one bounded cache of open segment files.
+//! sharing one file system, one bounded cache of open segment files and one
+//! [`IoPool`] that runs the write and sync work of all of them (a stream
+//! costs no thread of its own; see docs/OPERATIONS.md, "I/O threads").
 
 use crate::error::{Error, Result};
+use crate::io::handles::HandleLimit;
 use crate::io::os::OsFileSystem;
-use crate::io::{FileSystem, WriteMode};
+use crate::io::{DirectoryLock, FileSystem, StoreLocked, WriteMode};
 use crate::log::cache::SegmentCache;
 use crate::log::recovery::RecoveryReport;
-use crate::stream::{validate_stream_name, Stream, StreamOptions};
+use crate::pool::IoPool;
+use crate::stream::{validate_stream_name, Driver, Stream, StreamOptions};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,8 +20,15 @@ pub const OPEN_SEGMENTS_MAX_DEFAULT: usize = 256;
 
 pub struct Store {
     file_system: Arc<dyn FileSystem>,
+    /// Bounds the descriptors of every stream's data files.
+    handles: Arc<HandleLimit>,
+    /// The exclusive lock of `<root>/streams`: the streams need none of
+    /// their own (an offline tool takes it shared).
+    _lock: DirectoryLock,
     root: PathBuf,
     cache: Arc<SegmentCache>,
+    /// Runs every stream opened with [`Driver::Threads`] (the default).
+    pool: Arc<IoPool>,
     streams: Mutex<BTreeMap<String, Arc<Stream>>>,
 }
 
@@ -46,13 +57,59 @@ impl Store {
         root: &Path,
         open_segments_max: usize,
     ) -> Result<Store> {
-        file_system.create_directory(&root.join("streams"))?;
-        Ok(Store {
+        let streams_directory = root.join(crate::log::recovery::STREAMS_DIRECTORY);
+        file_system.create_directory(&streams_directory)?;
+        let lock = file_system.lock_directory(&streams_directory)?;
+        let handles = Arc::new(HandleLimit::new(
             file_system,
+            crate::io::handles::OPEN_FILES_MAX_DEFAULT,
+        ));
+        Ok(Store {
+            file_system: Arc::clone(&handles) as Arc<dyn FileSystem>,
+            handles,
+            _lock: lock,
             root: root.to_path_buf(),
             cache: Arc::new(SegmentCache::new(open_segments_max)),
+            pool: IoPool::new("natswal-io", crate::pool::default_threads())?,
             streams: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Runs the streams on `threads` I/O threads instead of the default
+    /// ([`crate::pool::default_threads`]); before any stream is opened.
+    pub fn with_io_threads(mut self, threads: usize) -> Result<Store> {
+        if !self.streams().is_empty() {
+            return Err(Error::InvalidInput(
+                "the I/O threads are set before any stream is opened".to_string(),
+            ));
+        }
+        self.pool = IoPool::new("natswal-io", threads)?;
+        Ok(self)
+    }
+
+    /// Keeps at most `open_files_max` data files open at once, across all
+    /// streams (clean ones are closed and reopened on demand); before any
+    /// stream is opened.
+    pub fn with_open_files_max(mut self, open_files_max: usize) -> Result<Store> {
+        if !self.streams().is_empty() {
+            return Err(Error::InvalidInput(
+                "the open files limit is set before any stream is opened".to_string(),
+            ));
+        }
+        let inner = Arc::clone(self.handles.inner());
+        self.handles = Arc::new(HandleLimit::new(inner, open_files_max));
+        self.file_system = Arc::clone(&self.handles) as Arc<dyn FileSystem>;
+        Ok(self)
+    }
+
+    /// The bound on open data files.
+    pub fn handles(&self) -> &Arc<HandleLimit> {
+        &self.handles
+    }
+
+    /// The pool that runs the streams' write and sync work.
+    pub fn pool(&self) -> &Arc<IoPool> {
+        &self.pool
     }
 
     pub fn root(&self) -> &Path {
@@ -79,6 +136,7 @@ impl Store {
             .list(&self.root.join("streams"))?
             .into_iter()
             .filter(|name| validate_stream_name(name).is_ok())
+            .filter(|name| self.file_system.is_directory(&self.stream_directory(name)))
             .collect())
     }
 
@@ -98,6 +156,11 @@ impl Store {
             )));
         }
         let directory = self.stream_directory(name);
+        let mut options = options;
+        if matches!(options.driver, Driver::Threads) {
+            options.driver = Driver::Pool(Arc::clone(&self.pool));
+        }
+        options.store_locked = Some(StoreLocked::new());
         let (stream, report) = Stream::open(
             Arc::clone(&self.file_system),
             &directory,

@@ -102,6 +102,9 @@ pub struct StreamOptions {
     /// The node whose nonces new frames carry (0 standalone).
     pub node_id: u16,
     pub driver: Driver,
+    /// Set by [`Store`](crate::store::Store), which holds the lock of the
+    /// directory its streams live in; `None` locks the stream directory.
+    pub store_locked: Option<crate::io::StoreLocked>,
 }
 
 impl Default for StreamOptions {
@@ -113,6 +116,7 @@ impl Default for StreamOptions {
             keyring: Arc::new(crate::codec::Keyring::default()),
             node_id: 0,
             driver: Driver::Threads,
+            store_locked: None,
         }
     }
 }
@@ -293,6 +297,7 @@ impl Stream {
                 keyring: Arc::clone(&options.keyring),
                 node_id: options.node_id,
                 cache,
+                store_locked: options.store_locked.clone(),
             },
         )?;
         // A new key (or a change to or from encryption) starts a new

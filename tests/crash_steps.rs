@@ -30,6 +30,7 @@ fn options(mode: RecoveryMode) -> LogOptions {
         keyring: Arc::default(),
         node_id: 0,
         cache: Arc::new(SegmentCache::new(8)),
+        store_locked: None,
     }
 }
 

@@ -31,6 +31,7 @@ fn log_options(config: StreamConfig, keyring: Keyring, node_id: u16) -> LogOptio
         keyring: Arc::new(keyring),
         node_id,
         cache: Arc::new(SegmentCache::new(8)),
+        store_locked: None,
     }
 }
 

@@ -34,6 +34,7 @@ fn open_log(file_system: &MemoryFileSystem) -> Log {
             keyring: Arc::default(),
             node_id: 0,
             cache: Arc::new(SegmentCache::new(8)),
+            store_locked: None,
         },
     )
     .unwrap()

@@ -104,6 +104,14 @@ pub struct StorageConfig {
     /// Sealed segment files kept open at once, across all streams.
     #[serde(default = "default_open_segments_max")]
     pub open_segments_max: usize,
+    /// Data files (segments of every kind) open at once across all
+    /// streams; idle ones are closed and reopened on demand.
+    #[serde(default = "default_open_files_max")]
+    pub open_files_max: usize,
+    /// Threads that run the write and sync work of all streams; 0 means
+    /// two per core (at most 64).
+    #[serde(default)]
+    pub io_threads: usize,
 }
 
 /// Where a key comes from (`[[keys]]`).
@@ -305,6 +313,13 @@ fn default_write_mode() -> String {
 fn default_recycle_segments() -> usize {
     StreamConfig::default().recycle_segments_max
 }
+/// More I/O threads than this only add contention (each is one
+/// outstanding write or sync).
+const IO_THREADS_MAX: usize = 1024;
+
+fn default_open_files_max() -> usize {
+    natswal::io::handles::OPEN_FILES_MAX_DEFAULT
+}
 fn default_open_segments_max() -> usize {
     natswal::store::OPEN_SEGMENTS_MAX_DEFAULT
 }
@@ -393,6 +408,8 @@ impl Default for StorageConfig {
         StorageConfig {
             write_mode: default_write_mode(),
             open_segments_max: default_open_segments_max(),
+            open_files_max: default_open_files_max(),
+            io_threads: 0,
         }
     }
 }
@@ -674,6 +691,18 @@ impl Config {
         self.write_mode()?;
         if self.storage.open_segments_max == 0 {
             return Err(invalid("storage.open_segments_max", "must be at least 1"));
+        }
+        if self.storage.open_files_max < 2 {
+            return Err(invalid(
+                "storage.open_files_max",
+                "must be at least 2 (an active segment and a sealed one being read)",
+            ));
+        }
+        if self.storage.io_threads > IO_THREADS_MAX {
+            return Err(invalid(
+                "storage.io_threads",
+                format!("{} is more than {IO_THREADS_MAX}", self.storage.io_threads),
+            ));
         }
         let prefix = SubjectPattern::parse(&self.api.prefix)
             .map_err(|error| invalid("api.prefix", error.to_string()))?;

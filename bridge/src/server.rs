@@ -31,11 +31,16 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
         "ok",
         serde_json::json!({"pid": std::process::id(), "streams": config.streams.iter().map(|stream| &stream.name).collect::<Vec<_>>()}),
     )?;
-    let store = Arc::new(Store::open(
+    let mut store = Store::open(
         &config.data_dir,
         config.write_mode()?,
         config.storage.open_segments_max,
-    )?);
+    )?;
+    store = store.with_open_files_max(config.storage.open_files_max)?;
+    if config.storage.io_threads > 0 {
+        store = store.with_io_threads(config.storage.io_threads)?;
+    }
+    let store = Arc::new(store);
     let mut streams: BTreeMap<String, Arc<Stream>> = BTreeMap::new();
     let mut windows = BTreeMap::new();
     for section in &config.streams {

@@ -19,6 +19,7 @@
 //! [`FileSystem::create_directory`]) are built from the primitives here, so
 //! a crash between any two of their steps is simulated like any other.
 
+pub mod handles;
 pub mod memory;
 pub mod os;
 
@@ -111,6 +112,14 @@ pub trait FileSystem: Send + Sync + std::fmt::Debug + 'static {
         Ok(DirectoryLock::default())
     }
 
+    /// Takes a shared lock of a directory: any number of holders, none
+    /// while someone holds it exclusively. An offline tool working on one
+    /// stream of a store takes the store's lock shared, so that it and a
+    /// server (which holds it exclusively) exclude each other.
+    fn lock_directory_shared(&self, _directory: &Path) -> Result<DirectoryLock> {
+        Ok(DirectoryLock::default())
+    }
+
     /// Replaces `path` atomically: writes `path.tmp`, syncs it, renames it
     /// over `path` and syncs the directory. A crash at any step leaves the
     /// old contents or the new ones (and maybe a `.tmp` file, which open
@@ -156,12 +165,32 @@ pub trait FileSystem: Send + Sync + std::fmt::Debug + 'static {
 /// when the process dies, so a SIGKILL leaves nothing stale).
 #[derive(Debug, Default)]
 pub struct DirectoryLock {
-    _file: Option<std::fs::File>,
+    _files: Vec<std::fs::File>,
 }
 
 impl DirectoryLock {
     pub(crate) fn held(file: std::fs::File) -> DirectoryLock {
-        DirectoryLock { _file: Some(file) }
+        DirectoryLock { _files: vec![file] }
+    }
+
+    /// Both locks, held together.
+    pub(crate) fn and(mut self, other: DirectoryLock) -> DirectoryLock {
+        self._files.extend(other._files);
+        self
+    }
+}
+
+/// Proof that a [`Store`](crate::store::Store) holds the exclusive lock of
+/// the directory its streams live in, so a stream it opens needs no lock
+/// (and no descriptor) of its own. Only a store can make one.
+#[derive(Debug, Clone)]
+pub struct StoreLocked {
+    _private: (),
+}
+
+impl StoreLocked {
+    pub(crate) fn new() -> StoreLocked {
+        StoreLocked { _private: () }
     }
 }
 
@@ -197,6 +226,12 @@ pub trait File: Send + Sync {
 
     /// Sets the file length (cutting a sealed segment to its data).
     fn set_length(&self, length_bytes: u64) -> Result<()>;
+
+    /// `sync_range` makes everything written to the file durable, whatever
+    /// the range (`fdatasync` does; `msync` of a range does not).
+    fn syncs_whole_file(&self) -> bool {
+        false
+    }
 
     /// Allocates `[0, length_bytes)` (`fallocate`), so that writes inside it
     /// cannot fail for lack of space; grows the file length to it.

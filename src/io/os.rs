@@ -138,25 +138,34 @@ impl FileSystem for OsFileSystem {
     }
 
     fn lock_directory(&self, directory: &Path) -> Result<DirectoryLock> {
-        let path = directory.join("LOCK");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|error| io_error("cannot open lock file", &path, error))?;
-        // SAFETY: flock(2) on a descriptor this function owns; no memory is
-        // passed.
-        let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if result != 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::WouldBlock {
-                return Err(Error::Locked { path });
-            }
-            return Err(io_error("cannot lock", &path, error));
-        }
-        Ok(DirectoryLock::held(file))
+        lock_file(directory, libc::LOCK_EX)
     }
+
+    fn lock_directory_shared(&self, directory: &Path) -> Result<DirectoryLock> {
+        lock_file(directory, libc::LOCK_SH)
+    }
+}
+
+/// `flock` of `<directory>/LOCK` with `operation`, without waiting.
+fn lock_file(directory: &Path, operation: libc::c_int) -> Result<DirectoryLock> {
+    let path = directory.join("LOCK");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|error| io_error("cannot open lock file", &path, error))?;
+    // SAFETY: flock(2) on a descriptor this function owns; no memory is
+    // passed.
+    let result = unsafe { libc::flock(file.as_raw_fd(), operation | libc::LOCK_NB) };
+    if result != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(Error::Locked { path });
+        }
+        return Err(io_error("cannot lock", &path, error));
+    }
+    Ok(DirectoryLock::held(file))
 }
 
 /// One open file. In mmap mode a writable segment also has a shared map of
@@ -315,6 +324,11 @@ impl File for OsFile {
         self.file
             .sync_all()
             .map_err(|error| io_error("fsync of", &self.path, error))
+    }
+
+    fn syncs_whole_file(&self) -> bool {
+        // In mmap mode a range sync is an msync of that range.
+        !self.mapped_writes
     }
 
     fn set_length(&self, length_bytes: u64) -> Result<()> {

@@ -60,7 +60,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tokio::sync::watch;
 use walker::{read_slot, ByteSource, Slot};
 use writer::{
-    ActiveSegment, AppendMeta, Appended, SealJob, SegmentWriter, WriterState, RECYCLE_DIRECTORY,
+    ActiveSegment, AllocationPace, AppendMeta, Appended, SealJob, SegmentWriter, WriterState,
+    RECYCLE_DIRECTORY,
 };
 
 /// One frame exactly as stored: its checked header and its bytes (header
@@ -115,6 +116,9 @@ pub struct LogOptions {
     /// The node whose nonces this log's frames carry (0 standalone).
     pub node_id: u16,
     pub cache: Arc<SegmentCache>,
+    /// Set by a store that holds its directory's lock; `None` takes the
+    /// stream directory's own lock (see `recovery::lock_stream_directory`).
+    pub store_locked: Option<crate::io::StoreLocked>,
 }
 
 /// The shared state of one log.
@@ -243,11 +247,18 @@ impl LogShared {
     /// Creates the file of a new segment with `header`: a recycled file if
     /// one waits, else a new one; built under another name, its header
     /// synced, then renamed in and the directory synced.
-    pub fn install_new_segment_file(&self, header: &SegmentHeader) -> Result<(Arc<dyn File>, u64)> {
+    pub fn install_new_segment_file(
+        &self,
+        header: &SegmentHeader,
+        allocate_bytes: u64,
+    ) -> Result<(Arc<dyn File>, u64)> {
         let path = self
             .directory
             .join(crate::format::segment_file_name(header.base_offset));
-        let capacity = self.config.segment_bytes_max;
+        // A recycled file keeps the blocks it has (its length).
+        let capacity = allocate_bytes
+            .max(SEGMENT_HEADER_LENGTH as u64)
+            .min(self.config.segment_bytes_max);
         let recycle = self.directory.join(RECYCLE_DIRECTORY);
         let recycled = if self.file_system.is_directory(&recycle) {
             self.file_system.list(&recycle)?.into_iter().next()
@@ -496,6 +507,7 @@ impl Log {
             &options.config,
             options.recovery_mode,
             options.node_id,
+            options.store_locked.is_some(),
         )?;
         let encryption = match options.config.encryption {
             None => None,
@@ -589,6 +601,7 @@ impl Log {
                 sequence: 0,
                 generation: metadata.generation,
                 generation_raised: false,
+                allocation: AllocationPace::default(),
             },
         };
         let unindexed = shared

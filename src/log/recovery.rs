@@ -127,6 +127,34 @@ pub struct RecoveryReport {
     pub rebuilt_metadata: bool,
 }
 
+/// Name of the directory of a store's streams (`<root>/streams`).
+pub const STREAMS_DIRECTORY: &str = "streams";
+
+/// Locks a stream directory opened on its own (not by a store): its own
+/// lock, and, when it lies in a store's `streams` directory, that
+/// directory's lock shared. A server holds its store's lock exclusively
+/// and opens its streams without locks of their own (a descriptor per
+/// stream would not scale to thousands), so an offline tool must take both
+/// to keep out of a running server's way.
+pub(crate) fn lock_stream_directory(
+    file_system: &dyn FileSystem,
+    directory: &Path,
+) -> Result<crate::io::DirectoryLock> {
+    let store = directory
+        .parent()
+        .filter(|parent| {
+            parent
+                .file_name()
+                .is_some_and(|name| name == STREAMS_DIRECTORY)
+        })
+        .filter(|parent| file_system.exists(&parent.join("LOCK")));
+    let store_lock = match store {
+        Some(parent) => file_system.lock_directory_shared(parent)?,
+        None => crate::io::DirectoryLock::default(),
+    };
+    Ok(file_system.lock_directory(directory)?.and(store_lock))
+}
+
 /// A stream directory after recovery, ready for the writer.
 pub(crate) struct Recovered {
     /// The directory's lock: whoever opened the stream keeps it.
@@ -528,9 +556,14 @@ impl RecoveryManager {
         config: &StreamConfig,
         mode: RecoveryMode,
         node_id: u16,
+        store_locked: bool,
     ) -> Result<Recovered> {
         file_system.create_directory(directory)?;
-        let lock = file_system.lock_directory(directory)?;
+        let lock = if store_locked {
+            crate::io::DirectoryLock::default()
+        } else {
+            lock_stream_directory(file_system.as_ref(), directory)?
+        };
         let mut report = RecoveryReport::default();
         remove_leftovers(file_system.as_ref(), directory, &mut report)?;
         let metadata = match load_metadata(file_system.as_ref(), directory) {
@@ -598,7 +631,7 @@ impl RecoveryManager {
         mode: RecoveryMode,
     ) -> Result<RecoveryReport> {
         let config = StreamConfig::default();
-        let recovered = RecoveryManager::open(file_system, directory, &config, mode, 0)?;
+        let recovered = RecoveryManager::open(file_system, directory, &config, mode, 0, false)?;
         Ok(recovered.report)
     }
 
@@ -609,7 +642,7 @@ impl RecoveryManager {
         directory: &Path,
         progress: &mut dyn FnMut(u64),
     ) -> Result<VerifyReport> {
-        let _lock = file_system.lock_directory(directory)?;
+        let _lock = lock_stream_directory(file_system.as_ref(), directory)?;
         let mut report = VerifyReport::default();
         let metadata = match load_metadata(file_system.as_ref(), directory) {
             Ok(metadata) => metadata,
@@ -716,8 +749,14 @@ impl RecoveryManager {
         from_offset: u64,
     ) -> Result<TruncateReport> {
         let config = StreamConfig::default();
-        let recovered =
-            RecoveryManager::open(file_system, directory, &config, RecoveryMode::Strict, 0)?;
+        let recovered = RecoveryManager::open(
+            file_system,
+            directory,
+            &config,
+            RecoveryMode::Strict,
+            0,
+            false,
+        )?;
         let plan = plan_cut(
             file_system,
             &recovered.segments,
@@ -757,7 +796,7 @@ impl RecoveryManager {
         file_system.create_directory(target)?;
         {
             // Nothing may write the source while it is copied.
-            let _source_lock = file_system.lock_directory(source)?;
+            let _source_lock = lock_stream_directory(file_system.as_ref(), source)?;
             for base in segment_bases(file_system.as_ref(), source)? {
                 let name = segment_file_name(base);
                 let bytes = file_system.read(&source.join(&name))?;
@@ -789,8 +828,14 @@ fn first_offset_after(
     time: i64,
 ) -> Result<u64> {
     let config = StreamConfig::default();
-    let recovered =
-        RecoveryManager::open(file_system, directory, &config, RecoveryMode::Strict, 0)?;
+    let recovered = RecoveryManager::open(
+        file_system,
+        directory,
+        &config,
+        RecoveryMode::Strict,
+        0,
+        false,
+    )?;
     for segment in &recovered.segments {
         if segment.record_count() == 0 || segment.timestamp_max_through() <= time {
             continue;

@@ -88,6 +88,64 @@ pub struct AppendMeta {
     pub raft_index: u64,
 }
 
+/// The first allocation of a stream's segment: a nearly empty stream costs
+/// about this much disk beyond what it holds.
+pub const ALLOCATION_STEP_MIN_BYTES: u64 = 64 * 1024;
+/// Allocation steps stop doubling here: a busy stream calls `fallocate`
+/// once per this many bytes (twice per default segment).
+pub const ALLOCATION_STEP_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Extensions closer together than this double the step; farther apart,
+/// halve it: the step follows what the stream writes in about a second.
+const ALLOCATION_PACE_NS: i64 = 1_000_000_000;
+
+/// How far ahead of the write position the active segment is allocated.
+/// The whole segment is not allocated up front (a nearly empty stream would
+/// cost a whole segment of disk); each extension is a `fallocate`, so a
+/// full disk fails an append before it is written, never a later store.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AllocationPace {
+    step_bytes: u64,
+    last_extension_ns: Option<i64>,
+}
+
+impl Default for AllocationPace {
+    fn default() -> Self {
+        AllocationPace {
+            step_bytes: ALLOCATION_STEP_MIN_BYTES,
+            last_extension_ns: None,
+        }
+    }
+}
+
+impl AllocationPace {
+    /// The step of an extension (or a new segment's first allocation) at
+    /// `now_ns`.
+    pub fn step(&mut self, now_ns: i64) -> u64 {
+        if let Some(last) = self.last_extension_ns {
+            self.step_bytes = if now_ns.saturating_sub(last) < ALLOCATION_PACE_NS {
+                (self.step_bytes * 2).min(ALLOCATION_STEP_MAX_BYTES)
+            } else {
+                (self.step_bytes / 2).max(ALLOCATION_STEP_MIN_BYTES)
+            };
+        }
+        self.last_extension_ns = Some(now_ns);
+        self.step_bytes
+    }
+
+    /// The end to allocate to so that `needed_end` fits, for a segment of
+    /// at most `capacity_max` bytes already allocated to `capacity`.
+    pub fn extended_capacity(
+        &mut self,
+        capacity: u64,
+        needed_end: u64,
+        capacity_max: u64,
+        now_ns: i64,
+    ) -> u64 {
+        let step = self.step(now_ns);
+        needed_end.max(capacity.saturating_add(step).min(capacity_max))
+    }
+}
+
 /// The writer's state behind the log's writer lock.
 pub(crate) struct SegmentWriter {
     pub encoder: FrameEncoder,
@@ -103,6 +161,7 @@ pub(crate) struct WriterState {
     pub generation: u32,
     /// The generation was raised for this open (or truncation).
     pub generation_raised: bool,
+    pub allocation: AllocationPace,
 }
 
 impl SegmentWriter {
@@ -360,8 +419,14 @@ impl WriterState {
             self.create_segment(shared, key, now_ns)?;
         }
         let active = self.active.as_mut().expect("created above");
-        if active.position + stored_bytes > active.capacity {
-            let length = capacity_max.max(active.position + stored_bytes);
+        let needed_end = active.position + stored_bytes;
+        if needed_end > active.capacity {
+            let length = self.allocation.extended_capacity(
+                active.capacity,
+                needed_end,
+                capacity_max,
+                now_ns,
+            );
             active.file.allocate(length)?;
             active.capacity = length;
         }
@@ -406,7 +471,8 @@ impl WriterState {
             cipher: key.1,
             salt: shared.file_system.entropy(),
         };
-        let (file, capacity) = shared.install_new_segment_file(&header)?;
+        let first_allocation = self.allocation.step(now_ns);
+        let (file, capacity) = shared.install_new_segment_file(&header, first_allocation)?;
         let builder = IndexBuilder::new(header.base_offset, shared.config.index_interval_bytes);
         let segment = Arc::new(StorageSegment::new(
             Arc::clone(&shared.file_system),
