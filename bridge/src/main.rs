@@ -125,6 +125,8 @@ enum BenchCommand {
     Wal(bench::wal::WalBenchArgs),
     /// natswal behind nats-server against JetStream and the broker's own limits, in one run.
     Nats(bench::nats::NatsBenchArgs),
+    /// Many streams: threads, files, memory, disk, open time and skewed load, natswal beside JetStream.
+    Streams(bench::streams::StreamsBenchArgs),
     /// Internal: the no-op responder of `bench nats` (acks at once, stores nothing).
     #[command(hide = true)]
     NoopResponder {
@@ -226,6 +228,9 @@ async fn run(command: Command) -> error::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Nats(args)) => {
             bench::nats::run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Streams(args)) => {
+            bench::streams::run(args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::NoopResponder { nats_url, subject }) => {
             bench::nats::noop_responder(&nats_url, &subject)

@@ -3,6 +3,7 @@
 
 mod codec;
 pub mod nats;
+pub mod streams;
 pub mod wal;
 
 /// Latency percentiles from a list of nanosecond samples.

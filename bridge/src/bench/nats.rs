@@ -62,10 +62,9 @@ pub struct NatsBenchArgs {
     pub replay_records: u64,
 }
 
-fn nats_server_binary(args: &NatsBenchArgs) -> Result<PathBuf> {
-    let path = args
-        .nats_server
-        .clone()
+pub(super) fn nats_server_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    let path = explicit
+        .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(".tools/bin/nats-server"));
     if path.is_file() {
@@ -78,7 +77,7 @@ fn nats_server_binary(args: &NatsBenchArgs) -> Result<PathBuf> {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(super) fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|error| BridgeError::io("cannot find a free port", error))?;
     listener
@@ -87,7 +86,7 @@ fn free_port() -> Result<u16> {
         .map_err(|error| BridgeError::io("cannot find a free port", error))
 }
 
-fn wait_for_port(port: u16, what: &str) -> Result<()> {
+pub(super) fn wait_for_port(port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
@@ -101,7 +100,7 @@ fn wait_for_port(port: u16, what: &str) -> Result<()> {
 }
 
 /// A child process killed when dropped.
-struct ChildProcess(Child);
+pub(super) struct ChildProcess(pub(super) Child);
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
@@ -110,7 +109,7 @@ impl Drop for ChildProcess {
     }
 }
 
-fn start_nats_server(
+pub(super) fn start_nats_server(
     binary: &Path,
     directory: &Path,
     name: &str,
@@ -157,7 +156,7 @@ fn start_natswal(directory: &Path, url: &str, write_mode: &str) -> Result<ChildP
 }
 
 /// Runs this binary with `arguments` and waits for a line starting with `ready`.
-fn spawn_self(arguments: &[&str], ready: &str) -> Result<ChildProcess> {
+pub(super) fn spawn_self(arguments: &[&str], ready: &str) -> Result<ChildProcess> {
     let executable = std::env::current_exe()
         .map_err(|error| BridgeError::io("cannot find natswal's own executable", error))?;
     let mut child = Command::new(executable)
@@ -197,7 +196,7 @@ fn spawn_self(arguments: &[&str], ready: &str) -> Result<ChildProcess> {
     }
 }
 
-async fn connect(url: &str) -> Result<async_nats::Client> {
+pub(super) async fn connect(url: &str) -> Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 20)
         .client_capacity(1 << 16)
@@ -302,7 +301,7 @@ async fn acked_load(
     })
 }
 
-fn memchr_error(payload: &[u8]) -> bool {
+pub(super) fn memchr_error(payload: &[u8]) -> bool {
     payload.windows(8).any(|window| window == b"\"error\":")
 }
 
@@ -593,7 +592,7 @@ async fn create_jetstream_stream(
 
 /// Runs the whole benchmark and prints a report.
 pub async fn run(args: NatsBenchArgs) -> Result<()> {
-    let binary = nats_server_binary(&args)?;
+    let binary = nats_server_binary(args.nats_server.as_deref())?;
     let version = Command::new(&binary)
         .arg("--version")
         .output()
