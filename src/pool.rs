@@ -302,7 +302,16 @@ fn work(shared: &Shared) {
         };
         let lane_state = &job.lanes().states[lane as usize];
         lane_state.store(RUNNING, Ordering::Release);
-        let outcome = job.run(lane);
+        // A panic is a bug in the job; the thread survives it (it serves
+        // every other stream) and the lane is retried later.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(lane)))
+            .unwrap_or_else(|_| {
+                tracing::error!(?lane, "an I/O job panicked; retrying it in a second");
+                Outcome {
+                    again: false,
+                    timer: Some(Instant::now() + std::time::Duration::from_secs(1)),
+                }
+            });
         let requeue = outcome.again
             || lane_state
                 .compare_exchange(RUNNING, IDLE, Ordering::AcqRel, Ordering::Acquire)

@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex};
 /// Default number of sealed segments open at once, across all streams.
 pub const OPEN_SEGMENTS_MAX_DEFAULT: usize = 256;
 
+/// Streams a server opens, and [`Store::close`] closes, at once.
+pub const PARALLELISM: usize = 16;
+
 pub struct Store {
     file_system: Arc<dyn FileSystem>,
     /// Bounds the descriptors of every stream's data files.
@@ -198,12 +201,32 @@ impl Store {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
         );
-        let mut first_error = None;
-        for stream in streams.values() {
-            if let Err(error) = stream.close() {
-                first_error.get_or_insert(error);
+        // Closing syncs and writes a checkpoint and a clean mark per stream:
+        // several at once let the file system commit their syncs together
+        // (10 000 streams closed one by one took 28 s here).
+        let queue = Mutex::new(streams.into_values());
+        let first_error = Mutex::new(None);
+        let closers = PARALLELISM.min(queue.lock().map_or(1, |queue| queue.len()).max(1));
+        std::thread::scope(|scope| {
+            for _ in 0..closers {
+                scope.spawn(|| loop {
+                    let next = queue
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .next();
+                    let Some(stream) = next else { break };
+                    if let Err(error) = stream.close() {
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .get_or_insert(error);
+                    }
+                });
             }
-        }
-        first_error.map_or(Ok(()), Err)
+        });
+        first_error
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .map_or(Ok(()), Err)
     }
 }

@@ -112,6 +112,72 @@ fn has_empty_token(subject: &[u8]) -> bool {
     subject.split(|byte| *byte == b'.').any(<[u8]>::is_empty)
 }
 
+/// Finds, among many patterns, one that overlaps a new pattern without
+/// comparing it with every one (a config of 10 000 streams would take 50 M
+/// comparisons). Two patterns can only overlap if the literal tokens before
+/// the first wildcard of one lead the other's: where both are literal, they
+/// must be equal. So the candidates of a pattern are those whose literal
+/// prefix is a leading part of its own, and those whose literal prefix
+/// starts with its own.
+#[derive(Debug)]
+pub struct OverlapIndex<T> {
+    patterns: Vec<(SubjectPattern, T)>,
+    /// Patterns by their whole literal prefix.
+    by_prefix: std::collections::HashMap<Vec<Vec<u8>>, Vec<usize>>,
+    /// Patterns by every leading part of their literal prefix (the whole
+    /// one included).
+    by_leading: std::collections::HashMap<Vec<Vec<u8>>, Vec<usize>>,
+}
+
+impl<T> Default for OverlapIndex<T> {
+    fn default() -> Self {
+        OverlapIndex {
+            patterns: Vec::new(),
+            by_prefix: std::collections::HashMap::new(),
+            by_leading: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<T> OverlapIndex<T> {
+    fn literal_prefix(pattern: &SubjectPattern) -> Vec<Vec<u8>> {
+        pattern
+            .tokens
+            .iter()
+            .map_while(|token| match token {
+                Token::Literal(bytes) => Some(bytes.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The value of a stored pattern that overlaps `pattern`, if any.
+    pub fn first_overlap(&self, pattern: &SubjectPattern) -> Option<&T> {
+        let prefix = Self::literal_prefix(pattern);
+        let shorter = (0..prefix.len()).filter_map(|length| self.by_prefix.get(&prefix[..length]));
+        let longer = self.by_leading.get(&prefix);
+        shorter
+            .chain(longer)
+            .flatten()
+            .map(|index| &self.patterns[*index])
+            .find(|(stored, _)| stored.overlaps(pattern))
+            .map(|(_, value)| value)
+    }
+
+    pub fn insert(&mut self, pattern: SubjectPattern, value: T) {
+        let prefix = Self::literal_prefix(&pattern);
+        let index = self.patterns.len();
+        for length in 0..=prefix.len() {
+            self.by_leading
+                .entry(prefix[..length].to_vec())
+                .or_default()
+                .push(index);
+        }
+        self.by_prefix.entry(prefix).or_default().push(index);
+        self.patterns.push((pattern, value));
+    }
+}
+
 fn overlap(left: &[Token], right: &[Token]) -> bool {
     match (left.first(), right.first()) {
         (None, None) => true,
@@ -221,5 +287,35 @@ mod tests {
         assert!(parse("orders.*").is_subset_of(&parse("orders.>")));
         assert!(!parse("orders.>").is_subset_of(&parse("orders.*")));
         assert!(!parse("*.eu").is_subset_of(&parse("orders.*")));
+    }
+
+    #[test]
+    fn the_overlap_index_finds_what_comparing_every_pair_finds() {
+        let patterns = [
+            "a.b", "a.*", "a.>", "*.b", ">", "a.b.c", "a.*.c", "x.y.>", "x.*.z", "x", "x.>",
+            "a.b.*", "*.*", "q.r.s.t", "q.>", "z.*.>", "*",
+        ];
+        let parsed: Vec<SubjectPattern> = patterns
+            .iter()
+            .map(|text| SubjectPattern::parse(text).unwrap())
+            .collect();
+        for (new_index, new) in parsed.iter().enumerate() {
+            let mut index = OverlapIndex::default();
+            for (stored_index, stored) in parsed.iter().enumerate() {
+                if stored_index != new_index {
+                    index.insert(stored.clone(), stored_index);
+                }
+            }
+            let expected = parsed
+                .iter()
+                .enumerate()
+                .any(|(other, pattern)| other != new_index && pattern.overlaps(new));
+            assert_eq!(
+                index.first_overlap(new).is_some(),
+                expected,
+                "{}",
+                patterns[new_index]
+            );
+        }
     }
 }

@@ -35,33 +35,71 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Budget {
     open_max: usize,
     tick: AtomicU64,
-    /// Handles that may be open (closed ones leave at the next pass).
-    open: Mutex<Vec<Weak<LimitedFile>>>,
+    open: Mutex<OpenList>,
     closed_total: AtomicU64,
     reopened_total: AtomicU64,
 }
 
+/// Handles that may be open, and when to look at them again: a pass over
+/// the list (O(n log n)) runs when the limit is passed (it closes down to
+/// 7/8 of it, so once per `step` opens), or, while dirty handles keep more
+/// open, once per `step` opens beyond the last count, or
+/// once `step` handles turned clean after a pass that could not reach its
+/// target (all the others were dirty), never at every open or sync.
+struct OpenList {
+    entries: Vec<Weak<LimitedFile>>,
+    /// The next pass runs when `entries` grows beyond this.
+    threshold: usize,
+    /// The last pass left more open than its target.
+    excess_left: bool,
+    /// Handles made clean since the last pass.
+    cleaned: usize,
+}
+
 impl Budget {
-    /// Records that `file` opened its descriptor and closes the least
-    /// recently used clean others beyond the limit.
+    fn step(&self) -> usize {
+        (self.open_max / 8).max(1)
+    }
+
+    /// Records that `file` opened its descriptor; beyond the limit, closes
+    /// the least recently used clean others down to 7/8 of it.
     fn opened(&self, file: &Arc<LimitedFile>) {
-        let (candidates, mut excess) = {
-            let mut open = lock(&self.open);
-            open.retain(|entry| entry.upgrade().is_some_and(|live| live.is_open()));
-            open.push(Arc::downgrade(file));
-            if open.len() <= self.open_max {
-                return;
-            }
-            let mut live: Vec<Arc<LimitedFile>> = open
-                .iter()
-                .filter_map(Weak::upgrade)
-                .filter(|live| !Arc::ptr_eq(live, file))
-                .collect();
-            live.sort_by_key(|live| live.last_used.load(Ordering::Relaxed));
-            (live, open.len() - self.open_max)
-        };
+        let mut open = lock(&self.open);
+        open.entries.push(Arc::downgrade(file));
+        if open.entries.len() > open.threshold {
+            self.pass(open, Some(file));
+        }
+    }
+
+    /// A handle turned clean (a whole-file sync): it may close now.
+    fn cleaned(&self) {
+        let mut open = lock(&self.open);
+        if !open.excess_left {
+            return;
+        }
+        open.cleaned += 1;
+        if open.cleaned >= self.step() {
+            self.pass(open, None);
+        }
+    }
+
+    fn pass(&self, mut open: MutexGuard<'_, OpenList>, keep: Option<&Arc<LimitedFile>>) {
+        open.entries
+            .retain(|entry| entry.upgrade().is_some_and(|live| live.is_open()));
+        let target = (self.open_max - self.open_max / 8).max(1);
+        let mut excess = open.entries.len().saturating_sub(target);
+        // Ticks move while we sort: sort a snapshot of them.
+        let mut candidates: Vec<(u64, Arc<LimitedFile>)> = open
+            .entries
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|live| keep.is_none_or(|keep| !Arc::ptr_eq(live, keep)))
+            .map(|live| (live.last_used.load(Ordering::Relaxed), live))
+            .collect();
+        drop(open);
+        candidates.sort_unstable_by_key(|(tick, _)| *tick);
         // Closing takes each file's own lock: never while holding ours.
-        for candidate in candidates {
+        for (_, candidate) in candidates {
             if excess == 0 {
                 break;
             }
@@ -70,6 +108,20 @@ impl Budget {
                 excess -= 1;
             }
         }
+        let mut open = lock(&self.open);
+        open.entries
+            .retain(|entry| entry.upgrade().is_some_and(|live| live.is_open()));
+        // Within the limit: the next pass when it is passed again (at least
+        // `step` opens away, the pass went down to 7/8). Dirty handles kept
+        // it above: `step` more opens, or `step` handles made clean.
+        let open_now = open.entries.len();
+        open.threshold = if open_now <= self.open_max {
+            self.open_max
+        } else {
+            open_now + self.step()
+        };
+        open.excess_left = open.entries.len() > target;
+        open.cleaned = 0;
     }
 }
 
@@ -97,7 +149,12 @@ impl HandleLimit {
             budget: Arc::new(Budget {
                 open_max: open_max.max(1),
                 tick: AtomicU64::new(1),
-                open: Mutex::new(Vec::new()),
+                open: Mutex::new(OpenList {
+                    entries: Vec::new(),
+                    threshold: open_max.max(1),
+                    excess_left: false,
+                    cleaned: 0,
+                }),
                 closed_total: AtomicU64::new(0),
                 reopened_total: AtomicU64::new(0),
             }),
@@ -112,6 +169,7 @@ impl HandleLimit {
     /// Data files with an open descriptor right now.
     pub fn open_count(&self) -> usize {
         lock(&self.budget.open)
+            .entries
             .iter()
             .filter(|entry| entry.upgrade().is_some_and(|live| live.is_open()))
             .count()
@@ -276,8 +334,16 @@ impl LimitedFile {
         let file = self.descriptor(false)?;
         let covered = self.writes_finished.load(Ordering::Acquire);
         operation(file.as_ref())?;
-        self.synced_writes.fetch_max(covered, Ordering::AcqRel);
+        self.synced(covered, file);
         Ok(())
+    }
+
+    /// A whole-file sync that began after `covered` writes succeeded.
+    fn synced(&self, covered: u64, file: Arc<dyn File>) {
+        self.synced_writes.fetch_max(covered, Ordering::AcqRel);
+        // The descriptor may be closed now: let go of it first.
+        drop(file);
+        self.budget.cleaned();
     }
 
     /// Closes the descriptor if nothing written through it can still fail
@@ -319,7 +385,7 @@ impl File for LimitedFile {
         if file.syncs_whole_file() {
             let covered = self.writes_finished.load(Ordering::Acquire);
             file.sync_range(start, end)?;
-            self.synced_writes.fetch_max(covered, Ordering::AcqRel);
+            self.synced(covered, file);
             return Ok(());
         }
         file.sync_range(start, end)
@@ -343,5 +409,44 @@ impl File for LimitedFile {
 
     fn syncs_whole_file(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::memory::MemoryFileSystem;
+
+    #[test]
+    fn dirty_handles_stay_open_and_closed_ones_reopen_on_use() {
+        let memory = MemoryFileSystem::new();
+        memory.create_directory(Path::new("/d")).unwrap();
+        let limited = HandleLimit::new(Arc::new(memory.clone()), 1);
+        let first = limited.create(Path::new("/d/first")).unwrap();
+        first.write_at(0, b"alpha").unwrap();
+        // Over the limit, but the only other handle is dirty: nothing closes.
+        let second = limited.create(Path::new("/d/second")).unwrap();
+        assert_eq!(limited.open_count(), 2);
+        assert_eq!(limited.closed_and_reopened_total(), (0, 0));
+        // A range sync of the in-memory backend covers only its range: it
+        // does not make the handle clean. Passes are amortized: the next
+        // open does not start one.
+        first.sync_range(0, 5).unwrap();
+        let third = limited.create(Path::new("/d/third")).unwrap();
+        assert_eq!(limited.open_count(), 3);
+        // A whole-file sync does, and the pass it starts closes the least
+        // recently used clean handles down to the limit.
+        first.sync_all().unwrap();
+        assert_eq!(limited.open_count(), 1);
+        assert_eq!(limited.closed_and_reopened_total(), (2, 0));
+        let fourth = limited.create(Path::new("/d/fourth")).unwrap();
+        // A closed handle reopens by path on its next use.
+        second.write_at(0, b"beta").unwrap();
+        assert_eq!(limited.closed_and_reopened_total(), (4, 1));
+        let mut buffer = [0u8; 5];
+        assert_eq!(first.read_at(0, &mut buffer).unwrap(), 5);
+        assert_eq!(&buffer, b"alpha");
+        assert_eq!(limited.closed_and_reopened_total(), (4, 2));
+        drop((third, fourth));
     }
 }

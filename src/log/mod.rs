@@ -142,6 +142,8 @@ pub(crate) struct LogShared {
     pub visible: watch::Sender<u64>,
     /// Durable length of the active segment at its last checkpoint.
     pub checkpointed: AtomicU64,
+    /// The write sequence the previous maintenance saw (idle detection).
+    pub maintenance_written: AtomicU64,
     /// Segment files this open created new, and reused from `recycle/`.
     pub segment_files_created: AtomicU64,
     pub segment_files_recycled: AtomicU64,
@@ -395,6 +397,26 @@ impl LogShared {
         }
     }
 
+    /// The stored clean mark and checkpoint describe the active segment as
+    /// it is: nothing was written since they were (the first write clears
+    /// the mark, so this holds only for a stream untouched since a clean
+    /// open).
+    fn clean_mark_is_current(&self) -> bool {
+        let Some(segment) = self.active_segment() else {
+            return false;
+        };
+        let Some(progress) = segment.durable_progress() else {
+            return false;
+        };
+        let current = CleanMark {
+            segment_base: segment.base_offset(),
+            data_length: progress.length,
+            next_offset: segment.next_offset(),
+        };
+        lock(&self.metadata).clean == Some(current)
+            && self.checkpointed.load(Ordering::Acquire) == progress.length
+    }
+
     /// Writes the checkpoint when enough was made durable since the last.
     pub fn checkpoint_if_due(&self) {
         let Some(segment) = self.active_segment() else {
@@ -587,6 +609,7 @@ impl Log {
             cuts: Mutex::new(Vec::new()),
             visible,
             checkpointed: AtomicU64::new(checkpointed),
+            maintenance_written: AtomicU64::new(0),
             segment_files_created: AtomicU64::new(0),
             segment_files_recycled: AtomicU64::new(0),
             _lock: recovered.lock,
@@ -1026,6 +1049,17 @@ impl Log {
                 }
             }
         }
+        // Writes that sat unsynced for a whole maintenance interval with
+        // nothing after them (durability none) are synced now: the stream is
+        // idle, and only a synced file can be closed by the handle limit.
+        let written = self.shared.gate.written();
+        let previous = self
+            .shared
+            .maintenance_written
+            .swap(written.sequence, Ordering::AcqRel);
+        if previous == written.sequence && written.sequence > self.shared.gate.durable().sequence {
+            self.shared.gate.sync()?;
+        }
         let durable = self
             .shared
             .active_segment()
@@ -1306,6 +1340,12 @@ impl Log {
         }
         shared.gate.sync()?;
         shared.finish_seals()?;
+        if shared.clean_mark_is_current() {
+            // Nothing was written since the last clean close: its
+            // checkpoint and mark still describe the files exactly.
+            shared.notify_readers();
+            return Ok(());
+        }
         let mark = shared.active_segment().and_then(|segment| {
             shared.checkpoint().map(|length| CleanMark {
                 segment_base: segment.base_offset(),
