@@ -717,18 +717,13 @@ impl Config {
                 "at least one [[streams]] table is needed",
             ));
         }
-        let mut seen: Vec<(String, SubjectPattern)> = Vec::new();
+        let mut seen: natswal::subject::OverlapIndex<String> = Default::default();
+        let mut names = std::collections::HashSet::new();
         for (index, stream) in self.streams.iter().enumerate() {
             let key = |field: &str| format!("streams[{index}].{field}");
             natswal::stream::validate_stream_name(&stream.name)
                 .map_err(|error| invalid(key("name"), error.to_string()))?;
-            if self
-                .streams
-                .iter()
-                .filter(|other| other.name == stream.name)
-                .count()
-                > 1
-            {
+            if !names.insert(stream.name.as_str()) {
                 return Err(invalid(
                     key("name"),
                     format!("stream name '{}' is used twice", stream.name),
@@ -758,13 +753,13 @@ impl Config {
                         format!("'{subject}' would capture NATS system, JetStream API or reply inbox subjects"),
                     ));
                 }
-                if let Some((other, _)) = seen.iter().find(|(_, other)| other.overlaps(&pattern)) {
+                if let Some(other) = seen.first_overlap(&pattern) {
                     return Err(invalid(
                         key("subjects"),
                         format!("'{subject}' of stream '{}' overlaps subjects of stream '{other}': a message must belong to one stream", stream.name),
                     ));
                 }
-                seen.push((stream.name.clone(), pattern));
+                seen.insert(pattern, stream.name.clone());
             }
             stream.engine_config().map_err(|error| match error {
                 natswal::Error::InvalidConfig { key: field, reason } => {

@@ -43,6 +43,10 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
     let store = Arc::new(store);
     let mut streams: BTreeMap<String, Arc<Stream>> = BTreeMap::new();
     let mut windows = BTreeMap::new();
+    // Streams open in parallel (recovery is mostly waiting on the disk),
+    // a bounded number at once; what follows runs in config order.
+    let permits = Arc::new(tokio::sync::Semaphore::new(natswal::store::PARALLELISM));
+    let mut opening = Vec::with_capacity(config.streams.len());
     for section in &config.streams {
         let retention_audit = Arc::clone(&audit);
         let rotation_audit = Arc::clone(&audit);
@@ -81,12 +85,19 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
         };
         let opened_store = Arc::clone(&store);
         let name = section.name.clone();
-        let (stream, report) =
-            tokio::task::spawn_blocking(move || opened_store.open_stream(&name, options))
-                .await
-                .map_err(|error| {
-                    BridgeError::InvalidArgument(format!("opening a stream panicked: {error}"))
-                })??;
+        let permit = Arc::clone(&permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| BridgeError::InvalidArgument("the open permits closed".to_string()))?;
+        opening.push(tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            opened_store.open_stream(&name, options)
+        }));
+    }
+    for (section, opening) in config.streams.iter().zip(opening) {
+        let (stream, report) = opening.await.map_err(|error| {
+            BridgeError::InvalidArgument(format!("opening a stream panicked: {error}"))
+        })??;
         for tail in &report.truncated {
             tracing::warn!(stream = %section.name, segment = %tail.segment.display(), position = tail.position, reason = %tail.reason, "truncated a torn tail (nothing acknowledged was in it)");
             audit.record(

@@ -55,6 +55,9 @@ pub struct StreamsBenchArgs {
     /// natswal's write mode.
     #[arg(long, default_value = "pwrite")]
     pub write_mode: String,
+    /// natswal's `storage.open_files_max`.
+    #[arg(long, default_value_t = natswal::io::handles::OPEN_FILES_MAX_DEFAULT)]
+    pub open_files_max: usize,
     /// natswal's `storage.io_threads` (0: its default).
     #[arg(long, default_value_t = 0)]
     pub io_threads: usize,
@@ -64,6 +67,9 @@ pub struct StreamsBenchArgs {
     /// Only natswal.
     #[arg(long)]
     pub no_jetstream: bool,
+    /// Keep the data directories (to look at them, or profile an open).
+    #[arg(long)]
+    pub keep_data: bool,
 }
 
 /// What a server process holds.
@@ -360,10 +366,11 @@ struct Measured {
 
 fn natswal_config(args: &StreamsBenchArgs, data: &Path, url: &str, streams: usize) -> String {
     let mut config = format!(
-        "data_dir = \"{}\"\n[nats]\nservers = [\"{url}\"]\n[http]\nlisten = \"\"\n[storage]\nwrite_mode = \"{}\"\nio_threads = {}\n",
+        "data_dir = \"{}\"\n[nats]\nservers = [\"{url}\"]\n[http]\nlisten = \"\"\n[storage]\nwrite_mode = \"{}\"\nio_threads = {}\nopen_files_max = {}\n",
         data.display(),
         args.write_mode,
-        args.io_threads
+        args.io_threads,
+        args.open_files_max
     );
     for stream in 0..streams {
         let _ = write!(
@@ -617,11 +624,15 @@ pub async fn run(args: StreamsBenchArgs) -> Result<()> {
                 measure_jetstream(&args, &binary, &directory, streams).await?
             };
             print_row(target, &measured);
-            let _ = std::fs::remove_dir_all(&directory);
+            if !args.keep_data {
+                let _ = std::fs::remove_dir_all(&directory);
+            }
         }
     }
     println!();
     println!("Busy streams are the first 1% of the streams (at least one), sent 90% of the skewed load; \"one stream\" sends the same load to one stream. Memory and open files are taken after the fill, when the streams are idle; \"reopened\" after a clean stop and a new start.");
-    let _ = std::fs::remove_dir_all(&root);
+    if !args.keep_data {
+        let _ = std::fs::remove_dir_all(&root);
+    }
     Ok(())
 }
