@@ -128,6 +128,8 @@ struct Load {
     busy_acked: u64,
     errors: u64,
     busy_p99_us: f64,
+    /// p99 ack latency of the messages to quiet streams (0 without any).
+    quiet_p99_us: f64,
 }
 
 impl Load {
@@ -178,6 +180,7 @@ async fn skewed_load(
     let busy_acked = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let busy_latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let quiet_latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for publisher in 0..args.publishers {
@@ -197,6 +200,7 @@ async fn skewed_load(
                 Arc::clone(&errors),
             );
             let busy_latencies = Arc::clone(&busy_latencies);
+            let quiet_latencies = Arc::clone(&quiet_latencies);
             tokio::spawn(async move {
                 while let Some(message) = acks.next().await {
                     window.add_permits(1);
@@ -218,9 +222,14 @@ async fn skewed_load(
                         continue;
                     }
                     acked.fetch_add(1, Ordering::Relaxed);
-                    if let Some((at, true)) = entry {
-                        busy_acked.fetch_add(1, Ordering::Relaxed);
-                        busy_latencies
+                    if let Some((at, busy)) = entry {
+                        let latencies = if busy {
+                            busy_acked.fetch_add(1, Ordering::Relaxed);
+                            &busy_latencies
+                        } else {
+                            &quiet_latencies
+                        };
+                        latencies
                             .lock()
                             .unwrap_or_else(|poisoned| poisoned.into_inner())
                             .push(at.elapsed().as_nanos() as u64);
@@ -280,11 +289,18 @@ async fn skewed_load(
             .unwrap_or_else(|poisoned| poisoned.into_inner()),
     );
     let p99 = super::percentiles_us(&mut latencies, &[0.99])[0];
+    let mut quiet = std::mem::take(
+        &mut *quiet_latencies
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    );
+    let quiet_p99 = super::percentiles_us(&mut quiet, &[0.99])[0];
     Ok(Load {
         seconds,
         busy_acked: busy_acked.load(Ordering::Relaxed),
         errors: errors.load(Ordering::Relaxed),
         busy_p99_us: p99,
+        quiet_p99_us: quiet_p99,
     })
 }
 
@@ -564,7 +580,7 @@ fn mib(bytes: u64) -> f64 {
 fn print_row(target: &str, measured: &Measured) {
     let ratio = measured.skewed.busy_per_second() / measured.single.busy_per_second().max(1.0);
     println!(
-        "| {target} | {} | {:.2} | {:.2} | {:.2} | {} / {} | {} / {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {} |",
+        "| {target} | {} | {:.2} | {:.2} | {:.2} | {} / {} | {} / {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
         measured.streams,
         measured.created_seconds,
         measured.fill_seconds,
@@ -580,6 +596,7 @@ fn print_row(target: &str, measured: &Measured) {
         measured.single.busy_p99_us / 1000.0,
         measured.skewed.busy_per_second(),
         measured.skewed.busy_p99_us / 1000.0,
+        measured.skewed.quiet_p99_us / 1000.0,
         ratio,
         measured.single.errors + measured.skewed.errors,
     );
@@ -603,8 +620,8 @@ pub async fn run(args: StreamsBenchArgs) -> Result<()> {
         root.display()
     );
     println!();
-    println!("| target | streams | create s | fill s | open after clean stop s | threads idle / loaded | open files idle / reopened | RssAnon MiB | RssFile MiB | disk MiB | one stream msgs/s | one stream p99 ms | busy streams msgs/s | busy p99 ms | busy / one stream | errors |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| target | streams | create s | fill s | open after clean stop s | threads idle / loaded | open files idle / reopened | RssAnon MiB | RssFile MiB | disk MiB | one stream msgs/s | one stream p99 ms | busy streams msgs/s | busy p99 ms | quiet p99 ms | busy / one stream | errors |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for &streams in &args.counts {
         if streams == 0 {
             continue;
