@@ -23,12 +23,13 @@ use crate::config::{Durability, StreamConfig};
 use crate::error::{Error, PreconditionFailure, Result};
 use crate::format::frame::FrameBuilder;
 use crate::format::record::Record;
+use crate::lock;
 use crate::log::writer::AppendMeta;
 use crate::log::Log;
 use crate::metrics::StreamMetrics;
 use crate::pool::{Lane, Waker};
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -219,12 +220,6 @@ pub(crate) struct BatchCoordinator {
     /// set once at start from the log).
     last_message_id: Mutex<Option<Arc<str>>>,
     scratch: Mutex<WriteScratch>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl BatchCoordinator {

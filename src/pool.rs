@@ -23,10 +23,11 @@
 //! NUMA node; on several, one pool per node, each serving the streams whose
 //! disks hang off it, with its threads pinned to the node, is the layout.
 
+use crate::lock;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -194,12 +195,6 @@ impl Drop for IoPool {
             let _ = handle.join();
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn schedule(shared: &Shared, job: &Arc<dyn Job>, lane: Lane) {

@@ -17,6 +17,7 @@ use crate::coordinator::{
 use crate::error::{Error, Result};
 use crate::format::record::Record;
 use crate::io::FileSystem;
+use crate::lock;
 use crate::log::cache::SegmentCache;
 use crate::log::recovery::{RecoveryMode, RecoveryReport};
 use crate::log::{Log, LogOptions, SealedSegment};
@@ -27,7 +28,7 @@ use crate::retention::RetentionDeletion;
 use crate::subject::SubjectPattern;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -141,12 +142,6 @@ struct StreamInner {
     /// writer has finished.
     finished: Mutex<bool>,
     finished_signal: Condvar,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Job for StreamInner {

@@ -19,18 +19,13 @@
 
 use super::{DirectoryLock, File, FileSystem};
 use crate::error::Result;
+use crate::lock;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// Default bound on open data files across a store.
 pub const OPEN_FILES_MAX_DEFAULT: usize = 512;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 struct Budget {
     open_max: usize,

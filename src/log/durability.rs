@@ -19,9 +19,10 @@ use super::segment::StorageSegment;
 use crate::error::{Error, Result};
 use crate::format::metadata::LogId;
 use crate::io::{File, FileSystem};
+use crate::lock;
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// What is durable (or, for [`written`](DurabilityGate::written), written).
@@ -62,12 +63,6 @@ pub(crate) struct DurabilityGate {
     sync_lock: Mutex<()>,
     state: Mutex<GateState>,
     durable_watch: watch::Sender<DurablePoint>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl DurabilityGate {

@@ -50,6 +50,7 @@ use crate::format::index::{encode_index, IndexEntry, INDEX_FLAG_SEALED};
 use crate::format::metadata::{CleanMark, LogId, StreamMetadata, Vote, METADATA_FILE_NAME};
 use crate::format::segment_header::{SegmentHeader, SEGMENT_HEADER_LENGTH};
 use crate::io::{File, FileSystem};
+use crate::lock;
 use cache::SegmentCache;
 use durability::{DurabilityGate, DurablePoint};
 use recovery::{RecoveryManager, RecoveryMode, RecoveryReport, TruncateReport};
@@ -148,12 +149,6 @@ pub(crate) struct LogShared {
     pub segment_files_created: AtomicU64,
     pub segment_files_recycled: AtomicU64,
     pub _lock: crate::io::DirectoryLock,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl LogShared {
