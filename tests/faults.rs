@@ -454,20 +454,7 @@ async fn full_disk_fails_the_append_cleanly_and_recovers_when_space_returns() {
     // Room for checkpoints and the sealed segment's index, not for a new
     // preallocated segment.
     file_system.set_space_limit(used_bytes(&file_system) + segment_bytes / 4);
-    let mut failure = None;
-    for index in 50..5000 {
-        let record = common::record(index);
-        match stream.append(record.clone()).await {
-            Ok(outcome) => {
-                assert_eq!(outcome.first_offset, FIRST_OFFSET + index);
-                expected.push(record);
-            }
-            Err(error) => {
-                failure = Some(error);
-                break;
-            }
-        }
-    }
+    let failure = common::append_until_error(&stream, &mut expected, 5000).await;
     let error = failure.expect("the disk filled up");
     let message = error.to_string();
     assert!(matches!(error, Error::DiskFull { .. }), "{message}");

@@ -214,20 +214,7 @@ async fn a_full_disk_in_the_middle_of_a_segment_fails_only_the_append_that_neede
     // No room for the next step: the append that needs it fails, cleanly.
     file_system.set_space_limit(0);
     let mut expected = vec![first];
-    let mut failure = None;
-    for index in 1..10_000 {
-        let record = common::record(index);
-        match stream.append(record.clone()).await {
-            Ok(outcome) => {
-                assert_eq!(outcome.first_offset, FIRST_OFFSET + index);
-                expected.push(record);
-            }
-            Err(error) => {
-                failure = Some(error);
-                break;
-            }
-        }
-    }
+    let failure = common::append_until_error(&stream, &mut expected, 10_000).await;
     let error = failure.expect("the disk filled up before the segment did");
     assert!(matches!(error, Error::DiskFull { .. }), "{error}");
     assert!(

@@ -352,3 +352,25 @@ impl Random {
         self.next_u64() % bound
     }
 }
+
+/// Appends `record(n)` for the next indexes (after `expected`, whose
+/// records were appended in order from [`FIRST_OFFSET`]) until an append
+/// fails or `expected` holds `until` records; checks each offset and keeps
+/// each stored record in `expected`. Returns the failure, if any.
+pub async fn append_until_error(
+    stream: &Stream,
+    expected: &mut Vec<Record>,
+    until: u64,
+) -> Option<natswal::Error> {
+    for index in expected.len() as u64..until {
+        let record = record(index);
+        match stream.append(record.clone()).await {
+            Ok(outcome) => {
+                assert_eq!(outcome.first_offset, FIRST_OFFSET + index);
+                expected.push(record);
+            }
+            Err(error) => return Some(error),
+        }
+    }
+    None
+}

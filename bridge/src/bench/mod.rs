@@ -23,14 +23,18 @@ pub fn percentiles_us(samples: &mut [u64], quantiles: &[f64]) -> Vec<f64> {
 
 /// Anonymous resident memory of this process in KiB (Linux).
 pub fn rss_anon_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|line| line.starts_with("RssAnon:"))
-                .and_then(|line| line.split_whitespace().nth(1))
-                .and_then(|value| value.parse().ok())
-        })
+    status_value(
+        &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+        "RssAnon:",
+    )
+}
+
+/// The number after `field` in a `/proc/<pid>/status` text (0 if absent).
+pub fn status_value(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
         .unwrap_or(0)
 }

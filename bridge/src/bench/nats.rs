@@ -115,8 +115,24 @@ pub(super) fn start_nats_server(
     name: &str,
     extra: &str,
 ) -> Result<(ChildProcess, String)> {
-    let port = free_port()?;
-    let store = directory.join(format!("jetstream-{name}"));
+    start_nats_server_on(binary, directory, name, extra, free_port()?)
+}
+
+/// Where [`start_nats_server_on`] keeps JetStream's data for `name`.
+pub(super) fn jetstream_store(directory: &Path, name: &str) -> PathBuf {
+    directory.join(format!("jetstream-{name}"))
+}
+
+/// Starts nats-server with JetStream on `port` (a restart with the same
+/// `name` finds the same data).
+pub(super) fn start_nats_server_on(
+    binary: &Path,
+    directory: &Path,
+    name: &str,
+    extra: &str,
+    port: u16,
+) -> Result<(ChildProcess, String)> {
+    let store = jetstream_store(directory, name);
     std::fs::create_dir_all(&store)
         .map_err(|error| BridgeError::io(format!("cannot create {}", store.display()), error))?;
     let config = format!(
@@ -275,15 +291,7 @@ async fn acked_load(
                     break;
                 }
             }
-            // Let the messages in flight be answered (so they do not load
-            // the next case), then stop counting.
-            let _ = client.flush().await;
-            let drained = Instant::now();
-            while window.available_permits() < in_flight
-                && drained.elapsed() < Duration::from_secs(5)
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            drain_in_flight(&client, &window, in_flight, Duration::from_secs(5)).await;
             counter.abort();
         }));
     }
@@ -299,6 +307,22 @@ async fn acked_load(
         seconds,
         errors: errors.load(Ordering::Relaxed),
     })
+}
+
+/// Lets the messages in flight be answered (so they do not load the next
+/// case): flushes, then waits until every permit of `window` is back or
+/// `timeout` passed.
+pub(super) async fn drain_in_flight(
+    client: &async_nats::Client,
+    window: &tokio::sync::Semaphore,
+    in_flight: usize,
+    timeout: Duration,
+) {
+    let _ = client.flush().await;
+    let drained = Instant::now();
+    while window.available_permits() < in_flight && drained.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 pub(super) fn memchr_error(payload: &[u8]) -> bool {

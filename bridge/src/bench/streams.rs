@@ -12,8 +12,8 @@
 //! (behind a nats-server of its own) and nats-server with JetStream.
 
 use super::nats::{
-    connect, free_port, memchr_error, nats_server_binary, spawn_self, start_nats_server,
-    ChildProcess,
+    connect, free_port, jetstream_store, memchr_error, nats_server_binary, spawn_self,
+    start_nats_server, start_nats_server_on, ChildProcess,
 };
 use crate::error::{BridgeError, Result};
 use bytes::Bytes;
@@ -82,25 +82,16 @@ struct Footprint {
     disk_bytes: u64,
 }
 
-fn status_field(status: &str, field: &str) -> u64 {
-    status
-        .lines()
-        .find(|line| line.starts_with(field))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0)
-}
-
 fn footprint(pid: u32, data: &Path) -> Footprint {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let open_files = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|entries| entries.count() as u64)
         .unwrap_or(0);
     Footprint {
-        threads: status_field(&status, "Threads:"),
+        threads: super::status_value(&status, "Threads:"),
         open_files,
-        rss_anon_kib: status_field(&status, "RssAnon:"),
-        rss_file_kib: status_field(&status, "RssFile:"),
+        rss_anon_kib: super::status_value(&status, "RssAnon:"),
+        rss_file_kib: super::status_value(&status, "RssFile:"),
         disk_bytes: disk_used(data),
     }
 }
@@ -265,15 +256,8 @@ async fn skewed_load(
                     break;
                 }
             }
-            // Let the messages in flight be answered (so they do not load
-            // the next case), then stop counting.
-            let _ = client.flush().await;
-            let drained = Instant::now();
-            while window.available_permits() < in_flight
-                && drained.elapsed() < Duration::from_secs(10)
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            super::nats::drain_in_flight(&client, &window, in_flight, Duration::from_secs(10))
+                .await;
             counter.abort();
         }));
     }
@@ -520,12 +504,12 @@ async fn measure_jetstream(
     streams: usize,
 ) -> Result<Measured> {
     let port = free_port()?;
-    let store = directory.join("jetstream");
+    let store = jetstream_store(directory, "peer");
     let mut measured = Measured {
         streams,
         ..Measured::default()
     };
-    let start = || start_jetstream(binary, directory, &store, port);
+    let start = || start_nats_server_on(binary, directory, "peer", "", port);
     let (mut server, url) = start()?;
     let clients = vec![connect(&url).await?, connect(&url).await?];
     let started = Instant::now();
@@ -544,33 +528,6 @@ async fn measure_jetstream(
     measured.reopen_seconds = started.elapsed().as_secs_f64();
     measured.reopened = footprint(server.0.id(), &store);
     Ok(measured)
-}
-
-fn start_jetstream(
-    binary: &Path,
-    directory: &Path,
-    store: &Path,
-    port: u16,
-) -> Result<(ChildProcess, String)> {
-    std::fs::create_dir_all(store)
-        .map_err(|error| BridgeError::io(format!("cannot create {}", store.display()), error))?;
-    let config = format!(
-        "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n store_dir: \"{}\"\n}}\n",
-        store.display()
-    );
-    let config_path = directory.join("jetstream.conf");
-    std::fs::write(&config_path, config)
-        .map_err(|error| BridgeError::io("cannot write the nats-server config", error))?;
-    let child = std::process::Command::new(binary)
-        .arg("-c")
-        .arg(&config_path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|error| BridgeError::io(format!("cannot start {}", binary.display()), error))?;
-    let process = ChildProcess(child);
-    super::nats::wait_for_port(port, "nats-server")?;
-    Ok((process, format!("nats://127.0.0.1:{port}")))
 }
 
 fn mib(bytes: u64) -> f64 {
