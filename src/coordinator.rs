@@ -25,7 +25,7 @@ use crate::format::frame::FrameBuilder;
 use crate::format::record::Record;
 use crate::lock;
 use crate::log::writer::AppendMeta;
-use crate::log::Log;
+use crate::log::{Log, SyncProgress};
 use crate::metrics::StreamMetrics;
 use crate::pool::{Lane, Waker};
 use std::collections::VecDeque;
@@ -180,6 +180,8 @@ struct InFlight {
     unsynced_bytes: u64,
     closing: bool,
     last_sync: Instant,
+    /// When the sync now running (or the last one) began.
+    sync_started: Instant,
 }
 
 /// Scratch state of the write step (one writer at a time).
@@ -203,6 +205,8 @@ pub(crate) enum WriteStep {
 pub(crate) enum SyncStep {
     Synced,
     Idle,
+    /// A grouped sync runs; its end wakes the sync lane.
+    Waiting,
 }
 
 /// The coordinator's shared state (owned by the stream).
@@ -240,6 +244,7 @@ impl BatchCoordinator {
                 unsynced_bytes: 0,
                 closing: false,
                 last_sync: Instant::now(),
+                sync_started: Instant::now(),
             }),
             waker: OnceLock::new(),
             last_message_id: Mutex::new(None),
@@ -652,11 +657,29 @@ impl BatchCoordinator {
 
     /// One sync step: one group commit of everything written so far.
     pub fn sync_step(&self, log: &Log) -> SyncStep {
-        if !self.sync_due(&lock(&self.in_flight)) {
-            return SyncStep::Idle;
+        let outstanding = log.grouped_sync_outstanding();
+        {
+            let mut in_flight = lock(&self.in_flight);
+            if !outstanding {
+                if !self.sync_due(&in_flight) {
+                    return SyncStep::Idle;
+                }
+                in_flight.sync_started = Instant::now();
+            }
         }
-        let started = Instant::now();
-        let result = log.sync();
+        let result = match self.waker.get() {
+            // Pooled: the store's group sync covers this log with others,
+            // and wakes the lane when it is done.
+            Some(waker) if log.syncs_in_groups() => {
+                let waker = waker.clone();
+                match log.sync_grouped(Box::new(move || waker.wake(Lane::Sync))) {
+                    SyncProgress::Pending => return SyncStep::Waiting,
+                    SyncProgress::Done(result) => result,
+                }
+            }
+            _ => log.sync(),
+        };
+        let started = lock(&self.in_flight).sync_started;
         self.metrics.record_sync(started.elapsed());
         let mut done = Vec::new();
         let mut freed = 0u64;

@@ -1057,6 +1057,7 @@ impl Simulation {
                     node_id: 2,
                     cache: Arc::new(SegmentCache::new(2)),
                     store_locked: None,
+                    group_sync: None,
                 },
             )
             .map(|(log, _)| log)

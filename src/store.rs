@@ -8,6 +8,7 @@ use crate::io::handles::HandleLimit;
 use crate::io::os::OsFileSystem;
 use crate::io::{DirectoryLock, FileSystem, StoreLocked, WriteMode};
 use crate::log::cache::SegmentCache;
+use crate::log::group_sync::GroupSync;
 use crate::log::recovery::RecoveryReport;
 use crate::pool::IoPool;
 use crate::stream::{validate_stream_name, Driver, Stream, StreamOptions};
@@ -32,6 +33,9 @@ pub struct Store {
     cache: Arc<SegmentCache>,
     /// Runs every stream opened with [`Driver::Threads`] (the default).
     pool: Arc<IoPool>,
+    /// One sync of the file system for the streams waiting at once (none:
+    /// each stream syncs its own files).
+    group_sync: Option<Arc<GroupSync>>,
     streams: Mutex<BTreeMap<String, Arc<Stream>>>,
 }
 
@@ -63,6 +67,12 @@ impl Store {
         let streams_directory = root.join(crate::log::recovery::STREAMS_DIRECTORY);
         file_system.create_directory(&streams_directory)?;
         let lock = file_system.lock_directory(&streams_directory)?;
+        // Opened before any stream writes: it reports every write-back
+        // error from now on.
+        let group_sync = match file_system.file_system_sync(&streams_directory)? {
+            Some(syncer) => Some(Arc::new(GroupSync::start(syncer)?)),
+            None => None,
+        };
         let handles = Arc::new(HandleLimit::new(
             file_system,
             crate::io::handles::OPEN_FILES_MAX_DEFAULT,
@@ -74,6 +84,7 @@ impl Store {
             root: root.to_path_buf(),
             cache: Arc::new(SegmentCache::new(open_segments_max)),
             pool: IoPool::new("natswal-io", crate::pool::default_threads())?,
+            group_sync,
             streams: Mutex::new(BTreeMap::new()),
         })
     }
@@ -103,6 +114,23 @@ impl Store {
         self.handles = Arc::new(HandleLimit::new(inner, open_files_max));
         self.file_system = Arc::clone(&self.handles) as Arc<dyn FileSystem>;
         Ok(self)
+    }
+
+    /// Syncs every stream's files on its own instead of in groups (see
+    /// [`crate::log::group_sync`]); before any stream is opened.
+    pub fn without_group_sync(mut self) -> Result<Store> {
+        if !self.streams().is_empty() {
+            return Err(Error::InvalidInput(
+                "group sync is set before any stream is opened".to_string(),
+            ));
+        }
+        self.group_sync = None;
+        Ok(self)
+    }
+
+    /// The group syncer, if the streams sync in groups.
+    pub fn group_sync(&self) -> Option<&Arc<GroupSync>> {
+        self.group_sync.as_ref()
     }
 
     /// The bound on open data files.
@@ -164,6 +192,14 @@ impl Store {
             options.driver = Driver::Pool(Arc::clone(&self.pool));
         }
         options.store_locked = Some(StoreLocked::new());
+        // A stream directory on another file system (a mount, a symlink)
+        // is not covered by this store's file system sync.
+        let streams_directory = self.root.join(crate::log::recovery::STREAMS_DIRECTORY);
+        let same_file_system = !self.file_system.exists(&directory)
+            || self
+                .file_system
+                .same_file_system(&streams_directory, &directory);
+        options.group_sync = self.group_sync.clone().filter(|_| same_file_system);
         let (stream, report) = Stream::open(
             Arc::clone(&self.file_system),
             &directory,

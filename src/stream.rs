@@ -106,6 +106,9 @@ pub struct StreamOptions {
     /// Set by [`Store`](crate::store::Store), which holds the lock of the
     /// directory its streams live in; `None` locks the stream directory.
     pub store_locked: Option<crate::io::StoreLocked>,
+    /// Set by a store whose file system holds the stream: its syncs join
+    /// the store's group sync (see [`crate::log::group_sync`]).
+    pub group_sync: Option<Arc<crate::log::group_sync::GroupSync>>,
 }
 
 impl Default for StreamOptions {
@@ -118,6 +121,7 @@ impl Default for StreamOptions {
             node_id: 0,
             driver: Driver::Threads,
             store_locked: None,
+            group_sync: None,
         }
     }
 }
@@ -209,6 +213,8 @@ impl StreamInner {
                 again: true,
                 timer: None,
             },
+            // The group sync's end wakes the lane.
+            SyncStep::Waiting => Outcome::default(),
             SyncStep::Idle => {
                 if self.coordinator.sync_finished() {
                     *lock(&self.finished) = true;
@@ -293,6 +299,11 @@ impl Stream {
                 node_id: options.node_id,
                 cache,
                 store_locked: options.store_locked.clone(),
+                group_sync: match options.driver {
+                    // A stream the caller steps syncs in its own steps.
+                    Driver::Manual => None,
+                    _ => options.group_sync.clone(),
+                },
             },
         )?;
         // A new key (or a change to or from encryption) starts a new

@@ -31,6 +31,7 @@ fn options(mode: RecoveryMode) -> LogOptions {
         node_id: 0,
         cache: Arc::new(SegmentCache::new(8)),
         store_locked: None,
+        group_sync: None,
     }
 }
 

@@ -32,6 +32,7 @@ fn log_options(config: StreamConfig, keyring: Keyring, node_id: u16) -> LogOptio
         node_id,
         cache: Arc::new(SegmentCache::new(8)),
         store_locked: None,
+        group_sync: None,
     }
 }
 

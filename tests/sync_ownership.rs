@@ -35,6 +35,7 @@ fn open_log(file_system: &MemoryFileSystem) -> Log {
             node_id: 0,
             cache: Arc::new(SegmentCache::new(8)),
             store_locked: None,
+            group_sync: None,
         },
     )
     .unwrap()

@@ -112,6 +112,10 @@ pub struct StorageConfig {
     /// two per core (at most 64).
     #[serde(default)]
     pub io_threads: usize,
+    /// Streams that wait for a sync at once share one sync of the file
+    /// system (`syncfs`); false syncs each stream's files on its own.
+    #[serde(default = "default_group_sync")]
+    pub group_sync: bool,
 }
 
 /// Where a key comes from (`[[keys]]`).
@@ -317,6 +321,10 @@ fn default_recycle_segments() -> usize {
 /// outstanding write or sync).
 const IO_THREADS_MAX: usize = 1024;
 
+fn default_group_sync() -> bool {
+    true
+}
+
 fn default_open_files_max() -> usize {
     natswal::io::handles::OPEN_FILES_MAX_DEFAULT
 }
@@ -410,6 +418,7 @@ impl Default for StorageConfig {
             open_segments_max: default_open_segments_max(),
             open_files_max: default_open_files_max(),
             io_threads: 0,
+            group_sync: default_group_sync(),
         }
     }
 }

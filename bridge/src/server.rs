@@ -40,6 +40,9 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
     if config.storage.io_threads > 0 {
         store = store.with_io_threads(config.storage.io_threads)?;
     }
+    if !config.storage.group_sync {
+        store = store.without_group_sync()?;
+    }
     let store = Arc::new(store);
     let mut streams: BTreeMap<String, Arc<Stream>> = BTreeMap::new();
     let mut windows = BTreeMap::new();

@@ -10,14 +10,16 @@
 //! closed descriptor can never take a write-back error with it (fsyncgate):
 //! whatever the kernel could still fail to write was synced through this
 //! handle. A handle whose file syncs only ranges (`msync` in mmap mode, the
-//! in-memory backend) becomes clean only through `sync_all`. Dirty handles
+//! in-memory backend) becomes clean only through `sync_all`, or through a
+//! successful [`FileSystemSync`] that began after its writes had finished
+//! (`File::synced_by_file_system`: the group sync). Dirty handles
 //! stay open, so the limit can be exceeded by the number of files with
 //! unsynced writes (streams between a write and its sync).
 //!
 //! Writers bump `writes_started` under the handle's lock, the same lock the
 //! closing takes, so a handle is never closed under a write that has begun.
 
-use super::{DirectoryLock, File, FileSystem};
+use super::{DirectoryLock, File, FileSystem, FileSystemSync};
 use crate::error::Result;
 use crate::lock;
 use std::path::{Path, PathBuf};
@@ -256,6 +258,14 @@ impl FileSystem for HandleLimit {
         self.inner.lock_directory(directory)
     }
 
+    fn file_system_sync(&self, directory: &Path) -> Result<Option<Arc<dyn FileSystemSync>>> {
+        self.inner.file_system_sync(directory)
+    }
+
+    fn same_file_system(&self, a: &Path, b: &Path) -> bool {
+        self.inner.same_file_system(a, b)
+    }
+
     fn lock_directory_shared(&self, directory: &Path) -> Result<DirectoryLock> {
         self.inner.lock_directory_shared(directory)
     }
@@ -404,6 +414,16 @@ impl File for LimitedFile {
 
     fn syncs_whole_file(&self) -> bool {
         false
+    }
+
+    fn writes_finished(&self) -> u64 {
+        self.writes_finished.load(Ordering::Acquire)
+    }
+
+    fn synced_by_file_system(&self, writes_finished: u64) {
+        self.synced_writes
+            .fetch_max(writes_finished, Ordering::AcqRel);
+        self.budget.cleaned();
     }
 }
 

@@ -23,7 +23,7 @@
 //! next sync succeeds: fsyncgate) or for good, any operation failing with an
 //! errno for matching paths, a space limit (ENOSPC), bit flips and cuts.
 
-use super::{File, FileSystem};
+use super::{File, FileSystem, FileSystemSync};
 use crate::error::{Error, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -38,6 +38,9 @@ pub enum Operation {
     Create,
     Write,
     Sync,
+    /// A sync of the whole file system (`syncfs`); also counts as a sync
+    /// for [`MemoryFileSystem::fail_syncs_after`].
+    SyncFileSystem,
     SetLength,
     Allocate,
     Remove,
@@ -105,6 +108,8 @@ struct State {
 #[derive(Debug, Clone)]
 pub struct MemoryFileSystem {
     state: Arc<Mutex<State>>,
+    /// While set, every sync waits (a slow disk, to line requests up).
+    syncs_paused: Arc<(Mutex<bool>, std::sync::Condvar)>,
 }
 
 impl Default for MemoryFileSystem {
@@ -171,6 +176,7 @@ impl MemoryFileSystem {
                 space_limit_bytes: u64::MAX,
                 random: SplitMix(seed ^ 0x005e_ed0f_fa17),
             })),
+            syncs_paused: Arc::default(),
         }
     }
 
@@ -178,6 +184,38 @@ impl MemoryFileSystem {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes every sync (of a file or of the file system) wait until
+    /// [`resume_syncs`](Self::resume_syncs): a disk that is slow for as
+    /// long as a test needs to queue work behind a sync.
+    pub fn pause_syncs(&self) {
+        *self
+            .syncs_paused
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+    }
+
+    pub fn resume_syncs(&self) {
+        *self
+            .syncs_paused
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
+        self.syncs_paused.1.notify_all();
+    }
+
+    fn wait_while_syncs_paused(&self) {
+        let (paused, resumed) = &*self.syncs_paused;
+        let mut paused = paused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while *paused {
+            paused = resumed
+                .wait(paused)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
     }
 
     /// After `successful_syncs` more syncs succeed, every sync fails with EIO.
@@ -317,6 +355,7 @@ impl MemoryFileSystem {
                 space_limit_bytes: u64::MAX,
                 random: SplitMix(random.next()),
             })),
+            syncs_paused: Arc::default(),
         }
     }
 
@@ -381,7 +420,7 @@ impl State {
                 ));
             }
         }
-        if operation == Operation::Sync {
+        if matches!(operation, Operation::Sync | Operation::SyncFileSystem) {
             match self.syncs_before_failure {
                 Some(0) => {
                     return Err(Error::io(
@@ -551,6 +590,17 @@ impl FileSystem for MemoryFileSystem {
         Ok(())
     }
 
+    fn file_system_sync(&self, directory: &Path) -> Result<Option<Arc<dyn FileSystemSync>>> {
+        Ok(Some(Arc::new(MemoryFileSystemSync {
+            file_system: self.clone(),
+            directory: directory.to_path_buf(),
+        })))
+    }
+
+    fn same_file_system(&self, _a: &Path, _b: &Path) -> bool {
+        true
+    }
+
     fn file_length(&self, path: &Path) -> Result<u64> {
         Ok(self.file(path)?.lock().data.len() as u64)
     }
@@ -562,6 +612,39 @@ impl FileSystem for MemoryFileSystem {
 
     fn entropy(&self) -> u64 {
         self.lock().random.next()
+    }
+}
+
+/// `syncfs` of the in-memory file system: one operation (a crash point, and
+/// a [`Operation::SyncFileSystem`] fault on `directory`) that makes every file's data
+/// durable, but no directory entry (as the code never relies on it for
+/// those). A failure loses every file's unsynced pages, as a failed
+/// write-back may.
+#[derive(Debug)]
+struct MemoryFileSystemSync {
+    file_system: MemoryFileSystem,
+    directory: PathBuf,
+}
+
+impl FileSystemSync for MemoryFileSystemSync {
+    fn sync(&self) -> Result<()> {
+        self.file_system.wait_while_syncs_paused();
+        let mut state = self.file_system.lock();
+        let result = state.operation(Operation::SyncFileSystem, &self.directory);
+        let files: Vec<Arc<MemoryFile>> = state.files.values().cloned().collect();
+        drop(state);
+        for file in files {
+            let mut contents = file.lock();
+            match &result {
+                Ok(()) => {
+                    contents.durable = contents.data.clone();
+                    contents.dirty.clear();
+                }
+                Err(Error::Io { .. }) => contents.dirty.clear(),
+                Err(_) => {}
+            }
+        }
+        result
     }
 }
 
@@ -639,6 +722,7 @@ impl File for MemoryHandle {
     }
 
     fn sync_range(&self, start: u64, end: u64) -> Result<()> {
+        self.file_system.wait_while_syncs_paused();
         let mut state = self.file_system.lock();
         let result = state.operation(Operation::Sync, &self.path);
         drop(state);
@@ -673,6 +757,7 @@ impl File for MemoryHandle {
     }
 
     fn sync_all(&self) -> Result<()> {
+        self.file_system.wait_while_syncs_paused();
         let mut state = self.file_system.lock();
         let result = state.operation(Operation::Sync, &self.path);
         drop(state);

@@ -112,6 +112,20 @@ pub trait FileSystem: Send + Sync + std::fmt::Debug + 'static {
         Ok(DirectoryLock::default())
     }
 
+    /// A syncer of the whole file system that holds `directory` (Linux
+    /// `syncfs`), opened now: it reports every write-back error on that file
+    /// system from now on, whichever file it struck. `None`: this backend
+    /// has none, and every file is synced on its own.
+    fn file_system_sync(&self, _directory: &Path) -> Result<Option<Arc<dyn FileSystemSync>>> {
+        Ok(None)
+    }
+
+    /// Whether `a` and `b` (both existing) are on one file system, so that
+    /// one [`FileSystemSync`] covers the files of both.
+    fn same_file_system(&self, _a: &Path, _b: &Path) -> bool {
+        false
+    }
+
     /// Takes a shared lock of a directory: any number of holders, none
     /// while someone holds it exclusively. An offline tool working on one
     /// stream of a store takes the store's lock shared, so that it and a
@@ -194,6 +208,15 @@ impl StoreLocked {
     }
 }
 
+/// Makes everything written to one file system durable in one call: a
+/// group commit across the files of many streams.
+pub trait FileSystemSync: Send + Sync + std::fmt::Debug {
+    /// Syncs every file of the file system (`syncfs`). An error may come
+    /// from any file written since the previous call: every write it may
+    /// cover is to be taken as lost (never retried, fsyncgate).
+    fn sync(&self) -> Result<()>;
+}
+
 /// An open file. Positioned reads and writes; any number of threads may
 /// read while one writes.
 pub trait File: Send + Sync {
@@ -232,6 +255,17 @@ pub trait File: Send + Sync {
     fn syncs_whole_file(&self) -> bool {
         false
     }
+
+    /// Writes through this handle that have finished so far: a
+    /// [`FileSystemSync`] that begins after this count covers them (see
+    /// [`synced_by_file_system`](File::synced_by_file_system)).
+    fn writes_finished(&self) -> u64 {
+        0
+    }
+
+    /// A [`FileSystemSync`] that began after `writes_finished` writes had
+    /// finished succeeded: they are durable, as after a whole-file sync.
+    fn synced_by_file_system(&self, _writes_finished: u64) {}
 
     /// Allocates `[0, length_bytes)` (`fallocate`), so that writes inside it
     /// cannot fail for lack of space; grows the file length to it.

@@ -3,7 +3,7 @@
 //! of the allocated part of the file); directories are synced by the
 //! callers after every create, rename and delete.
 
-use super::{DirectoryLock, File, FileSystem, WriteMode};
+use super::{DirectoryLock, File, FileSystem, FileSystemSync, WriteMode};
 use crate::error::{Error, Result};
 use memmap2::MmapRaw;
 use std::fs::OpenOptions;
@@ -144,6 +144,72 @@ impl FileSystem for OsFileSystem {
     fn lock_directory_shared(&self, directory: &Path) -> Result<DirectoryLock> {
         lock_file(directory, libc::LOCK_SH)
     }
+
+    fn file_system_sync(&self, directory: &Path) -> Result<Option<Arc<dyn FileSystemSync>>> {
+        if !syncfs_reports_errors() {
+            tracing::warn!("this kernel's syncfs does not report write-back errors (Linux 5.8 and later do): every stream syncs its own files");
+            return Ok(None);
+        }
+        let file = std::fs::File::open(directory)
+            .map_err(|error| io_error("cannot open directory", directory, error))?;
+        Ok(Some(Arc::new(OsFileSystemSync {
+            directory: directory.to_path_buf(),
+            file,
+        })))
+    }
+
+    fn same_file_system(&self, a: &Path, b: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev(),
+            _ => false,
+        }
+    }
+}
+
+/// `syncfs` of the file system holding `directory`, through a descriptor
+/// opened before any write it is to cover: the kernel reports to it every
+/// write-back error of the file system since it was opened (or since its
+/// previous call), exactly once.
+#[derive(Debug)]
+struct OsFileSystemSync {
+    directory: PathBuf,
+    file: std::fs::File,
+}
+
+impl FileSystemSync for OsFileSystemSync {
+    fn sync(&self) -> Result<()> {
+        // SAFETY: syncfs(2) on a descriptor this value owns; no memory is
+        // passed.
+        let result = unsafe { libc::syncfs(self.file.as_raw_fd()) };
+        if result != 0 {
+            return Err(io_error(
+                "cannot sync the file system of",
+                &self.directory,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Linux reports write-back errors to `syncfs` since 5.8; before, it
+/// returned success whatever happened.
+fn syncfs_reports_errors() -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    kernel_at_least(&release, (5, 8))
+}
+
+fn kernel_at_least(release: &str, minimum: (u64, u64)) -> bool {
+    let mut parts = release
+        .trim()
+        .split(|character: char| !character.is_ascii_digit())
+        .map(|part| part.parse::<u64>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= minimum
 }
 
 /// `flock` of `<directory>/LOCK` with `operation`, without waiting.
@@ -450,4 +516,18 @@ fn pwritev_all(file: &std::fs::File, path: &Path, position: u64, parts: &[&[u8]]
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syncfs_is_trusted_from_linux_5_8() {
+        assert!(kernel_at_least("6.18.44-fc-v769\n", (5, 8)));
+        assert!(kernel_at_least("5.8.0", (5, 8)));
+        assert!(!kernel_at_least("5.7.19-generic", (5, 8)));
+        assert!(!kernel_at_least("4.19.0", (5, 8)));
+        assert!(!kernel_at_least("garbage", (5, 8)));
+    }
 }

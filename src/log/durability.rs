@@ -22,7 +22,7 @@ use crate::io::{File, FileSystem};
 use crate::lock;
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::watch;
 
 /// What is durable (or, for [`written`](DurabilityGate::written), written).
@@ -57,10 +57,74 @@ struct GateState {
     marks: VecDeque<Mark>,
 }
 
+/// Held across every sync of the log's files. A group sync holds it from
+/// its capture until the group's thread reports, across threads, so it is
+/// a flag and a condition variable rather than a mutex guard.
+#[derive(Default)]
+struct SyncLock {
+    held: Mutex<bool>,
+    released: Condvar,
+}
+
+struct SyncGuard<'a>(&'a SyncLock);
+
+impl SyncLock {
+    fn acquire(&self) -> SyncGuard<'_> {
+        let mut held = lock(&self.held);
+        while *held {
+            held = self
+                .released
+                .wait(held)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        *held = true;
+        SyncGuard(self)
+    }
+
+    fn release(&self) {
+        *lock(&self.held) = false;
+        self.released.notify_all();
+    }
+}
+
+impl SyncGuard<'_> {
+    /// Keeps the lock held after the guard is gone: the caller releases it
+    /// with [`SyncLock::release`].
+    fn detach(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for SyncGuard<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// What a sync covers: captured under the sync lock, published after it.
+pub(crate) struct Capture {
+    file: Arc<dyn File>,
+    start: u64,
+    end: u64,
+    target: DurablePoint,
+    marks: Vec<Mark>,
+}
+
+impl Capture {
+    /// The file whose writes the sync is to cover.
+    pub fn file(&self) -> &Arc<dyn File> {
+        &self.file
+    }
+
+    /// The range of the file written since its last sync.
+    pub fn range(&self) -> (u64, u64) {
+        (self.start, self.end)
+    }
+}
+
 pub(crate) struct DurabilityGate {
     name: String,
-    /// Held across every sync system call of the log's files.
-    sync_lock: Mutex<()>,
+    sync_lock: SyncLock,
     state: Mutex<GateState>,
     durable_watch: watch::Sender<DurablePoint>,
 }
@@ -70,7 +134,7 @@ impl DurabilityGate {
         let (durable_watch, _) = watch::channel(recovered);
         DurabilityGate {
             name: name.to_string(),
-            sync_lock: Mutex::new(()),
+            sync_lock: SyncLock::default(),
             state: Mutex::new(GateState {
                 poisoned: None,
                 active: None,
@@ -166,41 +230,84 @@ impl DurabilityGate {
     /// Syncs every frame written so far (group commit) and publishes it.
     /// Returns the durable point. After a failure, every call fails.
     pub fn sync(&self) -> Result<DurablePoint> {
-        let _sync = lock(&self.sync_lock);
-        let (file, start, end, target, captured) = {
-            let mut state = lock(&self.state);
-            if state.poisoned.is_some() {
-                drop(state);
-                return Err(self.poisoned_error());
-            }
-            if state.written.sequence <= state.durable.sequence {
-                return Ok(state.durable);
-            }
-            let Some(active) = &state.active else {
-                return Ok(state.durable);
-            };
-            let file = Arc::clone(&active.file);
-            let start = active.segment.durable_length().min(state.written_end);
-            let captured: Vec<Mark> = state.marks.drain(..).collect();
-            (file, start, state.written_end, state.written, captured)
+        let _sync = self.sync_lock.acquire();
+        let capture = match self.capture()? {
+            Ok(capture) => capture,
+            Err(durable) => return Ok(durable),
         };
-        if let Err(error) = file.sync_range(start, end) {
+        let result = capture.file.sync_range(capture.start, capture.end);
+        self.settle(capture, result)
+    }
+
+    /// Begins a sync that another thread runs ([`GroupSync`]): captures
+    /// what is written and holds the sync lock until
+    /// [`finish_group_sync`](Self::finish_group_sync). `Ok(Err(point))`:
+    /// nothing to sync, all of it durable at `point`.
+    ///
+    /// [`GroupSync`]: super::group_sync::GroupSync
+    pub fn begin_group_sync(&self) -> Result<std::result::Result<Capture, DurablePoint>> {
+        let sync = self.sync_lock.acquire();
+        let capture = self.capture()?;
+        if capture.is_ok() {
+            sync.detach();
+        }
+        Ok(capture)
+    }
+
+    /// Ends a sync begun by [`begin_group_sync`](Self::begin_group_sync)
+    /// with the outcome of the sync that covered it; releases the lock.
+    pub fn finish_group_sync(&self, capture: Capture, result: Result<()>) -> Result<DurablePoint> {
+        let outcome = self.settle(capture, result);
+        self.sync_lock.release();
+        outcome
+    }
+
+    /// Under the sync lock: what a sync now covers, or the durable point if
+    /// everything written is durable already.
+    fn capture(&self) -> Result<std::result::Result<Capture, DurablePoint>> {
+        let mut state = lock(&self.state);
+        if state.poisoned.is_some() {
+            drop(state);
+            return Err(self.poisoned_error());
+        }
+        if state.written.sequence <= state.durable.sequence {
+            return Ok(Err(state.durable));
+        }
+        let Some(active) = &state.active else {
+            return Ok(Err(state.durable));
+        };
+        let file = Arc::clone(&active.file);
+        let start = active.segment.durable_length().min(state.written_end);
+        let marks: Vec<Mark> = state.marks.drain(..).collect();
+        Ok(Ok(Capture {
+            file,
+            start,
+            end: state.written_end,
+            target: state.written,
+            marks,
+        }))
+    }
+
+    /// Under the sync lock, after the sync of `capture`: publishes it, or
+    /// poisons the log.
+    fn settle(&self, capture: Capture, result: Result<()>) -> Result<DurablePoint> {
+        if let Err(error) = result {
             self.poison(&error);
             return Err(self.poisoned_error());
         }
-        lock(&self.state).durable = target;
-        for mark in &captured {
+        lock(&self.state).durable = capture.target;
+        for mark in &capture.marks {
             mark.segment.set_durable_progress(mark.progress);
             mark.segment.publish(mark.progress);
         }
-        self.durable_watch.send_replace(target);
-        Ok(target)
+        self.durable_watch.send_replace(capture.target);
+        Ok(capture.target)
     }
 
     /// Syncs one of the log's files through the gate (a new segment's
     /// header, a sealed segment's cut, a truncation): a failure poisons.
     pub fn sync_file(&self, file: &dyn File, all: bool, start: u64, end: u64) -> Result<()> {
-        let _sync = lock(&self.sync_lock);
+        let _sync = self.sync_lock.acquire();
         self.check()?;
         let result = if all {
             file.sync_all()
@@ -218,7 +325,7 @@ impl DurabilityGate {
     /// durable otherwise. A failure poisons (acknowledging frames in a file
     /// whose entry may vanish would lose them).
     pub fn sync_directory(&self, file_system: &dyn FileSystem, directory: &Path) -> Result<()> {
-        let _sync = lock(&self.sync_lock);
+        let _sync = self.sync_lock.acquire();
         self.check()?;
         if let Err(error) = file_system.sync_directory(directory) {
             self.poison(&error);

@@ -36,6 +36,7 @@
 
 pub mod cache;
 pub mod durability;
+pub mod group_sync;
 pub mod index;
 pub mod recovery;
 pub mod segment;
@@ -106,6 +107,10 @@ pub enum FrameRange {
     Offset { start: u64, end: u64 },
 }
 
+/// Maintenance intervals between two idle checkpoints of one log (see
+/// `Log::checkpoint_if_idle`).
+pub const IDLE_CHECKPOINT_SPACING: u64 = 30;
+
 /// How to open a log.
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -120,6 +125,9 @@ pub struct LogOptions {
     /// Set by a store that holds its directory's lock; `None` takes the
     /// stream directory's own lock (see `recovery::lock_stream_directory`).
     pub store_locked: Option<crate::io::StoreLocked>,
+    /// The store's group syncer, if the log's directory is on its file
+    /// system: [`Log::sync_grouped`] syncs through it.
+    pub group_sync: Option<Arc<group_sync::GroupSync>>,
 }
 
 /// The shared state of one log.
@@ -145,10 +153,35 @@ pub(crate) struct LogShared {
     pub checkpointed: AtomicU64,
     /// The write sequence the previous maintenance saw (idle detection).
     pub maintenance_written: AtomicU64,
+    /// Maintenance runs so far, and the one that wrote the last idle
+    /// checkpoint (0: none yet).
+    pub maintenance_ticks: AtomicU64,
+    pub idle_checkpoint_tick: AtomicU64,
     /// Segment files this open created new, and reused from `recycle/`.
     pub segment_files_created: AtomicU64,
     pub segment_files_recycled: AtomicU64,
+    pub group_sync: Option<Arc<group_sync::GroupSync>>,
+    /// The sync handed to `group_sync`, while it runs and until its
+    /// outcome is taken.
+    pub grouped: Mutex<Grouped>,
     pub _lock: crate::io::DirectoryLock,
+}
+
+/// Where a log's grouped sync stands.
+#[derive(Default)]
+pub(crate) enum Grouped {
+    #[default]
+    Idle,
+    Pending,
+    Done(Result<DurablePoint>),
+}
+
+/// What [`Log::sync_grouped`] did.
+pub(crate) enum SyncProgress {
+    /// The sync ended (or was not needed): its outcome.
+    Done(Result<DurablePoint>),
+    /// The group's thread runs it and will call the waker.
+    Pending,
 }
 
 impl LogShared {
@@ -605,8 +638,12 @@ impl Log {
             visible,
             checkpointed: AtomicU64::new(checkpointed),
             maintenance_written: AtomicU64::new(0),
+            maintenance_ticks: AtomicU64::new(0),
+            idle_checkpoint_tick: AtomicU64::new(0),
             segment_files_created: AtomicU64::new(0),
             segment_files_recycled: AtomicU64::new(0),
+            group_sync: options.group_sync,
+            grouped: Mutex::new(Grouped::Idle),
             _lock: recovered.lock,
         });
         let writer = SegmentWriter {
@@ -752,10 +789,74 @@ impl Log {
     /// then finishes sealed segments and writes a checkpoint when due.
     pub fn sync(&self) -> Result<DurablePoint> {
         let point = self.shared.gate.sync()?;
+        self.after_sync(point)
+    }
+
+    /// What follows a successful sync: the seals it allows, a checkpoint
+    /// when due, readers told.
+    fn after_sync(&self, point: DurablePoint) -> Result<DurablePoint> {
         self.shared.finish_seals()?;
         self.shared.checkpoint_if_due();
         self.shared.notify_readers();
         Ok(point)
+    }
+
+    /// Whether [`sync_grouped`](Self::sync_grouped) hands syncs to a group.
+    pub(crate) fn syncs_in_groups(&self) -> bool {
+        self.shared.group_sync.is_some()
+    }
+
+    /// Whether a grouped sync runs or has an outcome not yet taken.
+    pub(crate) fn grouped_sync_outstanding(&self) -> bool {
+        !matches!(*lock(&self.shared.grouped), Grouped::Idle)
+    }
+
+    /// [`sync`](Self::sync) through the store's [`GroupSync`]: the first
+    /// call captures what is written and hands it to the group's thread,
+    /// which calls `wake` when it is done; the call after that returns the
+    /// outcome. One caller at a time (the stream's sync lane).
+    ///
+    /// [`GroupSync`]: group_sync::GroupSync
+    pub(crate) fn sync_grouped(&self, wake: Box<dyn Fn() + Send + Sync>) -> SyncProgress {
+        let Some(group) = &self.shared.group_sync else {
+            return SyncProgress::Done(self.sync());
+        };
+        let mut grouped = lock(&self.shared.grouped);
+        match std::mem::take(&mut *grouped) {
+            Grouped::Done(result) => {
+                drop(grouped);
+                return SyncProgress::Done(result.and_then(|point| self.after_sync(point)));
+            }
+            Grouped::Pending => {
+                // Under the same lock: the outcome cannot land in between.
+                *grouped = Grouped::Pending;
+                return SyncProgress::Pending;
+            }
+            Grouped::Idle => {}
+        }
+        drop(grouped);
+        let capture = match self.shared.gate.begin_group_sync() {
+            Err(error) => return SyncProgress::Done(Err(error)),
+            Ok(Err(_durable)) => return SyncProgress::Done(self.sync()),
+            Ok(Ok(capture)) => capture,
+        };
+        *lock(&self.shared.grouped) = Grouped::Pending;
+        let file = Arc::clone(capture.file());
+        let (start, end) = capture.range();
+        let writes_finished = file.writes_finished();
+        let shared = Arc::clone(&self.shared);
+        group.submit(group_sync::Request {
+            file,
+            start,
+            end,
+            writes_finished,
+            done: Box::new(move |result| {
+                let outcome = shared.gate.finish_group_sync(capture, result);
+                *lock(&shared.grouped) = Grouped::Done(outcome);
+                wake();
+            }),
+        });
+        SyncProgress::Pending
     }
 
     /// Makes frames written so far visible to readers before they are
@@ -1052,20 +1153,39 @@ impl Log {
             .shared
             .maintenance_written
             .swap(written.sequence, Ordering::AcqRel);
-        if previous == written.sequence && written.sequence > self.shared.gate.durable().sequence {
+        let idle = previous == written.sequence;
+        if idle && written.sequence > self.shared.gate.durable().sequence {
             self.shared.gate.sync()?;
         }
-        let durable = self
-            .shared
-            .active_segment()
-            .map_or(0, |segment| segment.durable_length());
-        if durable > self.shared.checkpointed.load(Ordering::Acquire) {
-            self.shared.checkpoint();
-        }
+        self.checkpoint_if_idle(idle);
         if rotated {
             self.shared.notify_readers();
         }
         Ok(())
+    }
+
+    /// The idle checkpoint: once nothing was written for a whole
+    /// maintenance interval, a checkpoint vouches for the last group commit
+    /// (no later frame does; docs/FORMAT.md, recovery step 6). A stream that
+    /// writes a little every few seconds would pay an atomic file write
+    /// (two fsyncs) per message, more than the message itself: its idle
+    /// checkpoints are spaced [`IDLE_CHECKPOINT_SPACING`] maintenance
+    /// intervals apart.
+    fn checkpoint_if_idle(&self, idle: bool) {
+        let shared = &self.shared;
+        let tick = shared.maintenance_ticks.fetch_add(1, Ordering::AcqRel) + 1;
+        let durable = shared
+            .active_segment()
+            .map_or(0, |segment| segment.durable_length());
+        let last = shared.idle_checkpoint_tick.load(Ordering::Acquire);
+        let spaced = last == 0 || tick >= last + IDLE_CHECKPOINT_SPACING;
+        if idle
+            && spaced
+            && durable > shared.checkpointed.load(Ordering::Acquire)
+            && shared.checkpoint().is_some()
+        {
+            shared.idle_checkpoint_tick.store(tick, Ordering::Release);
+        }
     }
 
     /// Truncates the log after the entry with Raft index `raft_index`

@@ -58,6 +58,9 @@ pub struct StreamsBenchArgs {
     /// natswal's `storage.open_files_max`.
     #[arg(long, default_value_t = natswal::io::handles::OPEN_FILES_MAX_DEFAULT)]
     pub open_files_max: usize,
+    /// natswal's `storage.group_sync = false`: every stream syncs alone.
+    #[arg(long)]
+    pub no_group_sync: bool,
     /// natswal's `storage.io_threads` (0: its default).
     #[arg(long, default_value_t = 0)]
     pub io_threads: usize,
@@ -366,11 +369,12 @@ struct Measured {
 
 fn natswal_config(args: &StreamsBenchArgs, data: &Path, url: &str, streams: usize) -> String {
     let mut config = format!(
-        "data_dir = \"{}\"\n[nats]\nservers = [\"{url}\"]\n[http]\nlisten = \"\"\n[storage]\nwrite_mode = \"{}\"\nio_threads = {}\nopen_files_max = {}\n",
+        "data_dir = \"{}\"\n[nats]\nservers = [\"{url}\"]\n[http]\nlisten = \"\"\n[storage]\nwrite_mode = \"{}\"\nio_threads = {}\nopen_files_max = {}\ngroup_sync = {}\n",
         data.display(),
         args.write_mode,
         args.io_threads,
-        args.open_files_max
+        args.open_files_max,
+        !args.no_group_sync
     );
     for stream in 0..streams {
         let _ = write!(
