@@ -10,6 +10,10 @@
 //!   order, and appends one frame to the log.
 //! - The sync step makes all frames written since the last sync durable
 //!   with one [`Log::sync`] (group commit) and completes their appends.
+//!   Under a store's pool it hands the sync to the store's group sync
+//!   instead (one `syncfs` for every stream waiting at once; see
+//!   [`crate::log::group_sync`]) and returns; the group's end wakes the
+//!   sync lane, whose next step completes the appends.
 //!
 //! The steps are plain functions, so the same coordinator runs under an
 //! [`IoPool`](crate::pool::IoPool) (its write and sync lanes, woken through

@@ -12,7 +12,11 @@
 //!
 //! The watermark counts written frames (a sequence number per frame). A
 //! sync captures the sequence and position written so far, syncs, and on
-//! success publishes every frame up to it to readers and waiters.
+//! success publishes every frame up to it to readers and waiters. A group
+//! sync ([`super::group_sync`]) captures here, holds the sync lock while
+//! another thread syncs the whole file system, and publishes or poisons
+//! here when that thread reports (the lock is then a flag, not a guard, as
+//! it is released on another thread).
 
 use super::index::SegmentProgress;
 use super::segment::StorageSegment;
