@@ -38,6 +38,8 @@ pub struct BridgeMetrics {
     pub replay_messages: AtomicU64,
     pub replay_errors: AtomicU64,
     streams: Mutex<Vec<(Arc<Stream>, Arc<StreamCounters>)>>,
+    /// The store's group sync, if it has one (its totals are exported).
+    pub group_sync: std::sync::OnceLock<Arc<natswal::log::group_sync::GroupSync>>,
 }
 
 impl BridgeMetrics {
@@ -359,6 +361,22 @@ impl BridgeMetrics {
                 self.replay_errors.load(Ordering::Relaxed) as i64,
             ),
         ];
+        let (group_syncs, group_requests) =
+            self.group_sync.get().map_or((0, 0), |group| group.totals());
+        let global = global.into_iter().chain([
+            (
+                "natswal_group_syncs_total",
+                "Syncs run by the store's group sync (syncfs, or one file's own sync for a group of one).",
+                "counter",
+                group_syncs as i64,
+            ),
+            (
+                "natswal_group_sync_requests_total",
+                "Stream syncs those group syncs covered (requests / syncs = the mean group size).",
+                "counter",
+                group_requests as i64,
+            ),
+        ]);
         for (name, help, kind, value) in global {
             counter(&mut out, name, help, kind);
             let _ = writeln!(out, "{name} {value}");

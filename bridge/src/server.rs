@@ -43,6 +43,9 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
     if !config.storage.group_sync {
         store = store.without_group_sync()?;
     }
+    if let Some(group) = store.group_sync() {
+        let _ = metrics.group_sync.set(Arc::clone(group));
+    }
     let store = Arc::new(store);
     let mut streams: BTreeMap<String, Arc<Stream>> = BTreeMap::new();
     let mut windows = BTreeMap::new();

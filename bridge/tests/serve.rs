@@ -354,6 +354,10 @@ async fn http_endpoints_and_status() {
         // The first append created the stream's first segment file.
         "natswal_segment_files_created_total{stream=\"events\"} 1",
         "natswal_segment_files_recycled_total{stream=\"events\"} 0",
+        // The one acknowledged message's sync went through the group sync,
+        // as a group of one.
+        "natswal_group_syncs_total 1",
+        "natswal_group_sync_requests_total 1",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }
