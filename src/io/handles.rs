@@ -339,15 +339,16 @@ impl LimitedFile {
         let file = self.descriptor(false)?;
         let covered = self.writes_finished.load(Ordering::Acquire);
         operation(file.as_ref())?;
-        self.synced(covered, file);
+        // The descriptor may be closed now: let go of it first.
+        drop(file);
+        self.synced(covered);
         Ok(())
     }
 
-    /// A whole-file sync that began after `covered` writes succeeded.
-    fn synced(&self, covered: u64, file: Arc<dyn File>) {
+    /// A sync of the whole file (or of its file system) that began after
+    /// `covered` writes succeeded. The caller holds no descriptor of it.
+    fn synced(&self, covered: u64) {
         self.synced_writes.fetch_max(covered, Ordering::AcqRel);
-        // The descriptor may be closed now: let go of it first.
-        drop(file);
         self.budget.cleaned();
     }
 
@@ -390,7 +391,8 @@ impl File for LimitedFile {
         if file.syncs_whole_file() {
             let covered = self.writes_finished.load(Ordering::Acquire);
             file.sync_range(start, end)?;
-            self.synced(covered, file);
+            drop(file);
+            self.synced(covered);
             return Ok(());
         }
         file.sync_range(start, end)
@@ -421,9 +423,7 @@ impl File for LimitedFile {
     }
 
     fn synced_by_file_system(&self, writes_finished: u64) {
-        self.synced_writes
-            .fetch_max(writes_finished, Ordering::AcqRel);
-        self.budget.cleaned();
+        self.synced(writes_finished);
     }
 }
 

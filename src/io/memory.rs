@@ -190,27 +190,17 @@ impl MemoryFileSystem {
     /// [`resume_syncs`](Self::resume_syncs): a disk that is slow for as
     /// long as a test needs to queue work behind a sync.
     pub fn pause_syncs(&self) {
-        *self
-            .syncs_paused
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+        *crate::lock(&self.syncs_paused.0) = true;
     }
 
     pub fn resume_syncs(&self) {
-        *self
-            .syncs_paused
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
+        *crate::lock(&self.syncs_paused.0) = false;
         self.syncs_paused.1.notify_all();
     }
 
     fn wait_while_syncs_paused(&self) {
         let (paused, resumed) = &*self.syncs_paused;
-        let mut paused = paused
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut paused = crate::lock(paused);
         while *paused {
             paused = resumed
                 .wait(paused)

@@ -43,10 +43,12 @@ fn io_error(what: &str, path: &Path, error: std::io::Error) -> Error {
     Error::io(format!("{what} {}", path.display()), error)
 }
 
+fn open_directory(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|error| io_error("cannot open directory", path, error))
+}
+
 pub(crate) fn sync_directory_path(path: &Path) -> Result<()> {
-    let directory = std::fs::File::open(path)
-        .map_err(|error| io_error("cannot open directory", path, error))?;
-    directory
+    open_directory(path)?
         .sync_all()
         .map_err(|error| io_error("cannot sync directory", path, error))
 }
@@ -150,11 +152,9 @@ impl FileSystem for OsFileSystem {
             tracing::warn!("this kernel's syncfs does not report write-back errors (Linux 5.8 and later do): every stream syncs its own files");
             return Ok(None);
         }
-        let file = std::fs::File::open(directory)
-            .map_err(|error| io_error("cannot open directory", directory, error))?;
         Ok(Some(Arc::new(OsFileSystemSync {
             directory: directory.to_path_buf(),
-            file,
+            file: open_directory(directory)?,
         })))
     }
 

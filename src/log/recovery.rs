@@ -550,6 +550,23 @@ pub struct RecoveryManager;
 impl RecoveryManager {
     /// Brings `directory` to a consistent state and returns what the writer
     /// needs. Creates the directory if it does not exist.
+    /// [`open`](Self::open) for an offline tool: the default config, no
+    /// node, the stream directory's own lock.
+    fn open_offline(
+        file_system: &Arc<dyn FileSystem>,
+        directory: &Path,
+        mode: RecoveryMode,
+    ) -> Result<Recovered> {
+        RecoveryManager::open(
+            file_system,
+            directory,
+            &StreamConfig::default(),
+            mode,
+            0,
+            false,
+        )
+    }
+
     pub(crate) fn open(
         file_system: &Arc<dyn FileSystem>,
         directory: &Path,
@@ -630,9 +647,7 @@ impl RecoveryManager {
         directory: &Path,
         mode: RecoveryMode,
     ) -> Result<RecoveryReport> {
-        let config = StreamConfig::default();
-        let recovered = RecoveryManager::open(file_system, directory, &config, mode, 0, false)?;
-        Ok(recovered.report)
+        Ok(RecoveryManager::open_offline(file_system, directory, mode)?.report)
     }
 
     /// Checks every slot and frame of every segment and every index without
@@ -748,15 +763,8 @@ impl RecoveryManager {
         directory: &Path,
         from_offset: u64,
     ) -> Result<TruncateReport> {
-        let config = StreamConfig::default();
-        let recovered = RecoveryManager::open(
-            file_system,
-            directory,
-            &config,
-            RecoveryMode::Strict,
-            0,
-            false,
-        )?;
+        let recovered =
+            RecoveryManager::open_offline(file_system, directory, RecoveryMode::Strict)?;
         let plan = plan_cut(
             file_system,
             &recovered.segments,
@@ -827,15 +835,7 @@ fn first_offset_after(
     directory: &Path,
     time: i64,
 ) -> Result<u64> {
-    let config = StreamConfig::default();
-    let recovered = RecoveryManager::open(
-        file_system,
-        directory,
-        &config,
-        RecoveryMode::Strict,
-        0,
-        false,
-    )?;
+    let recovered = RecoveryManager::open_offline(file_system, directory, RecoveryMode::Strict)?;
     for segment in &recovered.segments {
         if segment.record_count() == 0 || segment.timestamp_max_through() <= time {
             continue;
