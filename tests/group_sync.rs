@@ -53,6 +53,18 @@ fn record_of(stream: usize, round: usize) -> Record {
     )
 }
 
+/// A store whose streams hold one acknowledged record each (round 0): their
+/// segments exist, so no later append creates one (a new segment's syncs
+/// are not grouped, and would hold the pool's threads while syncs are).
+async fn store_with_a_record_each(file_system: &MemoryFileSystem) -> (Store, Vec<Arc<Stream>>) {
+    let store = open_store(file_system);
+    let streams = open_streams(&store);
+    for (index, stream) in streams.iter().enumerate() {
+        stream.append(record_of(index, 0)).await.unwrap();
+    }
+    (store, streams)
+}
+
 /// Waits (bounded) until `condition` holds; says whether it did.
 async fn wait_until(mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -104,11 +116,7 @@ async fn line_up(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_streams_waiting_behind_a_sync_share_the_next_one() {
     let file_system = MemoryFileSystem::new();
-    let store = open_store(&file_system);
-    let streams = open_streams(&store);
-    for (index, stream) in streams.iter().enumerate() {
-        stream.append(record_of(index, 0)).await.unwrap();
-    }
+    let (store, streams) = store_with_a_record_each(&file_system).await;
     let appends = line_up(&file_system, &store, &streams, 1).await;
     let group = store.group_sync().unwrap();
     let (syncs, requests) = group.totals();
@@ -140,11 +148,7 @@ async fn the_streams_waiting_behind_a_sync_share_the_next_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_group_sync_fails_every_stream_of_the_group_and_acknowledges_none() {
     let file_system = MemoryFileSystem::new();
-    let store = open_store(&file_system);
-    let streams = open_streams(&store);
-    for (index, stream) in streams.iter().enumerate() {
-        stream.append(record_of(index, 0)).await.unwrap();
-    }
+    let (store, streams) = store_with_a_record_each(&file_system).await;
     let appends = line_up(&file_system, &store, &streams, 1).await;
     file_system.inject(Fault {
         operation: Operation::SyncFileSystem,
@@ -216,15 +220,10 @@ async fn a_crash_at_any_operation_of_grouped_syncs_keeps_every_acknowledged_reco
     let mut crash_point = 1;
     loop {
         let file_system = MemoryFileSystem::with_seed(crash_point);
-        let store = open_store(&file_system);
-        let streams = open_streams(&store);
-        // Round 0 creates the segments (their syncs are not grouped, and
-        // would hold the pool's threads while syncs are held).
-        let mut acknowledged = vec![Vec::new(); STREAMS];
-        for (index, stream) in streams.iter().enumerate() {
-            stream.append(record_of(index, 0)).await.unwrap();
-            acknowledged[index].push(record_of(index, 0));
-        }
+        let (store, streams) = store_with_a_record_each(&file_system).await;
+        let mut acknowledged: Vec<Vec<Record>> = (0..STREAMS)
+            .map(|index| vec![record_of(index, 0)])
+            .collect();
         file_system.crash_after_operations(crash_point);
         for round in 1..ROUNDS {
             if file_system.has_crashed() {

@@ -33,14 +33,14 @@ use std::thread::JoinHandle;
 pub(crate) type Done = Box<dyn FnOnce(Result<()>) + Send>;
 
 /// One log's writes to make durable.
-pub(crate) struct Request {
+struct Request {
     /// The log's active segment (its writes, in `[start, end)`).
-    pub file: Arc<dyn File>,
-    pub start: u64,
-    pub end: u64,
-    /// `file.writes_finished()` when the writes were captured.
-    pub writes_finished: u64,
-    pub done: Done,
+    file: Arc<dyn File>,
+    start: u64,
+    end: u64,
+    /// `file.writes_finished()` when the request was queued.
+    writes_finished: u64,
+    done: Done,
 }
 
 #[derive(Default)]
@@ -98,8 +98,16 @@ impl GroupSync {
         })
     }
 
-    /// Queues `request` for the next sync.
-    pub(crate) fn submit(&self, request: Request) {
+    /// Queues the writes to `file` in `range`, captured before this call,
+    /// for the next sync; `done` gets its outcome.
+    pub(crate) fn submit(&self, file: Arc<dyn File>, range: (u64, u64), done: Done) {
+        let request = Request {
+            writes_finished: file.writes_finished(),
+            file,
+            start: range.0,
+            end: range.1,
+            done,
+        };
         let mut queue = lock(&self.shared.queue);
         assert!(!queue.shutdown, "a request after the group sync stopped");
         queue.requests.push(request);

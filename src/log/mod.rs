@@ -837,25 +837,22 @@ impl Log {
         drop(grouped);
         let capture = match self.shared.gate.begin_group_sync() {
             Err(error) => return SyncProgress::Done(Err(error)),
-            Ok(Err(_durable)) => return SyncProgress::Done(self.sync()),
+            Ok(Err(durable)) => return SyncProgress::Done(self.after_sync(durable)),
             Ok(Ok(capture)) => capture,
         };
         *lock(&self.shared.grouped) = Grouped::Pending;
         let file = Arc::clone(capture.file());
-        let (start, end) = capture.range();
-        let writes_finished = file.writes_finished();
+        let range = capture.range();
         let shared = Arc::clone(&self.shared);
-        group.submit(group_sync::Request {
+        group.submit(
             file,
-            start,
-            end,
-            writes_finished,
-            done: Box::new(move |result| {
+            range,
+            Box::new(move |result| {
                 let outcome = shared.gate.finish_group_sync(capture, result);
                 *lock(&shared.grouped) = Grouped::Done(outcome);
                 wake();
             }),
-        });
+        );
         SyncProgress::Pending
     }
 
