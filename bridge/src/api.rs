@@ -380,6 +380,13 @@ impl ApiService {
             request.mode,
             payload_max,
         );
+        // A whole first frame may begin before the start offset: its
+        // records there do not count toward the limit, or a limit would end
+        // the replay short of it. (A time start is not resolved to an offset
+        // here; its first frame counts whole.)
+        if let StartPosition::Offset(offset) = start {
+            sender.counted_from = offset;
+        }
         let deadline = Instant::now() + wait;
         let mut reached_end = false;
         let mut bytes_sent = 0u64;
@@ -517,7 +524,12 @@ struct Sender<'a> {
     payload_max: usize,
     buffer: BytesMut,
     buffered: u64,
+    /// Records sent that the request asked for (they count toward `batch`
+    /// and `limit`).
     count: u64,
+    /// Records of a whole frame below this offset are sent but not
+    /// counted: the client drops them (they precede its start offset).
+    counted_from: u64,
     names: RecordHeaderNames,
 }
 
@@ -538,6 +550,7 @@ impl<'a> Sender<'a> {
             buffer: BytesMut::new(),
             buffered: 0,
             count: 0,
+            counted_from: 0,
             names: RecordHeaderNames::new(),
         }
     }
@@ -600,7 +613,9 @@ impl<'a> Sender<'a> {
             match natswal::decode_frame_bytes(&frame.bytes, usize::MAX) {
                 Ok(records) => {
                     for record in records {
-                        self.count += 1;
+                        if record.offset >= self.counted_from {
+                            self.count += 1;
+                        }
                         self.push_batched(&record).await;
                     }
                     self.flush().await;
@@ -611,7 +626,12 @@ impl<'a> Sender<'a> {
             }
             return;
         }
-        self.count += u64::from(frame.header.record_count);
+        let records = u64::from(frame.header.record_count);
+        let before_start = self
+            .counted_from
+            .saturating_sub(frame.header.base_offset)
+            .min(records);
+        self.count += records - before_start;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(HEADER_FORMAT, FORMAT_FRAME_V1);
         headers.insert(HEADER_STREAM, self.stream.as_str());

@@ -122,6 +122,36 @@ async fn frames_mode_hands_on_stored_frames_decrypted_but_still_compressed() {
     assert!(first <= 1500 && 1500 <= last, "{first}..{last}");
     assert_eq!(middle.next_offset, Some(last + 1));
 
+    // A limit counts the records from the start on, not the whole first
+    // frame: a start inside a frame still gets `limit` records.
+    let (base, count) = response
+        .frames
+        .iter()
+        .map(|frame| {
+            let records = natswal::decode_frame_bytes(frame, usize::MAX).unwrap();
+            (records[0].offset, records.len() as u64)
+        })
+        .find(|&(_, count)| count >= 2)
+        .expect("3 000 quick publishes were batched into frames of several records");
+    let limit = count; // the rest of this frame (count - 1) and one more
+    let from_inside = replay_once(
+        &client,
+        "events",
+        json!({"mode": "frames", "start": {"offset": base + 1}, "limit": limit, "batch": 100000}),
+    )
+    .await;
+    let asked_for = from_inside
+        .records
+        .iter()
+        .filter(|record| record.offset > base)
+        .count() as u64;
+    assert!(
+        asked_for >= limit,
+        "from offset {} (inside a frame of {count} at {base}) with limit {limit}: {asked_for} records ({})",
+        base + 1,
+        from_inside.description
+    );
+
     // Frames cannot be filtered.
     let filtered = replay_once(
         &client,
