@@ -33,6 +33,7 @@ use crate::log::{Log, SyncProgress};
 use crate::metrics::StreamMetrics;
 use crate::pool::{Lane, Waker};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -228,9 +229,65 @@ pub(crate) struct BatchCoordinator {
     /// set once at start from the log).
     last_message_id: Mutex<Option<Arc<str>>>,
     scratch: Mutex<WriteScratch>,
+    append_failures: Mutex<AppendFailures>,
+    /// Set while appends fail, so a success takes no lock otherwise.
+    append_failing: AtomicBool,
+}
+
+/// How often a run of failing appends (a full disk) is logged at most.
+const APPEND_FAILURE_LOG_SPACING: Duration = Duration::from_secs(10);
+
+/// Appends failing without poisoning (a full disk): the latest cause, for
+/// the stream's status, and a rate limit on the ERROR lines, since every
+/// rejected message would otherwise log one.
+#[derive(Debug, Default)]
+struct AppendFailures {
+    latest: Option<String>,
+    logged_at: Option<Instant>,
+    /// Failures since the last line.
+    unlogged: u64,
+    /// Failures in the current run.
+    run: u64,
 }
 
 impl BatchCoordinator {
+    /// An append failed and the stream stays writable: logs it, at most
+    /// once per [`APPEND_FAILURE_LOG_SPACING`].
+    fn note_append_failure(&self, error: &Error) {
+        let mut failures = lock(&self.append_failures);
+        self.append_failing.store(true, Ordering::Release);
+        failures.latest = Some(error.to_string());
+        failures.run += 1;
+        failures.unlogged += 1;
+        let now = Instant::now();
+        let due = failures
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= APPEND_FAILURE_LOG_SPACING);
+        if due {
+            tracing::error!(stream = %self.name, %error, failures = failures.unlogged, "append failed; the stream stays writable (further failures are logged at most every 10 s)");
+            failures.logged_at = Some(now);
+            failures.unlogged = 0;
+        }
+    }
+
+    /// An append succeeded: a run of failures, if any, is over.
+    fn note_append_success(&self) {
+        if !self.append_failing.load(Ordering::Acquire) {
+            return;
+        }
+        let mut failures = lock(&self.append_failures);
+        self.append_failing.store(false, Ordering::Release);
+        if failures.latest.take().is_some() {
+            tracing::info!(stream = %self.name, failed = failures.run, "appends succeed again");
+            *failures = AppendFailures::default();
+        }
+    }
+
+    /// Why appends currently fail while the stream stays writable.
+    pub fn append_failure(&self) -> Option<String> {
+        lock(&self.append_failures).latest.clone()
+    }
+
     pub fn new(name: &str, config: StreamConfig, metrics: Arc<StreamMetrics>) -> BatchCoordinator {
         let permits = config.queue_bytes_max.min(u64::from(u32::MAX)) as u32;
         BatchCoordinator {
@@ -256,6 +313,8 @@ impl BatchCoordinator {
                 builder: FrameBuilder::new(),
                 taken: Vec::new(),
             }),
+            append_failures: Mutex::new(AppendFailures::default()),
+            append_failing: AtomicBool::new(false),
         }
     }
 
@@ -512,13 +571,14 @@ impl BatchCoordinator {
                 let error = if log.is_poisoned() {
                     log.shared().gate.poisoned_error()
                 } else {
-                    tracing::error!(stream = %self.name, %error, "append failed; the stream stays writable");
+                    self.note_append_failure(&error);
                     error
                 };
                 self.fail_all(taken, &error);
                 return;
             }
         };
+        self.note_append_success();
         // Only now that the frame is written does its last record count as
         // the stream's last one.
         *lock(&self.last_message_id) = last_message_id;

@@ -90,6 +90,9 @@ pub struct StreamStatus {
     pub last_timestamp_ns: Option<i64>,
     /// Set when a failed sync made the stream read-only.
     pub poisoned: Option<String>,
+    /// Set while appends fail and the stream stays writable (a full disk):
+    /// the latest cause. Cleared by the next append that succeeds.
+    pub append_failure: Option<String>,
 }
 
 /// How to open a stream.
@@ -465,6 +468,7 @@ impl Stream {
                 .last()
                 .map(|segment| segment.timestamp_max_through()),
             poisoned: self.inner.log.poison_cause(),
+            append_failure: self.inner.coordinator.append_failure(),
         }
     }
 

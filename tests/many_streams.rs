@@ -267,10 +267,22 @@ async fn a_full_disk_in_the_middle_of_a_segment_fails_only_the_append_that_neede
         stream.status().poisoned.is_none(),
         "a full disk does not poison"
     );
+    let failure = stream.status().append_failure;
+    assert!(
+        failure
+            .as_deref()
+            .is_some_and(|cause| cause.contains("disk full")),
+        "the status says why the stream cannot take writes: {failure:?}"
+    );
     common::assert_exactly(&common::read_all(&stream).unwrap(), &expected);
     file_system.set_space_limit(u64::MAX);
     let next = common::record(expected.len() as u64);
     let outcome = stream.append(next.clone()).await.unwrap();
+    assert_eq!(
+        stream.status().append_failure,
+        None,
+        "a successful append ends the failure"
+    );
     assert_eq!(outcome.first_offset, FIRST_OFFSET + expected.len() as u64);
     expected.push(next);
     assert!(file_system.file_length(&segment).unwrap() > allocated);
