@@ -29,6 +29,19 @@ impl ApiError {
         ApiError::new(400, 10054, "message size exceeds maximum allowed")
     }
 
+    /// A header name reserved for natswal's replay protocol
+    /// (JSBadRequestErr).
+    pub fn reserved_header(name: &str) -> ApiError {
+        ApiError::new(
+            400,
+            10003,
+            format!(
+                "header '{name}' is reserved: names starting with {} belong to natswal's replay protocol",
+                crate::headers::RESERVED_PREFIX
+            ),
+        )
+    }
+
     /// Maps an engine failure to the error a JetStream client expects.
     pub fn from_engine(error: &natswal::Error) -> ApiError {
         match error {

@@ -30,6 +30,9 @@ pub struct ApiService {
     pub stream_subjects: Arc<BTreeMap<String, Vec<SubjectPattern>>>,
     pub metrics: Arc<BridgeMetrics>,
     pub prefix: String,
+    /// One permit per replay being served (`api.replays_max`).
+    pub replays: Arc<tokio::sync::Semaphore>,
+    pub replays_max: usize,
     pub access: Arc<std::sync::RwLock<AccessRules>>,
     pub audit: Arc<crate::audit::AuditLog>,
 }
@@ -124,12 +127,16 @@ impl AccessRules {
     }
 }
 
-/// Subscribes to the API subjects and serves until `shutdown`.
-pub async fn run(
-    service: ApiService,
-    mut shutdown: watch::Receiver<bool>,
-) -> crate::error::Result<()> {
-    let replay_subject = format!("{}.REPLAY.*", service.prefix);
+/// The API's subscriptions, made before natswal calls itself ready.
+pub struct ApiSubscriptions {
+    replay: async_nats::Subscriber,
+    status: async_nats::Subscriber,
+}
+
+/// Subscribes to the API subjects.
+pub async fn subscribe(service: &ApiService) -> crate::error::Result<ApiSubscriptions> {
+    // `>`, not `*`: a subject with more tokens gets an error, not silence.
+    let replay_subject = format!("{}.REPLAY.>", service.prefix);
     let status_subject = format!("{}.STATUS", service.prefix);
     let replay = service
         .client
@@ -145,7 +152,17 @@ pub async fn run(
         .map_err(|error| {
             crate::error::BridgeError::nats(format!("cannot subscribe to {status_subject}"), error)
         })?;
-    let mut requests = futures_util::stream::select(replay, status);
+    Ok(ApiSubscriptions { replay, status })
+}
+
+/// Serves the API's requests until `shutdown`.
+pub async fn run(
+    service: ApiService,
+    subscriptions: ApiSubscriptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let status_subject = format!("{}.STATUS", service.prefix);
+    let mut requests = futures_util::stream::select(subscriptions.replay, subscriptions.status);
     loop {
         let message = tokio::select! {
             biased;
@@ -159,10 +176,17 @@ pub async fn run(
         if message.subject.as_str() == status_subject {
             tokio::spawn(async move { service.answer_status(message).await });
         } else {
-            tokio::spawn(async move { service.answer_replay(message).await });
+            match Arc::clone(&service.replays).try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(async move {
+                        service.answer_replay(message).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => service.refuse_replay(message).await,
+            }
         }
     }
-    Ok(())
 }
 
 /// A status message: `Nwal-Status`, description, next offset, count.
@@ -203,6 +227,8 @@ pub struct StreamStatusJson {
     /// Records queued for writing or syncing that are not yet acknowledged.
     pub appends_in_flight: u64,
     pub poisoned: Option<String>,
+    /// Why appends fail while the stream stays writable (a full disk).
+    pub append_failure: Option<String>,
 }
 
 impl ApiService {
@@ -252,6 +278,7 @@ impl ApiService {
                     last_timestamp_ns: status.last_timestamp_ns,
                     appends_in_flight: stored.saturating_sub(completed),
                     poisoned: status.poisoned,
+                    append_failure: status.append_failure,
                 }
             })
             .collect();
@@ -263,22 +290,52 @@ impl ApiService {
         let _ = self.client.publish(reply, Bytes::from(body)).await;
     }
 
+    /// Past `api.replays_max`: a 503 at once, the request is not queued.
+    async fn refuse_replay(&self, message: async_nats::Message) {
+        self.metrics.replay_requests.fetch_add(1, Ordering::Relaxed);
+        self.metrics.replay_errors.fetch_add(1, Ordering::Relaxed);
+        let Some(reply) = message.reply else { return };
+        let description = format!(
+            "Too Many Replays: {} replays are being served (api.replays_max); retry later",
+            self.replays_max
+        );
+        let stream = message.subject.rsplit('.').next().unwrap_or_default();
+        let headers = status_headers(stream, STATUS_TOO_MANY_REPLAYS, &description, None, 0);
+        let _ = self
+            .client
+            .publish_with_headers(reply, headers, Bytes::new())
+            .await;
+    }
+
     async fn answer_replay(&self, message: async_nats::Message) {
         self.metrics.replay_requests.fetch_add(1, Ordering::Relaxed);
         let Some(reply) = message.reply.clone() else {
             tracing::debug!(subject = %message.subject, "replay request without a reply subject ignored");
             return;
         };
+        let replay_prefix = format!("{}.REPLAY.", self.prefix);
         let stream_name = message
             .subject
-            .rsplit('.')
-            .next()
+            .strip_prefix(replay_prefix.as_str())
             .unwrap_or_default()
             .to_string();
-        if let Err((status, description)) = self.replay(&stream_name, &message, reply.clone()).await
-        {
+        let result = if stream_name.contains('.') {
+            Err(ReplayError::bad(format!(
+                "replay subjects are {replay_prefix}<stream> and a stream name has no '.'; '{}' has more tokens",
+                message.subject
+            )))
+        } else {
+            self.replay(&stream_name, &message, reply.clone()).await
+        };
+        if let Err(error) = result {
             self.metrics.replay_errors.fetch_add(1, Ordering::Relaxed);
-            let headers = status_headers(&stream_name, status, &description, None, 0);
+            let headers = status_headers(
+                &stream_name,
+                error.status,
+                &error.description,
+                error.next_offset,
+                error.count,
+            );
             let _ = self
                 .client
                 .publish_with_headers(reply, headers, Bytes::new())
@@ -292,8 +349,8 @@ impl ApiService {
         stream_name: &str,
         message: &async_nats::Message,
         reply: async_nats::Subject,
-    ) -> Result<(), (u16, String)> {
-        let bad = |reason: String| (STATUS_BAD_REQUEST, format!("Bad Request: {reason}"));
+    ) -> Result<(), ReplayError> {
+        let bad = ReplayError::bad;
         let request: ReplayRequest = if message.payload.iter().all(u8::is_ascii_whitespace) {
             ReplayRequest::default()
         } else {
@@ -301,7 +358,7 @@ impl ApiService {
                 .map_err(|error| bad(format!("invalid replay request JSON: {error}")))?
         };
         let stream = self.streams.get(stream_name).ok_or_else(|| {
-            (
+            ReplayError::new(
                 STATUS_STREAM_NOT_FOUND,
                 format!("Stream Not Found: no stream named '{stream_name}'"),
             )
@@ -333,7 +390,10 @@ impl ApiService {
                 "denied",
                 serde_json::json!({"filter": request.filter, "reason": reason}),
             );
-            return Err((STATUS_FORBIDDEN, format!("Forbidden: {reason}")));
+            return Err(ReplayError::new(
+                STATUS_FORBIDDEN,
+                format!("Forbidden: {reason}"),
+            ));
         }
         let start = match &request.start {
             Start::Earliest => StartPosition::Earliest,
@@ -368,11 +428,18 @@ impl ApiService {
         let wanted = batch.min(request.limit.unwrap_or(u64::MAX));
         let max_bytes = request.max_bytes.unwrap_or(u64::MAX).max(1);
         let wait = Duration::from_millis(request.wait_ms.unwrap_or(0)).min(WAIT_MAX);
-        let mut reader = stream
-            .reader(start, filter)
-            .map_err(|error| (STATUS_STORAGE_ERROR, format!("Storage Error: {error}")))?;
+        // Reads touch mapped pages and may wait for the disk: they run on
+        // the blocking pool, never on the async workers.
+        let opened = {
+            let stream = Arc::clone(stream);
+            tokio::task::spawn_blocking(move || stream.reader(start, filter)).await
+        };
+        let mut reader = opened
+            .map_err(|error| ReplayError::storage(format!("the read task failed: {error}")))?
+            .map_err(|error| ReplayError::storage(error.to_string()))?;
         // Batches of up to 1 MiB keep the pipe busy without long stalls.
-        let payload_max = self.client.server_info().max_payload.clamp(4096, 1 << 20);
+        let server_max_payload = self.client.server_info().max_payload;
+        let payload_max = server_max_payload.clamp(4096, 1 << 20);
         let mut sender = Sender::new(
             &self.client,
             reply.clone(),
@@ -388,58 +455,55 @@ impl ApiService {
             sender.counted_from = offset;
         }
         let deadline = Instant::now() + wait;
-        let mut reached_end = false;
         let mut bytes_sent = 0u64;
-        while sender.count < wanted && bytes_sent < max_bytes {
-            let next = if request.mode == Mode::Frames {
-                reader
-                    .next_stored_frame()
-                    .and_then(|frame| frame.map(|frame| reader.decrypt(frame)).transpose())
-                    .map(|frame| frame.map(Unit::Frame))
-            } else {
-                reader.next().map(|record| record.map(Unit::Record))
+        let mut reached_end = false;
+        // Set when a unit past the end was read but not sent.
+        let mut next_offset = None;
+        while sender.count() < wanted && bytes_sent < max_bytes {
+            let limits = StepLimits {
+                mode: request.mode,
+                end,
+                records: wanted - sender.count(),
+                bytes: max_bytes - bytes_sent,
+                counted_from: sender.counted_from,
             };
-            let unit = match next {
-                Ok(Some(unit)) => unit,
-                Ok(None) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    if sender.count > 0 || remaining.is_zero() {
-                        break;
-                    }
-                    let _ = tokio::time::timeout(remaining, reader.wait()).await;
-                    continue;
-                }
-                Err(error) => {
-                    sender.flush().await;
-                    return Err((STATUS_STORAGE_ERROR, format!("Storage Error: {error}")));
-                }
-            };
-            // A frame straddling the end is sent whole; clients drop the
-            // records past it (docs/PROTOCOL.md).
-            let (first_offset, first_timestamp_ns) = unit.start();
-            let past_end = match end {
-                Some((Some(last_offset), _)) => first_offset > last_offset,
-                Some((_, Some(last_time))) => first_timestamp_ns > last_time,
-                _ => false,
-            };
-            if past_end {
+            let (returned, step) = tokio::task::spawn_blocking(move || read_step(reader, &limits))
+                .await
+                .map_err(|error| ReplayError::storage(format!("the read task failed: {error}")))?;
+            reader = returned;
+            for unit in step.units {
+                bytes_sent += unit.bytes();
+                let sent = match unit {
+                    Unit::Record(record) => sender.send(record).await,
+                    Unit::Frame(frame) => sender.send_frame(frame).await,
+                };
+                sent.map_err(|error| error.with_count(sender.delivered))?;
+            }
+            if let Some(error) = step.error {
+                sender
+                    .flush()
+                    .await
+                    .map_err(|error| error.with_count(sender.delivered))?;
+                return Err(ReplayError::storage(error.to_string()).with_count(sender.delivered));
+            }
+            if step.reached_end {
                 reached_end = true;
+                next_offset = step.past_end_offset;
                 break;
             }
-            bytes_sent += unit.bytes();
-            match unit {
-                Unit::Record(record) => sender.send(record).await,
-                Unit::Frame(frame) => sender.send_frame(frame).await,
-            }
-            if let Some((Some(last_offset), _)) = end {
-                if reader.next_offset() > last_offset {
-                    reached_end = true;
+            if step.caught_up {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if sender.count() > 0 || remaining.is_zero() {
                     break;
                 }
+                let _ = tokio::time::timeout(remaining, reader.wait()).await;
             }
         }
-        sender.flush().await;
-        let delivered = sender.count;
+        sender
+            .flush()
+            .await
+            .map_err(|error| error.with_count(sender.delivered))?;
+        let delivered = sender.delivered;
         self.metrics
             .replay_messages
             .fetch_add(delivered, Ordering::Relaxed);
@@ -455,7 +519,7 @@ impl ApiService {
             stream.name(),
             status,
             description,
-            Some(reader.next_offset()),
+            Some(next_offset.unwrap_or_else(|| reader.next_offset())),
             delivered,
         );
         let _ = self
@@ -464,6 +528,146 @@ impl ApiService {
             .await;
         Ok(())
     }
+}
+
+/// Why a replay stopped short: the status sent instead of the usual one.
+#[derive(Debug)]
+struct ReplayError {
+    status: u16,
+    description: String,
+    /// Where a reader resumes: the first record not sent, when known.
+    next_offset: Option<u64>,
+    /// Records this response delivered before it stopped.
+    count: u64,
+}
+
+impl ReplayError {
+    fn new(status: u16, description: String) -> ReplayError {
+        ReplayError {
+            status,
+            description,
+            next_offset: None,
+            count: 0,
+        }
+    }
+
+    fn bad(reason: String) -> ReplayError {
+        ReplayError::new(STATUS_BAD_REQUEST, format!("Bad Request: {reason}"))
+    }
+
+    fn storage(reason: String) -> ReplayError {
+        ReplayError::new(STATUS_STORAGE_ERROR, format!("Storage Error: {reason}"))
+    }
+
+    fn with_count(mut self, count: u64) -> ReplayError {
+        self.count = count;
+        self
+    }
+
+    /// A record (or frame) at `offset` could not be published.
+    fn unsent(offset: u64, error: &async_nats::PublishError) -> ReplayError {
+        let (status, description) = if error.kind()
+            == async_nats::client::PublishErrorKind::MaxPayloadExceeded
+        {
+            (
+                    STATUS_TOO_LARGE,
+                    format!("Record Too Large: the record at offset {offset} does not fit the server's max_payload with replay's headers ({error}); it is stored: a server with a larger max_payload can send it"),
+                )
+        } else {
+            (
+                STATUS_STORAGE_ERROR,
+                format!("Publish Failed: cannot send the record at offset {offset}: {error}"),
+            )
+        };
+        ReplayError {
+            status,
+            description,
+            next_offset: Some(offset),
+            count: 0,
+        }
+    }
+}
+
+/// How far one blocking read step may go.
+struct StepLimits {
+    mode: Mode,
+    end: Option<(Option<u64>, Option<i64>)>,
+    /// Records still wanted (counted from `counted_from`).
+    records: u64,
+    bytes: u64,
+    counted_from: u64,
+}
+
+/// Units one step hands out at most, so a replay holds little memory.
+const STEP_UNITS_MAX: usize = 256;
+const STEP_BYTES_MAX: u64 = 512 * 1024;
+
+/// What one blocking read step found.
+#[derive(Default)]
+struct Step {
+    units: Vec<Unit>,
+    /// The end bound was reached (after these units).
+    reached_end: bool,
+    /// The offset of the unit read past the end and not sent: where the
+    /// reader stands for the client.
+    past_end_offset: Option<u64>,
+    /// The reader caught up with the stream.
+    caught_up: bool,
+    /// A read failed after these units.
+    error: Option<natswal::Error>,
+}
+
+/// Reads units until the limits, the end bound, the stream's end or an
+/// error; runs on the blocking pool.
+fn read_step(mut reader: natswal::Reader, limits: &StepLimits) -> (natswal::Reader, Step) {
+    let mut step = Step::default();
+    let mut records = 0u64;
+    let mut bytes = 0u64;
+    let budget_bytes = limits.bytes.min(STEP_BYTES_MAX);
+    while records < limits.records && bytes < budget_bytes && step.units.len() < STEP_UNITS_MAX {
+        let next = if limits.mode == Mode::Frames {
+            reader
+                .next_stored_frame()
+                .and_then(|frame| frame.map(|frame| reader.decrypt(frame)).transpose())
+                .map(|frame| frame.map(Unit::Frame))
+        } else {
+            reader.next().map(|record| record.map(Unit::Record))
+        };
+        let unit = match next {
+            Ok(Some(unit)) => unit,
+            Ok(None) => {
+                step.caught_up = true;
+                break;
+            }
+            Err(error) => {
+                step.error = Some(error);
+                break;
+            }
+        };
+        // A frame straddling the end is sent whole; clients drop the
+        // records past it (docs/PROTOCOL.md).
+        let (first_offset, first_timestamp_ns) = unit.start();
+        let past_end = match limits.end {
+            Some((Some(last_offset), _)) => first_offset > last_offset,
+            Some((_, Some(last_time))) => first_timestamp_ns > last_time,
+            _ => false,
+        };
+        if past_end {
+            step.reached_end = true;
+            step.past_end_offset = Some(first_offset);
+            break;
+        }
+        records += unit.counted_records(limits.counted_from);
+        bytes += unit.bytes();
+        step.units.push(unit);
+        if let Some((Some(last_offset), _)) = limits.end {
+            if reader.next_offset() > last_offset {
+                step.reached_end = true;
+                break;
+            }
+        }
+    }
+    (reader, step)
 }
 
 /// What one replay step hands out: a record, or a whole stored frame in
@@ -491,6 +695,25 @@ impl Unit {
             Unit::Frame(frame) => frame.bytes.len() as u64,
         }
     }
+
+    /// Records it counts toward `batch` and `limit`: a frame's records
+    /// before `counted_from` precede the start and do not count.
+    fn counted_records(&self, counted_from: u64) -> u64 {
+        match self {
+            Unit::Record(_) => 1,
+            Unit::Frame(frame) => counted_in_frame(
+                frame.header.record_count,
+                frame.header.base_offset,
+                counted_from,
+            ),
+        }
+    }
+}
+
+/// Records of a frame at or after `counted_from`.
+fn counted_in_frame(record_count: u32, base_offset: u64, counted_from: u64) -> u64 {
+    let records = u64::from(record_count);
+    records - counted_from.saturating_sub(base_offset).min(records)
 }
 
 /// Header names of replayed records, built once (a name from a string
@@ -515,7 +738,9 @@ impl RecordHeaderNames {
 }
 
 /// Sends replayed records one per message or packed into records-v1
-/// batches no larger than the server's max payload.
+/// batches no larger than the server's max payload. A record is counted as
+/// delivered only once its message is published; a record that cannot be
+/// published stops the replay with a status naming its offset.
 struct Sender<'a> {
     client: &'a async_nats::Client,
     reply: async_nats::Subject,
@@ -524,14 +749,20 @@ struct Sender<'a> {
     payload_max: usize,
     buffer: BytesMut,
     buffered: u64,
-    /// Records sent that the request asked for (they count toward `batch`
-    /// and `limit`).
-    count: u64,
+    /// Offset of the first record in `buffer`.
+    buffer_first_offset: u64,
+    /// Counted records in `buffer`, not yet published.
+    buffer_counted: u64,
+    /// Records published that the request asked for (they count toward
+    /// `batch` and `limit`).
+    delivered: u64,
     /// Records of a whole frame below this offset are sent but not
     /// counted: the client drops them (they precede its start offset).
     counted_from: u64,
     names: RecordHeaderNames,
 }
+
+type Sent = Result<(), ReplayError>;
 
 impl<'a> Sender<'a> {
     fn new(
@@ -549,21 +780,30 @@ impl<'a> Sender<'a> {
             payload_max,
             buffer: BytesMut::new(),
             buffered: 0,
-            count: 0,
+            buffer_first_offset: 0,
+            buffer_counted: 0,
+            delivered: 0,
             counted_from: 0,
             names: RecordHeaderNames::new(),
         }
     }
 
-    async fn send(&mut self, record: natswal::StoredRecord) {
-        self.count += 1;
+    /// Records counted so far, published or buffered.
+    fn count(&self) -> u64 {
+        self.delivered + self.buffer_counted
+    }
+
+    async fn publish(&self, offset: u64, headers: async_nats::HeaderMap, body: Bytes) -> Sent {
+        self.client
+            .publish_with_headers(self.reply.clone(), headers, body)
+            .await
+            .map_err(|error| ReplayError::unsent(offset, &error))
+    }
+
+    async fn send(&mut self, record: natswal::StoredRecord) -> Sent {
         match self.mode {
             Mode::Messages => {
-                let mut headers = if record.headers.is_empty() {
-                    async_nats::HeaderMap::new()
-                } else {
-                    crate::headers::decode(&record.headers)
-                };
+                let mut headers = crate::headers::decode_unreserved(&record.headers);
                 headers.insert(self.names.stream.clone(), self.stream.as_str());
                 headers.insert(
                     self.names.subject.clone(),
@@ -577,22 +817,24 @@ impl<'a> Sender<'a> {
                     self.names.timestamp.clone(),
                     record.timestamp_ns.to_string().as_str(),
                 );
-                let _ = self
-                    .client
-                    .publish_with_headers(self.reply.clone(), headers, record.payload)
-                    .await;
+                self.publish(record.offset, headers, record.payload).await?;
+                self.delivered += 1;
+                Ok(())
             }
-            Mode::Batched | Mode::Frames => self.push_batched(&record).await,
+            Mode::Batched | Mode::Frames => self.push_batched(&record, true).await,
         }
     }
 
-    async fn push_batched(&mut self, record: &natswal::StoredRecord) {
+    async fn push_batched(&mut self, record: &natswal::StoredRecord, counted: bool) -> Sent {
         let entry = BATCH_ENTRY_OVERHEAD
             + record.subject.len()
             + record.headers.len()
             + record.payload.len();
         if self.buffered > 0 && self.buffer.len() + entry > self.payload_max - 512 {
-            self.flush().await;
+            self.flush().await?;
+        }
+        if self.buffered == 0 {
+            self.buffer_first_offset = record.offset;
         }
         encode_batched(
             &mut self.buffer,
@@ -603,59 +845,56 @@ impl<'a> Sender<'a> {
             &record.payload,
         );
         self.buffered += 1;
+        self.buffer_counted += u64::from(counted);
+        Ok(())
     }
 
     /// One stored frame per message, as it is (decrypted, not
     /// re-compressed). A frame larger than the server's max payload cannot
     /// travel whole: its records go as records-v1 messages instead.
-    async fn send_frame(&mut self, frame: natswal::StoredFrame) {
+    async fn send_frame(&mut self, frame: natswal::StoredFrame) -> Sent {
+        let base_offset = frame.header.base_offset;
         if frame.bytes.len() > self.payload_max - 512 {
-            match natswal::decode_frame_bytes(&frame.bytes, usize::MAX) {
-                Ok(records) => {
-                    for record in records {
-                        if record.offset >= self.counted_from {
-                            self.count += 1;
-                        }
-                        self.push_batched(&record).await;
+            let records =
+                natswal::decode_frame_bytes(&frame.bytes, usize::MAX).map_err(|reason| {
+                    ReplayError {
+                        next_offset: Some(base_offset),
+                        ..ReplayError::storage(format!(
+                            "the checked frame at offset {base_offset} did not decode: {reason}"
+                        ))
                     }
-                    self.flush().await;
-                }
-                Err(reason) => {
-                    tracing::error!(stream = %self.stream, offset = frame.header.base_offset, %reason, "a checked frame did not decode")
-                }
+                })?;
+            for record in records {
+                let counted = record.offset >= self.counted_from;
+                self.push_batched(&record, counted).await?;
             }
-            return;
+            return self.flush().await;
         }
-        let records = u64::from(frame.header.record_count);
-        let before_start = self
-            .counted_from
-            .saturating_sub(frame.header.base_offset)
-            .min(records);
-        self.count += records - before_start;
+        let counted = counted_in_frame(frame.header.record_count, base_offset, self.counted_from);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(HEADER_FORMAT, FORMAT_FRAME_V1);
         headers.insert(HEADER_STREAM, self.stream.as_str());
         headers.insert(HEADER_COUNT, frame.header.record_count.to_string().as_str());
-        headers.insert(HEADER_OFFSET, frame.header.base_offset.to_string().as_str());
-        let _ = self
-            .client
-            .publish_with_headers(self.reply.clone(), headers, frame.bytes)
-            .await;
+        headers.insert(HEADER_OFFSET, base_offset.to_string().as_str());
+        self.publish(base_offset, headers, frame.bytes).await?;
+        self.delivered += counted;
+        Ok(())
     }
 
-    async fn flush(&mut self) {
+    async fn flush(&mut self) -> Sent {
         if self.buffered == 0 {
-            return;
+            return Ok(());
         }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(HEADER_FORMAT, FORMAT_RECORDS_V1);
         headers.insert(HEADER_STREAM, self.stream.as_str());
         headers.insert(HEADER_COUNT, self.buffered.to_string().as_str());
         let body = self.buffer.split().freeze();
-        let _ = self
-            .client
-            .publish_with_headers(self.reply.clone(), headers, body)
-            .await;
         self.buffered = 0;
+        let counted = std::mem::take(&mut self.buffer_counted);
+        self.publish(self.buffer_first_offset, headers, body)
+            .await?;
+        self.delivered += counted;
+        Ok(())
     }
 }

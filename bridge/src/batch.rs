@@ -351,7 +351,8 @@ impl AtomicBatches {
         };
         if !self.batches.contains_key(&control.id) {
             if sequence != 1 {
-                let size = sequence - u64::from(eob);
+                // Sequence 0 with `eob` is refused as incomplete too.
+                let size = sequence.saturating_sub(u64::from(eob));
                 return refuse(if too_large(size) {
                     too_large_error()
                 } else {

@@ -7,7 +7,7 @@ use crate::error::{BridgeError, Result};
 use crate::metrics::BridgeMetrics;
 use crate::protocol::*;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -206,7 +206,11 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
     let timeout = Duration::from_secs(args.connection.timeout);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    loop {
+    // SIGINT or SIGTERM ends the replay cleanly: what was received is
+    // printed, then natswal exits 0.
+    let mut stop = std::pin::pin!(stop_signal());
+    let mut busy_since: Option<std::time::Instant> = None;
+    'requests: loop {
         let request = ReplayRequest {
             filter: args.filter.clone(),
             start: start.clone(),
@@ -239,8 +243,32 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
                 )
             })?;
         let (status, next_offset, description) = loop {
-            let message = tokio::time::timeout(timeout, responses.next())
-                .await
+            let received = tokio::select! {
+                biased;
+                () = &mut stop => None,
+                received = tokio::time::timeout(timeout, responses.next()) => Some(received),
+            };
+            let Some(received) = received else {
+                // Stopped: print what has already arrived, then end.
+                while let Some(Some(message)) = responses.next().now_or_never() {
+                    let status = message
+                        .headers
+                        .as_ref()
+                        .and_then(|headers| header(headers, HEADER_STATUS));
+                    if status.is_some() {
+                        break;
+                    }
+                    for record in decode_records(&message)? {
+                        if keep(&record, &start, &end, remaining, started) {
+                            started = true;
+                            remaining = remaining.map(|left| left.saturating_sub(1));
+                            deliver(&client, &args, &mut out, record).await?;
+                        }
+                    }
+                }
+                break 'requests;
+            };
+            let message = received
                 .map_err(|_| BridgeError::Nats(format!("no answer on {subject} within {timeout:?}: is natswal serving stream '{}'?", args.stream)))?
                 .ok_or_else(|| BridgeError::Nats("the reply subscription closed".to_string()))?;
             let headers = message.headers.clone().unwrap_or_default();
@@ -253,89 +281,32 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
                     .to_string();
                 break (status, next, description);
             }
-            let format = header(&headers, HEADER_FORMAT);
-            let records = if format == Some(FORMAT_RECORDS_V1) || format == Some(FORMAT_FRAME_V1) {
-                let decoded = if format == Some(FORMAT_FRAME_V1) {
-                    decode_frame_message(&message.payload)
-                } else {
-                    decode_batched(&message.payload)
-                };
-                decoded
-                    .map_err(|reason| {
-                        BridgeError::InvalidArgument(format!(
-                            "bad {} replay message: {reason}",
-                            format.unwrap_or_default()
-                        ))
-                    })?
-                    .into_iter()
-                    .map(|record| Replayed {
-                        offset: record.offset,
-                        timestamp_ns: record.timestamp_ns,
-                        subject: String::from_utf8_lossy(&record.subject).to_string(),
-                        headers: crate::headers::decode(&record.headers),
-                        payload: record.payload,
-                    })
-                    .collect()
-            } else {
-                let mut original = async_nats::HeaderMap::new();
-                for (name, values) in headers.iter() {
-                    let name: &str = name.as_ref();
-                    if [
-                        HEADER_STREAM,
-                        HEADER_SUBJECT,
-                        HEADER_OFFSET,
-                        HEADER_TIMESTAMP,
-                    ]
-                    .contains(&name)
-                    {
-                        continue;
-                    }
-                    for value in values {
-                        original.append(name, value.as_str());
-                    }
+            for record in decode_records(&message)? {
+                if keep(&record, &start, &end, remaining, started) {
+                    started = true;
+                    remaining = remaining.map(|left| left.saturating_sub(1));
+                    deliver(&client, &args, &mut out, record).await?;
                 }
-                vec![Replayed {
-                    offset: header(&headers, HEADER_OFFSET)
-                        .and_then(|value| value.parse().ok())
-                        .unwrap_or(0),
-                    timestamp_ns: header(&headers, HEADER_TIMESTAMP)
-                        .and_then(|value| value.parse().ok())
-                        .unwrap_or(0),
-                    subject: header(&headers, HEADER_SUBJECT)
-                        .unwrap_or_default()
-                        .to_string(),
-                    headers: original,
-                    payload: message.payload.clone(),
-                }]
-            };
-            for record in records {
-                // A whole frame may begin before the start and end after
-                // the end or the limit: drop what was not asked for.
-                let before_start = match &start {
-                    Start::Offset { offset } => record.offset < *offset,
-                    Start::Time { time } => time
-                        .nanoseconds()
-                        .is_ok_and(|start_ns| record.timestamp_ns < start_ns && !started),
-                    Start::Earliest | Start::Latest => false,
-                };
-                let after_end = match &end {
-                    Some(End::Offset { offset }) => record.offset > *offset,
-                    Some(End::Time { time }) => time
-                        .nanoseconds()
-                        .is_ok_and(|end_ns| record.timestamp_ns > end_ns),
-                    None => false,
-                };
-                if before_start || after_end || remaining == Some(0) {
-                    continue;
-                }
-                started = true;
-                if let Some(left) = remaining.as_mut() {
-                    *left = left.saturating_sub(1);
-                }
-                deliver(&client, &args, &mut out, record).await?;
             }
         };
+        // What a response carried is printed before the next request, so a
+        // reader at the end of a pipe sees it while `--follow` waits.
+        out.flush()
+            .map_err(|error| BridgeError::io("cannot write to stdout", error))?;
         let _ = responses.unsubscribe().await;
+        if status == STATUS_TOO_MANY_REPLAYS {
+            // The server is at api.replays_max: back off and ask again,
+            // for as long as --timeout allows.
+            let since = *busy_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() < timeout {
+                tokio::select! {
+                    () = &mut stop => break 'requests,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => continue 'requests,
+                }
+            }
+        } else {
+            busy_since = None;
+        }
         match status {
             STATUS_MORE => {}
             STATUS_END_OF_RANGE => break,
@@ -363,6 +334,103 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
             .map_err(|error| BridgeError::nats("cannot flush re-published messages", error))?;
     }
     Ok(())
+}
+
+/// Resolves at SIGINT or SIGTERM (never, if neither can be handled).
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut interrupt), Ok(mut terminate)) => {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// The records one replay message carries, in any mode.
+fn decode_records(message: &async_nats::Message) -> Result<Vec<Replayed>> {
+    let empty = async_nats::HeaderMap::new();
+    let headers = message.headers.as_ref().unwrap_or(&empty);
+    let format = header(headers, HEADER_FORMAT);
+    if format == Some(FORMAT_RECORDS_V1) || format == Some(FORMAT_FRAME_V1) {
+        let decoded = if format == Some(FORMAT_FRAME_V1) {
+            decode_frame_message(&message.payload)
+        } else {
+            decode_batched(&message.payload)
+        };
+        return Ok(decoded
+            .map_err(|reason| {
+                BridgeError::InvalidArgument(format!(
+                    "bad {} replay message: {reason}",
+                    format.unwrap_or_default()
+                ))
+            })?
+            .into_iter()
+            .map(|record| Replayed {
+                offset: record.offset,
+                timestamp_ns: record.timestamp_ns,
+                subject: String::from_utf8_lossy(&record.subject).to_string(),
+                headers: crate::headers::decode(&record.headers),
+                payload: record.payload,
+            })
+            .collect());
+    }
+    let mut original = async_nats::HeaderMap::new();
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        if crate::headers::is_reserved(name) {
+            continue;
+        }
+        for value in values {
+            original.append(name, value.as_str());
+        }
+    }
+    Ok(vec![Replayed {
+        offset: header(headers, HEADER_OFFSET)
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0),
+        timestamp_ns: header(headers, HEADER_TIMESTAMP)
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0),
+        subject: header(headers, HEADER_SUBJECT)
+            .unwrap_or_default()
+            .to_string(),
+        headers: original,
+        payload: message.payload.clone(),
+    }])
+}
+
+/// Whether a received record was asked for: a whole frame may begin
+/// before the start and end after the end or the limit.
+fn keep(
+    record: &Replayed,
+    start: &Start,
+    end: &Option<End>,
+    remaining: Option<u64>,
+    started: bool,
+) -> bool {
+    let before_start = match start {
+        Start::Offset { offset } => record.offset < *offset,
+        // Once a record was delivered, a time start no longer drops any.
+        Start::Time { time } => time
+            .nanoseconds()
+            .is_ok_and(|start_ns| record.timestamp_ns < start_ns && !started),
+        Start::Earliest | Start::Latest => false,
+    };
+    let after_end = match end {
+        Some(End::Offset { offset }) => record.offset > *offset,
+        Some(End::Time { time }) => time
+            .nanoseconds()
+            .is_ok_and(|end_ns| record.timestamp_ns > end_ns),
+        None => false,
+    };
+    !(before_start || after_end || remaining == Some(0))
 }
 
 async fn deliver(

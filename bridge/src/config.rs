@@ -64,6 +64,11 @@ pub struct NatsConfig {
     /// How long to keep trying the first connection.
     #[serde(default = "default_connect_timeout", with = "duration_text")]
     pub connect_timeout: Duration,
+    /// How long a graceful shutdown waits for NATS (draining subscriptions,
+    /// sending acks) before it gives up on the acks it could not send.
+    /// Syncing what was accepted is never cut short.
+    #[serde(default = "default_shutdown_timeout", with = "duration_text")]
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +98,10 @@ pub struct ApiConfig {
     /// Prefix of natswal's own subjects: `<prefix>.REPLAY.<stream>`, `<prefix>.STATUS`.
     #[serde(default = "default_api_prefix")]
     pub prefix: String,
+    /// Replay requests served at once (long polls included); more get
+    /// `503 Too Many Replays` at once, so memory stays bounded.
+    #[serde(default = "default_replays_max")]
+    pub replays_max: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,6 +308,9 @@ fn default_client_name() -> String {
 fn default_subscription_capacity() -> usize {
     256 * 1024
 }
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -310,6 +322,9 @@ fn default_http_listen() -> String {
 }
 fn default_api_prefix() -> String {
     API_PREFIX_DEFAULT.to_string()
+}
+fn default_replays_max() -> usize {
+    256
 }
 fn default_write_mode() -> String {
     natswal::io::WriteMode::default().to_string()
@@ -391,6 +406,7 @@ impl Default for NatsConfig {
             tls: None,
             subscription_capacity: default_subscription_capacity(),
             connect_timeout: default_connect_timeout(),
+            shutdown_timeout: default_shutdown_timeout(),
         }
     }
 }
@@ -407,6 +423,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             prefix: default_api_prefix(),
+            replays_max: default_replays_max(),
         }
     }
 }
@@ -711,6 +728,12 @@ impl Config {
             return Err(invalid(
                 "storage.io_threads",
                 format!("{} is more than {IO_THREADS_MAX}", self.storage.io_threads),
+            ));
+        }
+        if self.api.replays_max == 0 {
+            return Err(invalid(
+                "api.replays_max",
+                "must be at least 1 (replay requests served at once)",
             ));
         }
         let prefix = SubjectPattern::parse(&self.api.prefix)

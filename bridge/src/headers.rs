@@ -1,6 +1,12 @@
 //! NATS header blocks as natswal stores them: `NATS/1.0\r\n`, one
 //! `Name: value\r\n` line per value (names sorted, so the same headers always
 //! store the same bytes), then `\r\n`. An empty map is stored as no bytes.
+//!
+//! Header names are matched exactly (case-sensitive), as nats-server does
+//! for `Nats-Msg-Id` and the other JetStream headers. Names starting with
+//! [`RESERVED_PREFIX`] (in any case) belong to natswal's replay protocol:
+//! ingest refuses them and replay never passes stored ones on, so a status
+//! message cannot be imitated by a record.
 
 use async_nats::HeaderMap;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -39,35 +45,66 @@ pub fn encode(headers: Option<&HeaderMap>) -> Bytes {
     out.freeze()
 }
 
-/// Decodes a stored header block; lines that do not parse are skipped.
-pub fn decode(bytes: &[u8]) -> HeaderMap {
+/// Names starting with this (ASCII case ignored) are natswal's own.
+pub const RESERVED_PREFIX: &str = "Nwal-";
+
+/// Whether a header name is reserved for natswal's replay protocol.
+pub fn is_reserved(name: &str) -> bool {
+    name.len() >= RESERVED_PREFIX.len()
+        && name.as_bytes()[..RESERVED_PREFIX.len()].eq_ignore_ascii_case(RESERVED_PREFIX.as_bytes())
+}
+
+/// The first reserved name in a received header map, if any.
+pub fn first_reserved(headers: Option<&HeaderMap>) -> Option<String> {
+    headers?
+        .iter()
+        .map(|(name, _)| AsRef::<str>::as_ref(name))
+        .find(|name| is_reserved(name))
+        .map(str::to_string)
+}
+
+/// Decodes a stored block for replay: reserved names (only in records
+/// stored before ingest refused them) are left out.
+pub fn decode_unreserved(bytes: &[u8]) -> HeaderMap {
+    if bytes.is_empty() {
+        return HeaderMap::new();
+    }
     let mut headers = HeaderMap::new();
-    let Some(rest) = bytes.strip_prefix(VERSION_LINE) else {
-        return headers;
-    };
-    let Ok(text) = std::str::from_utf8(rest) else {
-        return headers;
-    };
-    for line in text.split("\r\n") {
-        if let Some((name, value)) = line.split_once(':') {
-            let name = name.trim();
-            if !name.is_empty() {
-                headers.append(name, value.trim_start());
-            }
+    for (name, value) in lines(bytes) {
+        if !is_reserved(name) {
+            headers.append(name, value);
         }
     }
     headers
 }
 
-/// The first value of a header in a stored block, without decoding it all.
-pub fn find<'a>(bytes: &'a [u8], name: &str) -> Option<&'a str> {
-    let text = std::str::from_utf8(bytes.strip_prefix(VERSION_LINE)?).ok()?;
-    text.split("\r\n").find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        key.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| value.trim_start())
+/// The `(name, value)` lines of a stored block; lines that do not parse
+/// are skipped.
+fn lines(bytes: &[u8]) -> impl Iterator<Item = (&str, &str)> {
+    let text = bytes
+        .strip_prefix(VERSION_LINE)
+        .and_then(|rest| std::str::from_utf8(rest).ok())
+        .unwrap_or("");
+    text.split("\r\n").filter_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        let name = name.trim();
+        (!name.is_empty()).then(|| (name, value.trim_start()))
     })
+}
+
+/// Decodes a stored header block; lines that do not parse are skipped.
+pub fn decode(bytes: &[u8]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in lines(bytes) {
+        headers.append(name, value);
+    }
+    headers
+}
+
+/// The first value of a header in a stored block, without decoding it all;
+/// the name matches exactly, as at ingest.
+pub fn find<'a>(bytes: &'a [u8], name: &str) -> Option<&'a str> {
+    lines(bytes).find_map(|(key, value)| (key == name).then_some(value))
 }
 
 #[cfg(test)]
@@ -88,8 +125,29 @@ mod tests {
         );
         let decoded = decode(&encoded);
         assert_eq!(encode(Some(&decoded)), encoded);
-        assert_eq!(find(&encoded, "nats-msg-id"), Some("abc"));
+        assert_eq!(find(&encoded, "Nats-Msg-Id"), Some("abc"));
+        assert_eq!(find(&encoded, "nats-msg-id"), None, "names match exactly");
         assert!(encode(None).is_empty());
         assert!(encode(Some(&HeaderMap::new())).is_empty());
+    }
+
+    #[test]
+    fn reserved_names_are_found_in_any_case_and_left_out_of_replay() {
+        assert!(is_reserved("Nwal-Status") && is_reserved("nwal-x") && is_reserved("NWAL-"));
+        assert!(!is_reserved("Nwal") && !is_reserved("X-Nwal-Status"));
+        let mut headers = HeaderMap::new();
+        headers.insert("X-Kept", "1");
+        headers.insert("nwal-status", "204");
+        assert_eq!(
+            first_reserved(Some(&headers)).as_deref(),
+            Some("nwal-status")
+        );
+        let stored = encode(Some(&headers));
+        let replayed = decode_unreserved(&stored);
+        assert_eq!(
+            replayed.get("X-Kept").map(|value| value.as_str()),
+            Some("1")
+        );
+        assert_eq!(replayed.iter().count(), 1);
     }
 }

@@ -117,12 +117,18 @@ fn ready(
     if !readiness.serving.load(Ordering::Acquire) {
         problems.push("not serving yet (starting or shutting down)".to_string());
     }
-    if metrics.nats_connected.load(Ordering::Relaxed) < 1 {
-        problems.push("not connected to NATS".to_string());
+    for role in metrics.nats_connections_down() {
+        problems.push(format!("the {role} connection to NATS is down"));
     }
     for stream in streams.values() {
-        if let Some(cause) = stream.status().poisoned {
+        let status = stream.status();
+        if let Some(cause) = status.poisoned {
             problems.push(format!("stream '{}' is read-only: {cause}", stream.name()));
+        } else if let Some(cause) = status.append_failure {
+            problems.push(format!(
+                "stream '{}' cannot take writes: {cause}",
+                stream.name()
+            ));
         }
     }
     if problems.is_empty() {

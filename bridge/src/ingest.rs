@@ -37,6 +37,14 @@ use tokio::sync::{mpsc, watch};
 /// Messages taken from the subscriptions at once (those already waiting).
 const CHUNK_MESSAGES_MAX: usize = 1024;
 
+/// Ack items (one per message, stored or not: duplicates, refusals of
+/// batches, pings) queued for the ack task at most per stream. Stored
+/// messages are bounded by the engine's queue budget as well; this bounds
+/// the rest, so a flood of duplicates waiting behind a slow sync cannot
+/// grow memory without limit. Past it the receiving task waits, and NATS
+/// buffers (then drops, for a slow consumer) what follows.
+const ACK_ITEMS_MAX: usize = 65_536;
+
 /// How long a graceful shutdown waits for in-flight messages to arrive.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -58,6 +66,8 @@ enum GroupedKind {
         batch_id: String,
         sequence: u64,
         commit: bool,
+        message_number: u64,
+        message_id: Option<String>,
     },
 }
 
@@ -82,6 +92,10 @@ enum AckItem {
         sequence: u64,
         commit: bool,
         reply: Option<async_nats::Subject>,
+        /// For a duplicate: the id whose first copy must turn out stored
+        /// (it is answered after that copy, in arrival order) before this
+        /// one counts as persisted.
+        duplicate_of: Option<String>,
     },
     /// A fast-ingest batch ends (commit without storing, a gap or an error
     /// in `fail` mode): a PubAck counting `count` messages.
@@ -109,6 +123,44 @@ pub struct IngestContext {
     pub fast: Arc<Mutex<FastBatches>>,
     /// Subject prefix of natswal's API (for batch advisories).
     pub api_prefix: String,
+    /// Turns true when a shutdown gives up on NATS (its timeout passed or
+    /// a second signal came): replies not yet sent are dropped and counted.
+    pub abandon: watch::Receiver<bool>,
+}
+
+/// Resolves true once shutdown gives up on NATS (false if it never can).
+pub async fn gave_up(abandon: &mut watch::Receiver<bool>) -> bool {
+    abandon.wait_for(|gave_up| *gave_up).await.is_ok()
+}
+
+/// Whether shutdown gave up on NATS.
+fn abandoned(context: &IngestContext) -> bool {
+    *context.abandon.borrow()
+}
+
+/// Publishes one reply; false when it was not handed to the client
+/// (shutdown gave up on NATS, or the client refused it).
+async fn publish_reply(context: &IngestContext, reply: async_nats::Subject, body: Bytes) -> bool {
+    let mut abandon = context.abandon.clone();
+    let published = tokio::select! {
+        biased;
+        true = gave_up(&mut abandon) => None,
+        result = context.client.publish(reply, body) => Some(result),
+    };
+    match published {
+        Some(Ok(())) => true,
+        Some(Err(error)) => {
+            tracing::warn!(stream = %context.stream.name(), %error, "cannot publish a reply");
+            false
+        }
+        None => {
+            context
+                .counters
+                .replies_undelivered
+                .fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -128,10 +180,17 @@ pub async fn run(
 ) {
     let (completions_sender, completions) = mpsc::unbounded_channel::<Completed>();
     let (items_sender, items) = mpsc::unbounded_channel::<Vec<AckItem>>();
-    let ack_task = tokio::spawn(run_acks(context.clone(), items, completions));
+    let items_room = Arc::new(tokio::sync::Semaphore::new(ACK_ITEMS_MAX));
+    let ack_task = tokio::spawn(run_acks(
+        context.clone(),
+        items,
+        completions,
+        Arc::clone(&items_room),
+    ));
     let mut merged =
         futures_util::stream::select_all(subscriptions).ready_chunks(CHUNK_MESSAGES_MAX);
     let stream_name = context.stream.name().to_string();
+    let mut abandon = context.abandon.clone();
     let mut state = IngestState {
         atomic: AtomicBatches::new(),
         group: 0,
@@ -144,16 +203,16 @@ pub async fn run(
         let chunk = tokio::select! {
             biased;
             () = async { let _ = shutdown.wait_for(|stop| *stop).await; }, if drain_deadline.is_none() => {
-                for subscription in merged.get_mut().iter_mut() {
-                    if let Err(error) = subscription.drain().await {
-                        tracing::warn!(stream = %stream_name, %error, "cannot drain a subscription");
-                    }
-                }
+                drain(&context, &mut merged).await;
                 drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                 continue;
             }
             _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if drain_deadline.is_some() => {
                 tracing::warn!(stream = %stream_name, "subscriptions did not finish draining in time; stopping intake");
+                break;
+            }
+            true = gave_up(&mut abandon) => {
+                tracing::warn!(stream = %stream_name, "shutdown gave up on NATS; stopping intake");
                 break;
             }
             _ = sweep.tick() => {
@@ -166,6 +225,13 @@ pub async fn run(
             },
         };
         let items = accept_chunk(&context, &mut state, chunk, &completions_sender).await;
+        // At most two items per message: more room than exists would never come.
+        assert!(items.len() <= 2 * CHUNK_MESSAGES_MAX && 2 * CHUNK_MESSAGES_MAX <= ACK_ITEMS_MAX);
+        // Room for these items; the ack task gives it back as it answers.
+        match items_room.acquire_many(items.len() as u32).await {
+            Ok(room) => room.forget(),
+            Err(_) => break,
+        }
         if items_sender.send(items).is_err() {
             break;
         }
@@ -175,6 +241,25 @@ pub async fn run(
     drop(completions_sender);
     if ack_task.await.is_err() {
         tracing::error!(stream = %stream_name, "ack task failed");
+    }
+}
+
+type Merged =
+    futures_util::stream::ReadyChunks<futures_util::stream::SelectAll<async_nats::Subscriber>>;
+
+/// Stops intake: unsubscribes every subscription, keeping what is already
+/// on its way; gives up when shutdown gives up on NATS.
+async fn drain(context: &IngestContext, merged: &mut Merged) {
+    let mut abandon = context.abandon.clone();
+    for subscription in merged.get_mut().iter_mut() {
+        let drained = tokio::select! {
+            biased;
+            true = gave_up(&mut abandon) => return,
+            drained = subscription.drain() => drained,
+        };
+        if let Err(error) = drained {
+            tracing::warn!(stream = %context.stream.name(), %error, "cannot drain a subscription");
+        }
     }
 }
 
@@ -395,6 +480,16 @@ async fn accept_chunk(
             chunk.reply_now(message.reply, ack::error_ack(&ApiError::too_large()));
             continue;
         }
+        if let Some(name) = headers::first_reserved(message.headers.as_ref()) {
+            // Replay marks its status messages with these names; a record
+            // carrying one could pass for the end of a replay.
+            counters.error("reserved_header");
+            chunk.reply_now(
+                message.reply,
+                ack::error_ack(&ApiError::reserved_header(&name)),
+            );
+            continue;
+        }
         let message_id = message
             .headers
             .as_ref()
@@ -472,9 +567,7 @@ async fn accept_chunk(
     }
     chunk.flush(state).await;
     for (reply, body) in chunk.immediate {
-        if let Err(error) = context.client.publish(reply, body).await {
-            tracing::warn!(stream = %context.stream.name(), %error, "cannot publish a reply");
-        }
+        publish_reply(context, reply, body).await;
     }
     chunk.items
 }
@@ -637,6 +730,7 @@ async fn accept_fast(
                 sequence: control.sequence,
                 commit,
                 reply: Some(reply),
+                duplicate_of: Some(message_id.clone()),
             });
             return;
         }
@@ -645,6 +739,8 @@ async fn accept_fast(
         batch_id: id,
         sequence: control.sequence,
         commit,
+        message_number: state.message,
+        message_id: message_id.clone(),
     };
     if preconditions.is_empty() {
         chunk
@@ -747,6 +843,7 @@ fn fast_step(
                     sequence: control.sequence,
                     commit: false,
                     reply: Some(reply.clone()),
+                    duplicate_of: None,
                 });
             } else {
                 batch.ending = true;
@@ -786,6 +883,7 @@ fn fast_step(
                 sequence: control.sequence - 1,
                 commit: false,
                 reply: Some(reply.clone()),
+                duplicate_of: None,
             });
         } else {
             batch.ending = true;
@@ -841,6 +939,7 @@ fn fast_after_error(
             sequence,
             commit: false,
             reply: None,
+            duplicate_of: None,
         });
     } else {
         if let Some(batch) = lock(&chunk.context.fast).batches.get_mut(id) {
@@ -863,6 +962,7 @@ async fn run_acks(
     context: IngestContext,
     mut items: mpsc::UnboundedReceiver<Vec<AckItem>>,
     mut completions: mpsc::UnboundedReceiver<Completed>,
+    items_room: Arc<tokio::sync::Semaphore>,
 ) {
     let mut queue: VecDeque<AckItem> = VecDeque::new();
     let mut results: HashMap<u64, natswal::Result<AppendOutcome>> = HashMap::new();
@@ -870,8 +970,10 @@ async fn run_acks(
     let mut completions_open = true;
     let stream_name = context.stream.name().to_string();
     let mut writer = AckWriter::new(&stream_name);
+    let mut abandon = context.abandon.clone();
     loop {
         tokio::select! {
+            true = gave_up(&mut abandon), if items_open || completions_open => break,
             batch = items.recv(), if items_open => match batch {
                 Some(batch) => queue.extend(batch),
                 None => items_open = false,
@@ -889,14 +991,37 @@ async fn run_acks(
                 }
             }
             let item = queue.pop_front().expect("front exists");
+            items_room.add_permits(1);
             for (reply, body) in answer(&context, &mut writer, &mut results, item) {
-                if let Err(error) = context.client.publish(reply, body).await {
-                    tracing::warn!(stream = %stream_name, %error, "cannot publish an ack");
-                }
+                publish_reply(&context, reply, body).await;
             }
         }
         if !items_open && queue.is_empty() {
             break;
+        }
+    }
+    if abandoned(&context) {
+        // What is still queued is synced by the store's close, but its
+        // replies cannot be sent: count them, the publishers retry.
+        while let Ok(batch) = items.try_recv() {
+            queue.extend(batch);
+        }
+        let unanswered = queue.iter().filter(|item| item.has_reply()).count() as u64;
+        context
+            .counters
+            .replies_undelivered
+            .fetch_add(unanswered, Ordering::Relaxed);
+    }
+}
+
+impl AckItem {
+    fn has_reply(&self) -> bool {
+        match self {
+            AckItem::Grouped { reply, .. }
+            | AckItem::Duplicate { reply, .. }
+            | AckItem::FastSkipped { reply, .. }
+            | AckItem::FastEnd { reply, .. } => reply.is_some(),
+            AckItem::FastPing { .. } => true,
         }
     }
 }
@@ -938,13 +1063,7 @@ fn answer(
             let seen = lock(&context.duplicates).check(&message_id, now_ns());
             let body = match seen {
                 Some(Seen::Stored(offset)) => writer.pub_ack(offset, true),
-                _ => ack::error_ack(&ApiError::new(
-                    503,
-                    10077,
-                    format!(
-                        "the first message with Nats-Msg-Id '{message_id}' was not stored; retry"
-                    ),
-                )),
+                _ => ack::error_ack(&first_copy_not_stored(&message_id)),
             };
             reply_to(reply, body)
         }
@@ -953,7 +1072,14 @@ fn answer(
             sequence,
             commit,
             reply,
+            duplicate_of,
         } => {
+            if let Some(message_id) = duplicate_of {
+                let seen = lock(&context.duplicates).check(&message_id, now_ns());
+                if !matches!(seen, Some(Seen::Stored(_))) {
+                    return end_fast_unstored(context, &batch_id, &message_id, reply);
+                }
+            }
             let mut fast = lock(&context.fast);
             let Some(batch) = fast.batches.get_mut(&batch_id) else {
                 return Vec::new();
@@ -995,6 +1121,32 @@ fn answer(
             }
         }
     }
+}
+
+/// The 503 of a copy whose first copy was not stored: retry.
+fn first_copy_not_stored(message_id: &str) -> ApiError {
+    ApiError::new(
+        503,
+        10077,
+        format!("the first message with Nats-Msg-Id '{message_id}' was not stored; retry"),
+    )
+}
+
+/// A fast-ingest duplicate whose first copy failed: the batch ends with an
+/// error, as after a storage failure, since counting it as persisted would
+/// acknowledge data that is not on disk.
+fn end_fast_unstored(
+    context: &IngestContext,
+    batch_id: &str,
+    message_id: &str,
+    reply: Option<async_nats::Subject>,
+) -> Replies {
+    let mut fast = lock(&context.fast);
+    if let Some(batch) = fast.batches.get_mut(batch_id) {
+        batch.ending = true;
+    }
+    remove_fast(context, &mut fast, batch_id);
+    reply_to(reply, ack::error_ack(&first_copy_not_stored(message_id)))
 }
 
 fn remove_fast(context: &IngestContext, fast: &mut FastBatches, batch_id: &str) {
@@ -1074,7 +1226,16 @@ fn answer_grouped(
             batch_id,
             sequence,
             commit,
+            message_number,
+            message_id,
         } => {
+            if let Some(id) = &message_id {
+                let mut window = lock(&context.duplicates);
+                match &result {
+                    Ok((offset, _)) => window.resolve(id, message_number, *offset),
+                    Err(_) => window.forget(id, message_number),
+                }
+            }
             let mut fast = lock(&context.fast);
             let Some(batch) = fast.batches.get_mut(&batch_id) else {
                 return Vec::new();

@@ -18,6 +18,7 @@ mod offline;
 mod protocol;
 mod server;
 mod simulate;
+mod time;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -143,6 +144,9 @@ enum BenchCommand {
     },
 }
 
+/// Threads of tokio's blocking pool (replay reads, stream opens and closes).
+const BLOCKING_THREADS_MAX: usize = 16;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs its life at info; client and offline commands only
@@ -164,6 +168,10 @@ fn main() -> ExitCode {
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Replay reads and stream opens run on the blocking pool; this bounds
+        // its threads whatever the number of concurrent replays (more wait
+        // in tokio's queue).
+        .max_blocking_threads(BLOCKING_THREADS_MAX)
         .build()
         .expect("the tokio runtime starts");
     let result = runtime.block_on(run(cli.command));

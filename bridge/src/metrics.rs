@@ -4,7 +4,7 @@
 use natswal::Stream;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Counters of one stream's ingest.
@@ -14,6 +14,8 @@ pub struct StreamCounters {
     pub ingest_bytes: AtomicU64,
     pub acks: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Replies (acks, errors) dropped because a shutdown gave up on NATS.
+    pub replies_undelivered: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -33,7 +35,9 @@ impl StreamCounters {
 pub struct BridgeMetrics {
     pub slow_consumer_events: AtomicU64,
     pub nats_disconnects: AtomicU64,
-    pub nats_connected: AtomicI64,
+    /// Whether each NATS connection (by role: ingest, api) is up; one
+    /// entry per connection, so one that is down is never hidden by another.
+    nats_connections: Mutex<BTreeMap<String, bool>>,
     pub replay_requests: AtomicU64,
     pub replay_messages: AtomicU64,
     pub replay_errors: AtomicU64,
@@ -50,6 +54,44 @@ impl BridgeMetrics {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push((stream, Arc::clone(&counters)));
         counters
+    }
+
+    /// Records whether the connection of `role` is up.
+    pub fn set_nats_connection(&self, role: &str, up: bool) {
+        self.nats_connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(role.to_string(), up);
+    }
+
+    fn nats_connections_up(&self) -> usize {
+        self.nats_connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .filter(|up| **up)
+            .count()
+    }
+
+    /// The roles of NATS connections that are down.
+    pub fn nats_connections_down(&self) -> Vec<String> {
+        self.nats_connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .filter(|(_, up)| !**up)
+            .map(|(role, _)| role.clone())
+            .collect()
+    }
+
+    /// Replies every stream dropped because a shutdown gave up on NATS.
+    pub fn replies_undelivered(&self) -> u64 {
+        self.streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(|(_, counters)| counters.replies_undelivered.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// One line per stream: received, acknowledged, duplicates, errors.
@@ -127,6 +169,20 @@ impl BridgeMetrics {
                 "natswal_acks_total{{stream=\"{}\"}} {}",
                 stream.name(),
                 counters.acks.load(Ordering::Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "natswal_replies_undelivered_total",
+            "Acks and error replies dropped because a shutdown gave up on NATS (publishers retry).",
+            "counter",
+        );
+        for (stream, counters) in &streams {
+            let _ = writeln!(
+                out,
+                "natswal_replies_undelivered_total{{stream=\"{}\"}} {}",
+                stream.name(),
+                counters.replies_undelivered.load(Ordering::Relaxed)
             );
         }
         counter(
@@ -340,7 +396,7 @@ impl BridgeMetrics {
                 "natswal_nats_connections",
                 "Open NATS connections.",
                 "gauge",
-                self.nats_connected.load(Ordering::Relaxed),
+                self.nats_connections_up() as i64,
             ),
             (
                 "natswal_replay_requests_total",

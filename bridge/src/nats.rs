@@ -63,6 +63,7 @@ pub async fn connect(
         }
     }
     let role_name = role.to_string();
+    let metrics_for_state = Arc::clone(&metrics);
     options = options.event_callback(move |event| {
         let metrics = Arc::clone(&metrics);
         let role = role_name.clone();
@@ -78,11 +79,11 @@ pub async fn connect(
                 }
                 async_nats::Event::Disconnected => {
                     metrics.nats_disconnects.fetch_add(1, Ordering::Relaxed);
-                    metrics.nats_connected.fetch_sub(1, Ordering::Relaxed);
+                    metrics.set_nats_connection(&role, false);
                     tracing::warn!(role, "disconnected from NATS; reconnecting");
                 }
                 async_nats::Event::Connected => {
-                    metrics.nats_connected.fetch_add(1, Ordering::Relaxed);
+                    metrics.set_nats_connection(&role, true);
                     tracing::info!(role, "connected to NATS");
                 }
                 other => tracing::info!(role, event = %other, "NATS event"),
@@ -105,6 +106,11 @@ pub async fn connect(
             describe_connect_error(&error),
         )
     })?;
+    // The first connection may or may not raise `Connected`; it is up now
+    // unless an event already said otherwise.
+    if client.connection_state() == async_nats::connection::State::Connected {
+        metrics_for_state.set_nats_connection(role, true);
+    }
     Ok(client)
 }
 

@@ -300,18 +300,7 @@ pub fn truncate(dir: &Path, from_offset: u64, audit_log: Option<&Path>) -> Resul
 
 /// Parses RFC 3339 or Unix nanoseconds.
 pub fn parse_time(text: &str) -> Result<i64> {
-    if let Ok(nanoseconds) = text.parse::<i64>() {
-        return Ok(nanoseconds);
-    }
-    let time = humantime::parse_rfc3339_weak(text).map_err(|error| {
-        BridgeError::InvalidArgument(format!(
-            "time '{text}' is neither RFC 3339 (2026-11-24T10:00:00Z) nor Unix nanoseconds: {error}"
-        ))
-    })?;
-    let since_epoch = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| BridgeError::InvalidArgument(format!("time '{text}' is before 1970")))?;
-    Ok(since_epoch.as_nanos() as i64)
+    crate::time::parse_time(text).map_err(BridgeError::InvalidArgument)
 }
 
 /// `natswal restore DIR --output OUT --to-offset N | --to-time T`.

@@ -38,7 +38,11 @@ pub const STATUS_NO_MESSAGES: u16 = 404;
 pub const STATUS_BAD_REQUEST: u16 = 400;
 pub const STATUS_FORBIDDEN: u16 = 403;
 pub const STATUS_STREAM_NOT_FOUND: u16 = 410;
+/// A record does not fit the server's max_payload with replay's headers.
+pub const STATUS_TOO_LARGE: u16 = 413;
 pub const STATUS_STORAGE_ERROR: u16 = 500;
+/// `api.replays_max` replays are running: retry later.
+pub const STATUS_TOO_MANY_REPLAYS: u16 = 503;
 
 /// Largest `batch` a request may ask for, one message per record.
 pub const BATCH_MAX: u64 = 65_536;
@@ -47,8 +51,9 @@ pub const BATCH_MAX_BATCHED: u64 = 1 << 20;
 /// `batch` when the request does not say.
 pub const BATCH_DEFAULT: u64 = 256;
 
-/// Where a replay starts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Where a replay starts: `"earliest"`, `"latest"`, `{"offset":N}` or
+/// `{"time":T}`, exactly one of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Start {
     #[default]
@@ -64,16 +69,18 @@ pub enum Start {
     },
 }
 
-/// Where a replay ends (inclusive).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a replay ends (inclusive): `{"offset":N}` (at least
+/// [`natswal::FIRST_OFFSET`]) or `{"time":T}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum End {
     Offset { offset: u64 },
     Time { time: TimeValue },
 }
 
-/// RFC 3339 text or Unix nanoseconds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// RFC 3339 text or Unix nanoseconds; both saturate to `i64` nanoseconds
+/// (crate::time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum TimeValue {
     Nanoseconds(i64),
@@ -84,12 +91,122 @@ impl TimeValue {
     pub fn nanoseconds(&self) -> Result<i64, String> {
         match self {
             TimeValue::Nanoseconds(value) => Ok(*value),
-            TimeValue::Text(text) => {
-                crate::offline::parse_time(text).map_err(|error| error.to_string())
+            TimeValue::Text(text) => crate::time::parse_time(text),
+        }
+    }
+
+    fn from_json(value: &serde_json::Value) -> Result<TimeValue, String> {
+        match value {
+            serde_json::Value::String(text) => {
+                // Checked here, so a bad time is refused with the request.
+                crate::time::parse_time(text)?;
+                Ok(TimeValue::Text(text.clone()))
             }
+            serde_json::Value::Number(number) => {
+                if let Some(value) = number.as_i64() {
+                    Ok(TimeValue::Nanoseconds(value))
+                } else if number.as_u64().is_some() {
+                    // Past i64::MAX: saturated like text past 2262.
+                    Ok(TimeValue::Nanoseconds(i64::MAX))
+                } else {
+                    Err(format!(
+                        "time {number} is not an integer of Unix nanoseconds"
+                    ))
+                }
+            }
+            other => Err(format!(
+                "time must be RFC 3339 text or Unix nanoseconds, not {other}"
+            )),
         }
     }
 }
+
+/// The one key of a `{"offset":N}` or `{"time":T}` object, or why not.
+fn position_object<'a>(
+    what: &str,
+    value: &'a serde_json::Value,
+) -> Result<(&'a str, &'a serde_json::Value), String> {
+    let object = value
+        .as_object()
+        .ok_or_else(|| format!("{what} must be {{\"offset\":N}} or {{\"time\":T}}, not {value}"))?;
+    let mut entries = object.iter();
+    match (entries.next(), entries.next()) {
+        (Some((key, inner)), None) if key == "offset" || key == "time" => Ok((key, inner)),
+        (Some(_), Some(_)) => Err(format!(
+            "{what} gives {}; give exactly one of offset or time",
+            object.keys().cloned().collect::<Vec<_>>().join(" and ")
+        )),
+        _ => Err(format!(
+            "{what} must be {{\"offset\":N}} or {{\"time\":T}}, not {value}"
+        )),
+    }
+}
+
+fn offset_of(what: &str, value: &serde_json::Value) -> Result<u64, String> {
+    value
+        .as_u64()
+        .ok_or_else(|| format!("{what}.offset must be an integer from 0, not {value}"))
+}
+
+impl Start {
+    fn from_json(value: &serde_json::Value) -> Result<Start, String> {
+        match value.as_str() {
+            Some("earliest") => return Ok(Start::Earliest),
+            Some("latest") => return Ok(Start::Latest),
+            Some(other) => {
+                return Err(format!(
+                    "start '{other}' is not \"earliest\", \"latest\", {{\"offset\":N}} or {{\"time\":T}}"
+                ))
+            }
+            None => {}
+        }
+        match position_object("start", value)? {
+            ("offset", offset) => Ok(Start::Offset {
+                offset: offset_of("start", offset)?,
+            }),
+            (_, time) => Ok(Start::Time {
+                time: TimeValue::from_json(time).map_err(|reason| format!("start: {reason}"))?,
+            }),
+        }
+    }
+}
+
+impl End {
+    fn from_json(value: &serde_json::Value) -> Result<End, String> {
+        match position_object("end", value)? {
+            ("offset", offset) => {
+                let offset = offset_of("end", offset)?;
+                if offset < natswal::FIRST_OFFSET {
+                    return Err(format!(
+                        "end offset {offset} is before the first offset {} (the end is inclusive)",
+                        natswal::FIRST_OFFSET
+                    ));
+                }
+                Ok(End::Offset { offset })
+            }
+            (_, time) => Ok(End::Time {
+                time: TimeValue::from_json(time).map_err(|reason| format!("end: {reason}"))?,
+            }),
+        }
+    }
+}
+
+/// Deserializes through a JSON value, so each position gets a message that
+/// names what is wrong (serde's untagged enums only say "did not match").
+macro_rules! deserialize_from_json {
+    ($type:ty) => {
+        impl<'de> Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let value = serde_json::Value::deserialize(deserializer)?;
+                <$type>::from_json(&value).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+deserialize_from_json!(Start);
+deserialize_from_json!(End);
+deserialize_from_json!(TimeValue);
 
 /// How records travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -242,6 +359,38 @@ mod tests {
         assert_eq!(full.end, Some(End::Offset { offset: 9 }));
         assert_eq!(full.mode, Mode::Batched);
         assert!(serde_json::from_str::<ReplayRequest>(r#"{"strat":"earliest"}"#).is_err());
+    }
+
+    #[test]
+    fn ambiguous_or_out_of_range_positions_are_refused_by_name() {
+        let refused = |text: &str| {
+            serde_json::from_str::<ReplayRequest>(text)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            refused(r#"{"start":{"offset":5,"time":1}}"#).contains("exactly one of offset or time")
+        );
+        assert!(refused(r#"{"end":{"offset":0}}"#).contains("before the first offset"));
+        assert!(refused(r#"{"start":{"time":1.5}}"#).contains("not an integer"));
+        assert!(refused(r#"{"start":"first"}"#).contains("'first'"));
+        assert!(refused(r#"{"end":{"time":"2026-02-30T00:00:00Z"}}"#).contains("day 30"));
+        let parse = |text: &str| serde_json::from_str::<ReplayRequest>(text).unwrap();
+        let time = |start: Start| match start {
+            Start::Time { time } => time.nanoseconds().unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            time(parse(r#"{"start":{"time":18446744073709551615}}"#).start),
+            i64::MAX
+        );
+        assert_eq!(
+            time(parse(r#"{"start":{"time":"1900-01-01T00:00:00Z"}}"#).start),
+            -2_208_988_800_000_000_000
+        );
+        let request = parse(r#"{"start":{"time":5},"end":{"offset":3}}"#);
+        let json = serde_json::to_string(&request).unwrap();
+        assert_eq!(parse(&json), request, "what the client sends parses back");
     }
 
     #[test]

@@ -21,16 +21,32 @@ pub struct Reload {
 }
 
 pub async fn serve(config: Config, reload: Reload) -> Result<()> {
-    let metrics = Arc::new(BridgeMetrics::default());
     let audit = Arc::new(crate::audit::AuditLog::open(&config.audit_path())?);
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let result = start_and_serve(config, reload, Arc::clone(&audit), Arc::clone(&started)).await;
+    if let Err(error) = &result {
+        if !started.load(Ordering::Acquire) {
+            // The start is audited once: ok when serving, or why it failed.
+            audit.record_or_log(
+                "server_start",
+                "natswal",
+                "server",
+                "error",
+                serde_json::json!({"pid": std::process::id(), "error": error.to_string()}),
+            );
+        }
+    }
+    result
+}
+
+async fn start_and_serve(
+    config: Config,
+    reload: Reload,
+    audit: Arc<crate::audit::AuditLog>,
+    started: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    let metrics = Arc::new(BridgeMetrics::default());
     let keyring = Arc::new(config.keyring()?);
-    audit.record(
-        "server_start",
-        "natswal",
-        "server",
-        "ok",
-        serde_json::json!({"pid": std::process::id(), "streams": config.streams.iter().map(|stream| &stream.name).collect::<Vec<_>>()}),
-    )?;
     let mut store = Store::open(
         &config.data_dir,
         config.write_mode()?,
@@ -163,6 +179,7 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
     }
     let streams = Arc::new(streams);
     let (shutdown_sender, shutdown) = watch::channel(false);
+    let (abandon_sender, abandon) = watch::channel(false);
     let readiness = Arc::new(crate::http::Readiness::default());
     let http_task = if config.http.listen.is_empty() {
         None
@@ -218,6 +235,7 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
                 config.nats.subscription_capacity as u64 / 4,
             ))),
             api_prefix: config.api.prefix.clone(),
+            abandon: abandon.clone(),
         };
         ingest_tasks.push(tokio::spawn(crate::ingest::run(
             context,
@@ -247,20 +265,32 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
         ),
         metrics: Arc::clone(&metrics),
         prefix: config.api.prefix.clone(),
+        replays: Arc::new(tokio::sync::Semaphore::new(config.api.replays_max)),
+        replays_max: config.api.replays_max,
         access: Arc::clone(&access),
         audit: Arc::clone(&audit),
     };
-    let api_task = tokio::spawn(crate::api::run(api, shutdown.clone()));
-    // Subscriptions reach the server before we call ourselves ready.
-    ingest_client
-        .flush()
-        .await
-        .map_err(|error| BridgeError::nats("cannot flush subscriptions", error))?;
-    api_client
-        .flush()
-        .await
-        .map_err(|error| BridgeError::nats("cannot flush subscriptions", error))?;
+    let api_subscriptions = crate::api::subscribe(&api).await?;
+    let api_task = tokio::spawn(crate::api::run(api, api_subscriptions, shutdown.clone()));
+    // The server has processed every subscription before natswal calls
+    // itself ready (a flush only reaches the socket: a request right after
+    // "ready" could still find no responder).
+    for (client, role) in [(&ingest_client, "ingest"), (&api_client, "api")] {
+        if !round_trip(client).await {
+            return Err(BridgeError::Nats(format!(
+                "the {role} connection's subscriptions were not confirmed by NATS"
+            )));
+        }
+    }
     readiness.serving.store(true, Ordering::Release);
+    audit.record(
+        "server_start",
+        "natswal",
+        "server",
+        "ok",
+        serde_json::json!({"pid": std::process::id(), "streams": config.streams.iter().map(|stream| &stream.name).collect::<Vec<_>>()}),
+    )?;
+    started.store(true, Ordering::Release);
     tracing::info!(
         streams = streams.len(),
         servers = %config.nats.servers.join(","),
@@ -273,21 +303,35 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
         config.nats.servers.join(",")
     );
     wait_for_signal(&reload, &access, &audit).await?;
-    tracing::info!("shutting down: stopping intake, syncing, sending due acks");
+    let shutdown_timeout = config.nats.shutdown_timeout;
+    tracing::info!(
+        timeout = %humantime::format_duration(shutdown_timeout),
+        "shutting down: stopping intake, syncing, sending due acks (a second SIGTERM or SIGINT gives up on NATS at once)"
+    );
     readiness.serving.store(false, Ordering::Release);
     let _ = shutdown_sender.send(true);
+    let give_up = tokio::spawn(give_up_on_nats(shutdown_timeout, abandon_sender));
     for task in ingest_tasks {
         let _ = task.await;
     }
     let _ = api_task.await;
+    // Everything accepted is synced, whatever NATS does.
     let closing = Arc::clone(&store);
     let closed = tokio::task::spawn_blocking(move || closing.close())
         .await
         .map_err(|error| {
             BridgeError::InvalidArgument(format!("closing streams panicked: {error}"))
         })?;
-    let _ = ingest_client.flush().await;
-    let _ = api_client.flush().await;
+    let flushed = if *abandon.borrow() {
+        false
+    } else {
+        let mut abandon = abandon.clone();
+        tokio::select! {
+            true = crate::ingest::gave_up(&mut abandon) => false,
+            (ingest, api) = futures_util::future::join(round_trip(&ingest_client), round_trip(&api_client)) => ingest && api,
+        }
+    };
+    give_up.abort();
     if let Some(task) = http_task {
         let _ = task.await;
     }
@@ -295,8 +339,62 @@ pub async fn serve(config: Config, reload: Reload) -> Result<()> {
     for line in metrics.summary() {
         tracing::info!("{line}");
     }
+    let undelivered = metrics.replies_undelivered();
+    if undelivered > 0 || !flushed {
+        tracing::warn!(
+            replies_undelivered = undelivered,
+            flushed,
+            "stopped without reaching NATS: {undelivered} acks or replies were not sent{}; everything accepted is synced, and publishers retry what they did not get an ack for",
+            if flushed { "" } else { ", and replies handed to the NATS client may not have reached the server" }
+        );
+    }
     tracing::info!("natswal stopped cleanly");
     Ok(())
+}
+
+/// Waits until the server has processed everything this client sent, so
+/// the acks published before are routed to their publishers whatever
+/// happens to the connection at exit. A flush only reaches the socket: a
+/// close with unread input resets the connection, and the kernel drops
+/// what it had not sent yet. A request nobody answers (a fresh inbox) comes
+/// back as "no responders" once the server got to it, after everything
+/// sent before it.
+async fn round_trip(client: &async_nats::Client) -> bool {
+    match client
+        .request(client.new_inbox(), bytes::Bytes::new())
+        .await
+    {
+        Ok(_) => true,
+        Err(error) => {
+            let answered = error.kind() == async_nats::RequestErrorKind::NoResponders;
+            if !answered {
+                tracing::warn!(%error, "the last round trip to NATS failed");
+            }
+            answered
+        }
+    }
+}
+
+/// Gives up on NATS after `timeout` or at a second SIGTERM or SIGINT.
+async fn give_up_on_nats(timeout: std::time::Duration, abandon: watch::Sender<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tokio::time::sleep(timeout).await;
+        let _ = abandon.send(true);
+        return;
+    };
+    tokio::select! {
+        _ = tokio::time::sleep(timeout) => tracing::warn!(
+            timeout = %humantime::format_duration(timeout),
+            "nats.shutdown_timeout passed: giving up on NATS"
+        ),
+        _ = terminate.recv() => tracing::warn!("second SIGTERM: giving up on NATS"),
+        _ = interrupt.recv() => tracing::warn!("SIGINT during shutdown: giving up on NATS"),
+    }
+    let _ = abandon.send(true);
 }
 
 async fn wait_for_signal(

@@ -297,6 +297,24 @@ async fn atomic_batch_errors_have_jetstream_codes() {
         ),
         10176
     );
+    // Sequence 0 with `eob` on a new batch: refused, never an underflow
+    // (a panic in debug builds would kill natswal's ingest).
+    assert_eq!(
+        err_code(
+            &request(
+                &client,
+                "events.a",
+                &[
+                    ("Nats-Batch-Id", &id("z")),
+                    ("Nats-Batch-Sequence", "0"),
+                    ("Nats-Batch-Commit", "eob")
+                ],
+                "x"
+            )
+            .await
+        ),
+        10176
+    );
     // Too large (max 3 messages), also for an unknown batch far along.
     for sequence in 1..=3 {
         request(
@@ -596,6 +614,40 @@ impl FastChannel {
             .unwrap();
     }
 
+    /// Like [`FastChannel::send`], with headers.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_with_headers(
+        &self,
+        subject: &str,
+        gap: &str,
+        sequence: u64,
+        operation: u8,
+        pairs: &[(&str, &str)],
+        payload: &str,
+    ) {
+        let reply = format!("{}.10.{gap}.{sequence}.{operation}.$FI", self.inbox);
+        self.client
+            .publish_with_reply_and_headers(
+                subject.to_string(),
+                reply,
+                headers(pairs),
+                Bytes::from(payload.to_string()),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Control messages up to and including the batch's final reply (the
+    /// PubAck or an error), which is returned.
+    async fn final_reply(&mut self) -> Value {
+        loop {
+            let reply = self.next().await;
+            if reply.get("batch").is_some() || reply.get("error").is_some() {
+                return reply;
+            }
+        }
+    }
+
     async fn next(&mut self) -> Value {
         let message = tokio::time::timeout(Duration::from_secs(10), self.messages.next())
             .await
@@ -674,6 +726,70 @@ async fn fast_ingest_errors_and_gaps() {
         .map(|record| String::from_utf8_lossy(&record.payload).to_string())
         .collect();
     assert_eq!(stored, vec!["1", "3", "4", "a", "b"]);
+}
+
+/// The duplicate window follows what fast ingest stored: a stored id is a
+/// duplicate for plain publishes (with its offset), and an id whose message
+/// failed is forgotten, so a retried batch stores it instead of getting a
+/// PubAck for data that is not on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_ingest_message_ids_follow_what_was_stored() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), BATCH_STREAM);
+    let client = connect(&nats.url()).await;
+    let mut stored = FastChannel::open(&client, "stored").await;
+    stored
+        .send_with_headers("events.a", "fail", 1, 0, &[("Nats-Msg-Id", "m1")], "1")
+        .await;
+    stored
+        .send_with_headers("events.a", "fail", 2, 2, &[("Nats-Msg-Id", "m2")], "2")
+        .await;
+    let committed = stored.final_reply().await;
+    assert_eq!(
+        (committed["count"].as_u64(), committed["seq"].as_u64()),
+        (Some(2), Some(FIRST_OFFSET + 1)),
+        "{committed}"
+    );
+    let again = request(&client, "events.a", &[("Nats-Msg-Id", "m1")], "1").await;
+    assert_eq!(
+        (again["seq"].as_u64(), again["duplicate"].as_bool()),
+        (Some(FIRST_OFFSET), Some(true)),
+        "a fast-ingest id is a duplicate at its offset: {again}"
+    );
+    // The first try fails in the engine (a wrong expected sequence).
+    let mut failed = FastChannel::open(&client, "retry1").await;
+    failed
+        .send_with_headers(
+            "events.a",
+            "fail",
+            1,
+            2,
+            &[
+                ("Nats-Msg-Id", "p1"),
+                ("Nats-Expected-Last-Sequence", "999"),
+            ],
+            "p",
+        )
+        .await;
+    let refused = failed.final_reply().await;
+    assert_ne!(refused["count"].as_u64(), Some(1), "{refused}");
+    let mut retried = FastChannel::open(&client, "retry2").await;
+    retried
+        .send_with_headers("events.a", "fail", 1, 2, &[("Nats-Msg-Id", "p1")], "p")
+        .await;
+    let retry = retried.final_reply().await;
+    assert_eq!(
+        (retry["count"].as_u64(), retry["seq"].as_u64()),
+        (Some(1), Some(FIRST_OFFSET + 2)),
+        "the retry is stored, at the next offset: {retry}"
+    );
+    let payloads: Vec<String> = replay_all(&client, "events", json!({}))
+        .await
+        .iter()
+        .map(|record| String::from_utf8_lossy(&record.payload).to_string())
+        .collect();
+    assert_eq!(payloads, vec!["1", "2", "p"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -247,7 +247,13 @@ async fn wait_until_async(what: &str, condition: impl Fn() -> bool) {
 async fn sigterm_drains_acks_and_exits_zero() {
     let nats = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let mut natswal = Natswal::start(&nats.url(), data.path(), EVENTS_STREAM);
+    // Time enough to send every ack on a loaded machine: this test is about
+    // draining, the bound has tests of its own.
+    let config = format!(
+        "[nats]\nservers = [\"{}\"]\nconnect_timeout = \"5s\"\nshutdown_timeout = \"5m\"\n{EVENTS_STREAM}",
+        nats.url()
+    );
+    let mut natswal = Natswal::start(&nats.url(), data.path(), &config);
     let client = connect(&nats.url()).await;
     let (publisher, publishing) = Publisher::start(client.clone(), 30_000, 2000, None).await;
     wait_until_async("some acks", || {
@@ -301,6 +307,109 @@ async fn sigterm_drains_acks_and_exits_zero() {
         acked.len(),
         "every stored message got its ack before exit"
     );
+}
+
+/// What `timeout scripts/run`, `docker compose down`, systemd and a pod
+/// deletion do: SIGTERM to NATS and natswal at the same moment. natswal
+/// exits 0 within its shutdown bound and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_nats_and_natswal_together_exits_within_the_bound() {
+    let mut nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[nats]\nservers = [\"{}\"]\nconnect_timeout = \"5s\"\nshutdown_timeout = \"2s\"\n{EVENTS_STREAM}",
+        nats.url()
+    );
+    let mut natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    let (publisher, publishing) = Publisher::start(client.clone(), 1_000_000, 1000, None).await;
+    wait_until_async("some acks", || {
+        publisher.ack_count.load(Ordering::Relaxed) > 3000
+    })
+    .await;
+    nats.signal(libc::SIGTERM);
+    natswal.signal(libc::SIGTERM);
+    let stopping = Instant::now();
+    let (exited, mut natswal) =
+        tokio::task::spawn_blocking(move || (natswal.wait_exit(Duration::from_secs(60)), natswal))
+            .await
+            .unwrap();
+    let status = exited.expect("natswal exits although NATS went away at the same moment");
+    let took = stopping.elapsed();
+    assert!(status.success(), "natswal exits 0: {status:?}");
+    eprintln!("natswal exited {took:?} after SIGTERM");
+    assert!(
+        took < Duration::from_secs(20),
+        "2 s of shutdown_timeout, then the sync: {took:?}"
+    );
+    publisher.stop.store(true, Ordering::Relaxed);
+    nats.wait_exit();
+    let acked = publisher.acked.lock().unwrap().clone();
+    nats.start_again();
+    let _ = publishing.await;
+    natswal.restart();
+    let reader = connect(&nats.url()).await;
+    let records = replay_all(
+        &reader,
+        "events",
+        json!({"mode": "batched", "batch": 20000}),
+    )
+    .await;
+    check_acknowledged(&records, &acked);
+}
+
+/// With NATS unresponsive (stopped, its sockets open), shutdown waits for
+/// it up to `shutdown_timeout`; a second SIGTERM gives up at once, after
+/// the sync, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_gives_up_on_an_unresponsive_nats() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[nats]\nservers = [\"{}\"]\nconnect_timeout = \"5s\"\nshutdown_timeout = \"10m\"\n{EVENTS_STREAM}",
+        nats.url()
+    );
+    let mut natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    let (publisher, publishing) = Publisher::start(client.clone(), 1_000_000, 500, None).await;
+    wait_until_async("some acks", || {
+        publisher.ack_count.load(Ordering::Relaxed) > 2000
+    })
+    .await;
+    publisher.stop.store(true, Ordering::Relaxed);
+    nats.signal(libc::SIGSTOP);
+    natswal.signal(libc::SIGTERM);
+    let (still_running, mut natswal) =
+        tokio::task::spawn_blocking(move || (natswal.wait_exit(Duration::from_secs(2)), natswal))
+            .await
+            .unwrap();
+    assert!(
+        still_running.is_none(),
+        "shutdown waits for NATS while shutdown_timeout allows: {still_running:?}"
+    );
+    natswal.signal(libc::SIGTERM);
+    let (exited, mut natswal) =
+        tokio::task::spawn_blocking(move || (natswal.wait_exit(Duration::from_secs(20)), natswal))
+            .await
+            .unwrap();
+    let status = exited.expect("a second SIGTERM ends the shutdown at once");
+    assert!(status.success(), "{status:?}");
+    let output = natswal.output().join("\n");
+    assert!(
+        output.contains("second SIGTERM: giving up on NATS"),
+        "{output}"
+    );
+    nats.signal(libc::SIGCONT);
+    let _ = publishing.await;
+    let acked = publisher.acked.lock().unwrap().clone();
+    natswal.restart();
+    let records = replay_all(
+        &client,
+        "events",
+        json!({"mode": "batched", "batch": 20000}),
+    )
+    .await;
+    check_acknowledged(&records, &acked);
 }
 
 struct Certificates {

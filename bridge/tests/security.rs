@@ -392,3 +392,23 @@ async fn audit_log_records_admin_actions_and_detects_tampering() {
     assert!(!tampered.status.success());
     assert!(String::from_utf8_lossy(&tampered.stderr).contains("CRC mismatch"));
 }
+
+/// A start that fails (here: NATS unreachable) is audited once, as an
+/// error with its reason, never as `server_start ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_is_audited_as_an_error() {
+    let data = tempfile::tempdir().unwrap();
+    let nowhere = format!("nats://127.0.0.1:{}", free_port());
+    let config =
+        format!("[nats]\nservers = [\"{nowhere}\"]\nconnect_timeout = \"1s\"\n{EVENTS_STREAM}");
+    let failed = Natswal::try_start(&nowhere, data.path(), &config);
+    assert!(failed.is_err(), "natswal cannot start without NATS");
+    let starts: Vec<serde_json::Value> = audit_entries(data.path())
+        .into_iter()
+        .filter(|entry| entry["action"] == "server_start")
+        .collect();
+    assert_eq!(starts.len(), 1, "{starts:?}");
+    assert_eq!(starts[0]["outcome"], "error");
+    let reason = starts[0]["details"]["error"].as_str().unwrap();
+    assert!(reason.contains(&nowhere), "{reason}");
+}

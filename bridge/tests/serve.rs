@@ -244,6 +244,11 @@ async fn replay_start_kinds_filters_bounds_and_errors() {
     .await;
     assert!(empty.records.is_empty());
     assert_eq!(empty.status, 204);
+    assert_eq!(
+        empty.next_offset,
+        Some(12),
+        "the reader stands at its start"
+    );
     // Malformed requests get an error reply and the server keeps serving.
     for bad in [
         json!("not an object"),

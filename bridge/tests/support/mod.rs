@@ -217,6 +217,27 @@ impl NatsServer {
             let _ = child.wait();
         }
     }
+
+    /// Sends `signal` to the running server without waiting.
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("running");
+        // SAFETY: kill(2) with a valid pid and signal touches no memory.
+        let result = unsafe { libc::kill(child.id() as i32, signal) };
+        assert_eq!(result, 0, "kill({}, {signal}) failed", child.id());
+    }
+
+    /// Waits for the server to exit (after a signal) and forgets it.
+    pub fn wait_exit(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (after it exited).
+    pub fn start_again(&mut self) {
+        self.stop();
+        self.spawn();
+    }
 }
 
 impl Drop for NatsServer {
@@ -347,6 +368,28 @@ impl Natswal {
         // SAFETY: kill(2) with a valid pid and signal touches no memory.
         let result = unsafe { libc::kill(child.id() as i32, signal) };
         assert_eq!(result, 0, "kill({}, {signal}) failed", child.id());
+    }
+
+    /// The process id of the running server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it still
+    /// runs (it keeps running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM and wait for the exit.
