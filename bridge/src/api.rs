@@ -599,7 +599,7 @@ struct StepLimits {
 }
 
 /// Units one step hands out at most, so a replay holds little memory.
-const STEP_UNITS_MAX: usize = 256;
+const STEP_UNITS_MAX: usize = 4096;
 const STEP_BYTES_MAX: u64 = 512 * 1024;
 
 /// What one blocking read step found.
