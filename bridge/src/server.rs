@@ -276,7 +276,7 @@ async fn start_and_serve(
     // itself ready (a flush only reaches the socket: a request right after
     // "ready" could still find no responder).
     for (client, role) in [(&ingest_client, "ingest"), (&api_client, "api")] {
-        if !round_trip(client).await {
+        if !round_trip(client, Some(config.nats.connect_timeout)).await {
             return Err(BridgeError::Nats(format!(
                 "the {role} connection's subscriptions were not confirmed by NATS"
             )));
@@ -328,7 +328,7 @@ async fn start_and_serve(
         let mut abandon = abandon.clone();
         tokio::select! {
             true = crate::ingest::gave_up(&mut abandon) => false,
-            (ingest, api) = futures_util::future::join(round_trip(&ingest_client), round_trip(&api_client)) => ingest && api,
+            (ingest, api) = futures_util::future::join(round_trip(&ingest_client, None), round_trip(&api_client, None)) => ingest && api,
         }
     };
     give_up.abort();
@@ -359,11 +359,10 @@ async fn start_and_serve(
 /// what it had not sent yet. A request nobody answers (a fresh inbox) comes
 /// back as "no responders" once the server got to it, after everything
 /// sent before it.
-async fn round_trip(client: &async_nats::Client) -> bool {
-    match client
-        .request(client.new_inbox(), bytes::Bytes::new())
-        .await
-    {
+/// `timeout: None` waits as long as it takes (the caller bounds it).
+async fn round_trip(client: &async_nats::Client, timeout: Option<std::time::Duration>) -> bool {
+    let request = async_nats::Request::new().timeout(timeout);
+    match client.send_request(client.new_inbox(), request).await {
         Ok(_) => true,
         Err(error) => {
             let answered = error.kind() == async_nats::RequestErrorKind::NoResponders;
