@@ -351,9 +351,23 @@ impl WriterState {
             return Err(shared.gate.poisoned_error());
         }
         active.crc = active.crc.map(|crc| {
-            parts
-                .iter()
-                .fold(crc, |crc, part| crc32c::crc32c_append(crc, part))
+            // The body's CRC is in its header already: combining it costs
+            // a few hundred nanoseconds where reading the body again cost
+            // a second pass over every byte (7% of ingest CPU at 1 KiB).
+            let body_length = header.frame_length as usize - FRAME_HEADER_LENGTH;
+            let combined = crc32c::crc32c_combine(
+                crc32c::crc32c_append(crc, &prefix),
+                header.body_crc,
+                body_length,
+            );
+            debug_assert_eq!(
+                combined,
+                parts
+                    .iter()
+                    .fold(crc, |crc, part| crc32c::crc32c_append(crc, part)),
+                "the combined CRC is the CRC of the bytes written"
+            );
+            combined
         });
         let position = active.position;
         if let Some(entry) = active.builder.add(position, header) {
