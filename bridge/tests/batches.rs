@@ -5,7 +5,6 @@
 
 mod support;
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use natswal::FIRST_OFFSET;
@@ -20,39 +19,6 @@ use support::*;
 const BATCH_STREAM: &str =
     "[[streams]]\nname = \"events\"\nsubjects = [\"events.>\"]\nallow_atomic = true\nallow_batched = true\n";
 const PLAIN_STREAM: &str = "[[streams]]\nname = \"plain\"\nsubjects = [\"plain.>\"]\n";
-
-fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-    let mut map = HeaderMap::new();
-    for (name, value) in pairs {
-        map.insert(*name, *value);
-    }
-    map
-}
-
-/// Publishes with headers and returns the reply (empty body -> Null).
-async fn request(
-    client: &async_nats::Client,
-    subject: &str,
-    pairs: &[(&str, &str)],
-    payload: &str,
-) -> Value {
-    let message = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request_with_headers(
-            subject.to_string(),
-            headers(pairs),
-            Bytes::from(payload.to_string()),
-        ),
-    )
-    .await
-    .expect("a reply within 10 s")
-    .expect("a reply");
-    if message.payload.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&message.payload).expect("JSON reply")
-    }
-}
 
 fn err_code(reply: &Value) -> u64 {
     reply["error"]["err_code"]
@@ -174,7 +140,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     let client = connect(&nats.url()).await;
     let id = |name: &str| format!("batch-{name}");
     // Disabled on the stream.
-    let reply = request(
+    let reply = request_with_pairs(
         &client,
         "off.x",
         &[("Nats-Batch-Id", "b"), ("Nats-Batch-Sequence", "1")],
@@ -186,7 +152,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     let long = "x".repeat(65);
     assert_eq!(
         err_code(
-            &request(
+            &request_with_pairs(
                 &client,
                 "events.a",
                 &[("Nats-Batch-Id", &long), ("Nats-Batch-Sequence", "1")],
@@ -197,10 +163,12 @@ async fn atomic_batch_errors_have_jetstream_codes() {
         10179
     );
     assert_eq!(
-        err_code(&request(&client, "events.a", &[("Nats-Batch-Id", &id("m"))], "x").await),
+        err_code(
+            &request_with_pairs(&client, "events.a", &[("Nats-Batch-Id", &id("m"))], "x").await
+        ),
         10175
     );
-    let invalid = request(
+    let invalid = request_with_pairs(
         &client,
         "events.a",
         &[
@@ -215,7 +183,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     // Incomplete: unknown batch, gap, repeat, eob first.
     assert_eq!(
         err_code(
-            &request(
+            &request_with_pairs(
                 &client,
                 "events.a",
                 &[("Nats-Batch-Id", &id("u")), ("Nats-Batch-Sequence", "2")],
@@ -225,7 +193,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
         ),
         10176
     );
-    let started = request(
+    let started = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Batch-Id", &id("g")), ("Nats-Batch-Sequence", "1")],
@@ -239,7 +207,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     );
     assert_eq!(
         err_code(
-            &request(
+            &request_with_pairs(
                 &client,
                 "events.a",
                 &[("Nats-Batch-Id", &id("g")), ("Nats-Batch-Sequence", "3")],
@@ -251,7 +219,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     );
     assert_eq!(
         err_code(
-            &request(
+            &request_with_pairs(
                 &client,
                 "events.a",
                 &[("Nats-Batch-Id", &id("g")), ("Nats-Batch-Sequence", "2")],
@@ -262,7 +230,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
         10176,
         "the gap abandoned the batch"
     );
-    request(
+    request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Batch-Id", &id("r")), ("Nats-Batch-Sequence", "1")],
@@ -271,7 +239,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     .await;
     assert_eq!(
         err_code(
-            &request(
+            &request_with_pairs(
                 &client,
                 "events.a",
                 &[("Nats-Batch-Id", &id("r")), ("Nats-Batch-Sequence", "1")],
@@ -283,7 +251,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     );
     assert_eq!(
         err_code(
-            &request(
+            &request_with_pairs(
                 &client,
                 "events.a",
                 &[
@@ -301,7 +269,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     // (a panic in debug builds would kill natswal's ingest).
     assert_eq!(
         err_code(
-            &request(
+            &request_with_pairs(
                 &client,
                 "events.a",
                 &[
@@ -317,7 +285,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     );
     // Too large (max 3 messages), also for an unknown batch far along.
     for sequence in 1..=3 {
-        request(
+        request_with_pairs(
             &client,
             "events.a",
             &[
@@ -328,7 +296,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
         )
         .await;
     }
-    let large = request(
+    let large = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Batch-Id", &id("l")), ("Nats-Batch-Sequence", "4")],
@@ -338,7 +306,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     assert_eq!(err_code(&large), 10199);
     assert_eq!(
         err_code(
-            &request(
+            &request_with_pairs(
                 &client,
                 "events.a",
                 &[("Nats-Batch-Id", &id("z")), ("Nats-Batch-Sequence", "9")],
@@ -349,7 +317,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
         10199
     );
     // Duplicate Nats-Msg-Id inside a batch.
-    request(
+    request_with_pairs(
         &client,
         "events.a",
         &[
@@ -360,7 +328,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
         "x",
     )
     .await;
-    let duplicate = request(
+    let duplicate = request_with_pairs(
         &client,
         "events.a",
         &[
@@ -374,7 +342,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     .await;
     assert_eq!(err_code(&duplicate), 10201);
     // Unsupported header and required API level.
-    let unsupported = request(
+    let unsupported = request_with_pairs(
         &client,
         "events.a",
         &[
@@ -386,7 +354,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     )
     .await;
     assert_eq!(err_code(&unsupported), 10177);
-    let level = request(
+    let level = request_with_pairs(
         &client,
         "events.a",
         &[
@@ -400,21 +368,21 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     assert_eq!(err_code(&level), 10185);
     assert_eq!(level["error"]["code"], 412);
     // Too many open batches: per stream (2), then per server (3).
-    request(
+    request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Batch-Id", &id("o1")), ("Nats-Batch-Sequence", "1")],
         "x",
     )
     .await;
-    request(
+    request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Batch-Id", &id("o2")), ("Nats-Batch-Sequence", "1")],
         "x",
     )
     .await;
-    let per_stream = request(
+    let per_stream = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Batch-Id", &id("o3")), ("Nats-Batch-Sequence", "1")],
@@ -425,14 +393,14 @@ async fn atomic_batch_errors_have_jetstream_codes() {
         (err_code(&per_stream), per_stream["error"]["code"].as_u64()),
         (10210, Some(429))
     );
-    request(
+    request_with_pairs(
         &client,
         "plain.a",
         &[("Nats-Batch-Id", &id("p1")), ("Nats-Batch-Sequence", "1")],
         "x",
     )
     .await;
-    let per_server = request(
+    let per_server = request_with_pairs(
         &client,
         "plain.a",
         &[("Nats-Batch-Id", &id("p2")), ("Nats-Batch-Sequence", "1")],
@@ -441,7 +409,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     .await;
     assert_eq!(err_code(&per_server), 10210);
     // Finishing o1 frees a slot; it commits with eob: 1 message counted.
-    let done = request(
+    let done = request_with_pairs(
         &client,
         "events.a",
         &[
@@ -457,14 +425,14 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     let before = replay_all(&client, "events", json!({})).await.len();
     // The staging budget (3 KiB for all open batches of the stream).
     let kilobyte = "k".repeat(900);
-    request(
+    request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Batch-Id", &id("big")), ("Nats-Batch-Sequence", "1")],
         &kilobyte,
     )
     .await;
-    let over = request(
+    let over = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Batch-Id", &id("big")), ("Nats-Batch-Sequence", "2")],
@@ -472,7 +440,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
     )
     .await;
     assert!(over.get("error").is_none(), "{over}");
-    let third = request(
+    let third = request_with_pairs(
         &client,
         "events.a",
         &[
@@ -492,7 +460,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
         "{third}"
     );
     // A failed precondition fails the whole batch at commit.
-    request(
+    request_with_pairs(
         &client,
         "events.a",
         &[
@@ -503,7 +471,7 @@ async fn atomic_batch_errors_have_jetstream_codes() {
         "x",
     )
     .await;
-    let failed = request(
+    let failed = request_with_pairs(
         &client,
         "events.a",
         &[
@@ -546,7 +514,7 @@ async fn abandoned_batches_time_out_with_an_advisory() {
         .await
         .unwrap();
     client.flush().await.unwrap();
-    request(
+    request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Batch-Id", "slow"), ("Nats-Batch-Sequence", "1")],
@@ -564,7 +532,7 @@ async fn abandoned_batches_time_out_with_an_advisory() {
         advisory["type"],
         "io.nats.jetstream.advisory.v1.stream_batch_abandoned"
     );
-    let late = request(
+    let late = request_with_pairs(
         &client,
         "events.a",
         &[
@@ -630,7 +598,7 @@ impl FastChannel {
             .publish_with_reply_and_headers(
                 subject.to_string(),
                 reply,
-                headers(pairs),
+                header_map(pairs),
                 Bytes::from(payload.to_string()),
             )
             .await
@@ -751,7 +719,7 @@ async fn fast_ingest_message_ids_follow_what_was_stored() {
         (Some(2), Some(FIRST_OFFSET + 1)),
         "{committed}"
     );
-    let again = request(&client, "events.a", &[("Nats-Msg-Id", "m1")], "1").await;
+    let again = request_with_pairs(&client, "events.a", &[("Nats-Msg-Id", "m1")], "1").await;
     assert_eq!(
         (again["seq"].as_u64(), again["duplicate"].as_bool()),
         (Some(FIRST_OFFSET), Some(true)),
@@ -798,7 +766,7 @@ async fn preconditions_are_never_ignored() {
     let data = tempfile::tempdir().unwrap();
     let _natswal = Natswal::start(&nats.url(), data.path(), BATCH_STREAM);
     let client = connect(&nats.url()).await;
-    let first = request(
+    let first = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Expected-Last-Sequence", "0"), ("Nats-Msg-Id", "one")],
@@ -806,7 +774,7 @@ async fn preconditions_are_never_ignored() {
     )
     .await;
     assert_eq!(first["seq"], FIRST_OFFSET, "0 means the stream is empty");
-    let wrong = request(
+    let wrong = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Expected-Last-Sequence", "0")],
@@ -818,7 +786,7 @@ async fn preconditions_are_never_ignored() {
         wrong["error"]["description"],
         format!("wrong last sequence: {FIRST_OFFSET}")
     );
-    let by_id = request(
+    let by_id = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Expected-Last-Msg-Id", "one")],
@@ -826,7 +794,7 @@ async fn preconditions_are_never_ignored() {
     )
     .await;
     assert_eq!(by_id["seq"], FIRST_OFFSET + 1);
-    let stale_id = request(
+    let stale_id = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Expected-Last-Msg-Id", "one")],
@@ -834,7 +802,7 @@ async fn preconditions_are_never_ignored() {
     )
     .await;
     assert_eq!(err_code(&stale_id), 10070);
-    let stream = request(
+    let stream = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Expected-Stream", "orders")],
@@ -842,7 +810,7 @@ async fn preconditions_are_never_ignored() {
     )
     .await;
     assert_eq!(err_code(&stream), 10060);
-    let right_stream = request(
+    let right_stream = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Expected-Stream", "events")],
@@ -850,7 +818,7 @@ async fn preconditions_are_never_ignored() {
     )
     .await;
     assert_eq!(right_stream["seq"], FIRST_OFFSET + 2);
-    let subject_sequence = request(
+    let subject_sequence = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Expected-Last-Subject-Sequence", "1")],
@@ -865,7 +833,7 @@ async fn preconditions_are_never_ignored() {
             .contains("Nats-Expected-Last-Subject-Sequence"),
         "{subject_sequence}"
     );
-    let level = request(
+    let level = request_with_pairs(
         &client,
         "events.a",
         &[("Nats-Required-Api-Level", "5")],
@@ -893,8 +861,8 @@ async fn two_publishers_race_on_expected_last_sequence() {
         let expected = last.to_string();
         let pairs = [("Nats-Expected-Last-Sequence", expected.as_str())];
         let (first, second) = tokio::join!(
-            request(&publishers[0], "events.race", &pairs, "p0"),
-            request(&publishers[1], "events.race", &pairs, "p1"),
+            request_with_pairs(&publishers[0], "events.race", &pairs, "p0"),
+            request_with_pairs(&publishers[1], "events.race", &pairs, "p1"),
         );
         let winners: Vec<u64> = [&first, &second]
             .iter()
@@ -975,7 +943,7 @@ async fn sigkill_during_atomic_batches_keeps_acked_batches_whole() {
                         Duration::from_secs(2),
                         client.request_with_headers(
                             "events.batch",
-                            headers(&pairs),
+                            header_map(&pairs),
                             Bytes::from(payload),
                         ),
                     )

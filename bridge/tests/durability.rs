@@ -154,6 +154,25 @@ fn check_acknowledged(records: &[Replayed], acked: &HashMap<u64, u64>) {
     }
 }
 
+/// Replays the whole stream and checks every acknowledged message in it.
+async fn replay_acknowledged(
+    client: &async_nats::Client,
+    acked: &HashMap<u64, u64>,
+) -> Vec<Replayed> {
+    let records = replay_all(client, "events", json!({"mode": "batched", "batch": 20000})).await;
+    check_acknowledged(&records, acked);
+    records
+}
+
+/// The config of the `events` stream on `nats` with this
+/// `nats.shutdown_timeout`.
+fn config_with_shutdown_timeout(nats: &NatsServer, timeout: &str) -> String {
+    format!(
+        "[nats]\nservers = [\"{}\"]\nconnect_timeout = \"5s\"\nshutdown_timeout = \"{timeout}\"\n{EVENTS_STREAM}",
+        nats.url()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acknowledged_message() {
     let nats = NatsServer::start();
@@ -180,19 +199,13 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
     let acked = publisher.acked.lock().unwrap().clone();
     assert!(acked.len() as u64 >= kill_after);
     natswal.restart();
-    let records = replay_all(
-        &client,
-        "events",
-        json!({"mode": "batched", "batch": 20000}),
-    )
-    .await;
+    let records = replay_acknowledged(&client, &acked).await;
     eprintln!(
         "killed after {kill_after} acks; sent {sent}, acked {}, stored {}",
         acked.len(),
         records.len()
     );
     assert!(records.len() >= acked.len());
-    check_acknowledged(&records, &acked);
     // Appends continue after the restart at the next offset.
     let answer = client
         .request("events.after", Bytes::from_static(b"after"))
@@ -226,13 +239,7 @@ async fn nats_restarts_under_load_lose_no_acknowledged_message() {
     publisher.stop.store(true, Ordering::Relaxed);
     publishing.await.unwrap();
     let acked = publisher.acked.lock().unwrap().clone();
-    let records = replay_all(
-        &client,
-        "events",
-        json!({"mode": "batched", "batch": 20000}),
-    )
-    .await;
-    check_acknowledged(&records, &acked);
+    replay_acknowledged(&client, &acked).await;
 }
 
 async fn wait_until_async(what: &str, condition: impl Fn() -> bool) {
@@ -249,10 +256,7 @@ async fn sigterm_drains_acks_and_exits_zero() {
     let data = tempfile::tempdir().unwrap();
     // Time enough to send every ack on a loaded machine: this test is about
     // draining, the bound has tests of its own.
-    let config = format!(
-        "[nats]\nservers = [\"{}\"]\nconnect_timeout = \"5s\"\nshutdown_timeout = \"5m\"\n{EVENTS_STREAM}",
-        nats.url()
-    );
+    let config = config_with_shutdown_timeout(&nats, "5m");
     let mut natswal = Natswal::start(&nats.url(), data.path(), &config);
     let client = connect(&nats.url()).await;
     let (publisher, publishing) = Publisher::start(client.clone(), 30_000, 2000, None).await;
@@ -295,13 +299,7 @@ async fn sigterm_drains_acks_and_exits_zero() {
     .await;
     let acked = publisher.acked.lock().unwrap().clone();
     natswal.restart();
-    let records = replay_all(
-        &client,
-        "events",
-        json!({"mode": "batched", "batch": 20000}),
-    )
-    .await;
-    check_acknowledged(&records, &acked);
+    let records = replay_acknowledged(&client, &acked).await;
     assert_eq!(
         records.len(),
         acked.len(),
@@ -316,10 +314,7 @@ async fn sigterm_drains_acks_and_exits_zero() {
 async fn sigterm_to_nats_and_natswal_together_exits_within_the_bound() {
     let mut nats = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let config = format!(
-        "[nats]\nservers = [\"{}\"]\nconnect_timeout = \"5s\"\nshutdown_timeout = \"2s\"\n{EVENTS_STREAM}",
-        nats.url()
-    );
+    let config = config_with_shutdown_timeout(&nats, "2s");
     let mut natswal = Natswal::start(&nats.url(), data.path(), &config);
     let client = connect(&nats.url()).await;
     let (publisher, publishing) = Publisher::start(client.clone(), 1_000_000, 1000, None).await;
@@ -349,13 +344,7 @@ async fn sigterm_to_nats_and_natswal_together_exits_within_the_bound() {
     let _ = publishing.await;
     natswal.restart();
     let reader = connect(&nats.url()).await;
-    let records = replay_all(
-        &reader,
-        "events",
-        json!({"mode": "batched", "batch": 20000}),
-    )
-    .await;
-    check_acknowledged(&records, &acked);
+    replay_acknowledged(&reader, &acked).await;
 }
 
 /// With NATS unresponsive (stopped, its sockets open), shutdown waits for
@@ -365,10 +354,7 @@ async fn sigterm_to_nats_and_natswal_together_exits_within_the_bound() {
 async fn a_second_sigterm_gives_up_on_an_unresponsive_nats() {
     let nats = NatsServer::start();
     let data = tempfile::tempdir().unwrap();
-    let config = format!(
-        "[nats]\nservers = [\"{}\"]\nconnect_timeout = \"5s\"\nshutdown_timeout = \"10m\"\n{EVENTS_STREAM}",
-        nats.url()
-    );
+    let config = config_with_shutdown_timeout(&nats, "10m");
     let mut natswal = Natswal::start(&nats.url(), data.path(), &config);
     let client = connect(&nats.url()).await;
     let (publisher, publishing) = Publisher::start(client.clone(), 1_000_000, 500, None).await;
@@ -403,13 +389,7 @@ async fn a_second_sigterm_gives_up_on_an_unresponsive_nats() {
     let _ = publishing.await;
     let acked = publisher.acked.lock().unwrap().clone();
     natswal.restart();
-    let records = replay_all(
-        &client,
-        "events",
-        json!({"mode": "batched", "batch": 20000}),
-    )
-    .await;
-    check_acknowledged(&records, &acked);
+    replay_acknowledged(&client, &acked).await;
 }
 
 struct Certificates {

@@ -12,26 +12,6 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use support::*;
 
-async fn publish_acked_with_headers(
-    client: &async_nats::Client,
-    subject: &str,
-    pairs: &[(&str, &str)],
-    payload: Bytes,
-) -> Value {
-    let mut headers = async_nats::HeaderMap::new();
-    for (name, value) in pairs {
-        headers.insert(*name, *value);
-    }
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request_with_headers(subject.to_string(), headers, payload),
-    )
-    .await
-    .expect("an ack within 10 s")
-    .expect("an ack");
-    serde_json::from_slice(&reply.payload).expect("JSON ack")
-}
-
 fn payloads(records: &[Replayed]) -> Vec<String> {
     records
         .iter()
@@ -66,8 +46,7 @@ async fn reserved_headers_are_refused_and_a_record_cannot_pass_for_a_status() {
     let _natswal = Natswal::start(&nats.url(), data.path(), EVENTS_STREAM);
     let client = connect(&nats.url()).await;
     for name in ["Nwal-Status", "nwal-offset", "NWAL-Anything"] {
-        let refused =
-            publish_acked_with_headers(&client, "events.a", &[(name, "204")], "x".into()).await;
+        let refused = request_with_pairs(&client, "events.a", &[(name, "204")], "x").await;
         assert_eq!(refused["error"]["err_code"], 10003, "{name}: {refused}");
         let description = refused["error"]["description"].as_str().unwrap();
         assert!(
@@ -76,7 +55,7 @@ async fn reserved_headers_are_refused_and_a_record_cannot_pass_for_a_status() {
         );
     }
     for payload in ["after 1", "after 2"] {
-        let ack = publish_acked_with_headers(&client, "events.a", &[], payload.into()).await;
+        let ack = request_with_pairs(&client, "events.a", &[], payload).await;
         assert!(ack["seq"].is_u64(), "{ack}");
     }
     let response = replay_once(&client, "events", json!({"batch": 10})).await;
@@ -118,7 +97,7 @@ async fn a_record_that_cannot_be_sent_is_an_error_naming_its_offset() {
         big,
         Bytes::from_static(b"last"),
     ] {
-        let ack = publish_acked_with_headers(&client, "events.a", &[], payload).await;
+        let ack = request_with_pairs(&client, "events.a", &[], payload).await;
         assert!(ack["seq"].is_u64(), "{ack}");
     }
     for mode in ["messages", "batched"] {
@@ -150,7 +129,7 @@ async fn times_saturate_and_ambiguous_positions_are_refused() {
     let _natswal = Natswal::start(&nats.url(), data.path(), EVENTS_STREAM);
     let client = connect(&nats.url()).await;
     for payload in ["1", "2", "3"] {
-        publish_acked_with_headers(&client, "events.a", &[], payload.into()).await;
+        request_with_pairs(&client, "events.a", &[], payload).await;
     }
     let count = |request: Value| {
         let client = client.clone();
@@ -239,13 +218,7 @@ async fn ack_latency_p99(client: &async_nats::Client, count: usize) -> Duration 
     let mut latencies = Vec::with_capacity(count);
     for index in 0..count {
         let started = Instant::now();
-        let ack = publish_acked_with_headers(
-            client,
-            "events.load",
-            &[],
-            Bytes::from(format!("load {index}")),
-        )
-        .await;
+        let ack = request_with_pairs(client, "events.load", &[], format!("load {index}")).await;
         assert!(ack["seq"].is_u64(), "{ack}");
         latencies.push(started.elapsed());
     }
@@ -356,7 +329,7 @@ async fn replay_follow_in_a_pipeline_flushes_and_stops_on_signals() {
     let _natswal = Natswal::start(&nats.url(), data.path(), EVENTS_STREAM);
     let client = connect(&nats.url()).await;
     for payload in ["one", "two", "three"] {
-        publish_acked_with_headers(&client, "events.a", &[], payload.into()).await;
+        request_with_pairs(&client, "events.a", &[], payload).await;
     }
     let mut expected: Vec<String> = ["one", "two", "three"].map(String::from).to_vec();
     for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
@@ -393,7 +366,7 @@ async fn replay_follow_in_a_pipeline_flushes_and_stops_on_signals() {
         // Everything stored so far, then a record stored while it waits.
         let mut seen: Vec<String> = expected.iter().map(|_| next_line()).collect();
         let later = format!("later {name}");
-        publish_acked_with_headers(&client, "events.a", &[], later.clone().into()).await;
+        request_with_pairs(&client, "events.a", &[], &later).await;
         seen.push(next_line());
         expected.push(later);
         // SAFETY: kill(2) with a valid pid and signal touches no memory.

@@ -130,6 +130,41 @@ pub async fn publish_acked(
     acked
 }
 
+/// A header map of `(name, value)` pairs.
+pub fn header_map(pairs: &[(&str, &str)]) -> async_nats::HeaderMap {
+    let mut map = async_nats::HeaderMap::new();
+    for (name, value) in pairs {
+        map.insert(*name, *value);
+    }
+    map
+}
+
+/// Publishes with headers and returns the JSON reply (an empty body is
+/// `Null`), within 10 s.
+pub async fn request_with_pairs(
+    client: &async_nats::Client,
+    subject: &str,
+    pairs: &[(&str, &str)],
+    payload: impl AsRef<[u8]>,
+) -> serde_json::Value {
+    let message = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request_with_headers(
+            subject.to_string(),
+            header_map(pairs),
+            Bytes::copy_from_slice(payload.as_ref()),
+        ),
+    )
+    .await
+    .expect("a reply within 10 s")
+    .expect("a reply");
+    if message.payload.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&message.payload).expect("JSON reply")
+    }
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
