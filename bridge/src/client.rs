@@ -242,37 +242,33 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
                     error,
                 )
             })?;
+        // After SIGINT or SIGTERM, only what has already arrived is taken.
+        let mut stopping = false;
         let (status, next_offset, description) = loop {
-            let received = tokio::select! {
-                biased;
-                () = &mut stop => None,
-                received = tokio::time::timeout(timeout, responses.next()) => Some(received),
-            };
-            let Some(received) = received else {
-                // Stopped: print what has already arrived, then end.
-                while let Some(Some(message)) = responses.next().now_or_never() {
-                    let status = message
-                        .headers
-                        .as_ref()
-                        .and_then(|headers| header(headers, HEADER_STATUS));
-                    if status.is_some() {
-                        break;
-                    }
-                    for record in decode_records(&message)? {
-                        if keep(&record, &start, &end, remaining, started) {
-                            started = true;
-                            remaining = remaining.map(|left| left.saturating_sub(1));
-                            deliver(&client, &args, &mut out, record).await?;
-                        }
-                    }
+            let message = if stopping {
+                match responses.next().now_or_never() {
+                    Some(Some(message)) => message,
+                    _ => break 'requests,
                 }
-                break 'requests;
+            } else {
+                let received = tokio::select! {
+                    biased;
+                    () = &mut stop => None,
+                    received = tokio::time::timeout(timeout, responses.next()) => Some(received),
+                };
+                let Some(received) = received else {
+                    stopping = true;
+                    continue;
+                };
+                received
+                    .map_err(|_| BridgeError::Nats(format!("no answer on {subject} within {timeout:?}: is natswal serving stream '{}'?", args.stream)))?
+                    .ok_or_else(|| BridgeError::Nats("the reply subscription closed".to_string()))?
             };
-            let message = received
-                .map_err(|_| BridgeError::Nats(format!("no answer on {subject} within {timeout:?}: is natswal serving stream '{}'?", args.stream)))?
-                .ok_or_else(|| BridgeError::Nats("the reply subscription closed".to_string()))?;
             let headers = message.headers.clone().unwrap_or_default();
             if let Some(status) = header(&headers, HEADER_STATUS) {
+                if stopping {
+                    break 'requests;
+                }
                 let status: u16 = status.parse().unwrap_or(0);
                 let next = header(&headers, HEADER_NEXT_OFFSET)
                     .and_then(|value| value.parse::<u64>().ok());

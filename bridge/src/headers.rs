@@ -66,14 +66,13 @@ pub fn first_reserved(headers: Option<&HeaderMap>) -> Option<String> {
 /// Decodes a stored block for replay: reserved names (only in records
 /// stored before ingest refused them) are left out.
 pub fn decode_unreserved(bytes: &[u8]) -> HeaderMap {
-    if bytes.is_empty() {
-        return HeaderMap::new();
-    }
+    to_map(lines(bytes).filter(|(name, _)| !is_reserved(name)))
+}
+
+fn to_map<'a>(lines: impl Iterator<Item = (&'a str, &'a str)>) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    for (name, value) in lines(bytes) {
-        if !is_reserved(name) {
-            headers.append(name, value);
-        }
+    for (name, value) in lines {
+        headers.append(name, value);
     }
     headers
 }
@@ -94,11 +93,7 @@ fn lines(bytes: &[u8]) -> impl Iterator<Item = (&str, &str)> {
 
 /// Decodes a stored header block; lines that do not parse are skipped.
 pub fn decode(bytes: &[u8]) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for (name, value) in lines(bytes) {
-        headers.append(name, value);
-    }
-    headers
+    to_map(lines(bytes))
 }
 
 /// The first value of a header in a stored block, without decoding it all;

@@ -138,27 +138,30 @@ fn abandoned(context: &IngestContext) -> bool {
     *context.abandon.borrow()
 }
 
-/// Publishes one reply; false when it was not handed to the client
-/// (shutdown gave up on NATS, or the client refused it).
-async fn publish_reply(context: &IngestContext, reply: async_nats::Subject, body: Bytes) -> bool {
-    let mut abandon = context.abandon.clone();
+/// Publishes one reply, unless shutdown gives up on NATS first (then it
+/// is counted as undelivered). `abandon` is the calling task's own
+/// receiver, not a clone per reply: this is the path of every ack.
+async fn publish_reply(
+    context: &IngestContext,
+    abandon: &mut watch::Receiver<bool>,
+    reply: async_nats::Subject,
+    body: Bytes,
+) {
     let published = tokio::select! {
         biased;
-        true = gave_up(&mut abandon) => None,
+        true = gave_up(abandon) => None,
         result = context.client.publish(reply, body) => Some(result),
     };
     match published {
-        Some(Ok(())) => true,
+        Some(Ok(())) => {}
         Some(Err(error)) => {
             tracing::warn!(stream = %context.stream.name(), %error, "cannot publish a reply");
-            false
         }
         None => {
             context
                 .counters
                 .replies_undelivered
                 .fetch_add(1, Ordering::Relaxed);
-            false
         }
     }
 }
@@ -224,7 +227,14 @@ pub async fn run(
                 None => break,
             },
         };
-        let items = accept_chunk(&context, &mut state, chunk, &completions_sender).await;
+        let items = accept_chunk(
+            &context,
+            &mut state,
+            chunk,
+            &completions_sender,
+            &mut abandon,
+        )
+        .await;
         // At most two items per message: more room than exists would never come.
         assert!(items.len() <= 2 * CHUNK_MESSAGES_MAX && 2 * CHUNK_MESSAGES_MAX <= ACK_ITEMS_MAX);
         // Room for these items; the ack task gives it back as it answers.
@@ -457,6 +467,7 @@ async fn accept_chunk(
     state: &mut IngestState,
     messages: Vec<async_nats::Message>,
     completions: &mpsc::UnboundedSender<Completed>,
+    abandon: &mut watch::Receiver<bool>,
 ) -> Vec<AckItem> {
     let counters = &context.counters;
     state.group += 1;
@@ -567,7 +578,7 @@ async fn accept_chunk(
     }
     chunk.flush(state).await;
     for (reply, body) in chunk.immediate {
-        publish_reply(context, reply, body).await;
+        publish_reply(context, abandon, reply, body).await;
     }
     chunk.items
 }
@@ -993,7 +1004,7 @@ async fn run_acks(
             let item = queue.pop_front().expect("front exists");
             items_room.add_permits(1);
             for (reply, body) in answer(&context, &mut writer, &mut results, item) {
-                publish_reply(&context, reply, body).await;
+                publish_reply(&context, &mut abandon, reply, body).await;
             }
         }
         if !items_open && queue.is_empty() {
@@ -1141,11 +1152,7 @@ fn end_fast_unstored(
     message_id: &str,
     reply: Option<async_nats::Subject>,
 ) -> Replies {
-    let mut fast = lock(&context.fast);
-    if let Some(batch) = fast.batches.get_mut(batch_id) {
-        batch.ending = true;
-    }
-    remove_fast(context, &mut fast, batch_id);
+    remove_fast(context, &mut lock(&context.fast), batch_id);
     reply_to(reply, ack::error_ack(&first_copy_not_stored(message_id)))
 }
 
@@ -1279,7 +1286,6 @@ fn answer_grouped(
                     } else {
                         ack::error_ack(&api_error)
                     };
-                    batch.ending = true;
                     remove_fast(context, &mut fast, &batch_id);
                     replies.extend(reply_to(reply, body));
                     replies
