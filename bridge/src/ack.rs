@@ -42,6 +42,11 @@ impl ApiError {
         )
     }
 
+    /// A header block that cannot be stored and replayed (JSBadRequestErr).
+    pub fn bad_headers(reason: &str) -> ApiError {
+        ApiError::new(400, 10003, format!("malformed message headers: {reason}"))
+    }
+
     /// Maps an engine failure to the error a JetStream client expects.
     pub fn from_engine(error: &natswal::Error) -> ApiError {
         match error {

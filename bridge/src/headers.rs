@@ -1,6 +1,8 @@
-//! NATS header blocks as natswal stores them: `NATS/1.0\r\n`, one
-//! `Name: value\r\n` line per value (names sorted, so the same headers always
-//! store the same bytes), then `\r\n`. An empty map is stored as no bytes.
+//! NATS header blocks: ingest stores a block exactly as the publisher sent
+//! it, once [`parse_received`] has checked that replay can carry it; the
+//! one block natswal writes itself ([`encode`], the commit marker of an
+//! atomic batch ended by `eob`) has `NATS/1.0\r\n`, one `Name: value\r\n`
+//! line per value (names sorted), then `\r\n`. No headers: no bytes.
 //!
 //! Header names are matched exactly (case-sensitive), as nats-server does
 //! for `Nats-Msg-Id` and the other JetStream headers. Names starting with
@@ -8,8 +10,9 @@
 //! ingest refuses them and replay never passes stored ones on, so a status
 //! message cannot be imitated by a record.
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::{BufMut, Bytes, BytesMut};
+use std::str::FromStr;
 
 const VERSION_LINE: &[u8] = b"NATS/1.0\r\n";
 
@@ -69,12 +72,64 @@ pub fn decode_unreserved(bytes: &[u8]) -> HeaderMap {
     to_map(lines(bytes).filter(|(name, _)| !is_reserved(name)))
 }
 
+/// Lines that async-nats cannot represent are left out (its `append`
+/// panics on them): ingest refuses such blocks, so only records damaged on
+/// disk could hold one.
 fn to_map<'a>(lines: impl Iterator<Item = (&'a str, &'a str)>) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in lines {
-        headers.append(name, value);
+        if let Ok((name, value)) = typed(name, value) {
+            headers.append(name, value);
+        }
     }
     headers
+}
+
+fn typed(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let typed_name = HeaderName::from_str(name)
+        .map_err(|error| format!("header name '{}': {error}", name.escape_debug()))?;
+    let typed_value = HeaderValue::from_str(value)
+        .map_err(|error| format!("value of header '{}': {error}", name.escape_debug()))?;
+    Ok((typed_name, typed_value))
+}
+
+/// Checks a header block as a publisher sent it (kept byte for byte as the
+/// record's headers) and decodes it for ingest's own checks. `None` for a
+/// message without headers. Refused, naming the line: a block that does
+/// not start with `NATS/1.0` or end with an empty line, a line that is not
+/// `Name: value`, a name or value async-nats (and so replay) cannot carry.
+pub fn parse_received(block: &[u8]) -> Result<Option<HeaderMap>, String> {
+    if block.is_empty() {
+        return Ok(None);
+    }
+    let text =
+        std::str::from_utf8(block).map_err(|_| "the header block is not UTF-8".to_string())?;
+    let Some(body) = text
+        .strip_suffix("\r\n\r\n")
+        .or_else(|| text.strip_suffix("\r\n"))
+    else {
+        return Err("the header block does not end with CRLF".to_string());
+    };
+    let mut lines = body.split("\r\n");
+    let version = lines.next().unwrap_or_default();
+    if !version.starts_with("NATS/1.0") {
+        return Err(format!(
+            "the header block starts with '{}', not NATS/1.0",
+            version.escape_debug()
+        ));
+    }
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(format!("header line '{}' has no ':'", line.escape_debug()));
+        };
+        if name.is_empty() || name.trim() != name {
+            return Err(format!("header line '{}' has no name", line.escape_debug()));
+        }
+        let (name, value) = typed(name, value.trim())?;
+        headers.append(name, value);
+    }
+    Ok((!headers.is_empty()).then_some(headers))
 }
 
 /// The `(name, value)` lines of a stored block; lines that do not parse
@@ -124,6 +179,33 @@ mod tests {
         assert_eq!(find(&encoded, "nats-msg-id"), None, "names match exactly");
         assert!(encode(None).is_empty());
         assert!(encode(Some(&HeaderMap::new())).is_empty());
+    }
+
+    #[test]
+    fn received_blocks_decode_or_are_refused_by_name() {
+        let block = b"NATS/1.0\r\nZ-Last: 1\r\nNats-Msg-Id: abc\r\nZ-Last: 2\r\n\r\n";
+        let headers = parse_received(block).unwrap().expect("headers");
+        assert_eq!(
+            headers.get("Nats-Msg-Id").map(|value| value.as_str()),
+            Some("abc")
+        );
+        assert_eq!(headers.get_all("Z-Last").count(), 2);
+        assert_eq!(parse_received(b"").unwrap(), None);
+        assert_eq!(parse_received(b"NATS/1.0\r\n\r\n").unwrap(), None);
+        let refused: [(&[u8], &str); 5] = [
+            (b"HTTP/1.1\r\n\r\n", "not NATS/1.0"),
+            (b"NATS/1.0\r\nNo-Colon\r\n\r\n", "has no ':'"),
+            (b"NATS/1.0\r\n: empty\r\n\r\n", "has no name"),
+            (
+                b"NATS/1.0\r\nNa\xc3\xafve: x\r\n\r\n",
+                "header name 'Na\u{ef}ve'",
+            ),
+            (b"NATS/1.0\r\nA: b", "does not end with CRLF"),
+        ];
+        for (block, expected) in refused {
+            let error = parse_received(block).unwrap_err();
+            assert!(error.contains(expected), "{block:?}: {error}");
+        }
     }
 
     #[test]

@@ -24,11 +24,11 @@ use crate::batch::{
 };
 use crate::dedup::{now_ns, DuplicateWindow, Seen};
 use crate::headers;
+use crate::integer_map::IntegerMap;
 use crate::metrics::StreamCounters;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use natswal::{AppendOutcome, AppendRequest, Completed, Completion, Record, Stream};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -115,7 +115,8 @@ enum AckItem {
 #[derive(Clone)]
 pub struct IngestContext {
     pub stream: Arc<Stream>,
-    pub client: async_nats::Client,
+    /// natswal's own client ([`crate::wire`]): the ingest connection.
+    pub client: crate::wire::Client,
     pub counters: Arc<StreamCounters>,
     pub duplicates: Arc<Mutex<DuplicateWindow>>,
     pub max_message_bytes: u64,
@@ -138,32 +139,32 @@ fn abandoned(context: &IngestContext) -> bool {
     *context.abandon.borrow()
 }
 
-/// Publishes one reply, unless shutdown gives up on NATS first (then it
-/// is counted as undelivered). `abandon` is the calling task's own
-/// receiver, not a clone per reply: this is the path of every ack.
-async fn publish_reply(
-    context: &IngestContext,
-    abandon: &mut watch::Receiver<bool>,
-    reply: async_nats::Subject,
-    body: Bytes,
-) {
-    let published = tokio::select! {
-        biased;
-        true = gave_up(abandon) => None,
-        result = context.client.publish(reply, body) => Some(result),
+/// Spaces out the warnings of replies that cannot be queued: when the
+/// output buffer is full, every ack fails at once.
+static REPLY_WARNINGS: crate::metrics::Spacing = crate::metrics::Spacing::every_ms(10_000);
+
+/// Queues one reply for the ingest connection's writer (it never waits),
+/// unless shutdown gave up on NATS; a reply not queued is counted as
+/// undelivered.
+fn publish_reply(context: &IngestContext, reply: async_nats::Subject, body: Bytes) {
+    let published = if abandoned(context) {
+        Ok(false)
+    } else {
+        context.client.publish(&reply, &body).map(|()| true)
     };
     match published {
-        Some(Ok(())) => {}
-        Some(Err(error)) => {
-            tracing::warn!(stream = %context.stream.name(), %error, "cannot publish a reply");
-        }
-        None => {
-            context
-                .counters
-                .replies_undelivered
-                .fetch_add(1, Ordering::Relaxed);
+        Ok(true) => return,
+        Ok(false) => {}
+        Err(error) => {
+            if REPLY_WARNINGS.due() {
+                tracing::warn!(stream = %context.stream.name(), %error, "cannot publish a reply (this warning repeats at most every 10 s; natswal_replies_undelivered_total counts them all)");
+            }
         }
     }
+    context
+        .counters
+        .replies_undelivered
+        .fetch_add(1, Ordering::Relaxed);
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -178,7 +179,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// acknowledged.
 pub async fn run(
     context: IngestContext,
-    subscriptions: Vec<async_nats::Subscriber>,
+    mut subscription: crate::wire::Subscription,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (completions_sender, completions) = mpsc::unbounded_channel::<Completed>();
@@ -190,8 +191,6 @@ pub async fn run(
         completions,
         Arc::clone(&items_room),
     ));
-    let mut merged =
-        futures_util::stream::select_all(subscriptions).ready_chunks(CHUNK_MESSAGES_MAX);
     let stream_name = context.stream.name().to_string();
     let mut abandon = context.abandon.clone();
     let mut state = IngestState {
@@ -206,7 +205,7 @@ pub async fn run(
         let chunk = tokio::select! {
             biased;
             () = async { let _ = shutdown.wait_for(|stop| *stop).await; }, if drain_deadline.is_none() => {
-                drain(&context, &mut merged).await;
+                drain(&context, &subscription).await;
                 drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                 continue;
             }
@@ -222,19 +221,12 @@ pub async fn run(
                 expire_batches(&context, &mut state).await;
                 continue;
             }
-            chunk = merged.next() => match chunk {
+            chunk = subscription.next_chunk(CHUNK_MESSAGES_MAX) => match chunk {
                 Some(chunk) => chunk,
                 None => break,
             },
         };
-        let items = accept_chunk(
-            &context,
-            &mut state,
-            chunk,
-            &completions_sender,
-            &mut abandon,
-        )
-        .await;
+        let items = accept_chunk(&context, &mut state, chunk, &completions_sender).await;
         // At most two items per message: more room than exists would never come.
         assert!(items.len() <= 2 * CHUNK_MESSAGES_MAX && 2 * CHUNK_MESSAGES_MAX <= ACK_ITEMS_MAX);
         // Room for these items; the ack task gives it back as it answers.
@@ -246,7 +238,7 @@ pub async fn run(
             break;
         }
     }
-    drop(merged);
+    drop(subscription);
     drop(items_sender);
     drop(completions_sender);
     if ack_task.await.is_err() {
@@ -254,22 +246,18 @@ pub async fn run(
     }
 }
 
-type Merged =
-    futures_util::stream::ReadyChunks<futures_util::stream::SelectAll<async_nats::Subscriber>>;
-
 /// Stops intake: unsubscribes every subscription, keeping what is already
-/// on its way; gives up when shutdown gives up on NATS.
-async fn drain(context: &IngestContext, merged: &mut Merged) {
+/// on its way (the subscriptions end once the server confirmed the
+/// unsubscribe); gives up when shutdown gives up on NATS.
+async fn drain(context: &IngestContext, subscription: &crate::wire::Subscription) {
     let mut abandon = context.abandon.clone();
-    for subscription in merged.get_mut().iter_mut() {
-        let drained = tokio::select! {
-            biased;
-            true = gave_up(&mut abandon) => return,
-            drained = subscription.drain() => drained,
-        };
-        if let Err(error) = drained {
-            tracing::warn!(stream = %context.stream.name(), %error, "cannot drain a subscription");
-        }
+    let drained = tokio::select! {
+        biased;
+        true = gave_up(&mut abandon) => return,
+        drained = context.client.drain(subscription.sids()) => drained,
+    };
+    if !drained {
+        tracing::warn!(stream = %context.stream.name(), "NATS did not confirm the end of the subscriptions (the connection broke)");
     }
 }
 
@@ -321,8 +309,7 @@ async fn publish_abandoned(context: &IngestContext, batch_id: &str, reason: batc
     });
     if let Err(error) = context
         .client
-        .publish(subject, Bytes::from(body.to_string()))
-        .await
+        .publish(&subject, body.to_string().as_bytes())
     {
         tracing::warn!(%error, "cannot publish a batch advisory");
     }
@@ -465,9 +452,8 @@ async fn submit(
 async fn accept_chunk(
     context: &IngestContext,
     state: &mut IngestState,
-    messages: Vec<async_nats::Message>,
+    messages: Vec<crate::wire::Message>,
     completions: &mpsc::UnboundedSender<Completed>,
-    abandon: &mut watch::Receiver<bool>,
 ) -> Vec<AckItem> {
     let counters = &context.counters;
     state.group += 1;
@@ -484,14 +470,24 @@ async fn accept_chunk(
         counters
             .ingest_bytes
             .fetch_add(message.payload.len() as u64, Ordering::Relaxed);
-        let stored_headers = headers::encode(message.headers.as_ref());
-        let size = (message.subject.len() + stored_headers.len() + message.payload.len()) as u64;
+        let size = (message.subject.len() + message.headers.len() + message.payload.len()) as u64;
         if size > context.max_message_bytes {
             counters.error("too_large");
             chunk.reply_now(message.reply, ack::error_ack(&ApiError::too_large()));
             continue;
         }
-        if let Some(name) = headers::first_reserved(message.headers.as_ref()) {
+        let header_map = match headers::parse_received(&message.headers) {
+            Ok(header_map) => header_map,
+            Err(reason) => {
+                counters.error("bad_headers");
+                chunk.reply_now(
+                    message.reply,
+                    ack::error_ack(&ApiError::bad_headers(&reason)),
+                );
+                continue;
+            }
+        };
+        if let Some(name) = headers::first_reserved(header_map.as_ref()) {
             // Replay marks its status messages with these names; a record
             // carrying one could pass for the end of a replay.
             counters.error("reserved_header");
@@ -501,19 +497,19 @@ async fn accept_chunk(
             );
             continue;
         }
-        let message_id = message
-            .headers
+        let message_id = header_map
             .as_ref()
             .and_then(|headers| headers.get(batch::HEADER_MSG_ID))
             .map(|value| value.as_str().to_string())
             .filter(|id| !id.is_empty());
         let record = Record {
             timestamp_ns: 0,
-            subject: Bytes::copy_from_slice(message.subject.as_bytes()),
-            headers: stored_headers,
+            subject: message.subject,
+            // As the publisher sent them.
+            headers: message.headers,
             payload: message.payload,
         };
-        let headers = message.headers.as_ref();
+        let headers = header_map.as_ref();
         if let Some(fast) = message.reply.as_deref().and_then(batch::parse_fast_reply) {
             let reply = message.reply.clone().expect("fast ingest has a reply");
             accept_fast(&mut chunk, state, fast, reply, headers, record, message_id).await;
@@ -578,7 +574,7 @@ async fn accept_chunk(
     }
     chunk.flush(state).await;
     for (reply, body) in chunk.immediate {
-        publish_reply(context, abandon, reply, body).await;
+        publish_reply(context, reply, body);
     }
     chunk.items
 }
@@ -976,7 +972,7 @@ async fn run_acks(
     items_room: Arc<tokio::sync::Semaphore>,
 ) {
     let mut queue: VecDeque<AckItem> = VecDeque::new();
-    let mut results: HashMap<u64, natswal::Result<AppendOutcome>> = HashMap::new();
+    let mut results: IntegerMap<natswal::Result<AppendOutcome>> = IntegerMap::default();
     let mut items_open = true;
     let mut completions_open = true;
     let stream_name = context.stream.name().to_string();
@@ -1004,7 +1000,7 @@ async fn run_acks(
             let item = queue.pop_front().expect("front exists");
             items_room.add_permits(1);
             for (reply, body) in answer(&context, &mut writer, &mut results, item) {
-                publish_reply(&context, &mut abandon, reply, body).await;
+                publish_reply(&context, reply, body);
             }
         }
         if !items_open && queue.is_empty() {
@@ -1047,7 +1043,7 @@ fn reply_to(reply: Option<async_nats::Subject>, body: Bytes) -> Replies {
 fn answer(
     context: &IngestContext,
     writer: &mut AckWriter,
-    results: &mut HashMap<u64, natswal::Result<AppendOutcome>>,
+    results: &mut IntegerMap<natswal::Result<AppendOutcome>>,
     item: AckItem,
 ) -> Replies {
     match item {

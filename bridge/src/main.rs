@@ -12,6 +12,7 @@ mod error;
 mod headers;
 mod http;
 mod ingest;
+mod integer_map;
 mod metrics;
 mod nats;
 mod offline;
@@ -19,6 +20,7 @@ mod protocol;
 mod server;
 mod simulate;
 mod time;
+mod wire;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -135,6 +137,9 @@ enum BenchCommand {
         nats_url: String,
         #[arg(long)]
         subject: String,
+        /// Answer with natswal's own NATS client (bridge/src/wire) instead of async-nats.
+        #[arg(long)]
+        wire: bool,
     },
     /// Internal: the child process of the crash-open case.
     #[command(hide = true)]
@@ -240,11 +245,16 @@ async fn run(command: Command) -> error::Result<ExitCode> {
         Command::Bench(BenchCommand::Streams(args)) => {
             bench::streams::run(args).await.map(|()| ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCommand::NoopResponder { nats_url, subject }) => {
-            bench::nats::noop_responder(&nats_url, &subject)
-                .await
-                .map(|()| ExitCode::SUCCESS)
+        Command::Bench(BenchCommand::NoopResponder {
+            nats_url,
+            subject,
+            wire,
+        }) => if wire {
+            bench::nats::noop_responder_wire(&nats_url, &subject).await
+        } else {
+            bench::nats::noop_responder(&nats_url, &subject).await
         }
+        .map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::WalWriter { dir }) => bench::wal::writer_child(&dir)
             .await
             .map(|()| ExitCode::SUCCESS),

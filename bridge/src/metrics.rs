@@ -468,3 +468,54 @@ fn histogram(
     );
     let _ = writeln!(out, "{name}_count{{stream=\"{stream}\"}} {count}");
 }
+
+/// Lets a repeated warning through at most once per interval (the event is
+/// counted in a metric every time; the log only says it keeps happening).
+pub struct Spacing {
+    interval_ms: u64,
+    /// Milliseconds since the first check in this process.
+    next_ms: AtomicU64,
+}
+
+impl Spacing {
+    pub const fn every_ms(interval_ms: u64) -> Spacing {
+        Spacing {
+            interval_ms,
+            next_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// True for the first call of each interval.
+    pub fn due(&self) -> bool {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now_ms = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64;
+        let next_ms = self.next_ms.load(Ordering::Relaxed);
+        now_ms >= next_ms
+            && self
+                .next_ms
+                .compare_exchange(
+                    next_ms,
+                    now_ms + self.interval_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod spacing_tests {
+    use super::Spacing;
+
+    #[test]
+    fn a_spaced_warning_passes_once_per_interval() {
+        let spacing = Spacing::every_ms(60_000);
+        assert!(spacing.due());
+        assert!(!spacing.due(), "the second call within the interval");
+        let always = Spacing::every_ms(0);
+        assert!(always.due() && always.due());
+    }
+}

@@ -29,12 +29,7 @@ pub async fn connect(
         options = options.token(token.clone());
     }
     if let Some(path) = &config.nkey_seed_file {
-        let seed = std::fs::read_to_string(path).map_err(|error| {
-            BridgeError::io(
-                format!("cannot read nkey seed file {}", path.display()),
-                error,
-            )
-        })?;
+        let seed = read_secret(path, "nkey seed")?;
         options = options.nkey(seed.trim().to_string());
     }
     if let Some(path) = &config.creds_file {
@@ -43,17 +38,7 @@ pub async fn connect(
         })?;
     }
     if let Some(tls) = &config.tls {
-        for path in [&tls.ca_file, &tls.cert_file, &tls.key_file]
-            .into_iter()
-            .flatten()
-        {
-            if !path.is_file() {
-                return Err(BridgeError::Config {
-                    key: "nats.tls".to_string(),
-                    reason: format!("{} does not exist", path.display()),
-                });
-            }
-        }
+        check_tls_files(tls)?;
         options = options.require_tls(tls.required);
         if let Some(ca) = &tls.ca_file {
             options = options.add_root_certificates(ca.clone());
@@ -125,4 +110,130 @@ fn describe_connect_error(error: &async_nats::ConnectError) -> String {
         ConnectErrorKind::TimedOut => format!("timed out: {error} (is nats-server running and reachable?)"),
         _ => error.to_string(),
     }
+}
+
+/// Connects natswal's own client ([`crate::wire`]) with everything in
+/// `[nats]`: the ingest connection. Same errors as [`connect`].
+pub async fn connect_ingest(
+    config: &NatsConfig,
+    role: &str,
+    metrics: Arc<BridgeMetrics>,
+) -> Result<crate::wire::Client> {
+    let servers = config
+        .servers
+        .iter()
+        .map(|server| {
+            crate::wire::ServerAddress::parse(server).map_err(|reason| BridgeError::Config {
+                key: "nats.servers".to_string(),
+                reason,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut credentials = crate::wire::Credentials {
+        user: config.user.clone(),
+        password: config.password.clone(),
+        token: config.token.clone(),
+        ..Default::default()
+    };
+    if let Some(path) = &config.nkey_seed_file {
+        credentials.nkey_seed = Some(read_secret(path, "nkey seed")?);
+    }
+    if let Some(path) = &config.creds_file {
+        let text = read_secret(path, "creds")?;
+        let (jwt, seed) =
+            crate::wire::Credentials::read_creds(&text).map_err(|reason| BridgeError::Config {
+                key: "nats.creds_file".to_string(),
+                reason: format!("{}: {reason}", path.display()),
+            })?;
+        credentials.jwt = Some(jwt);
+        credentials.nkey_seed = Some(seed);
+    }
+    let tls = match &config.tls {
+        Some(tls) => {
+            check_tls_files(tls)?;
+            Some(crate::wire::TlsOptions {
+                ca_file: tls.ca_file.clone(),
+                cert_file: tls.cert_file.clone(),
+                key_file: tls.key_file.clone(),
+                required: tls.required,
+            })
+        }
+        None => None,
+    };
+    let options = crate::wire::Options {
+        servers,
+        name: format!("{}-{role}", config.name),
+        credentials,
+        tls,
+        subscription_capacity: config.subscription_capacity,
+        connect_timeout: config.connect_timeout,
+        // Room for about a million acks while NATS is away.
+        output_bytes_max: 64 * 1024 * 1024,
+        events: ingest_events(role, Arc::clone(&metrics)),
+    };
+    let client = crate::wire::Client::connect(options)
+        .await
+        .map_err(|failure| {
+            BridgeError::nats(
+                format!("cannot connect to {}", config.servers.join(", ")),
+                failure,
+            )
+        })?;
+    Ok(client)
+}
+
+fn read_secret(path: &std::path::Path, what: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|error| {
+        BridgeError::io(format!("cannot read {what} file {}", path.display()), error)
+    })
+}
+
+fn check_tls_files(tls: &crate::config::TlsConfig) -> Result<()> {
+    for path in [&tls.ca_file, &tls.cert_file, &tls.key_file]
+        .into_iter()
+        .flatten()
+    {
+        if !path.is_file() {
+            return Err(BridgeError::Config {
+                key: "nats.tls".to_string(),
+                reason: format!("{} does not exist", path.display()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The event hook of natswal's own client: the same metrics and logs as
+/// async-nats's events, with drops counted one by one and warned about at
+/// most every 10 s.
+fn ingest_events(
+    role: &str,
+    metrics: Arc<BridgeMetrics>,
+) -> Arc<dyn Fn(crate::wire::Event) + Send + Sync> {
+    let role = role.to_string();
+    let warnings = crate::metrics::Spacing::every_ms(10_000);
+    Arc::new(move |event| match event {
+        crate::wire::Event::SlowConsumer { sid } => {
+            metrics.slow_consumer_events.fetch_add(1, Ordering::Relaxed);
+            if warnings.due() {
+                tracing::warn!(
+                    role,
+                    subscription = sid,
+                    "dropped messages for a slow consumer: natswal could not keep up; unacknowledged publishers will retry"
+                );
+            }
+        }
+        crate::wire::Event::Disconnected { reason } => {
+            metrics.nats_disconnects.fetch_add(1, Ordering::Relaxed);
+            metrics.set_nats_connection(&role, false);
+            tracing::warn!(role, %reason, "disconnected from NATS; reconnecting");
+        }
+        crate::wire::Event::Connected { server } => {
+            metrics.set_nats_connection(&role, true);
+            tracing::info!(role, %server, "connected to NATS");
+        }
+        crate::wire::Event::ServerError(text) => {
+            tracing::warn!(role, error = %text, "NATS server error");
+        }
+    })
 }

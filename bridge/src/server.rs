@@ -198,21 +198,13 @@ async fn start_and_serve(
         config.limits.atomic_batches_max,
         config.limits.fast_batches_max,
     ));
-    let ingest_client = crate::nats::connect(&config.nats, "ingest", Arc::clone(&metrics)).await?;
+    let ingest_client =
+        crate::nats::connect_ingest(&config.nats, "ingest", Arc::clone(&metrics)).await?;
     let api_client = crate::nats::connect(&config.nats, "api", Arc::clone(&metrics)).await?;
     let mut ingest_tasks = Vec::new();
     for section in &config.streams {
         let stream = Arc::clone(&streams[&section.name]);
-        let mut subscriptions = Vec::new();
-        for subject in &section.subjects {
-            let subscription = ingest_client
-                .subscribe(subject.clone())
-                .await
-                .map_err(|error| {
-                    BridgeError::nats(format!("cannot subscribe to {subject}"), error)
-                })?;
-            subscriptions.push(subscription);
-        }
+        let subscription = ingest_client.subscribe_all(&section.subjects);
         let context = crate::ingest::IngestContext {
             counters: metrics.register(Arc::clone(&stream)),
             stream,
@@ -239,7 +231,7 @@ async fn start_and_serve(
         };
         ingest_tasks.push(tokio::spawn(crate::ingest::run(
             context,
-            subscriptions,
+            subscription,
             shutdown.clone(),
         )));
     }
@@ -275,8 +267,14 @@ async fn start_and_serve(
     // The server has processed every subscription before natswal calls
     // itself ready (a flush only reaches the socket: a request right after
     // "ready" could still find no responder).
-    for (client, role) in [(&ingest_client, "ingest"), (&api_client, "api")] {
-        if !round_trip(client, Some(config.nats.connect_timeout)).await {
+    let confirmed = [
+        ingest_client
+            .round_trip(Some(config.nats.connect_timeout))
+            .await,
+        round_trip(&api_client, Some(config.nats.connect_timeout)).await,
+    ];
+    for (confirmed, role) in confirmed.into_iter().zip(["ingest", "api"]) {
+        if !confirmed {
             return Err(BridgeError::Nats(format!(
                 "the {role} connection's subscriptions were not confirmed by NATS"
             )));
@@ -328,10 +326,11 @@ async fn start_and_serve(
         let mut abandon = abandon.clone();
         tokio::select! {
             true = crate::ingest::gave_up(&mut abandon) => false,
-            (ingest, api) = futures_util::future::join(round_trip(&ingest_client, None), round_trip(&api_client, None)) => ingest && api,
+            (ingest, api) = futures_util::future::join(ingest_client.round_trip(None), round_trip(&api_client, None)) => ingest && api,
         }
     };
     give_up.abort();
+    ingest_client.close();
     if let Some(task) = http_task {
         let _ = task.await;
     }

@@ -494,6 +494,50 @@ async fn tls_with_client_certificates_and_credentials() {
     assert!(refused.contains("cannot connect"), "{refused}");
 }
 
+/// The nkey seed signs the server's nonce, on the ingest connection
+/// (natswal's own client) as on the api connection (async-nats): both must
+/// be accepted for a publish to be acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_authentication_on_both_connections() {
+    let user = nkeys::KeyPair::new_user();
+    let nats = NatsServer::start_with_config(Some(format!(
+        "authorization {{\n users: [ {{ nkey: {} }} ]\n}}\n",
+        user.public_key()
+    )));
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let keys = tempfile::tempdir().unwrap();
+    let nats_section = |seed: &str| {
+        let path = keys.path().join(format!("{}.nk", &seed[..12]));
+        std::fs::write(&path, format!("{seed}\n")).unwrap();
+        format!(
+            "[nats]\nservers = [\"{url}\"]\nnkey_seed_file = \"{}\"\nconnect_timeout = \"3s\"\n{EVENTS_STREAM}",
+            path.display()
+        )
+    };
+    let data = tempfile::tempdir().unwrap();
+    let natswal = Natswal::start(&url, data.path(), &nats_section(&user.seed().unwrap()));
+    let client = async_nats::ConnectOptions::with_nkey(user.seed().unwrap())
+        .connect(url.as_str())
+        .await
+        .expect("test client connects with the nkey");
+    let answer = client
+        .request("events.signed", Bytes::from_static(b"hi"))
+        .await
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(answer, json!({"stream": "events", "seq": 1}));
+    drop(natswal);
+    let stranger = nkeys::KeyPair::new_user();
+    let other = tempfile::tempdir().unwrap();
+    let refused = Natswal::try_start(&url, other.path(), &nats_section(&stranger.seed().unwrap()))
+        .err()
+        .expect("an unknown nkey is refused");
+    assert!(
+        refused.contains("authorization"),
+        "error should say why: {refused}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_py_publishes_with_acks_and_replays() {
     let nats = NatsServer::start();

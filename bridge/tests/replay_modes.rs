@@ -305,3 +305,111 @@ async fn a_frame_larger_than_the_max_payload_travels_as_records() {
         assert_eq!(record.payload[0], b'a' + ((index + 1) % 26) as u8);
     }
 }
+
+/// A raw protocol publisher: sends `HPUB` with exactly the given header
+/// block (no client library reorders or re-encodes it) and returns the
+/// reply natswal sent to its inbox.
+fn raw_publish(url: &str, subject: &str, headers: &[u8], payload: &[u8]) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let address = url.trim_start_matches("nats://");
+    let stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("INFO"), "{line}");
+    let mut command = Vec::new();
+    command.extend_from_slice(
+        b"CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nSUB raw.inbox 1\r\n",
+    );
+    command.extend_from_slice(
+        format!(
+            "HPUB {subject} raw.inbox {} {}\r\n",
+            headers.len(),
+            headers.len() + payload.len()
+        )
+        .as_bytes(),
+    );
+    command.extend_from_slice(headers);
+    command.extend_from_slice(payload);
+    command.extend_from_slice(b"\r\n");
+    writer.write_all(&command).unwrap();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.starts_with("PING") {
+            writer.write_all(b"PONG\r\n").unwrap();
+            continue;
+        }
+        if let Some(arguments) = line.strip_prefix("MSG ") {
+            let size: usize = arguments
+                .split_whitespace()
+                .last()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let mut body = vec![0; size + 2];
+            reader.read_exact(&mut body).unwrap();
+            body.truncate(size);
+            return String::from_utf8(body).unwrap();
+        }
+        assert!(
+            line.starts_with("+OK") || line.starts_with("INFO"),
+            "unexpected: {line}"
+        );
+    }
+}
+
+/// natswal stores a header block byte for byte as the publisher sent it
+/// (order, repeated names, spacing), and frames mode hands it back so; a
+/// block that cannot be replayed is refused, naming the problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_stored_exactly_as_received() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), "");
+    let sent: &[u8] =
+        b"NATS/1.0\r\nZ-Last: 1\r\nNats-Msg-Id: raw-1\r\nA-First:  two spaces\r\nZ-Last: 3\r\n\r\n";
+    let url = nats.url();
+    let ack = tokio::task::spawn_blocking(move || raw_publish(&url, "events.raw", sent, b"body"))
+        .await
+        .unwrap();
+    assert_eq!(ack, "{\"stream\":\"events\",\"seq\":1}");
+    let url = nats.url();
+    let refused = tokio::task::spawn_blocking(move || {
+        raw_publish(
+            &url,
+            "events.raw",
+            b"NATS/1.0\r\nNo-Colon-Here\r\n\r\n",
+            b"x",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        refused.contains("10003") && refused.contains("'No-Colon-Here' has no ':'"),
+        "{refused}"
+    );
+    let client = connect(&nats.url()).await;
+    let response = replay_once(&client, "events", json!({"mode": "frames"})).await;
+    let records: Vec<natswal::StoredRecord> = response
+        .frames
+        .iter()
+        .flat_map(|frame| natswal::decode_frame_bytes(frame, usize::MAX).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1, "the refused message is not stored");
+    assert_eq!(&records[0].headers[..], sent);
+    assert_eq!(&records[0].payload[..], b"body");
+    // The id in the block deduplicates as any other.
+    let url = nats.url();
+    let again = tokio::task::spawn_blocking(move || raw_publish(&url, "events.raw", sent, b"body"))
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        "{\"stream\":\"events\",\"seq\":1,\"duplicate\":true}"
+    );
+}

@@ -34,8 +34,13 @@ pub struct NatsBenchArgs {
     #[arg(long)]
     pub nats_server: Option<PathBuf>,
     /// Seconds per ingest case.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
+    /// Rounds of the ingest table: every target once per round, in turn, so
+    /// drift of a shared machine spreads over all targets; the table shows
+    /// medians.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Publisher tasks (spread over two connections).
     #[arg(long, default_value_t = 4)]
     pub publishers: usize,
@@ -101,6 +106,29 @@ pub(super) fn wait_for_port(port: u16, what: &str) -> Result<()> {
 
 /// A child process killed when dropped.
 pub(super) struct ChildProcess(pub(super) Child);
+
+impl ChildProcess {
+    /// CPU time (user and system) the process used so far, in seconds.
+    pub(super) fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and
+        // stime are the 12th and 13th.
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |index: usize| {
+            fields
+                .get(index)
+                .and_then(|field| field.parse::<f64>().ok())
+        };
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        match (ticks(11), ticks(12)) {
+            (Some(user), Some(system)) => (user + system) / ticks_per_second.max(1.0),
+            _ => f64::NAN,
+        }
+    }
+}
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
@@ -422,6 +450,52 @@ pub async fn noop_responder(url: &str, subject: &str) -> Result<()> {
     Ok(())
 }
 
+/// The no-op responder on natswal's own client (the one ingest uses): the
+/// same work as [`noop_responder`], so the two show what the client
+/// library costs.
+pub async fn noop_responder_wire(url: &str, subject: &str) -> Result<()> {
+    let server = crate::wire::ServerAddress::parse(url).map_err(BridgeError::InvalidArgument)?;
+    let client = crate::wire::Client::connect(crate::wire::Options {
+        servers: vec![server],
+        name: "noop-responder-wire".to_string(),
+        credentials: crate::wire::Credentials::default(),
+        tls: None,
+        subscription_capacity: 65_536,
+        connect_timeout: Duration::from_secs(5),
+        output_bytes_max: 64 * 1024 * 1024,
+        events: Arc::new(|_| {}),
+    })
+    .await
+    .map_err(|failure| BridgeError::nats("cannot connect", failure))?;
+    let mut subscription = client.subscribe(subject);
+    if !client.round_trip(Some(Duration::from_secs(5))).await {
+        return Err(BridgeError::Nats(format!("cannot subscribe to {subject}")));
+    }
+    println!("ready");
+    let mut sequence = 0u64;
+    while let Some(message) = subscription.next().await {
+        if let Some(reply) = message.reply {
+            let _ = client.publish(&reply, &crate::ack::pub_ack("noop", sequence, false));
+        }
+        sequence += 1;
+    }
+    Ok(())
+}
+
+/// The median (the mean of the middle two for an even count); NaN stays NaN.
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() || values.iter().any(|value| value.is_nan()) {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
 /// Fills a target with `count` records as fast as acks allow.
 async fn fill(
     clients: &[async_nats::Client],
@@ -630,8 +704,8 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
     let (_server, url) = start_nats_server(&binary, &directory, "default", "")?;
     let (_server_always, url_always) =
         start_nats_server(&binary, &directory, "always", " sync_interval: always\n")?;
-    let _natswal = start_natswal(&directory, &url, &args.write_mode)?;
-    let _noop = spawn_self(
+    let natswal = start_natswal(&directory, &url, &args.write_mode)?;
+    let noop = spawn_self(
         &[
             "bench",
             "noop-responder",
@@ -639,6 +713,18 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
             &url,
             "--subject",
             "noop.>",
+        ],
+        "ready",
+    )?;
+    let noop_wire = spawn_self(
+        &[
+            "bench",
+            "noop-responder",
+            "--nats-url",
+            &url,
+            "--subject",
+            "noopwire.>",
+            "--wire",
         ],
         "ready",
     )?;
@@ -658,52 +744,101 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
         directory.display()
     );
     println!();
-    println!("| payload | target | acked msgs/s | MB/s | x no-op ceiling | natswal fsync x this |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "{} rounds, every target once per round in turn; medians over the rounds (a ratio is the median of the rounds' ratios). CPU µs/msg: the responding process's user and system CPU time per acked message, natswal or the no-op responder (JetStream's is inside nats-server's).",
+        args.rounds
+    );
+    println!();
+    println!("| payload | target | acked msgs/s | MB/s | x no-op ceiling | natswal fsync x this | CPU µs/msg |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     let mut ceilings = std::collections::BTreeMap::new();
+    const TARGETS: [(&str, &str); 7] = [
+        ("NATS core fan-out, 1 subscriber (no acks)", ""),
+        ("no-op responder (acks, stores nothing)", "noop.bench"),
+        (
+            "no-op responder on natswal's ingest client",
+            "noopwire.bench",
+        ),
+        ("natswal, durability fsync", "nw.fsync.bench"),
+        ("natswal, durability none", "nw.none.bench"),
+        (
+            "JetStream R1 file, default (no fsync before ack)",
+            "js.default.bench",
+        ),
+        (
+            "JetStream R1 file, sync_interval: always",
+            "js.always.bench",
+        ),
+    ];
+    const NOOP: usize = 1;
+    const FSYNC: usize = 3;
     for &size in &args.sizes {
-        let noop = acked_load(&clients, "noop.bench", size, &args, duration).await?;
-        let natswal_fsync = acked_load(&clients, "nw.fsync.bench", size, &args, duration).await?;
-        let natswal_none = acked_load(&clients, "nw.none.bench", size, &args, duration).await?;
-        let jetstream_default =
-            acked_load(&clients, "js.default.bench", size, &args, duration).await?;
-        let jetstream_always =
-            acked_load(&clients_always, "js.always.bench", size, &args, duration).await?;
-        let core = core_fanout(&url, size, &args, duration).await?;
-        let ceiling = noop.per_second();
+        // Per target: each round's rate and responder CPU per message.
+        let mut rounds: Vec<Vec<(Rate, f64)>> = (0..TARGETS.len()).map(|_| Vec::new()).collect();
+        for _ in 0..args.rounds.max(1) {
+            for (index, (_, subject)) in TARGETS.iter().enumerate() {
+                let responder = match index {
+                    1 => Some(&noop),
+                    2 => Some(&noop_wire),
+                    3 | 4 => Some(&natswal),
+                    _ => None,
+                };
+                let cpu_before = responder.map_or(f64::NAN, |child| child.cpu_seconds());
+                let rate = match index {
+                    0 => core_fanout(&url, size, &args, duration).await?,
+                    6 => acked_load(&clients_always, subject, size, &args, duration).await?,
+                    _ => acked_load(&clients, subject, size, &args, duration).await?,
+                };
+                let cpu = responder.map_or(f64::NAN, |child| child.cpu_seconds()) - cpu_before;
+                let per_message_us = cpu * 1e6 / (rate.messages.max(1) as f64);
+                rounds[index].push((rate, per_message_us));
+            }
+        }
+        let median_of = |values: Vec<f64>| median(values);
+        let ratio_to = |index: usize, other: usize| {
+            median_of(
+                rounds[index]
+                    .iter()
+                    .zip(&rounds[other])
+                    .map(|((rate, _), (base, _))| rate.per_second() / base.per_second().max(1e-9))
+                    .collect(),
+            )
+        };
+        let ceiling = median_of(
+            rounds[NOOP]
+                .iter()
+                .map(|(rate, _)| rate.per_second())
+                .collect(),
+        );
         ceilings.insert(size, ceiling);
-        let fsync_rate = natswal_fsync.per_second();
-        for (name, rate, acked) in [
-            ("NATS core fan-out, 1 subscriber (no acks)", core, false),
-            ("no-op responder (acks, stores nothing)", noop, true),
-            ("natswal, durability fsync", natswal_fsync, true),
-            ("natswal, durability none", natswal_none, true),
-            (
-                "JetStream R1 file, default (no fsync before ack)",
-                jetstream_default,
-                true,
-            ),
-            (
-                "JetStream R1 file, sync_interval: always",
-                jetstream_always,
-                true,
-            ),
-        ] {
-            let versus = if acked && name.starts_with("JetStream") {
-                format!("{:.1}", fsync_rate / rate.per_second().max(1e-9))
+        for (index, (name, _)) in TARGETS.iter().enumerate() {
+            let per_second = median_of(
+                rounds[index]
+                    .iter()
+                    .map(|(rate, _)| rate.per_second())
+                    .collect(),
+            );
+            let errors: u64 = rounds[index].iter().map(|(rate, _)| rate.errors).sum();
+            let versus = if name.starts_with("JetStream") {
+                format!("{:.2}", ratio_to(FSYNC, index))
             } else {
                 "-".to_string()
             };
-            let errors = if rate.errors > 0 {
-                format!(" ({} errors)", rate.errors)
+            let cpu = median_of(rounds[index].iter().map(|(_, cpu)| *cpu).collect());
+            let cpu = if cpu.is_finite() {
+                format!("{cpu:.2}")
+            } else {
+                "-".to_string()
+            };
+            let errors = if errors > 0 {
+                format!(" ({errors} errors)")
             } else {
                 String::new()
             };
             println!(
-                "| {size} B | {name}{errors} | {:.0} | {:.1} | {:.2} | {versus} |",
-                rate.per_second(),
-                rate.per_second() * size as f64 / 1e6,
-                rate.per_second() / ceiling.max(1e-9),
+                "| {size} B | {name}{errors} | {per_second:.0} | {:.1} | {:.2} | {versus} | {cpu} |",
+                per_second * size as f64 / 1e6,
+                ratio_to(index, NOOP),
             );
         }
     }

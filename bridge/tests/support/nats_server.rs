@@ -1,0 +1,134 @@
+//! A real nats-server on a free port, for the end-to-end tests and for
+//! the unit tests of natswal's own NATS client (bridge/src/wire), which
+//! include this file by path.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The pinned nats-server that `scripts/setup` installs.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
+    assert!(
+        path.exists(),
+        "nats-server not found at {}: run scripts/setup (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A nats-server child process on loopback.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    directory: tempfile::TempDir,
+    config: Option<String>,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        NatsServer::start_with_config(None)
+    }
+
+    /// `config` is nats-server configuration text; `port` is set by us.
+    pub fn start_with_config(config: Option<String>) -> NatsServer {
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            directory: tempfile::tempdir().expect("temp dir"),
+            config,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn directory(&self) -> &Path {
+        self.directory.path()
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(nats_server_binary());
+        command
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(config) = &self.config {
+            let path = self.directory.path().join("nats.conf");
+            std::fs::write(&path, config).expect("write nats.conf");
+            command.arg("-c").arg(path);
+        }
+        self.child = Some(command.spawn().expect("start nats-server"));
+        let port = self.port;
+        wait_until("nats-server to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends `signal` to the running server without waiting.
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("running");
+        // SAFETY: kill(2) with a valid pid and signal touches no memory.
+        let result = unsafe { libc::kill(child.id() as i32, signal) };
+        assert_eq!(result, 0, "kill({}, {signal}) failed", child.id());
+    }
+
+    /// Waits for the server to exit (after a signal) and forgets it.
+    pub fn wait_exit(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (after it exited).
+    pub fn start_again(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
