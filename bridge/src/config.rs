@@ -57,8 +57,8 @@ pub struct NatsConfig {
     pub creds_file: Option<PathBuf>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
-    /// Messages buffered per subscription before NATS drops them for a slow
-    /// consumer (every drop is counted and logged).
+    /// Messages buffered per stream (all of its subjects) before new ones
+    /// are dropped for a slow consumer (every drop is counted and logged).
     #[serde(default = "default_subscription_capacity")]
     pub subscription_capacity: usize,
     /// How long to keep trying the first connection.
