@@ -9,7 +9,7 @@
 
 use crate::metrics::BridgeMetrics;
 use crate::protocol::*;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use natswal::{StartPosition, Stream, SubjectPattern};
 use serde::Serialize;
@@ -24,7 +24,10 @@ const WAIT_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct ApiService {
-    pub client: async_nats::Client,
+    /// natswal's own client ([`crate::wire`]): requests and every reply of
+    /// a replay go through this one connection, so a status always
+    /// follows the records it ends.
+    pub client: crate::wire::Client,
     pub streams: Arc<BTreeMap<String, Arc<Stream>>>,
     /// The subjects each stream captures (what an unfiltered replay reads).
     pub stream_subjects: Arc<BTreeMap<String, Vec<SubjectPattern>>>,
@@ -127,32 +130,22 @@ impl AccessRules {
     }
 }
 
-/// The API's subscriptions, made before natswal calls itself ready.
+/// The API's subscriptions (one queue), made before natswal calls itself
+/// ready.
 pub struct ApiSubscriptions {
-    replay: async_nats::Subscriber,
-    status: async_nats::Subscriber,
+    requests: crate::wire::Subscription,
 }
 
 /// Subscribes to the API subjects.
-pub async fn subscribe(service: &ApiService) -> crate::error::Result<ApiSubscriptions> {
+pub fn subscribe(service: &ApiService) -> ApiSubscriptions {
     // `>`, not `*`: a subject with more tokens gets an error, not silence.
     let replay_subject = format!("{}.REPLAY.>", service.prefix);
     let status_subject = format!("{}.STATUS", service.prefix);
-    let replay = service
-        .client
-        .subscribe(replay_subject.clone())
-        .await
-        .map_err(|error| {
-            crate::error::BridgeError::nats(format!("cannot subscribe to {replay_subject}"), error)
-        })?;
-    let status = service
-        .client
-        .subscribe(status_subject.clone())
-        .await
-        .map_err(|error| {
-            crate::error::BridgeError::nats(format!("cannot subscribe to {status_subject}"), error)
-        })?;
-    Ok(ApiSubscriptions { replay, status })
+    ApiSubscriptions {
+        requests: service
+            .client
+            .subscribe_all(&[replay_subject, status_subject]),
+    }
 }
 
 /// Serves the API's requests until `shutdown`.
@@ -162,7 +155,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let status_subject = format!("{}.STATUS", service.prefix);
-    let mut requests = futures_util::stream::select(subscriptions.replay, subscriptions.status);
+    let mut requests = subscriptions.requests;
     loop {
         let message = tokio::select! {
             biased;
@@ -173,7 +166,7 @@ pub async fn run(
             },
         };
         let service = service.clone();
-        if message.subject.as_str() == status_subject {
+        if message.subject_text() == status_subject {
             tokio::spawn(async move { service.answer_status(message).await });
         } else {
             match Arc::clone(&service.replays).try_acquire_owned() {
@@ -189,23 +182,30 @@ pub async fn run(
     }
 }
 
-/// A status message: `Nwal-Status`, description, next offset, count.
+/// A status message's headers: `Nwal-Status`, description, next offset,
+/// count.
 fn status_headers(
     stream: &str,
     status: u16,
     description: &str,
     next_offset: Option<u64>,
     count: u64,
-) -> async_nats::HeaderMap {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(HEADER_STATUS, status.to_string().as_str());
-    headers.insert(HEADER_DESCRIPTION, description);
-    headers.insert(HEADER_STREAM, stream);
-    if let Some(next) = next_offset {
-        headers.insert(HEADER_NEXT_OFFSET, next.to_string().as_str());
+) -> Vec<u8> {
+    let status = status.to_string();
+    let next = next_offset.map(|next| next.to_string());
+    let count = count.to_string();
+    // A description is natswal's own text, but may quote a request.
+    let description = description.replace(['\r', '\n'], " ");
+    let mut pairs = vec![
+        (HEADER_STATUS, status.as_str()),
+        (HEADER_DESCRIPTION, description.as_str()),
+        (HEADER_STREAM, stream),
+    ];
+    if let Some(next) = &next {
+        pairs.push((HEADER_NEXT_OFFSET, next.as_str()));
     }
-    headers.insert(HEADER_COUNT, count.to_string().as_str());
-    headers
+    pairs.push((HEADER_COUNT, count.as_str()));
+    crate::headers::block(&pairs)
 }
 
 #[derive(Serialize)]
@@ -232,7 +232,15 @@ pub struct StreamStatusJson {
 }
 
 impl ApiService {
-    async fn answer_status(&self, message: async_nats::Message) {
+    /// Sends one reply; it waits for room (never dropped) and fails only
+    /// when the client is closed or the reply is over `max_payload`.
+    async fn reply(&self, reply: &str, headers: &[u8], body: &[u8]) {
+        if let Err(error) = self.client.publish_when_room(reply, headers, body).await {
+            tracing::warn!(%error, "cannot send an API reply");
+        }
+    }
+
+    async fn answer_status(&self, message: crate::wire::Message) {
         let Some(reply) = message.reply else { return };
         let allowed = self
             .access
@@ -254,10 +262,7 @@ impl ApiService {
                 None,
                 0,
             );
-            let _ = self
-                .client
-                .publish_with_headers(reply, headers, Bytes::new())
-                .await;
+            self.reply(&reply, &headers, &[]).await;
             return;
         }
         let streams = self
@@ -287,42 +292,43 @@ impl ApiService {
             streams,
         })
         .unwrap_or_default();
-        let _ = self.client.publish(reply, Bytes::from(body)).await;
+        self.reply(&reply, &[], &body).await;
     }
 
     /// Past `api.replays_max`: a 503 at once, the request is not queued.
-    async fn refuse_replay(&self, message: async_nats::Message) {
+    async fn refuse_replay(&self, message: crate::wire::Message) {
         self.metrics.replay_requests.fetch_add(1, Ordering::Relaxed);
         self.metrics.replay_errors.fetch_add(1, Ordering::Relaxed);
-        let Some(reply) = message.reply else { return };
+        let Some(reply) = &message.reply else { return };
         let description = format!(
             "Too Many Replays: {} replays are being served (api.replays_max); retry later",
             self.replays_max
         );
-        let stream = message.subject.rsplit('.').next().unwrap_or_default();
+        let stream = message
+            .subject_text()
+            .rsplit('.')
+            .next()
+            .unwrap_or_default();
         let headers = status_headers(stream, STATUS_TOO_MANY_REPLAYS, &description, None, 0);
-        let _ = self
-            .client
-            .publish_with_headers(reply, headers, Bytes::new())
-            .await;
+        self.reply(reply, &headers, &[]).await;
     }
 
-    async fn answer_replay(&self, message: async_nats::Message) {
+    async fn answer_replay(&self, message: crate::wire::Message) {
         self.metrics.replay_requests.fetch_add(1, Ordering::Relaxed);
         let Some(reply) = message.reply.clone() else {
-            tracing::debug!(subject = %message.subject, "replay request without a reply subject ignored");
+            tracing::debug!(subject = %message.subject_text(), "replay request without a reply subject ignored");
             return;
         };
         let replay_prefix = format!("{}.REPLAY.", self.prefix);
         let stream_name = message
-            .subject
+            .subject_text()
             .strip_prefix(replay_prefix.as_str())
             .unwrap_or_default()
             .to_string();
         let result = if stream_name.contains('.') {
             Err(ReplayError::bad(format!(
                 "replay subjects are {replay_prefix}<stream> and a stream name has no '.'; '{}' has more tokens",
-                message.subject
+                message.subject_text()
             )))
         } else {
             self.replay(&stream_name, &message, reply.clone()).await
@@ -336,10 +342,7 @@ impl ApiService {
                 error.next_offset,
                 error.count,
             );
-            let _ = self
-                .client
-                .publish_with_headers(reply, headers, Bytes::new())
-                .await;
+            self.reply(&reply, &headers, &[]).await;
         }
     }
 
@@ -347,7 +350,7 @@ impl ApiService {
     async fn replay(
         &self,
         stream_name: &str,
-        message: &async_nats::Message,
+        message: &crate::wire::Message,
         reply: async_nats::Subject,
     ) -> Result<(), ReplayError> {
         let bad = ReplayError::bad;
@@ -438,7 +441,7 @@ impl ApiService {
             .map_err(|error| ReplayError::storage(format!("the read task failed: {error}")))?
             .map_err(|error| ReplayError::storage(error.to_string()))?;
         // Batches of up to 1 MiB keep the pipe busy without long stalls.
-        let server_max_payload = self.client.server_info().max_payload;
+        let server_max_payload = self.client.max_payload();
         let payload_max = server_max_payload.clamp(4096, 1 << 20);
         let mut sender = Sender::new(
             &self.client,
@@ -522,10 +525,7 @@ impl ApiService {
             Some(next_offset.unwrap_or_else(|| reader.next_offset())),
             delivered,
         );
-        let _ = self
-            .client
-            .publish_with_headers(reply, headers, Bytes::new())
-            .await;
+        self.reply(&reply, &headers, &[]).await;
         Ok(())
     }
 }
@@ -565,10 +565,8 @@ impl ReplayError {
     }
 
     /// A record (or frame) at `offset` could not be published.
-    fn unsent(offset: u64, error: &async_nats::PublishError) -> ReplayError {
-        let (status, description) = if error.kind()
-            == async_nats::client::PublishErrorKind::MaxPayloadExceeded
-        {
+    fn unsent(offset: u64, error: &crate::wire::PublishError) -> ReplayError {
+        let (status, description) = if matches!(error, crate::wire::PublishError::TooLarge { .. }) {
             (
                     STATUS_TOO_LARGE,
                     format!("Record Too Large: the record at offset {offset} does not fit the server's max_payload with replay's headers ({error}); it is stored: a server with a larger max_payload can send it"),
@@ -716,33 +714,12 @@ fn counted_in_frame(record_count: u32, base_offset: u64, counted_from: u64) -> u
     records - counted_from.saturating_sub(base_offset).min(records)
 }
 
-/// Header names of replayed records, built once (a name from a string
-/// allocates; a clone only counts a reference).
-struct RecordHeaderNames {
-    stream: async_nats::header::HeaderName,
-    subject: async_nats::header::HeaderName,
-    offset: async_nats::header::HeaderName,
-    timestamp: async_nats::header::HeaderName,
-}
-
-impl RecordHeaderNames {
-    fn new() -> RecordHeaderNames {
-        let name = |text: &str| text.parse().expect("valid header name");
-        RecordHeaderNames {
-            stream: name(HEADER_STREAM),
-            subject: name(HEADER_SUBJECT),
-            offset: name(HEADER_OFFSET),
-            timestamp: name(HEADER_TIMESTAMP),
-        }
-    }
-}
-
 /// Sends replayed records one per message or packed into records-v1
 /// batches no larger than the server's max payload. A record is counted as
 /// delivered only once its message is published; a record that cannot be
 /// published stops the replay with a status naming its offset.
 struct Sender<'a> {
-    client: &'a async_nats::Client,
+    client: &'a crate::wire::Client,
     reply: async_nats::Subject,
     stream: String,
     mode: Mode,
@@ -759,14 +736,13 @@ struct Sender<'a> {
     /// Records of a whole frame below this offset are sent but not
     /// counted: the client drops them (they precede its start offset).
     counted_from: u64,
-    names: RecordHeaderNames,
 }
 
 type Sent = Result<(), ReplayError>;
 
 impl<'a> Sender<'a> {
     fn new(
-        client: &'a async_nats::Client,
+        client: &'a crate::wire::Client,
         reply: async_nats::Subject,
         stream: &str,
         mode: Mode,
@@ -784,7 +760,6 @@ impl<'a> Sender<'a> {
             buffer_counted: 0,
             delivered: 0,
             counted_from: 0,
-            names: RecordHeaderNames::new(),
         }
     }
 
@@ -793,9 +768,9 @@ impl<'a> Sender<'a> {
         self.delivered + self.buffer_counted
     }
 
-    async fn publish(&self, offset: u64, headers: async_nats::HeaderMap, body: Bytes) -> Sent {
+    async fn publish(&self, offset: u64, headers: &[u8], body: &[u8]) -> Sent {
         self.client
-            .publish_with_headers(self.reply.clone(), headers, body)
+            .publish_when_room(&self.reply, headers, body)
             .await
             .map_err(|error| ReplayError::unsent(offset, &error))
     }
@@ -803,21 +778,20 @@ impl<'a> Sender<'a> {
     async fn send(&mut self, record: natswal::StoredRecord) -> Sent {
         match self.mode {
             Mode::Messages => {
-                let mut headers = crate::headers::decode_unreserved(&record.headers);
-                headers.insert(self.names.stream.clone(), self.stream.as_str());
-                headers.insert(
-                    self.names.subject.clone(),
-                    String::from_utf8_lossy(&record.subject).as_ref(),
+                let subject = String::from_utf8_lossy(&record.subject);
+                let offset = record.offset.to_string();
+                let timestamp = record.timestamp_ns.to_string();
+                let headers = crate::headers::replay_block(
+                    &record.headers,
+                    &[
+                        (HEADER_STREAM, self.stream.as_str()),
+                        (HEADER_SUBJECT, &subject),
+                        (HEADER_OFFSET, &offset),
+                        (HEADER_TIMESTAMP, &timestamp),
+                    ],
                 );
-                headers.insert(
-                    self.names.offset.clone(),
-                    record.offset.to_string().as_str(),
-                );
-                headers.insert(
-                    self.names.timestamp.clone(),
-                    record.timestamp_ns.to_string().as_str(),
-                );
-                self.publish(record.offset, headers, record.payload).await?;
+                self.publish(record.offset, &headers, &record.payload)
+                    .await?;
                 self.delivered += 1;
                 Ok(())
             }
@@ -871,12 +845,13 @@ impl<'a> Sender<'a> {
             return self.flush().await;
         }
         let counted = counted_in_frame(frame.header.record_count, base_offset, self.counted_from);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(HEADER_FORMAT, FORMAT_FRAME_V1);
-        headers.insert(HEADER_STREAM, self.stream.as_str());
-        headers.insert(HEADER_COUNT, frame.header.record_count.to_string().as_str());
-        headers.insert(HEADER_OFFSET, base_offset.to_string().as_str());
-        self.publish(base_offset, headers, frame.bytes).await?;
+        let headers = crate::headers::block(&[
+            (HEADER_FORMAT, FORMAT_FRAME_V1),
+            (HEADER_STREAM, self.stream.as_str()),
+            (HEADER_COUNT, &frame.header.record_count.to_string()),
+            (HEADER_OFFSET, &base_offset.to_string()),
+        ]);
+        self.publish(base_offset, &headers, &frame.bytes).await?;
         self.delivered += counted;
         Ok(())
     }
@@ -885,14 +860,15 @@ impl<'a> Sender<'a> {
         if self.buffered == 0 {
             return Ok(());
         }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(HEADER_FORMAT, FORMAT_RECORDS_V1);
-        headers.insert(HEADER_STREAM, self.stream.as_str());
-        headers.insert(HEADER_COUNT, self.buffered.to_string().as_str());
+        let headers = crate::headers::block(&[
+            (HEADER_FORMAT, FORMAT_RECORDS_V1),
+            (HEADER_STREAM, self.stream.as_str()),
+            (HEADER_COUNT, &self.buffered.to_string()),
+        ]);
         let body = self.buffer.split().freeze();
         self.buffered = 0;
         let counted = std::mem::take(&mut self.buffer_counted);
-        self.publish(self.buffer_first_offset, headers, body)
+        self.publish(self.buffer_first_offset, &headers, &body)
             .await?;
         self.delivered += counted;
         Ok(())

@@ -113,8 +113,9 @@ fn describe_connect_error(error: &async_nats::ConnectError) -> String {
 }
 
 /// Connects natswal's own client ([`crate::wire`]) with everything in
-/// `[nats]`: the ingest connection. Same errors as [`connect`].
-pub async fn connect_ingest(
+/// `[nats]`: the server's ingest and api connections. Same errors as
+/// [`connect`].
+pub async fn connect_wire(
     config: &NatsConfig,
     role: &str,
     metrics: Arc<BridgeMetrics>,
@@ -169,7 +170,7 @@ pub async fn connect_ingest(
         connect_timeout: config.connect_timeout,
         // Room for about a million acks while NATS is away.
         output_bytes_max: 64 * 1024 * 1024,
-        events: ingest_events(role, Arc::clone(&metrics)),
+        events: wire_events(role, Arc::clone(&metrics)),
     };
     let client = crate::wire::Client::connect(options)
         .await
@@ -206,7 +207,7 @@ fn check_tls_files(tls: &crate::config::TlsConfig) -> Result<()> {
 /// The event hook of natswal's own client: the same metrics and logs as
 /// async-nats's events, with drops counted one by one and warned about at
 /// most every 10 s.
-fn ingest_events(
+fn wire_events(
     role: &str,
     metrics: Arc<BridgeMetrics>,
 ) -> Arc<dyn Fn(crate::wire::Event) + Send + Sync> {

@@ -199,8 +199,8 @@ async fn start_and_serve(
         config.limits.fast_batches_max,
     ));
     let ingest_client =
-        crate::nats::connect_ingest(&config.nats, "ingest", Arc::clone(&metrics)).await?;
-    let api_client = crate::nats::connect(&config.nats, "api", Arc::clone(&metrics)).await?;
+        crate::nats::connect_wire(&config.nats, "ingest", Arc::clone(&metrics)).await?;
+    let api_client = crate::nats::connect_wire(&config.nats, "api", Arc::clone(&metrics)).await?;
     let mut ingest_tasks = Vec::new();
     for section in &config.streams {
         let stream = Arc::clone(&streams[&section.name]);
@@ -262,7 +262,7 @@ async fn start_and_serve(
         access: Arc::clone(&access),
         audit: Arc::clone(&audit),
     };
-    let api_subscriptions = crate::api::subscribe(&api).await?;
+    let api_subscriptions = crate::api::subscribe(&api);
     let api_task = tokio::spawn(crate::api::run(api, api_subscriptions, shutdown.clone()));
     // The server has processed every subscription before natswal calls
     // itself ready (a flush only reaches the socket: a request right after
@@ -271,7 +271,9 @@ async fn start_and_serve(
         ingest_client
             .round_trip(Some(config.nats.connect_timeout))
             .await,
-        round_trip(&api_client, Some(config.nats.connect_timeout)).await,
+        api_client
+            .round_trip(Some(config.nats.connect_timeout))
+            .await,
     ];
     for (confirmed, role) in confirmed.into_iter().zip(["ingest", "api"]) {
         if !confirmed {
@@ -326,11 +328,12 @@ async fn start_and_serve(
         let mut abandon = abandon.clone();
         tokio::select! {
             true = crate::ingest::gave_up(&mut abandon) => false,
-            (ingest, api) = futures_util::future::join(ingest_client.round_trip(None), round_trip(&api_client, None)) => ingest && api,
+            (ingest, api) = futures_util::future::join(ingest_client.round_trip(None), api_client.round_trip(None)) => ingest && api,
         }
     };
     give_up.abort();
     ingest_client.close();
+    api_client.close();
     if let Some(task) = http_task {
         let _ = task.await;
     }
@@ -349,28 +352,6 @@ async fn start_and_serve(
     }
     tracing::info!("natswal stopped cleanly");
     Ok(())
-}
-
-/// Waits until the server has processed everything this client sent, so
-/// the acks published before are routed to their publishers whatever
-/// happens to the connection at exit. A flush only reaches the socket: a
-/// close with unread input resets the connection, and the kernel drops
-/// what it had not sent yet. A request nobody answers (a fresh inbox) comes
-/// back as "no responders" once the server got to it, after everything
-/// sent before it.
-/// `timeout: None` waits as long as it takes (the caller bounds it).
-async fn round_trip(client: &async_nats::Client, timeout: Option<std::time::Duration>) -> bool {
-    let request = async_nats::Request::new().timeout(timeout);
-    match client.send_request(client.new_inbox(), request).await {
-        Ok(_) => true,
-        Err(error) => {
-            let answered = error.kind() == async_nats::RequestErrorKind::NoResponders;
-            if !answered {
-                tracing::warn!(%error, "the last round trip to NATS failed");
-            }
-            answered
-        }
-    }
 }
 
 /// Gives up on NATS after `timeout` or at a second SIGTERM or SIGINT.

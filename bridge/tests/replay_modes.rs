@@ -306,10 +306,17 @@ async fn a_frame_larger_than_the_max_payload_travels_as_records() {
     }
 }
 
-/// A raw protocol publisher: sends `HPUB` with exactly the given header
-/// block (no client library reorders or re-encodes it) and returns the
-/// reply natswal sent to its inbox.
-fn raw_publish(url: &str, subject: &str, headers: &[u8], payload: &[u8]) -> String {
+/// A raw protocol client: sends one `HPUB` (or `PUB` without headers)
+/// with exactly the given header block (no client library reorders or
+/// re-encodes it) and returns the first `replies` messages on its inbox
+/// as (header block, payload), byte for byte.
+fn raw_request(
+    url: &str,
+    subject: &str,
+    headers: &[u8],
+    payload: &[u8],
+    replies: usize,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
     use std::io::{BufRead, BufReader, Read, Write};
     let address = url.trim_start_matches("nats://");
     let stream = std::net::TcpStream::connect(address).unwrap();
@@ -325,47 +332,60 @@ fn raw_publish(url: &str, subject: &str, headers: &[u8], payload: &[u8]) -> Stri
     command.extend_from_slice(
         b"CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nSUB raw.inbox 1\r\n",
     );
-    command.extend_from_slice(
+    let operation = if headers.is_empty() {
+        format!("PUB {subject} raw.inbox {}\r\n", payload.len())
+    } else {
         format!(
             "HPUB {subject} raw.inbox {} {}\r\n",
             headers.len(),
             headers.len() + payload.len()
         )
-        .as_bytes(),
-    );
+    };
+    command.extend_from_slice(operation.as_bytes());
     command.extend_from_slice(headers);
     command.extend_from_slice(payload);
     command.extend_from_slice(b"\r\n");
     writer.write_all(&command).unwrap();
-    loop {
+    let mut received = Vec::new();
+    while received.len() < replies {
         line.clear();
         reader.read_line(&mut line).unwrap();
         if line.starts_with("PING") {
             writer.write_all(b"PONG\r\n").unwrap();
             continue;
         }
-        if let Some(arguments) = line.strip_prefix("MSG ") {
-            let size: usize = arguments
-                .split_whitespace()
-                .last()
-                .unwrap()
-                .parse()
-                .unwrap();
-            let mut body = vec![0; size + 2];
-            reader.read_exact(&mut body).unwrap();
-            body.truncate(size);
-            return String::from_utf8(body).unwrap();
-        }
-        assert!(
-            line.starts_with("+OK") || line.starts_with("INFO"),
-            "unexpected: {line}"
-        );
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let number = |index: usize| words[words.len() - index].parse::<usize>().unwrap();
+        let (header_size, total) = match words.first() {
+            Some(&"MSG") => (0, number(1)),
+            Some(&"HMSG") => (number(2), number(1)),
+            _ => {
+                assert!(
+                    line.starts_with("+OK") || line.starts_with("INFO"),
+                    "unexpected: {line}"
+                );
+                continue;
+            }
+        };
+        let mut body = vec![0; total + 2];
+        reader.read_exact(&mut body).unwrap();
+        body.truncate(total);
+        let payload = body.split_off(header_size);
+        received.push((body, payload));
     }
+    received
+}
+
+/// [`raw_request`] for a publish: the ack's text.
+fn raw_publish(url: &str, subject: &str, headers: &[u8], payload: &[u8]) -> String {
+    let mut replies = raw_request(url, subject, headers, payload, 1);
+    String::from_utf8(replies.remove(0).1).unwrap()
 }
 
 /// natswal stores a header block byte for byte as the publisher sent it
-/// (order, repeated names, spacing), and frames mode hands it back so; a
-/// block that cannot be replayed is refused, naming the problem.
+/// (order, repeated names, spacing), and frames and messages modes hand it
+/// back so; a block that cannot be replayed is refused, naming the
+/// problem.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_stored_exactly_as_received() {
     let nats = NatsServer::start();
@@ -412,4 +432,26 @@ async fn headers_are_stored_exactly_as_received() {
         again,
         "{\"stream\":\"events\",\"seq\":1,\"duplicate\":true}"
     );
+    // Messages mode: the stored lines in order, then replay's own.
+    let url = nats.url();
+    let replayed = tokio::task::spawn_blocking(move || {
+        raw_request(&url, "$NWAL.REPLAY.events", b"", b"{\"batch\":1}", 2)
+    })
+    .await
+    .unwrap();
+    let (record_headers, payload) = &replayed[0];
+    assert_eq!(&payload[..], b"body");
+    let stored_lines = &sent[..sent.len() - 2];
+    assert!(
+        record_headers.starts_with(stored_lines),
+        "{:?}",
+        String::from_utf8_lossy(record_headers)
+    );
+    let added = String::from_utf8_lossy(&record_headers[stored_lines.len()..]).to_string();
+    assert!(
+        added.starts_with("Nwal-Stream: events\r\nNwal-Subject: events.raw\r\nNwal-Offset: 1\r\n"),
+        "{added:?}"
+    );
+    let status = String::from_utf8_lossy(&replayed[1].0).to_string();
+    assert!(status.contains("Nwal-Status: 100"), "{status}");
 }

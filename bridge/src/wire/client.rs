@@ -85,6 +85,13 @@ pub struct Message {
     pub payload: Bytes,
 }
 
+impl Message {
+    /// The subject as text (checked to be UTF-8 on receipt).
+    pub fn subject_text(&self) -> &str {
+        std::str::from_utf8(&self.subject).unwrap_or_default()
+    }
+}
+
 /// Why a publish was not queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -113,6 +120,8 @@ struct Shared {
     options: Options,
     output: Mutex<Output>,
     output_ready: Notify,
+    /// Woken after every write to the socket (room in the output buffer).
+    output_drained: Notify,
     routes: Mutex<IntegerMap<Route>>,
     sid_last: AtomicU64,
     max_payload: AtomicUsize,
@@ -161,6 +170,7 @@ impl Client {
             options,
             output: Mutex::new(Output::default()),
             output_ready: Notify::new(),
+            output_drained: Notify::new(),
             routes: Mutex::new(IntegerMap::default()),
             sid_last: AtomicU64::new(0),
             max_payload: AtomicUsize::new(opened.info.max_payload),
@@ -234,6 +244,32 @@ impl Client {
         drop(output);
         self.shared.output_ready.notify_one();
         Ok(())
+    }
+
+    /// Like [`publish_with_headers`](Client::publish_with_headers), but
+    /// waits for room while the output buffer is full instead of failing:
+    /// for senders that must not drop (replay), paced by the socket.
+    pub async fn publish_when_room(
+        &self,
+        subject: &str,
+        headers: &[u8],
+        payload: &[u8],
+    ) -> Result<(), PublishError> {
+        loop {
+            let drained = self.shared.output_drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            match self.publish_with_headers(subject, headers, payload) {
+                Err(PublishError::OutputFull { .. }) => drained.await,
+                other => return other,
+            }
+        }
+    }
+
+    /// The largest message the server accepts (headers included), from
+    /// its `INFO`.
+    pub fn max_payload(&self) -> usize {
+        self.shared.max_payload.load(Ordering::Relaxed)
     }
 
     /// Waits until the server has processed everything sent before (a
@@ -429,6 +465,7 @@ async fn serve(shared: &Arc<Shared>, opened: Opened) -> String {
                 return format!("cannot write: {error}");
             }
             spare.clear();
+            shared.output_drained.notify_waiters();
         }
     };
     let read = read_loop(shared, &mut reader, opened.leftover, &expected);

@@ -28,5 +28,5 @@ pub mod protocol;
 #[allow(dead_code)]
 mod test_support;
 
-pub use client::{Client, Event, Message, Options, Subscription};
+pub use client::{Client, Event, Message, Options, PublishError, Subscription};
 pub use connect::{Credentials, ServerAddress, TlsOptions};
