@@ -134,18 +134,7 @@ impl AckWriter {
             self.buffer.reserve(16 * 1024);
         }
         self.buffer.put_slice(&self.prefix);
-        let mut digits = [0u8; 20];
-        let mut position = digits.len();
-        let mut value = seq;
-        loop {
-            position -= 1;
-            digits[position] = b'0' + (value % 10) as u8;
-            value /= 10;
-            if value == 0 {
-                break;
-            }
-        }
-        self.buffer.put_slice(&digits[position..]);
+        crate::wire::protocol::put_decimal(&mut self.buffer, seq);
         if duplicate {
             self.buffer.put_slice(b",\"duplicate\":true");
         }

@@ -794,9 +794,8 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
                 rounds[index].push((rate, per_message_us));
             }
         }
-        let median_of = |values: Vec<f64>| median(values);
         let ratio_to = |index: usize, other: usize| {
-            median_of(
+            median(
                 rounds[index]
                     .iter()
                     .zip(&rounds[other])
@@ -804,7 +803,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
                     .collect(),
             )
         };
-        let ceiling = median_of(
+        let ceiling = median(
             rounds[NOOP]
                 .iter()
                 .map(|(rate, _)| rate.per_second())
@@ -812,7 +811,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
         );
         ceilings.insert(size, ceiling);
         for (index, (name, _)) in TARGETS.iter().enumerate() {
-            let per_second = median_of(
+            let per_second = median(
                 rounds[index]
                     .iter()
                     .map(|(rate, _)| rate.per_second())
@@ -824,7 +823,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
             } else {
                 "-".to_string()
             };
-            let cpu = median_of(rounds[index].iter().map(|(_, cpu)| *cpu).collect());
+            let cpu = median(rounds[index].iter().map(|(_, cpu)| *cpu).collect());
             let cpu = if cpu.is_finite() {
                 format!("{cpu:.2}")
             } else {

@@ -146,15 +146,7 @@ impl Client {
         let mut failures = Vec::new();
         let mut opened = None;
         for address in &options.servers {
-            match connect::open(
-                address,
-                &options.name,
-                &options.credentials,
-                options.tls.as_ref(),
-                options.connect_timeout,
-            )
-            .await
-            {
+            match open(&options, address).await {
                 Ok(connection) => {
                     opened = Some((connection, describe(address)));
                     break;
@@ -323,6 +315,18 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// One attempt at `address` with the client's name, credentials and TLS.
+async fn open(options: &Options, address: &ServerAddress) -> Result<Opened, ConnectFailure> {
+    connect::open(
+        address,
+        &options.name,
+        &options.credentials,
+        options.tls.as_ref(),
+        options.connect_timeout,
+    )
+    .await
+}
+
 fn describe(address: &ServerAddress) -> String {
     format!("{}:{}", address.host, address.port)
 }
@@ -408,15 +412,7 @@ async fn reconnect(shared: &Shared) -> Option<(Opened, String)> {
             if shared.closed.load(Ordering::Acquire) {
                 return None;
             }
-            match connect::open(
-                address,
-                &options.name,
-                &options.credentials,
-                options.tls.as_ref(),
-                options.connect_timeout,
-            )
-            .await
-            {
+            match open(options, address).await {
                 Ok(opened) => return Some((opened, describe(address))),
                 Err(failure) => {
                     tracing::debug!(%failure, "reconnect attempt failed");

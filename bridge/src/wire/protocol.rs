@@ -278,7 +278,8 @@ pub fn encode_connect(output: &mut BytesMut, options: &serde_json::Value) {
     output.put_slice(b"\r\n");
 }
 
-fn put_decimal(output: &mut BytesMut, value: u64) {
+/// Appends `value` in decimal, without allocating.
+pub fn put_decimal(output: &mut BytesMut, value: u64) {
     let mut digits = [0u8; 20];
     let mut position = digits.len();
     let mut rest = value;
