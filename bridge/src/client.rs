@@ -4,13 +4,11 @@
 
 use crate::config::{Config, NatsConfig, Overrides, TlsConfig};
 use crate::error::{BridgeError, Result};
-use crate::metrics::BridgeMetrics;
 use crate::protocol::*;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// How a client command reaches NATS.
@@ -81,7 +79,7 @@ impl ConnectionArgs {
 
     async fn connect(&self) -> Result<(async_nats::Client, String)> {
         let (nats, prefix) = self.settings()?;
-        let client = crate::nats::connect(&nats, "cli", Arc::new(BridgeMetrics::default())).await?;
+        let client = crate::nats::connect(&nats, "cli").await?;
         Ok((client, prefix))
     }
 }

@@ -1,6 +1,8 @@
-//! The NATS connection: server list, credentials, TLS (rustls, custom CA,
-//! client certificates), automatic reconnects with resubscription, and an
-//! event hook that counts slow-consumer drops and connection changes.
+//! The NATS connections from `[nats]`: server list, credentials, TLS
+//! (custom CA, client certificates). The server's connections use
+//! natswal's own client ([`connect_wire`]), whose events feed the metrics
+//! and `/readyz`; the command line tools use async-nats ([`connect`]),
+//! whose events are only logged.
 
 use crate::config::NatsConfig;
 use crate::error::{BridgeError, Result};
@@ -8,13 +10,10 @@ use crate::metrics::BridgeMetrics;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Connects with everything in `[nats]`. Fails with a clear error when the
-/// servers cannot be reached in `connect_timeout` or refuse the credentials.
-pub async fn connect(
-    config: &NatsConfig,
-    role: &str,
-    metrics: Arc<BridgeMetrics>,
-) -> Result<async_nats::Client> {
+/// Connects async-nats with everything in `[nats]` (the command line
+/// tools). Fails with a clear error when the servers cannot be reached in
+/// `connect_timeout` or refuse the credentials.
+pub async fn connect(config: &NatsConfig, role: &str) -> Result<async_nats::Client> {
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("{}-{role}", config.name))
         .subscription_capacity(config.subscription_capacity)
@@ -48,28 +47,19 @@ pub async fn connect(
         }
     }
     let role_name = role.to_string();
-    let metrics_for_state = Arc::clone(&metrics);
     options = options.event_callback(move |event| {
-        let metrics = Arc::clone(&metrics);
         let role = role_name.clone();
         async move {
             match event {
                 async_nats::Event::SlowConsumer(subscription) => {
-                    metrics.slow_consumer_events.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         role,
                         subscription,
-                        "NATS dropped messages for a slow consumer: natswal could not keep up; unacknowledged publishers will retry"
+                        "NATS dropped messages for a slow consumer: this reader could not keep up"
                     );
                 }
                 async_nats::Event::Disconnected => {
-                    metrics.nats_disconnects.fetch_add(1, Ordering::Relaxed);
-                    metrics.set_nats_connection(&role, false);
                     tracing::warn!(role, "disconnected from NATS; reconnecting");
-                }
-                async_nats::Event::Connected => {
-                    metrics.set_nats_connection(&role, true);
-                    tracing::info!(role, "connected to NATS");
                 }
                 other => tracing::info!(role, event = %other, "NATS event"),
             }
@@ -85,18 +75,12 @@ pub async fn connect(
             })
         })
         .collect::<Result<_>>()?;
-    let client = options.connect(servers).await.map_err(|error| {
+    options.connect(servers).await.map_err(|error| {
         BridgeError::nats(
             format!("cannot connect to {}", config.servers.join(", ")),
             describe_connect_error(&error),
         )
-    })?;
-    // The first connection may or may not raise `Connected`; it is up now
-    // unless an event already said otherwise.
-    if client.connection_state() == async_nats::connection::State::Connected {
-        metrics_for_state.set_nats_connection(role, true);
-    }
-    Ok(client)
+    })
 }
 
 fn describe_connect_error(error: &async_nats::ConnectError) -> String {
