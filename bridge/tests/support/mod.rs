@@ -268,18 +268,12 @@ impl Natswal {
 
     /// SIGKILL: no chance to sync or ack anything more.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// Sends `signal` (for example `libc::SIGHUP`) to the running process.
     pub fn signal(&self, signal: i32) {
-        let child = self.child.as_ref().expect("running");
-        // SAFETY: kill(2) with a valid pid and signal touches no memory.
-        let result = unsafe { libc::kill(child.id() as i32, signal) };
-        assert_eq!(result, 0, "kill({}, {signal}) failed", child.id());
+        signal_child(self.child.as_ref(), signal);
     }
 
     /// The process id of the running server.

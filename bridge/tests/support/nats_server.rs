@@ -41,6 +41,22 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
+/// SIGKILLs a child process, if there is one, and reaps it.
+pub fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Sends `signal` to a running child process without waiting.
+pub fn signal_child(child: Option<&Child>, signal: i32) {
+    let child = child.expect("running");
+    // SAFETY: kill(2) with a valid pid and signal touches no memory.
+    let result = unsafe { libc::kill(child.id() as i32, signal) };
+    assert_eq!(result, 0, "kill({}, {signal}) failed", child.id());
+}
+
 /// A nats-server child process on loopback.
 pub struct NatsServer {
     child: Option<Child>,
@@ -99,18 +115,12 @@ impl NatsServer {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// Sends `signal` to the running server without waiting.
     pub fn signal(&self, signal: i32) {
-        let child = self.child.as_ref().expect("running");
-        // SAFETY: kill(2) with a valid pid and signal touches no memory.
-        let result = unsafe { libc::kill(child.id() as i32, signal) };
-        assert_eq!(result, 0, "kill({}, {signal}) failed", child.id());
+        signal_child(self.child.as_ref(), signal);
     }
 
     /// Waits for the server to exit (after a signal) and forgets it.
