@@ -120,10 +120,18 @@ fn disk_used(path: &Path) -> u64 {
 struct Load {
     seconds: f64,
     busy_acked: u64,
+    /// Every message acknowledged (busy and quiet streams).
+    acked: u64,
     errors: u64,
     busy_p99_us: f64,
     /// p99 ack latency of the messages to quiet streams (0 without any).
     quiet_p99_us: f64,
+    /// CPU time of the storing process (natswal, or JetStream's server) per
+    /// acknowledged message.
+    store_cpu_us_per_message: f64,
+    /// CPU time of natswal's broker per acknowledged message (0 for
+    /// JetStream, whose broker is the storing process).
+    broker_cpu_us_per_message: f64,
 }
 
 impl Load {
@@ -285,9 +293,11 @@ async fn skewed_load(
     Ok(Load {
         seconds,
         busy_acked: busy_acked.load(Ordering::Relaxed),
+        acked: acked.load(Ordering::Relaxed),
         errors: errors.load(Ordering::Relaxed),
         busy_p99_us: p99,
         quiet_p99_us: quiet_p99,
+        ..Load::default()
     })
 }
 
@@ -392,7 +402,7 @@ async fn measure_natswal(
     directory: &Path,
     streams: usize,
 ) -> Result<Measured> {
-    let (_broker, url) = start_nats_server(binary, directory, "broker", "")?;
+    let (broker, url) = start_nats_server(binary, directory, "broker", "")?;
     let data = directory.join("natswal");
     let config_path = directory.join("natswal.toml");
     std::fs::write(&config_path, natswal_config(args, &data, &url, streams))
@@ -408,7 +418,11 @@ async fn measure_natswal(
     let clients = vec![connect(&url).await?, connect(&url).await?];
     measured.fill_seconds = fill(&clients[0], "ms", streams, args.messages).await?;
     measured.idle = footprint(natswal.0.id(), &data);
-    run_loads(args, &clients, "ms", streams, &mut measured).await?;
+    let charged = Charged {
+        store: &natswal,
+        broker: Some(&broker),
+    };
+    run_loads(args, &clients, "ms", streams, charged, &mut measured).await?;
     measured.after_load_threads = footprint(natswal.0.id(), &data).threads;
     stop_cleanly(&mut natswal)?;
     drop(natswal);
@@ -419,11 +433,37 @@ async fn measure_natswal(
     Ok(measured)
 }
 
+/// The processes whose CPU time a load is charged: the storing one, and
+/// natswal's broker when it is a process of its own.
+struct Charged<'a> {
+    store: &'a ChildProcess,
+    broker: Option<&'a ChildProcess>,
+}
+
+impl Charged<'_> {
+    fn cpu_seconds(&self) -> (f64, f64) {
+        let broker = self.broker.map_or(0.0, ChildProcess::cpu_seconds);
+        (self.store.cpu_seconds(), broker)
+    }
+
+    /// Runs `load` and records the CPU time it cost per acknowledged message.
+    async fn charge(&self, load: impl std::future::Future<Output = Result<Load>>) -> Result<Load> {
+        let (store_before, broker_before) = self.cpu_seconds();
+        let mut load = load.await?;
+        let (store_after, broker_after) = self.cpu_seconds();
+        let per_message = |seconds: f64| seconds * 1e6 / load.acked.max(1) as f64;
+        load.store_cpu_us_per_message = per_message(store_after - store_before);
+        load.broker_cpu_us_per_message = per_message(broker_after - broker_before);
+        Ok(load)
+    }
+}
+
 async fn run_loads(
     args: &StreamsBenchArgs,
     clients: &[async_nats::Client],
     prefix: &str,
     streams: usize,
+    charged: Charged<'_>,
     measured: &mut Measured,
 ) -> Result<()> {
     let duration = Duration::from_secs_f64(args.seconds);
@@ -432,13 +472,17 @@ async fn run_loads(
         busy: 1,
         busy_share: 1.0,
     };
-    measured.single = skewed_load(clients, prefix, one, args, duration).await?;
+    measured.single = charged
+        .charge(skewed_load(clients, prefix, one, args, duration))
+        .await?;
     let skew = Skew {
         streams,
         busy: (streams / 100).max(1),
         busy_share: 0.9,
     };
-    measured.skewed = skewed_load(clients, prefix, skew, args, duration).await?;
+    measured.skewed = charged
+        .charge(skewed_load(clients, prefix, skew, args, duration))
+        .await?;
     Ok(())
 }
 
@@ -521,7 +565,11 @@ async fn measure_jetstream(
     measured.created_seconds = started.elapsed().as_secs_f64();
     measured.fill_seconds = fill(&clients[0], "js", streams, args.messages).await?;
     measured.idle = footprint(server.0.id(), &store);
-    run_loads(args, &clients, "js", streams, &mut measured).await?;
+    let charged = Charged {
+        store: &server,
+        broker: None,
+    };
+    run_loads(args, &clients, "js", streams, charged, &mut measured).await?;
     measured.after_load_threads = footprint(server.0.id(), &store).threads;
     drop(clients);
     stop_cleanly(&mut server)?;
@@ -539,9 +587,17 @@ fn mib(bytes: u64) -> f64 {
 }
 
 fn print_row(target: &str, measured: &Measured) {
+    let broker = if measured.single.broker_cpu_us_per_message > 0.0 {
+        format!(
+            "{:.2} / {:.2}",
+            measured.single.broker_cpu_us_per_message, measured.skewed.broker_cpu_us_per_message
+        )
+    } else {
+        "-".to_string()
+    };
     let ratio = measured.skewed.busy_per_second() / measured.single.busy_per_second().max(1.0);
     println!(
-        "| {target} | {} | {:.2} | {:.2} | {:.2} | {} / {} | {} / {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+        "| {target} | {} | {:.2} | {:.2} | {:.2} | {} / {} | {} / {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {} | {} |",
         measured.streams,
         measured.created_seconds,
         measured.fill_seconds,
@@ -559,6 +615,9 @@ fn print_row(target: &str, measured: &Measured) {
         measured.skewed.busy_p99_us / 1000.0,
         measured.skewed.quiet_p99_us / 1000.0,
         ratio,
+        measured.single.store_cpu_us_per_message,
+        measured.skewed.store_cpu_us_per_message,
+        broker,
         measured.single.errors + measured.skewed.errors,
     );
 }
@@ -581,8 +640,8 @@ pub async fn run(args: StreamsBenchArgs) -> Result<()> {
         root.display()
     );
     println!();
-    println!("| target | streams | create s | fill s | open after clean stop s | threads idle / loaded | open files idle / reopened | RssAnon MiB | RssFile MiB | disk MiB | one stream msgs/s | one stream p99 ms | busy streams msgs/s | busy p99 ms | quiet p99 ms | busy / one stream | errors |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| target | streams | create s | fill s | open after clean stop s | threads idle / loaded | open files idle / reopened | RssAnon MiB | RssFile MiB | disk MiB | one stream msgs/s | one stream p99 ms | busy streams msgs/s | busy p99 ms | quiet p99 ms | busy / one stream | store CPU µs/msg one / skewed | broker CPU µs/msg one / skewed | errors |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for &streams in &args.counts {
         if streams == 0 {
             continue;
