@@ -24,6 +24,8 @@ pub struct Config {
     #[serde(default)]
     pub api: ApiConfig,
     #[serde(default)]
+    pub jetstream: JetStreamConfig,
+    #[serde(default)]
     pub storage: StorageConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -102,6 +104,29 @@ pub struct ApiConfig {
     /// `503 Too Many Replays` at once, so memory stays bounded.
     #[serde(default = "default_replays_max")]
     pub replays_max: usize,
+}
+
+/// natswal's JetStream API (`$JS.API.>`, docs/PROTOCOL.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamConfig {
+    /// Serve the JetStream API. natswal still stays off when another
+    /// JetStream answers in the same account and domain.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Serve `$JS.<domain>.API.>` instead of `$JS.API.>` (clients select
+    /// it with their JetStream domain option).
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            enabled: true,
+            domain: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -447,6 +472,7 @@ impl Default for Config {
             nats: NatsConfig::default(),
             http: HttpConfig::default(),
             api: ApiConfig::default(),
+            jetstream: JetStreamConfig::default(),
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
             keys: Vec::new(),
@@ -662,6 +688,18 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.nats.servers.is_empty() {
             return Err(invalid("nats.servers", "at least one server URL is needed"));
+        }
+        if let Some(domain) = &self.jetstream.domain {
+            let valid = !domain.is_empty()
+                && domain
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
+            if !valid {
+                return Err(invalid(
+                    "jetstream.domain",
+                    format!("'{domain}' is not a JetStream domain: use letters, digits, '-' and '_' (it becomes one subject token of $JS.<domain>.API)"),
+                ));
+            }
         }
         for (index, source) in self.keys.iter().enumerate() {
             if source.file.is_some() == source.env.is_some() {

@@ -13,6 +13,7 @@ mod headers;
 mod http;
 mod ingest;
 mod integer_map;
+mod jetstream;
 mod metrics;
 mod nats;
 mod offline;

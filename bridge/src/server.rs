@@ -263,6 +263,7 @@ async fn start_and_serve(
         audit: Arc::clone(&audit),
     };
     let api_subscriptions = crate::api::subscribe(&api);
+    let jetstream_task = start_jetstream(&config, &api_client, &streams, &access, &shutdown).await;
     let api_task = tokio::spawn(crate::api::run(api, api_subscriptions, shutdown.clone()));
     // The server has processed every subscription before natswal calls
     // itself ready (a flush only reaches the socket: a request right after
@@ -315,6 +316,9 @@ async fn start_and_serve(
         let _ = task.await;
     }
     let _ = api_task.await;
+    if let Some(task) = jetstream_task {
+        let _ = task.await;
+    }
     // Everything accepted is synced, whatever NATS does.
     let closing = Arc::clone(&store);
     let closed = tokio::task::spawn_blocking(move || closing.close())
@@ -455,4 +459,50 @@ fn reload_access(
             );
         }
     }
+}
+
+/// Starts natswal's JetStream API unless it is disabled or another
+/// JetStream already answers at its prefix (then it says why and stays
+/// off: two servers answering one request would give clients whichever
+/// answer came first).
+async fn start_jetstream(
+    config: &Config,
+    client: &crate::wire::Client,
+    streams: &Arc<BTreeMap<String, Arc<natswal::Stream>>>,
+    access: &Arc<std::sync::RwLock<crate::api::AccessRules>>,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !config.jetstream.enabled {
+        return None;
+    }
+    let domain = config.jetstream.domain.clone();
+    let prefix = crate::jetstream::prefix(domain.as_deref());
+    if let Some(answer) = crate::jetstream::other_jetstream(client, &prefix).await {
+        tracing::warn!(
+            %prefix,
+            %answer,
+            "not serving the JetStream API: another JetStream answers {prefix}.INFO in this account; set jetstream.domain to serve natswal's streams under a domain of their own"
+        );
+        return None;
+    }
+    let sections = config
+        .streams
+        .iter()
+        .map(|section| (section.name.clone(), section.clone()))
+        .collect();
+    let service = crate::jetstream::JetStreamService {
+        client: client.clone(),
+        streams: Arc::clone(streams),
+        sections: Arc::new(sections),
+        prefix,
+        domain,
+        access: Arc::clone(access),
+        counters: Arc::default(),
+    };
+    let subscription = crate::jetstream::subscribe(&service);
+    Some(tokio::spawn(crate::jetstream::run(
+        service,
+        subscription,
+        shutdown.clone(),
+    )))
 }

@@ -174,9 +174,85 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
+/// Civil date of a day count since 1970-01-01 (the inverse of
+/// [`days_from_civil`], Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let shifted = days + 719_468;
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// A timestamp as RFC 3339 in UTC, the way Go writes a `time.Time` in
+/// JSON (`RFC3339Nano`): the fraction without trailing zeros, none when
+/// it is zero. JetStream clients parse times in this form.
+pub fn format_rfc3339(nanoseconds: i64) -> String {
+    let seconds = nanoseconds.div_euclid(1_000_000_000);
+    let fraction = nanoseconds.rem_euclid(1_000_000_000);
+    let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
+    let second_of_day = seconds.rem_euclid(86_400);
+    let mut text = format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        second_of_day / 3600,
+        second_of_day % 3600 / 60,
+        second_of_day % 60
+    );
+    if fraction > 0 {
+        let digits = format!("{fraction:09}");
+        text.push('.');
+        text.push_str(digits.trim_end_matches('0'));
+    }
+    text.push('Z');
+    text
+}
+
+/// Go's zero `time.Time` as JetStream writes it where there is no time
+/// (the first and last message times of an empty stream).
+pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formatted_times_parse_back_and_match_go() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            format_rfc3339(1_795_514_400 * 1_000_000_000 + 500_000_000),
+            "2026-11-24T10:00:00.5Z"
+        );
+        assert_eq!(
+            format_rfc3339(951_782_400_123_456_789),
+            "2000-02-29T00:00:00.123456789Z"
+        );
+        assert_eq!(format_rfc3339(-1), "1969-12-31T23:59:59.999999999Z");
+        for nanoseconds in [
+            i64::MIN,
+            -2_208_988_800_000_000_001,
+            -1,
+            0,
+            1,
+            1_700_000_000_000_000_000,
+            i64::MAX,
+        ] {
+            assert_eq!(
+                parse_time(&format_rfc3339(nanoseconds)),
+                Ok(nanoseconds),
+                "{nanoseconds}"
+            );
+        }
+    }
 
     #[test]
     fn rfc3339_in_range_matches_known_instants() {

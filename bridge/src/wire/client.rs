@@ -218,6 +218,17 @@ impl Client {
         headers: &[u8],
         payload: &[u8],
     ) -> Result<(), PublishError> {
+        self.publish_with_reply(subject, "", headers, payload)
+    }
+
+    /// Queues a publish with a reply subject (none if `reply` is empty).
+    pub fn publish_with_reply(
+        &self,
+        subject: &str,
+        reply: &str,
+        headers: &[u8],
+        payload: &[u8],
+    ) -> Result<(), PublishError> {
         let size = headers.len() + payload.len();
         let max_payload = self.shared.max_payload.load(Ordering::Relaxed);
         if max_payload > 0 && size > max_payload {
@@ -232,7 +243,13 @@ impl Client {
                 bytes: output.bytes.len(),
             });
         }
-        protocol::encode_publish(&mut output.bytes, subject.as_bytes(), headers, payload);
+        protocol::encode_publish(
+            &mut output.bytes,
+            subject.as_bytes(),
+            reply.as_bytes(),
+            headers,
+            payload,
+        );
         drop(output);
         self.shared.output_ready.notify_one();
         Ok(())

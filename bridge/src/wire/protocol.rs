@@ -227,17 +227,28 @@ fn parse_decimal(text: &[u8]) -> Option<u64> {
     Some(value)
 }
 
-/// Appends `PUB` (or `HPUB` when `headers` is not empty).
-pub fn encode_publish(output: &mut BytesMut, subject: &[u8], headers: &[u8], payload: &[u8]) {
-    output.reserve(subject.len() + headers.len() + payload.len() + 48);
-    if headers.is_empty() {
-        output.put_slice(b"PUB ");
-        output.put_slice(subject);
-        output.put_u8(b' ');
+/// Appends `PUB` (or `HPUB` when `headers` is not empty), with a reply
+/// subject unless `reply` is empty.
+pub fn encode_publish(
+    output: &mut BytesMut,
+    subject: &[u8],
+    reply: &[u8],
+    headers: &[u8],
+    payload: &[u8],
+) {
+    output.reserve(subject.len() + reply.len() + headers.len() + payload.len() + 48);
+    output.put_slice(if headers.is_empty() {
+        b"PUB "
     } else {
-        output.put_slice(b"HPUB ");
-        output.put_slice(subject);
+        b"HPUB "
+    });
+    output.put_slice(subject);
+    output.put_u8(b' ');
+    if !reply.is_empty() {
+        output.put_slice(reply);
         output.put_u8(b' ');
+    }
+    if !headers.is_empty() {
         put_decimal(output, headers.len() as u64);
         output.put_u8(b' ');
     }
@@ -394,14 +405,15 @@ HMSG orders.z 9 _INBOX.b 24 27\r\nNATS/1.0\r\nA: b\r\nC: d\r\n\r\nabc\r\n",
     #[test]
     fn encoders_write_the_protocol() {
         let mut output = BytesMut::new();
-        encode_publish(&mut output, b"a.b", b"", b"hi");
-        encode_publish(&mut output, b"c", b"NATS/1.0\r\n\r\n", b"xyz");
+        encode_publish(&mut output, b"a.b", b"", b"", b"hi");
+        encode_publish(&mut output, b"c", b"", b"NATS/1.0\r\n\r\n", b"xyz");
+        encode_publish(&mut output, b"d", b"r.1", b"", b"");
         encode_subscribe(&mut output, "orders.>", None, 1);
         encode_subscribe(&mut output, "q", Some("workers"), 12345678901);
         encode_unsubscribe(&mut output, 0);
         assert_eq!(
             &output[..],
-            &b"PUB a.b 2\r\nhi\r\nHPUB c 12 15\r\nNATS/1.0\r\n\r\nxyz\r\nSUB orders.> 1\r\nSUB q workers 12345678901\r\nUNSUB 0\r\n"[..]
+            &b"PUB a.b 2\r\nhi\r\nHPUB c 12 15\r\nNATS/1.0\r\n\r\nxyz\r\nPUB d r.1 0\r\n\r\nSUB orders.> 1\r\nSUB q workers 12345678901\r\nUNSUB 0\r\n"[..]
         );
     }
 }

@@ -165,6 +165,8 @@ pub struct Natswal {
     pub config_path: PathBuf,
     pub http_port: u16,
     log_lines: mpsc::Receiver<String>,
+    /// What natswal printed before it said it was ready.
+    startup_lines: Vec<String>,
 }
 
 /// A `[[streams]]` table for the default test stream `events` on `events.>`.
@@ -231,6 +233,7 @@ impl Natswal {
             config_path: config_path.to_path_buf(),
             http_port,
             log_lines,
+            startup_lines: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = Vec::new();
@@ -240,7 +243,10 @@ impl Natswal {
                 .log_lines
                 .recv_timeout(left.max(Duration::from_millis(1)))
             {
-                Ok(line) if line.starts_with("natswal ready") => return Ok(natswal),
+                Ok(line) if line.starts_with("natswal ready") => {
+                    natswal.startup_lines = seen;
+                    return Ok(natswal);
+                }
                 Ok(line) => seen.push(line),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = natswal.child.as_mut().and_then(|child| child.wait().ok());
@@ -305,7 +311,12 @@ impl Natswal {
         child.wait().expect("wait for natswal")
     }
 
-    /// Output lines printed so far.
+    /// The lines printed before "natswal ready".
+    pub fn startup_output(&self) -> &[String] {
+        &self.startup_lines
+    }
+
+    /// Output lines printed so far (after "natswal ready").
     pub fn output(&self) -> Vec<String> {
         self.log_lines.try_iter().collect()
     }

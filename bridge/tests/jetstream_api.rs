@@ -1,0 +1,425 @@
+//! natswal's JetStream API read by JetStream clients natswal's authors did
+//! not write: async-nats's `jetstream` module and nats-py's `js` manager,
+//! against a real nats-server; and the start-up check that keeps natswal's
+//! API off an account where a real JetStream already answers.
+
+mod support;
+
+use async_nats::jetstream;
+use serde_json::Value;
+use std::time::Duration;
+use support::{connect, workspace_root, NatsServer, Natswal};
+
+const ORDERS: &str = "[[streams]]\nname = \"orders\"\nsubjects = [\"orders.>\"]\nmax_age = \"1h\"\n[[streams]]\nname = \"audit\"\nsubjects = [\"audit.*\"]\n";
+
+/// Stores `count` messages on `orders.a` / `orders.b` (odd / even), each
+/// with an `X-Index` header, through JetStream publishes with acks.
+async fn fill_orders(client: &async_nats::Client, count: u64) {
+    let context = jetstream::new(client.clone());
+    for index in 1..=count {
+        let subject = if index % 2 == 1 {
+            "orders.a"
+        } else {
+            "orders.b"
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("X-Index", index.to_string().as_str());
+        let ack = context
+            .publish_with_headers(subject, headers, format!("order-{index}").into())
+            .await
+            .expect("published")
+            .await
+            .expect("acked");
+        assert_eq!(ack.sequence, index);
+    }
+}
+
+/// A raw request: the reply's headers (status line included) and body.
+async fn raw(client: &async_nats::Client, subject: &str, body: &str) -> (String, Value) {
+    raw_with_headers(client, subject, async_nats::HeaderMap::new(), body).await
+}
+
+async fn raw_with_headers(
+    client: &async_nats::Client,
+    subject: &str,
+    headers: async_nats::HeaderMap,
+    body: &str,
+) -> (String, Value) {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request_with_headers(subject.to_string(), headers, body.to_string().into()),
+    )
+    .await
+    .expect("answered in time")
+    .expect("answered");
+    let status = reply
+        .status
+        .map(|status| {
+            format!(
+                "{} {}",
+                status.as_u16(),
+                reply.description.unwrap_or_default()
+            )
+        })
+        .unwrap_or_default();
+    let json = serde_json::from_slice(&reply.payload).unwrap_or(Value::Null);
+    (status, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_nats_reads_stream_info_and_messages() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), ORDERS);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 10).await;
+    let context = jetstream::new(client.clone());
+
+    let account = context.query_account().await.expect("account info");
+    assert_eq!(account.streams, 2);
+    assert!(account.storage > 0, "{account:?}");
+
+    let mut stream = context.get_stream("orders").await.expect("stream");
+    let info = stream.info().await.expect("info").clone();
+    assert_eq!(info.config.name, "orders");
+    assert_eq!(info.config.subjects, vec!["orders.>".to_string()]);
+    assert_eq!(info.config.max_age, Duration::from_secs(3600));
+    assert_eq!(info.state.messages, 10);
+    assert_eq!(info.state.first_sequence, 1);
+    assert_eq!(info.state.last_sequence, 10);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let age = now - info.state.last_timestamp.unix_timestamp();
+    assert!(age.abs() < 60, "last message {age} s ago");
+    let empty = context.get_stream("audit").await.expect("audit");
+    let empty_state = &empty.cached_info().state;
+    assert_eq!(
+        (
+            empty_state.messages,
+            empty_state.first_sequence,
+            empty_state.last_sequence
+        ),
+        (0, 0, 0)
+    );
+
+    let raw_message = stream.get_raw_message(4).await.expect("message 4");
+    assert_eq!(raw_message.subject.as_str(), "orders.b");
+    assert_eq!(raw_message.sequence, 4);
+    assert_eq!(&raw_message.payload[..], b"order-4");
+    assert_eq!(
+        raw_message.headers.get("X-Index").map(|v| v.as_str()),
+        Some("4")
+    );
+
+    let direct = stream.direct_get(7).await.expect("direct 7");
+    assert_eq!(direct.subject.as_str(), "orders.a");
+    assert_eq!(direct.sequence, 7);
+    assert_eq!(&direct.payload[..], b"order-7");
+    assert_eq!(direct.headers.get("X-Index").map(|v| v.as_str()), Some("7"));
+    let next = stream
+        .direct_get_next_for_subject("orders.b", Some(5))
+        .await
+        .expect("next orders.b from 5");
+    assert_eq!(next.sequence, 6);
+    let missing = stream.direct_get(99).await.expect_err("no message 99");
+    assert_eq!(
+        missing.kind(),
+        jetstream::stream::DirectGetErrorKind::NotFound
+    );
+    let last = stream.direct_get_last_for_subject("orders.a").await;
+    assert!(last.is_err(), "last_by_subj needs an index natswal lacks");
+
+    let mut names = context.stream_names();
+    let mut listed = Vec::new();
+    while let Some(name) = futures_util::StreamExt::next(&mut names).await {
+        listed.push(name.expect("name"));
+    }
+    listed.sort();
+    assert_eq!(listed, vec!["audit".to_string(), "orders".to_string()]);
+
+    let not_found = context
+        .get_stream("nothing")
+        .await
+        .expect_err("no such stream");
+    assert!(
+        not_found.to_string().contains("stream not found"),
+        "{not_found}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_changes_are_refused_with_jetstream_codes() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), ORDERS);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 3).await;
+    let context = jetstream::new(client.clone());
+
+    // Declaring the stream as it is succeeds (applications that create
+    // their streams at start keep working); anything else is refused.
+    let same = context
+        .get_or_create_stream(jetstream::stream::Config {
+            name: "orders".to_string(),
+            subjects: vec!["orders.>".to_string()],
+            max_age: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await
+        .expect("the same configuration");
+    assert_eq!(same.cached_info().state.messages, 3);
+    let (_, other) = raw(
+        &client,
+        "$JS.API.STREAM.CREATE.orders",
+        r#"{"name":"orders","subjects":["orders.*"],"storage":"memory"}"#,
+    )
+    .await;
+    assert_eq!(
+        other["type"],
+        "io.nats.jetstream.api.v1.stream_create_response"
+    );
+    assert_eq!(other["error"]["err_code"], 10058, "{other}");
+    let description = other["error"]["description"].as_str().unwrap();
+    assert!(
+        description.contains("subjects") && description.contains("storage"),
+        "{description}"
+    );
+    let (_, created) = raw(
+        &client,
+        "$JS.API.STREAM.CREATE.fresh",
+        r#"{"name":"fresh"}"#,
+    )
+    .await;
+    assert_eq!(created["error"]["err_code"], 10049, "{created}");
+    assert!(created["error"]["description"]
+        .as_str()
+        .unwrap()
+        .contains("[[streams]]"));
+    for (subject, code) in [
+        ("$JS.API.STREAM.DELETE.orders", 10050),
+        ("$JS.API.STREAM.PURGE.orders", 10110),
+        ("$JS.API.STREAM.MSG.DELETE.orders", 10057),
+        ("$JS.API.STREAM.INFO.nothing", 10059),
+        ("$JS.API.CONSUMER.INFO.orders.c1", 10014),
+    ] {
+        let (_, response) = raw(&client, subject, "{}").await;
+        assert_eq!(response["error"]["err_code"], code, "{subject}: {response}");
+        // JetStream's shape: the type and the error, nothing else.
+        assert_eq!(
+            response.as_object().unwrap().len(),
+            2,
+            "{subject}: {response}"
+        );
+    }
+    let deleted = context.delete_stream("orders").await;
+    assert!(deleted.is_err(), "deleting is refused");
+    assert_eq!(
+        context
+            .get_stream("orders")
+            .await
+            .unwrap()
+            .cached_info()
+            .state
+            .messages,
+        3
+    );
+
+    // Success carries no "error" key; a bad request names its fault.
+    let (_, info) = raw(&client, "$JS.API.STREAM.INFO.orders", "").await;
+    assert!(info.get("error").is_none(), "{info}");
+    assert_eq!(info["state"]["messages"], 3);
+    let (_, malformed) = raw(&client, "$JS.API.STREAM.MSG.GET.orders", "{seq:").await;
+    assert_eq!(malformed["error"]["err_code"], 10025, "{malformed}");
+
+    // An API level natswal does not have: 412, as from an older server.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Required-Api-Level", "99");
+    let (_, level) =
+        raw_with_headers(&client, "$JS.API.STREAM.INFO.orders", headers.clone(), "").await;
+    assert_eq!(level["error"]["err_code"], 10185, "{level}");
+    let (status, _) = raw_with_headers(
+        &client,
+        "$JS.API.DIRECT.GET.orders",
+        headers,
+        r#"{"seq":1}"#,
+    )
+    .await;
+    assert!(status.starts_with("412"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_rules_apply_to_jetstream_reads() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let rules = "[[access]]\nname = \"a-reader\"\nreply_prefixes = [\"_INBOX.reader-a.\"]\nreplay = [\"orders.a\"]\nstatus = true\n";
+    let _natswal = Natswal::start(&nats.url(), data.path(), &format!("{ORDERS}{rules}"));
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 4).await;
+    let ask = |sequence: u64| {
+        let client = client.clone();
+        async move {
+            let inbox = format!("_INBOX.reader-a.{sequence}");
+            let mut answers = client.subscribe(inbox.clone()).await.unwrap();
+            client.flush().await.unwrap();
+            client
+                .publish_with_reply(
+                    "$JS.API.STREAM.MSG.GET.orders",
+                    inbox,
+                    format!(r#"{{"seq":{sequence}}}"#).into(),
+                )
+                .await
+                .unwrap();
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                futures_util::StreamExt::next(&mut answers),
+            )
+            .await
+            .expect("answered")
+            .expect("message");
+            serde_json::from_slice::<Value>(&answer.payload).unwrap()
+        }
+    };
+    let allowed = ask(1).await;
+    assert_eq!(allowed["message"]["subject"], "orders.a", "{allowed}");
+    let denied = ask(2).await;
+    assert_eq!(denied["error"]["code"], 403, "{denied}");
+    assert!(denied.get("message").is_none());
+    // Outside every rule's reply prefixes: refused.
+    let (_, stranger) = raw(&client, "$JS.API.STREAM.MSG.GET.orders", r#"{"seq":1}"#).await;
+    assert_eq!(stranger["error"]["code"], 403, "{stranger}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_py_reads_stream_info_and_messages() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), ORDERS);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 6).await;
+    let script = r#"
+import asyncio, json, sys
+import nats
+from nats.js.errors import NotFoundError, APIError
+async def main(url):
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    info = await js.stream_info("orders")
+    got = await js.get_msg("orders", 3)
+    direct = await js.get_msg("orders", 4, direct=True)
+    names = await js.streams_info()
+    found = await js.find_stream_name_by_subject("orders.x")
+    account = await js.account_info()
+    try:
+        await js.get_msg("orders", 60)
+        missing = "found"
+    except NotFoundError:
+        missing = "not found"
+    try:
+        await js.get_last_msg("orders", "orders.a")
+        last = "served"
+    except APIError as error:
+        last = "refused: %s" % error.description
+    print(json.dumps({
+        "messages": info.state.messages, "first": info.state.first_seq, "last": info.state.last_seq,
+        "subjects": info.config.subjects, "storage": getattr(info.config.storage, "value", info.config.storage),
+        "got": [got.subject, got.seq, got.data.decode(), got.headers["X-Index"]],
+        "direct": [direct.subject, direct.seq, direct.data.decode(), direct.headers["X-Index"]],
+        "names": sorted(s.config.name for s in names), "found": found,
+        "account_streams": account.streams, "missing": missing, "last_msg": last}))
+    await nc.close()
+asyncio.run(main(sys.argv[1]))
+"#;
+    let output = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(nats.url())
+        .env("PYTHONPATH", workspace_root().join(".tools/python"))
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "nats-py script failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["messages"], 6);
+    assert_eq!(
+        (result["first"].clone(), result["last"].clone()),
+        (1.into(), 6.into())
+    );
+    assert_eq!(result["subjects"], serde_json::json!(["orders.>"]));
+    assert_eq!(result["storage"], "file");
+    assert_eq!(
+        result["got"],
+        serde_json::json!(["orders.a", 3, "order-3", "3"])
+    );
+    assert_eq!(
+        result["direct"],
+        serde_json::json!(["orders.b", 4, "order-4", "4"])
+    );
+    assert_eq!(result["names"], serde_json::json!(["audit", "orders"]));
+    assert_eq!(result["found"], "orders");
+    assert_eq!(result["account_streams"], 2);
+    assert_eq!(result["missing"], "not found");
+    let last = result["last_msg"].as_str().unwrap();
+    assert!(
+        last.starts_with("refused") && last.contains("per-subject index"),
+        "{last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_jetstream_keeps_natswals_api_off_unless_it_has_a_domain() {
+    let store = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with_config(Some(format!(
+        "jetstream {{ store_dir: \"{}\" }}\n",
+        store.path().display()
+    )));
+    let client = connect(&nats.url()).await;
+    let context = jetstream::new(client.clone());
+    context
+        .create_stream(jetstream::stream::Config {
+            name: "theirs".to_string(),
+            subjects: vec!["theirs.>".to_string()],
+            ..Default::default()
+        })
+        .await
+        .expect("a stream of the real JetStream");
+
+    let data = tempfile::tempdir().unwrap();
+    let natswal = Natswal::start(&nats.url(), data.path(), ORDERS);
+    let said = natswal.startup_output().join("\n");
+    assert!(said.contains("not serving the JetStream API"), "{said}");
+    // The real JetStream alone answers: it knows no stream "orders".
+    let names: Vec<String> = {
+        let mut names = context.stream_names();
+        let mut listed = Vec::new();
+        while let Some(name) = futures_util::StreamExt::next(&mut names).await {
+            listed.push(name.expect("name"));
+        }
+        listed
+    };
+    assert_eq!(names, vec!["theirs".to_string()]);
+    drop(natswal);
+
+    let data = tempfile::tempdir().unwrap();
+    let config = format!("[jetstream]\ndomain = \"nwal\"\n{ORDERS}");
+    let _natswal = Natswal::start(&nats.url(), data.path(), &config);
+    fill_orders(&client, 2).await;
+    let ours = jetstream::with_domain(client.clone(), "nwal");
+    let stream = ours.get_stream("orders").await.expect("natswal's domain");
+    assert_eq!(stream.cached_info().state.messages, 2);
+    assert_eq!(
+        context
+            .get_stream("theirs")
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .name,
+        "theirs"
+    );
+}
