@@ -118,6 +118,11 @@ pub struct JetStreamConfig {
     /// it with their JetStream domain option).
     #[serde(default)]
     pub domain: Option<String>,
+    /// The NATS server's leafnode port (`nats://host:7422`, with `[nats]`'s
+    /// credentials and TLS), for consumer deliveries: JetStream clients
+    /// then see each message's stored subject and its ack metadata.
+    #[serde(default)]
+    pub leafnode_url: Option<String>,
 }
 
 impl Default for JetStreamConfig {
@@ -125,6 +130,7 @@ impl Default for JetStreamConfig {
         JetStreamConfig {
             enabled: true,
             domain: None,
+            leafnode_url: None,
         }
     }
 }

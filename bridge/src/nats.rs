@@ -104,8 +104,30 @@ pub async fn connect_wire(
     role: &str,
     metrics: Arc<BridgeMetrics>,
 ) -> Result<crate::wire::Client> {
-    let servers = config
-        .servers
+    let dialect = crate::wire::Dialect::Client;
+    connect_wire_to(config, &config.servers, role, metrics, dialect).await
+}
+
+/// natswal's leafnode connection to `url` (the hub's leafnode port), with
+/// `[nats]`'s credentials and TLS: it carries consumer deliveries.
+pub async fn connect_leaf(
+    config: &NatsConfig,
+    url: &str,
+    metrics: Arc<BridgeMetrics>,
+) -> Result<crate::wire::Client> {
+    let dialect = crate::wire::Dialect::Leaf;
+    let servers = [url.to_string()];
+    connect_wire_to(config, &servers, "leafnode", metrics, dialect).await
+}
+
+async fn connect_wire_to(
+    config: &NatsConfig,
+    urls: &[String],
+    role: &str,
+    metrics: Arc<BridgeMetrics>,
+    dialect: crate::wire::Dialect,
+) -> Result<crate::wire::Client> {
+    let servers = urls
         .iter()
         .map(|server| {
             crate::wire::ServerAddress::parse(server).map_err(|reason| BridgeError::Config {
@@ -155,14 +177,12 @@ pub async fn connect_wire(
         // Room for about a million acks while NATS is away.
         output_bytes_max: 64 * 1024 * 1024,
         events: wire_events(role, Arc::clone(&metrics)),
+        dialect,
     };
     let client = crate::wire::Client::connect(options)
         .await
         .map_err(|failure| {
-            BridgeError::nats(
-                format!("cannot connect to {}", config.servers.join(", ")),
-                failure,
-            )
+            BridgeError::nats(format!("cannot connect to {}", urls.join(", ")), failure)
         })?;
     Ok(client)
 }

@@ -263,7 +263,8 @@ async fn start_and_serve(
         audit: Arc::clone(&audit),
     };
     let api_subscriptions = crate::api::subscribe(&api);
-    let jetstream_task = start_jetstream(&config, &api_client, &streams, &access, &shutdown).await;
+    let jetstream_task =
+        start_jetstream(&config, &api_client, &streams, &access, &metrics, &shutdown).await?;
     let api_task = tokio::spawn(crate::api::run(api, api_subscriptions, shutdown.clone()));
     // The server has processed every subscription before natswal calls
     // itself ready (a flush only reaches the socket: a request right after
@@ -470,10 +471,11 @@ async fn start_jetstream(
     client: &crate::wire::Client,
     streams: &Arc<BTreeMap<String, Arc<natswal::Stream>>>,
     access: &Arc<std::sync::RwLock<crate::api::AccessRules>>,
+    metrics: &Arc<BridgeMetrics>,
     shutdown: &tokio::sync::watch::Receiver<bool>,
-) -> Option<tokio::task::JoinHandle<()>> {
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
     if !config.jetstream.enabled {
-        return None;
+        return Ok(None);
     }
     let domain = config.jetstream.domain.clone();
     let prefix = crate::jetstream::prefix(domain.as_deref());
@@ -483,8 +485,12 @@ async fn start_jetstream(
             %answer,
             "not serving the JetStream API: another JetStream answers {prefix}.INFO in this account; set jetstream.domain to serve natswal's streams under a domain of their own"
         );
-        return None;
+        return Ok(None);
     }
+    let deliveries = match &config.jetstream.leafnode_url {
+        Some(url) => crate::nats::connect_leaf(&config.nats, url, Arc::clone(metrics)).await?,
+        None => client.clone(),
+    };
     let sections = config
         .streams
         .iter()
@@ -498,11 +504,14 @@ async fn start_jetstream(
         domain,
         access: Arc::clone(access),
         counters: Arc::default(),
+        consumers: Arc::default(),
+        leaf: config.jetstream.leafnode_url.is_some(),
+        deliveries,
     };
     let subscription = crate::jetstream::subscribe(&service);
-    Some(tokio::spawn(crate::jetstream::run(
+    Ok(Some(tokio::spawn(crate::jetstream::run(
         service,
         subscription,
         shutdown.clone(),
-    )))
+    ))))
 }

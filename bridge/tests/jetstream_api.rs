@@ -10,6 +10,17 @@ use serde_json::Value;
 use std::time::Duration;
 use support::{connect, workspace_root, NatsServer, Natswal};
 
+/// A nats-server with a leafnode port, and natswal's `[jetstream]` table
+/// pointing at it (consumer deliveries go through the leafnode).
+fn leaf_server() -> (NatsServer, String) {
+    let port = support::free_port();
+    let nats = NatsServer::start_with_config(Some(format!(
+        "leafnodes {{ listen: \"127.0.0.1:{port}\" }}\n"
+    )));
+    let table = format!("[jetstream]\nleafnode_url = \"nats://127.0.0.1:{port}\"\n{ORDERS}");
+    (nats, table)
+}
+
 const ORDERS: &str = "[[streams]]\nname = \"orders\"\nsubjects = [\"orders.>\"]\nmax_age = \"1h\"\n[[streams]]\nname = \"audit\"\nsubjects = [\"audit.*\"]\n";
 
 /// Stores `count` messages on `orders.a` / `orders.b` (odd / even), each
@@ -203,6 +214,7 @@ async fn configuration_changes_are_refused_with_jetstream_codes() {
         ("$JS.API.STREAM.MSG.DELETE.orders", 10057),
         ("$JS.API.STREAM.INFO.nothing", 10059),
         ("$JS.API.CONSUMER.INFO.orders.c1", 10014),
+        ("$JS.API.CONSUMER.DELETE.orders.c1", 10014),
     ] {
         let (_, response) = raw(&client, subject, "{}").await;
         assert_eq!(response["error"]["err_code"], code, "{subject}: {response}");
@@ -422,4 +434,210 @@ async fn a_real_jetstream_keeps_natswals_api_off_unless_it_has_a_domain() {
             .name,
         "theirs"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_nats_pull_consumers_fetch_ack_and_redeliver() {
+    use futures_util::StreamExt;
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 20).await;
+    let context = jetstream::new(client.clone());
+    let stream = context.get_stream("orders").await.unwrap();
+
+    // Every record once, in order, with its stored subject beside the inbox.
+    let all: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("all".to_string()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("durable pull consumer");
+    let mut sequences = Vec::new();
+    let mut batch = all.fetch().max_messages(15).messages().await.unwrap();
+    while let Some(message) = batch.next().await {
+        let message = message.expect("delivery");
+        let info = message.info().expect("ack metadata");
+        sequences.push(info.stream_sequence);
+        assert_eq!(info.consumer_sequence, sequences.len() as u64);
+        let expected = if info.stream_sequence % 2 == 1 {
+            "orders.a"
+        } else {
+            "orders.b"
+        };
+        assert_eq!(message.subject.as_str(), expected);
+        let index = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("X-Index"))
+            .map(|v| v.to_string());
+        assert_eq!(index, Some(info.stream_sequence.to_string()));
+        assert_eq!(
+            message.payload,
+            format!("order-{}", info.stream_sequence).as_bytes()
+        );
+        message.ack().await.expect("ack");
+    }
+    assert_eq!(sequences, (1..=15).collect::<Vec<u64>>());
+    // no_wait past the end: the 5 left, then "no messages".
+    let mut rest = all
+        .batch()
+        .max_messages(10)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .unwrap();
+    let mut left = Vec::new();
+    while let Some(message) = rest.next().await {
+        let message = message.expect("delivery");
+        left.push(message.info().unwrap().stream_sequence);
+        message.double_ack().await.expect("double ack");
+    }
+    assert_eq!(left, (16..=20).collect::<Vec<u64>>());
+    let mut info = all.clone();
+    let info = info.info().await.unwrap();
+    assert_eq!(info.num_ack_pending, 0, "{info:?}");
+    assert_eq!(info.ack_floor.stream_sequence, 20);
+    assert_eq!(info.delivered.consumer_sequence, 20);
+
+    // A filtered consumer with a short ack_wait: an unacked delivery comes
+    // back, counted as a second delivery.
+    let filtered: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("b-only".to_string()),
+            filter_subject: "orders.b".to_string(),
+            ack_wait: Duration::from_millis(500),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut first = filtered.fetch().max_messages(2).messages().await.unwrap();
+    let mut taken = Vec::new();
+    while let Some(message) = first.next().await {
+        let message = message.unwrap();
+        taken.push(message.info().unwrap().stream_sequence);
+        if taken.len() == 2 {
+            message.ack().await.unwrap();
+        }
+    }
+    assert_eq!(taken, vec![2, 4]);
+    // Record 2 comes back once its ack_wait has passed; what comes before
+    // it is new (6, 8, ...) and acked.
+    let mut again = filtered
+        .batch()
+        .max_messages(20)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .unwrap();
+    let redelivered = loop {
+        let message = again
+            .next()
+            .await
+            .expect("a redelivery within 5 s")
+            .unwrap();
+        if message.info().unwrap().stream_sequence == 2 {
+            break message;
+        }
+        assert_eq!(message.info().unwrap().delivered, 1);
+        message.ack().await.unwrap();
+    };
+    let redelivered_info = redelivered.info().unwrap();
+    assert_eq!(redelivered_info.delivered, 2);
+    redelivered.ack().await.unwrap();
+
+    // An ordered consumer (ephemeral pull, ack none) streams it all.
+    let ordered = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = ordered.messages().await.unwrap();
+    for expected in 1..=20u64 {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("in time")
+            .expect("message")
+            .expect("delivery");
+        assert_eq!(message.info().unwrap().stream_sequence, expected);
+    }
+
+    let mut names = stream.consumer_names();
+    let mut listed = Vec::new();
+    while let Some(name) = names.next().await {
+        listed.push(name.unwrap());
+    }
+    assert!(
+        listed.contains(&"all".to_string()) && listed.contains(&"b-only".to_string()),
+        "{listed:?}"
+    );
+    stream.delete_consumer("b-only").await.expect("deleted");
+    let gone = stream
+        .get_consumer::<jetstream::consumer::pull::Config>("b-only")
+        .await;
+    assert!(gone.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_py_pull_subscribe_fetches() {
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 12).await;
+    let script = r#"
+import asyncio, json, sys
+import nats
+async def main(url):
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe("orders.>", "py-durable", stream="orders")
+    got = []
+    for _ in range(3):
+        for m in await sub.fetch(4, timeout=5):
+            got.append([m.metadata.sequence.stream, m.subject, m.data.decode()])
+            await m.ack()
+    try:
+        await sub.fetch(1, timeout=1)
+        more = "more"
+    except nats.errors.TimeoutError:
+        more = "none"
+    info = await js.consumer_info("orders", "py-durable")
+    print(json.dumps({"got": got, "more": more, "pending": info.num_ack_pending, "floor": info.ack_floor.stream_seq}))
+    await nc.close()
+asyncio.run(main(sys.argv[1]))
+"#;
+    let output = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(nats.url())
+        .env("PYTHONPATH", workspace_root().join(".tools/python"))
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "nats-py script failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let got = result["got"].as_array().unwrap();
+    assert_eq!(got.len(), 12);
+    for (index, entry) in got.iter().enumerate() {
+        let sequence = index as u64 + 1;
+        let subject = if sequence % 2 == 1 {
+            "orders.a"
+        } else {
+            "orders.b"
+        };
+        assert_eq!(
+            entry,
+            &serde_json::json!([sequence, subject, format!("order-{sequence}")])
+        );
+    }
+    assert_eq!(result["more"], "none");
+    assert_eq!(result["pending"], 0);
+    assert_eq!(result["floor"], 12);
 }

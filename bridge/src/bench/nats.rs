@@ -464,6 +464,7 @@ pub async fn noop_responder_wire(url: &str, subject: &str) -> Result<()> {
         connect_timeout: Duration::from_secs(5),
         output_bytes_max: 64 * 1024 * 1024,
         events: Arc::new(|_| {}),
+        dialect: Default::default(),
     })
     .await
     .map_err(|failure| BridgeError::nats("cannot connect", failure))?;

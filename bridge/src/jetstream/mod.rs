@@ -18,6 +18,8 @@
 //! real JetStream in the same account and domain: at start it asks
 //! `<prefix>.INFO`, and if anyone answers it stays off and says why.
 
+mod consumer;
+mod consumers;
 mod errors;
 mod json;
 mod messages;
@@ -53,6 +55,11 @@ pub struct JetStreamService {
     pub domain: Option<String>,
     pub access: Arc<RwLock<AccessRules>>,
     pub counters: Arc<ApiCounters>,
+    pub consumers: Arc<consumers::Consumers>,
+    /// Where consumer deliveries go out: the leafnode connection when one
+    /// is configured (`leaf`), else the API connection.
+    pub deliveries: crate::wire::Client,
+    pub leaf: bool,
 }
 
 /// What `$JS.API.INFO` reports under `api`.
@@ -93,12 +100,24 @@ pub async fn other_jetstream(client: &crate::wire::Client, prefix: &str) -> Opti
     Some(text.chars().take(200).collect())
 }
 
-/// Subscribes to the API (before natswal calls itself ready).
+/// Subscribes to the API and to the acks of every stream's consumers
+/// (before natswal calls itself ready).
 pub fn subscribe(service: &JetStreamService) -> crate::wire::Subscription {
-    service
-        .client
-        .subscribe_all(&[format!("{}.>", service.prefix)])
+    let mut subjects = vec![format!("{}.>", service.prefix)];
+    for stream in service.streams.keys() {
+        subjects.push(format!("{ACK_PREFIX}{stream}.>"));
+        subjects.push(format!("{ACK_PREFIX_CLIENT}{stream}.>"));
+    }
+    service.client.subscribe_all(&subjects)
 }
+
+/// Where consumers' deliveries are acknowledged: JetStream's v1 form,
+/// which nats-server accepts as a reply subject only from a leafnode
+/// connection.
+pub(crate) const ACK_PREFIX: &str = "$JS.ACK.";
+/// The same tokens after natswal's own prefix, for deliveries without a
+/// leafnode connection (clients ack them, but cannot read the metadata).
+pub(crate) const ACK_PREFIX_CLIENT: &str = "$NWAL.ACK.";
 
 /// Serves requests until `shutdown`. Reads run on the blocking pool, one
 /// task per request, so a slow read never holds up an info request.
@@ -117,6 +136,12 @@ pub async fn run(
             },
         };
         for message in chunk {
+            if message.subject.starts_with(ACK_PREFIX.as_bytes())
+                || message.subject.starts_with(ACK_PREFIX_CLIENT.as_bytes())
+            {
+                consumers::route_ack(&service, &message);
+                continue;
+            }
             let service = service.clone();
             tokio::spawn(async move { service.answer(message).await });
         }
@@ -178,6 +203,13 @@ impl JetStreamService {
         self.counters.total.fetch_add(1, Ordering::Relaxed);
         if request.operation.starts_with("DIRECT.GET.") {
             messages::direct_get(self, &request).await;
+        } else if request.operation.starts_with("CONSUMER.") {
+            if request.needs_higher_level() && !request.operation.starts_with("CONSUMER.MSG.NEXT.")
+            {
+                let error: Result<(), _> = Err(JsError::required_api_level());
+                return self.respond(&request, "consumer_create", error).await;
+            }
+            consumers::dispatch(self, &request).await;
         } else {
             streams::dispatch(self, &request).await;
         }

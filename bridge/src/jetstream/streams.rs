@@ -74,12 +74,6 @@ fn split(operation: &str) -> (&'static str, Option<&str>) {
         ("STREAM.MSG.DELETE.", "stream_msg_delete"),
         ("STREAM.SNAPSHOT.", "stream_snapshot"),
         ("STREAM.RESTORE.", "stream_restore"),
-        ("CONSUMER.CREATE.", "consumer_create"),
-        ("CONSUMER.DURABLE.CREATE.", "consumer_create"),
-        ("CONSUMER.INFO.", "consumer_info"),
-        ("CONSUMER.DELETE.", "consumer_delete"),
-        ("CONSUMER.NAMES.", "consumer_names"),
-        ("CONSUMER.LIST.", "consumer_list"),
     ];
     match operation {
         "INFO" => return ("account_info", None),
@@ -89,11 +83,9 @@ fn split(operation: &str) -> (&'static str, Option<&str>) {
     }
     for (prefix, kind) in KINDS {
         if let Some(rest) = operation.strip_prefix(prefix) {
-            // A stream name is one token; consumer operations name the
-            // stream first.
-            let stream = rest.split('.').next().filter(|name| !name.is_empty());
-            let one_token = prefix.starts_with("CONSUMER.") || !rest.contains('.');
-            return (kind, stream.filter(|_| one_token));
+            // A stream name is one token.
+            let stream = Some(rest).filter(|name| !name.is_empty() && !name.contains('.'));
+            return (kind, stream);
         }
     }
     ("system", None)
@@ -104,7 +96,7 @@ fn split(operation: &str) -> (&'static str, Option<&str>) {
 fn refusal(operation: &str, stream: Option<&str>) -> JsError {
     let configured = "natswal's streams and their retention are configured in natswal's configuration file ([[streams]]), not through the JetStream API";
     let first = |prefix: &str| operation.starts_with(prefix);
-    if stream.is_none() && (first("STREAM.") || first("CONSUMER.")) {
+    if stream.is_none() && first("STREAM.") {
         return JsError::bad_request(&format!(
             "'{operation}' does not name a stream (a stream name is one token)"
         ));
@@ -139,14 +131,6 @@ fn refusal(operation: &str, stream: Option<&str>) -> JsError {
             10062,
             "restore failed: natswal's streams are restored from their segment files (docs/OPERATIONS.md)",
         )
-    } else if first("CONSUMER.INFO.") || first("CONSUMER.DELETE.") {
-        JsError::refused(404, 10014, "consumer not found")
-    } else if first("CONSUMER.") {
-        JsError::refused(
-            500,
-            10012,
-            "natswal does not serve JetStream consumers yet: read with STREAM.MSG.GET, DIRECT.GET or natswal's replay protocol (docs/PROTOCOL.md)",
-        )
     } else {
         JsError::bad_request(&format!(
             "natswal does not serve the JetStream API request '{operation}' (docs/PROTOCOL.md lists what it serves)"
@@ -166,7 +150,7 @@ fn account(service: &JetStreamService) -> AccountInfo {
         reserved_memory: 0,
         reserved_storage: 0,
         streams: service.streams.len(),
-        consumers: 0,
+        consumers: service.consumers.count(),
         limits: Limits::none(),
         domain: service.domain.clone(),
         api: ApiStats {
@@ -386,10 +370,6 @@ mod tests {
             split("STREAM.MSG.GET.orders"),
             ("stream_msg_get", Some("orders"))
         );
-        assert_eq!(
-            split("CONSUMER.CREATE.orders.c1.orders.x"),
-            ("consumer_create", Some("orders"))
-        );
         assert_eq!(split("ACCOUNT.PURGE.x"), ("system", None));
     }
 
@@ -403,8 +383,6 @@ mod tests {
         assert_eq!(code("STREAM.DELETE.orders"), (500, 10050));
         assert_eq!(code("STREAM.PURGE.orders"), (500, 10110));
         assert_eq!(code("STREAM.MSG.DELETE.orders"), (500, 10057));
-        assert_eq!(code("CONSUMER.INFO.orders.c1"), (404, 10014));
-        assert_eq!(code("CONSUMER.CREATE.orders"), (500, 10012));
         assert_eq!(code("STREAM.DELETE.a.b"), (400, 10003));
         assert_eq!(code("META.LEADER.STEPDOWN"), (400, 10003));
     }

@@ -72,6 +72,11 @@ pub struct Options {
     /// is slower than publishers); past it a publish fails.
     pub output_bytes_max: usize,
     pub events: Arc<dyn Fn(Event) + Send + Sync>,
+    /// A client connection, or a leafnode connection (natswal's consumer
+    /// deliveries: the hub accepts JetStream ack replies only from a
+    /// leafnode, and delivers `<ack>@<subject>` replies with the stored
+    /// subject).
+    pub dialect: protocol::Dialect,
 }
 
 /// A message received on a subscription.
@@ -243,8 +248,9 @@ impl Client {
                 bytes: output.bytes.len(),
             });
         }
-        protocol::encode_publish(
+        protocol::encode_message(
             &mut output.bytes,
+            self.shared.options.dialect,
             subject.as_bytes(),
             reply.as_bytes(),
             headers,
@@ -340,6 +346,7 @@ async fn open(options: &Options, address: &ServerAddress) -> Result<Opened, Conn
         &options.credentials,
         options.tls.as_ref(),
         options.connect_timeout,
+        options.dialect,
     )
     .await
 }
@@ -550,7 +557,7 @@ fn handle(
                 let _ = waiter.send(());
             }
         }
-        ServerOp::Ok => {}
+        ServerOp::Ok | ServerOp::Interest { .. } => {}
         ServerOp::Info(bytes) => {
             if let Ok(info) = serde_json::from_slice::<connect::ServerInfo>(&bytes) {
                 if info.max_payload > 0 {
@@ -614,6 +621,7 @@ mod tests {
             subscription_capacity,
             connect_timeout: Duration::from_secs(5),
             output_bytes_max: 1024 * 1024,
+            dialect: protocol::Dialect::Client,
             events: Arc::new(move |event| {
                 let _ = sender.send(event);
             }),

@@ -165,9 +165,11 @@ pub async fn open(
     credentials: &Credentials,
     tls: Option<&TlsOptions>,
     timeout: Duration,
+    dialect: protocol::Dialect,
 ) -> Result<Opened, ConnectFailure> {
     let at = format!("{}:{}", address.host, address.port);
-    match tokio::time::timeout(timeout, open_unbounded(address, name, credentials, tls)).await {
+    let opening = open_unbounded(address, name, credentials, tls, dialect);
+    match tokio::time::timeout(timeout, opening).await {
         Ok(result) => result.map_err(|failure| match failure {
             ConnectFailure::Refused(text) => ConnectFailure::Refused(format!("{at}: {text}")),
             ConnectFailure::Failed(text) => ConnectFailure::Failed(format!("{at}: {text}")),
@@ -184,6 +186,7 @@ async fn open_unbounded(
     name: &str,
     credentials: &Credentials,
     tls: Option<&TlsOptions>,
+    dialect: protocol::Dialect,
 ) -> Result<Opened, ConnectFailure> {
     let failed = |text: String| ConnectFailure::Failed(text);
     let tcp = tokio::net::TcpStream::connect((address.host.as_str(), address.port))
@@ -228,10 +231,16 @@ async fn open_unbounded(
         transport = Box::new(stream);
     }
     let mut output = BytesMut::new();
-    protocol::encode_connect(
-        &mut output,
-        &connect_options(address, name, credentials, &info, use_tls)?,
-    );
+    let mut options = connect_options(address, name, credentials, &info, use_tls)?;
+    if dialect == protocol::Dialect::Leaf {
+        // A leafnode names itself as a server and sends no `lang` (the
+        // hub takes a CONNECT with one for a client at the wrong port).
+        options["server_id"] = format!("NATSWAL{}", std::process::id()).into();
+        if let Some(fields) = options.as_object_mut() {
+            fields.remove("lang");
+        }
+    }
+    protocol::encode_connect(&mut output, &options);
     output.extend_from_slice(protocol::PING);
     transport
         .write_all(&output)
@@ -244,7 +253,7 @@ async fn open_unbounded(
     loop {
         match next_op(&mut transport, &mut buffer).await? {
             ServerOp::Pong => break,
-            ServerOp::Ok | ServerOp::Info(_) | ServerOp::Ping => {}
+            ServerOp::Ok | ServerOp::Info(_) | ServerOp::Ping | ServerOp::Interest { .. } => {}
             ServerOp::Err(text) => {
                 let lower = text.to_ascii_lowercase();
                 return Err(

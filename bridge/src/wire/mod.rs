@@ -30,3 +30,4 @@ mod test_support;
 
 pub use client::{Client, Event, Message, Options, PublishError, Subscription};
 pub use connect::{Credentials, ServerAddress, TlsOptions};
+pub use protocol::Dialect;

@@ -40,6 +40,12 @@ pub enum ServerOp {
     Pong,
     Ok,
     Err(String),
+    /// A leafnode hub's `LS+` / `LS-`: interest in a subject appeared or
+    /// went away (the line after the operation name).
+    Interest {
+        added: bool,
+        subject: Bytes,
+    },
 }
 
 /// The server broke the protocol.
@@ -110,6 +116,11 @@ pub fn parse(buffer: &mut BytesMut) -> Result<Option<ServerOp>, ProtocolError> {
         ServerOp::Err(text.trim().trim_matches('\'').to_string())
     } else if name.eq_ignore_ascii_case(b"INFO") {
         ServerOp::Info(Bytes::copy_from_slice(rest))
+    } else if name.eq_ignore_ascii_case(b"LS+") || name.eq_ignore_ascii_case(b"LS-") {
+        ServerOp::Interest {
+            added: name[2] == b'+',
+            subject: Bytes::copy_from_slice(rest),
+        }
     } else {
         return Err(error(format!(
             "unknown operation '{}'",
@@ -227,21 +238,35 @@ fn parse_decimal(text: &[u8]) -> Option<u64> {
     Some(value)
 }
 
-/// Appends `PUB` (or `HPUB` when `headers` is not empty), with a reply
-/// subject unless `reply` is empty.
-pub fn encode_publish(
+/// Which protocol a connection speaks: a client's, or a leafnode's (whose
+/// messages to the hub are `LMSG` and `HMSG`, shaped like `PUB` and
+/// `HPUB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    #[default]
+    Client,
+    Leaf,
+}
+
+/// Appends a message in `dialect`: `PUB`/`HPUB` or `LMSG`/`HMSG` (with
+/// headers when `headers` is not empty), with a reply subject unless
+/// `reply` is empty.
+pub fn encode_message(
     output: &mut BytesMut,
+    dialect: Dialect,
     subject: &[u8],
     reply: &[u8],
     headers: &[u8],
     payload: &[u8],
 ) {
     output.reserve(subject.len() + reply.len() + headers.len() + payload.len() + 48);
-    output.put_slice(if headers.is_empty() {
-        b"PUB "
-    } else {
-        b"HPUB "
-    });
+    let name: &[u8] = match (dialect, headers.is_empty()) {
+        (Dialect::Client, true) => b"PUB ",
+        (Dialect::Client, false) => b"HPUB ",
+        (Dialect::Leaf, true) => b"LMSG ",
+        (Dialect::Leaf, false) => b"HMSG ",
+    };
+    output.put_slice(name);
     output.put_slice(subject);
     output.put_u8(b' ');
     if !reply.is_empty() {
@@ -336,6 +361,24 @@ mod tests {
     }
 
     #[test]
+    fn a_hubs_interest_operations_parse() {
+        let ops = parse_all(b"LS+ $G _INBOX.abc\r\nLS- $G orders.>\r\n");
+        assert_eq!(
+            ops,
+            vec![
+                ServerOp::Interest {
+                    added: true,
+                    subject: Bytes::from_static(b"$G _INBOX.abc"),
+                },
+                ServerOp::Interest {
+                    added: false,
+                    subject: Bytes::from_static(b"$G orders.>"),
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn every_server_operation_parses() {
         let ops = parse_all(
             b"INFO {\"server_id\":\"x\"}\r\nPING\r\npong\r\n+OK\r\n-ERR 'Authorization Violation'\r\n\
@@ -405,15 +448,17 @@ HMSG orders.z 9 _INBOX.b 24 27\r\nNATS/1.0\r\nA: b\r\nC: d\r\n\r\nabc\r\n",
     #[test]
     fn encoders_write_the_protocol() {
         let mut output = BytesMut::new();
-        encode_publish(&mut output, b"a.b", b"", b"", b"hi");
-        encode_publish(&mut output, b"c", b"", b"NATS/1.0\r\n\r\n", b"xyz");
-        encode_publish(&mut output, b"d", b"r.1", b"", b"");
+        let client = Dialect::Client;
+        encode_message(&mut output, client, b"a.b", b"", b"", b"hi");
+        encode_message(&mut output, client, b"c", b"", b"NATS/1.0\r\n\r\n", b"xyz");
+        encode_message(&mut output, client, b"d", b"r.1", b"", b"");
+        encode_message(&mut output, Dialect::Leaf, b"e", b"r@s", b"H\r\n\r\n", b"");
         encode_subscribe(&mut output, "orders.>", None, 1);
         encode_subscribe(&mut output, "q", Some("workers"), 12345678901);
         encode_unsubscribe(&mut output, 0);
         assert_eq!(
             &output[..],
-            &b"PUB a.b 2\r\nhi\r\nHPUB c 12 15\r\nNATS/1.0\r\n\r\nxyz\r\nPUB d r.1 0\r\n\r\nSUB orders.> 1\r\nSUB q workers 12345678901\r\nUNSUB 0\r\n"[..]
+            &b"PUB a.b 2\r\nhi\r\nHPUB c 12 15\r\nNATS/1.0\r\n\r\nxyz\r\nPUB d r.1 0\r\n\r\nHMSG e r@s 5 5\r\nH\r\n\r\n\r\nSUB orders.> 1\r\nSUB q workers 12345678901\r\nUNSUB 0\r\n"[..]
         );
     }
 }

@@ -1,0 +1,658 @@
+//! One pull consumer: a cursor over a stream with JetStream's delivery and
+//! ack rules. Pull requests (`CONSUMER.MSG.NEXT`) wait in arrival order;
+//! the consumer's task fills the first one with redeliveries first, then
+//! new records matching its filters, and answers the rest of each request
+//! with JetStream's statuses: `404 No Messages` (a `no_wait` request that
+//! found nothing more), `408 Request Timeout` (its `expires` passed),
+//! `409 Message Size Exceeds MaxBytes`, `100 Idle Heartbeat`.
+//!
+//! Each delivery's reply subject is JetStream's v1 ack subject
+//! `$JS.ACK.<stream>.<consumer>.<deliveries>.<stream seq>.<consumer seq>.<ns>.<pending>`;
+//! acks arrive there ([`super::consumers::route_ack`]). With ack policy
+//! `explicit` or `all`, a delivered record stays pending until acked;
+//! after `ack_wait` (or a `-NAK`) it is delivered again, at most
+//! `max_deliver` times; at most `max_ack_pending` records are pending.
+//!
+//! Invariants: consumer sequences are dense (one per delivery, redeliveries
+//! included); the ack floor is the highest stream sequence below which
+//! nothing is pending; state changes happen under one lock and every
+//! change that may allow a delivery wakes the task.
+//!
+//! The state lives in memory: a consumer, durable or not, starts again
+//! from its deliver policy after natswal restarts (docs/PROTOCOL.md).
+
+use natswal::{StartPosition, StoredRecord, Stream, SubjectPattern};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Records read from the stream per blocking read step.
+const READ_STEP_RECORDS_MAX: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckPolicy {
+    None,
+    All,
+    Explicit,
+}
+
+/// What a consumer does, from its configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub filters: Vec<SubjectPattern>,
+    pub start: StartPosition,
+    pub ack_policy: AckPolicy,
+    pub ack_wait: Duration,
+    /// `None`: unlimited.
+    pub max_deliver: Option<u64>,
+    pub max_ack_pending: usize,
+    pub max_waiting: usize,
+    /// An ephemeral consumer is deleted after this long without requests.
+    pub inactive_threshold: Option<Duration>,
+}
+
+struct Pending {
+    consumer_sequence: u64,
+    deliveries: u64,
+    due: Instant,
+}
+
+/// One waiting pull request.
+struct PullRequest {
+    reply: String,
+    batch_left: u64,
+    /// Bytes the request still takes (`None`: no byte limit).
+    bytes_left: Option<u64>,
+    expires_at: Option<Instant>,
+    no_wait: bool,
+    heartbeat: Option<Duration>,
+    next_heartbeat: Option<Instant>,
+}
+
+/// A pull request as `CONSUMER.MSG.NEXT` asks (JetStream's fields).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct NextRequest {
+    #[serde(default)]
+    pub batch: u64,
+    /// Nanoseconds.
+    #[serde(default)]
+    pub expires: u64,
+    #[serde(default)]
+    pub max_bytes: u64,
+    #[serde(default)]
+    pub no_wait: bool,
+    /// Nanoseconds.
+    #[serde(default)]
+    pub idle_heartbeat: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// The stream sequence the cursor reads next.
+    next_sequence: u64,
+    /// Last delivery: consumer and stream sequence.
+    delivered: (u64, u64),
+    pending: BTreeMap<u64, Pending>,
+    /// Stream sequences to deliver again, in order.
+    redeliver: VecDeque<u64>,
+    ack_floor: (u64, u64),
+    redelivered: u64,
+    waiting: VecDeque<PullRequest>,
+    last_request: Option<Instant>,
+}
+
+/// What the consumer info reports.
+pub struct Snapshot {
+    pub delivered: (u64, u64),
+    pub ack_floor: (u64, u64),
+    pub ack_pending: usize,
+    pub redelivered: u64,
+    pub waiting: usize,
+    pub num_pending: u64,
+}
+
+pub struct Consumer {
+    pub stream_name: String,
+    pub name: String,
+    pub created_ns: i64,
+    /// The effective configuration, echoed in every info.
+    pub config: serde_json::Value,
+    pub settings: Settings,
+    stream: Arc<Stream>,
+    client: crate::wire::Client,
+    /// `client` is a leafnode connection: replies carry JetStream's ack
+    /// subject and `@<stored subject>`.
+    leaf: bool,
+    state: Mutex<State>,
+    wake: Notify,
+    deleted: AtomicBool,
+}
+
+impl Consumer {
+    pub fn new(
+        stream: Arc<Stream>,
+        client: crate::wire::Client,
+        leaf: bool,
+        name: String,
+        config: serde_json::Value,
+        settings: Settings,
+    ) -> Arc<Consumer> {
+        Arc::new(Consumer {
+            stream_name: stream.name().to_string(),
+            name,
+            created_ns: crate::dedup::now_ns(),
+            config,
+            settings,
+            stream,
+            client,
+            leaf,
+            state: Mutex::new(State {
+                last_request: Some(Instant::now()),
+                ..State::default()
+            }),
+            wake: Notify::new(),
+            deleted: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let state = self.lock();
+        let last = self.stream.status().next_offset.saturating_sub(1);
+        Snapshot {
+            delivered: state.delivered,
+            ack_floor: state.ack_floor,
+            ack_pending: state.pending.len(),
+            redelivered: state.redelivered,
+            waiting: state.waiting.len(),
+            // An upper bound with filters (there is no per-subject index).
+            num_pending: (last + 1).saturating_sub(state.next_sequence.max(1)),
+        }
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Stops the consumer; waiting requests get `409 Consumer Deleted`.
+    pub fn delete(&self) {
+        self.deleted.store(true, Ordering::Release);
+        let waiting: Vec<PullRequest> = self.lock().waiting.drain(..).collect();
+        for request in waiting {
+            self.status(&request.reply, "409 Consumer Deleted", None);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Queues a pull request, or refuses it at once.
+    pub fn pull(&self, reply: String, asked: NextRequest) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.last_request = Some(now);
+        if state.waiting.len() >= self.settings.max_waiting {
+            drop(state);
+            return self.status(&reply, "409 Exceeded MaxWaiting", None);
+        }
+        let heartbeat =
+            (asked.idle_heartbeat > 0).then(|| Duration::from_nanos(asked.idle_heartbeat));
+        state.waiting.push_back(PullRequest {
+            reply,
+            batch_left: asked.batch.max(1),
+            bytes_left: (asked.max_bytes > 0).then_some(asked.max_bytes),
+            expires_at: (asked.expires > 0).then(|| now + Duration::from_nanos(asked.expires)),
+            no_wait: asked.no_wait,
+            heartbeat,
+            next_heartbeat: heartbeat.map(|every| now + every),
+        });
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// An ack (`+ACK`, empty), `-NAK` (with an optional delay), `+WPI`,
+    /// `+TERM` or `+NXT` for the delivery of `stream_sequence`.
+    pub fn acknowledge(&self, stream_sequence: u64, body: &[u8]) {
+        let body = std::str::from_utf8(body).unwrap_or_default().trim();
+        let mut state = self.lock();
+        let now = Instant::now();
+        if body.starts_with("-NAK") {
+            let delay = nak_delay(body);
+            if let Some(pending) = state.pending.get_mut(&stream_sequence) {
+                pending.due = now + delay;
+                if delay.is_zero() && !state.redeliver.contains(&stream_sequence) {
+                    state.redeliver.push_back(stream_sequence);
+                }
+            }
+        } else if body.starts_with("+WPI") {
+            if let Some(pending) = state.pending.get_mut(&stream_sequence) {
+                pending.due = now + self.settings.ack_wait;
+            }
+        } else {
+            // +ACK, an empty body, +NXT and +TERM all end the delivery.
+            match self.settings.ack_policy {
+                AckPolicy::All => state
+                    .pending
+                    .retain(|sequence, _| *sequence > stream_sequence),
+                _ => {
+                    state.pending.remove(&stream_sequence);
+                }
+            }
+            let State {
+                pending, redeliver, ..
+            } = &mut *state;
+            redeliver.retain(|sequence| pending.contains_key(sequence));
+            update_ack_floor(&mut state);
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    fn status(&self, reply: &str, status: &str, pending: Option<(u64, Option<u64>)>) {
+        let mut headers = format!("NATS/1.0 {status}\r\n");
+        if let Some((messages, bytes)) = pending {
+            headers.push_str(&format!(
+                "Nats-Pending-Messages: {messages}\r\nNats-Pending-Bytes: {}\r\n",
+                bytes.unwrap_or(0)
+            ));
+        }
+        headers.push_str("\r\n");
+        if let Err(error) = self
+            .client
+            .publish_with_headers(reply, headers.as_bytes(), &[])
+        {
+            tracing::debug!(%error, "cannot send a pull status");
+        }
+    }
+
+    /// Serves requests until the consumer is deleted (or, ephemeral, idle
+    /// past its inactive threshold).
+    pub async fn run(self: Arc<Consumer>, consumers: Arc<super::consumers::Consumers>) {
+        let mut reader = match self.open_reader().await {
+            Ok(reader) => reader,
+            Err(error) => {
+                tracing::warn!(stream = %self.stream_name, consumer = %self.name, %error, "consumer cannot read its stream");
+                consumers.remove(&self.stream_name, &self.name);
+                return self.delete();
+            }
+        };
+        let mut buffered: VecDeque<StoredRecord> = VecDeque::new();
+        while !self.is_deleted() {
+            let wake = self.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            let next_timer = self.housekeeping();
+            if self.idle_too_long() {
+                consumers.remove(&self.stream_name, &self.name);
+                return self.delete();
+            }
+            if self.has_waiting() {
+                if let Some(sequence) = self.next_redelivery() {
+                    if let Some(record) = self.read_exact(sequence).await {
+                        self.deliver(record, true);
+                    } else {
+                        self.forget(sequence);
+                    }
+                    continue;
+                }
+                if self.may_deliver_new() {
+                    if buffered.is_empty() {
+                        let Some((returned, records)) = read_step(reader).await else {
+                            consumers.remove(&self.stream_name, &self.name);
+                            return self.delete();
+                        };
+                        reader = returned;
+                        buffered.extend(records);
+                    }
+                    if let Some(record) = buffered.pop_front() {
+                        self.deliver(record, false);
+                        continue;
+                    }
+                }
+                self.end_no_wait();
+            }
+            let sleep = tokio::time::sleep_until(
+                next_timer
+                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+                    .into(),
+            );
+            if self.has_waiting() && self.may_deliver_new() && buffered.is_empty() {
+                tokio::select! {
+                    _ = &mut wake => {}
+                    _ = sleep => {}
+                    _ = reader.wait() => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = &mut wake => {}
+                    _ = sleep => {}
+                }
+            }
+        }
+    }
+
+    async fn open_reader(&self) -> natswal::Result<natswal::Reader> {
+        let stream = Arc::clone(&self.stream);
+        let start = self.settings.start;
+        // One filter reads through the engine's filter; several are
+        // checked per record.
+        let filter = match self.settings.filters.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        };
+        tokio::task::spawn_blocking(move || stream.reader(start, filter))
+            .await
+            .map_err(|error| {
+                natswal::Error::io("the read task failed", std::io::Error::other(error))
+            })?
+    }
+
+    async fn read_exact(&self, sequence: u64) -> Option<StoredRecord> {
+        let stream = Arc::clone(&self.stream);
+        let read = tokio::task::spawn_blocking(move || {
+            stream.reader(StartPosition::Offset(sequence), None)?.next()
+        })
+        .await;
+        match read {
+            Ok(Ok(Some(record))) if record.offset == sequence => Some(record),
+            _ => None,
+        }
+    }
+
+    fn has_waiting(&self) -> bool {
+        !self.lock().waiting.is_empty()
+    }
+
+    fn may_deliver_new(&self) -> bool {
+        self.settings.ack_policy == AckPolicy::None
+            || self.lock().pending.len() < self.settings.max_ack_pending
+    }
+
+    fn idle_too_long(&self) -> bool {
+        let Some(threshold) = self.settings.inactive_threshold else {
+            return false;
+        };
+        let state = self.lock();
+        state.waiting.is_empty()
+            && state
+                .last_request
+                .is_some_and(|last| last.elapsed() > threshold)
+    }
+
+    fn next_redelivery(&self) -> Option<u64> {
+        self.lock().redeliver.pop_front()
+    }
+
+    /// A pending record that can no longer be read (retention removed it).
+    fn forget(&self, sequence: u64) {
+        let mut state = self.lock();
+        state.pending.remove(&sequence);
+        update_ack_floor(&mut state);
+    }
+
+    /// Expires requests, sends heartbeats, moves overdue pending records
+    /// to redelivery; returns the next time something falls due.
+    fn housekeeping(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let mut statuses = Vec::new();
+        state.waiting.retain_mut(|request| {
+            if request.expires_at.is_some_and(|at| at <= now) {
+                statuses.push((
+                    request.reply.clone(),
+                    "408 Request Timeout",
+                    Some((request.batch_left, request.bytes_left)),
+                ));
+                return false;
+            }
+            if let (Some(at), Some(every)) = (request.next_heartbeat, request.heartbeat) {
+                if at <= now {
+                    statuses.push((request.reply.clone(), "100 Idle Heartbeat", None));
+                    request.next_heartbeat = Some(now + every);
+                }
+            }
+            true
+        });
+        if self.settings.ack_policy != AckPolicy::None {
+            let overdue: Vec<u64> = state
+                .pending
+                .iter()
+                .filter(|(_, pending)| pending.due <= now)
+                .map(|(sequence, _)| *sequence)
+                .collect();
+            for sequence in overdue {
+                let deliveries = state.pending[&sequence].deliveries;
+                if self
+                    .settings
+                    .max_deliver
+                    .is_some_and(|max| deliveries >= max)
+                {
+                    // Delivered as often as allowed: it stays pending (as in
+                    // JetStream) but is not sent again.
+                    if let Some(pending) = state.pending.get_mut(&sequence) {
+                        pending.due = now + Duration::from_secs(86_400 * 365);
+                    }
+                } else if !state.redeliver.contains(&sequence) {
+                    state.redeliver.push_back(sequence);
+                    if let Some(pending) = state.pending.get_mut(&sequence) {
+                        pending.due = now + self.settings.ack_wait;
+                    }
+                }
+            }
+        }
+        let mut next: Option<Instant> = None;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                next = Some(next.map_or(at, |next| next.min(at)));
+            }
+        };
+        for request in &state.waiting {
+            consider(request.expires_at);
+            consider(request.next_heartbeat);
+        }
+        if self.settings.ack_policy != AckPolicy::None {
+            consider(state.pending.values().map(|pending| pending.due).min());
+        }
+        if let (Some(threshold), Some(last)) =
+            (self.settings.inactive_threshold, state.last_request)
+        {
+            consider(Some(last + threshold + Duration::from_millis(10)));
+        }
+        drop(state);
+        for (reply, status, pending) in statuses {
+            self.status(&reply, status, pending);
+        }
+        next
+    }
+
+    /// `no_wait` requests at the front that found nothing more end with
+    /// `404 No Messages`.
+    fn end_no_wait(&self) {
+        let mut ended = Vec::new();
+        {
+            let mut state = self.lock();
+            while state.waiting.front().is_some_and(|request| request.no_wait) {
+                ended.push(state.waiting.pop_front().expect("front").reply);
+            }
+        }
+        for reply in ended {
+            self.status(&reply, "404 No Messages", None);
+        }
+    }
+
+    fn matches(&self, record: &StoredRecord) -> bool {
+        self.settings.filters.len() < 2
+            || self
+                .settings
+                .filters
+                .iter()
+                .any(|filter| filter.matches(&record.subject))
+    }
+
+    /// Sends `record` to the first waiting request.
+    fn deliver(&self, record: StoredRecord, again: bool) {
+        if !again && !self.matches(&record) {
+            self.lock().next_sequence = record.offset + 1;
+            return;
+        }
+        let size = (record.subject.len() + record.headers.len() + record.payload.len()) as u64;
+        let mut state = self.lock();
+        let Some(request) = state.waiting.front_mut() else {
+            return;
+        };
+        if request.bytes_left.is_some_and(|left| size > left) {
+            let refused = state.waiting.pop_front().expect("front");
+            drop(state);
+            if again {
+                self.lock().redeliver.push_front(record.offset);
+            }
+            return self.status(
+                &refused.reply,
+                "409 Message Size Exceeds MaxBytes",
+                Some((refused.batch_left, refused.bytes_left)),
+            );
+        }
+        request.batch_left -= 1;
+        if let Some(left) = &mut request.bytes_left {
+            *left -= size;
+        }
+        if let (Some(_), Some(every)) = (request.next_heartbeat, request.heartbeat) {
+            request.next_heartbeat = Some(Instant::now() + every);
+        }
+        let reply = request.reply.clone();
+        if request.batch_left == 0 || request.bytes_left == Some(0) {
+            state.waiting.pop_front();
+        }
+        let consumer_sequence = state.delivered.0 + 1;
+        state.delivered = (consumer_sequence, state.delivered.1.max(record.offset));
+        let deliveries = match state.pending.get_mut(&record.offset) {
+            Some(pending) => {
+                pending.deliveries += 1;
+                pending.consumer_sequence = consumer_sequence;
+                pending.due = Instant::now() + self.settings.ack_wait;
+                let deliveries = pending.deliveries;
+                state.redelivered += 1;
+                deliveries
+            }
+            None => {
+                if self.settings.ack_policy != AckPolicy::None {
+                    state.pending.insert(
+                        record.offset,
+                        Pending {
+                            consumer_sequence,
+                            deliveries: 1,
+                            due: Instant::now() + self.settings.ack_wait,
+                        },
+                    );
+                }
+                1
+            }
+        };
+        if !again {
+            state.next_sequence = record.offset + 1;
+        }
+        if self.settings.ack_policy == AckPolicy::None {
+            state.ack_floor = state.delivered;
+        }
+        let last = self.stream.status().next_offset.saturating_sub(1);
+        let pending_count = last.saturating_sub(state.next_sequence.saturating_sub(1));
+        drop(state);
+        let subject = String::from_utf8_lossy(&record.subject).into_owned();
+        let prefix = if self.leaf {
+            super::ACK_PREFIX
+        } else {
+            super::ACK_PREFIX_CLIENT
+        };
+        let mut ack_subject = format!(
+            "{prefix}{}.{}.{deliveries}.{}.{consumer_sequence}.{}.{pending_count}",
+            self.stream_name, self.name, record.offset, record.timestamp_ns
+        );
+        if self.leaf {
+            // The hub delivers it with the stored subject, the reply cut
+            // at the '@'.
+            ack_subject.push('@');
+            ack_subject.push_str(&subject);
+        }
+        // Without a leafnode the receiver sees its inbox as the subject:
+        // the stored one travels in a header.
+        let extra = if self.leaf {
+            Vec::new()
+        } else {
+            vec![("Nats-Subject", subject.as_str())]
+        };
+        let headers = if record.headers.is_empty() && extra.is_empty() {
+            Vec::new()
+        } else {
+            crate::headers::replay_block(&record.headers, &extra)
+        };
+        if let Err(error) =
+            self.client
+                .publish_with_reply(&reply, &ack_subject, &headers, &record.payload)
+        {
+            tracing::debug!(%error, "cannot send a consumer delivery");
+        }
+    }
+}
+
+/// The ack floor: below the first pending record (or at the last
+/// delivery when nothing is pending).
+fn update_ack_floor(state: &mut State) {
+    state.ack_floor = match state.pending.iter().next() {
+        Some((sequence, pending)) => (
+            pending.consumer_sequence.saturating_sub(1),
+            sequence.saturating_sub(1),
+        ),
+        None => state.delivered,
+    };
+}
+
+/// `-NAK {"delay": <ns>}`: the delay before the redelivery (none: now).
+fn nak_delay(body: &str) -> Duration {
+    let json = body.trim_start_matches("-NAK").trim();
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|value| value.get("delay")?.as_u64())
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
+/// Reads the next records (up to a step) on the blocking pool.
+/// `None` if the read task itself failed (the reader is gone with it).
+async fn read_step(mut reader: natswal::Reader) -> Option<(natswal::Reader, Vec<StoredRecord>)> {
+    let read = tokio::task::spawn_blocking(move || {
+        let mut records = Vec::new();
+        while records.len() < READ_STEP_RECORDS_MAX {
+            match reader.next() {
+                Ok(Some(record)) => records.push(record),
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "a consumer's read failed");
+                    break;
+                }
+            }
+        }
+        (reader, records)
+    })
+    .await;
+    read.map_err(|error| tracing::warn!(%error, "a consumer's read task failed"))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nak_may_carry_a_delay() {
+        assert_eq!(nak_delay("-NAK"), Duration::ZERO);
+        assert_eq!(
+            nak_delay("-NAK {\"delay\": 2000000000}"),
+            Duration::from_secs(2)
+        );
+        assert_eq!(nak_delay("-NAK junk"), Duration::ZERO);
+    }
+}

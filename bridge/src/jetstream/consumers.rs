@@ -1,0 +1,504 @@
+//! The consumer API: `CONSUMER.CREATE.<s>[.<name>[.<filter>]]`,
+//! `CONSUMER.DURABLE.CREATE.<s>.<d>`, `CONSUMER.INFO`, `CONSUMER.DELETE`,
+//! `CONSUMER.NAMES`, `CONSUMER.LIST` and `CONSUMER.MSG.NEXT`, and the
+//! routing of acks (`$JS.ACK.<stream>.>`) to their consumer.
+//!
+//! Pull consumers only: a configuration with a `deliver_subject` (push) is
+//! refused with 10012, saying so. The effective configuration, JetStream's
+//! defaults filled in, is echoed in full: clients rebuild their consumers
+//! from it.
+
+use super::consumer::{AckPolicy, Consumer, NextRequest, Settings};
+use super::errors::JsError;
+use super::json::Paged;
+use super::{JetStreamService, Request};
+use natswal::{StartPosition, SubjectPattern};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// JetStream's defaults.
+const ACK_WAIT_DEFAULT: Duration = Duration::from_secs(30);
+const MAX_ACK_PENDING_DEFAULT: i64 = 1000;
+const MAX_WAITING_DEFAULT: i64 = 512;
+const INACTIVE_THRESHOLD_DEFAULT: Duration = Duration::from_secs(5);
+/// Consumers at once across all streams: each is a task and a reader, so
+/// a client creating them in a loop cannot exhaust memory or files.
+const CONSUMERS_MAX: usize = 10_000;
+
+/// Every consumer, by stream and name.
+#[derive(Default)]
+pub struct Consumers {
+    by_stream: Mutex<BTreeMap<String, BTreeMap<String, Arc<Consumer>>>>,
+}
+
+impl Consumers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, Arc<Consumer>>>> {
+        self.by_stream
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn get(&self, stream: &str, name: &str) -> Option<Arc<Consumer>> {
+        self.lock().get(stream)?.get(name).cloned()
+    }
+
+    pub fn remove(&self, stream: &str, name: &str) -> Option<Arc<Consumer>> {
+        self.lock().get_mut(stream)?.remove(name)
+    }
+
+    fn of_stream(&self, stream: &str) -> Vec<Arc<Consumer>> {
+        self.lock()
+            .get(stream)
+            .map(|consumers| consumers.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().values().map(BTreeMap::len).sum()
+    }
+}
+
+#[derive(Serialize)]
+struct SequenceJson {
+    consumer_seq: u64,
+    stream_seq: u64,
+}
+
+#[derive(Serialize)]
+pub(super) struct ConsumerInfoJson {
+    stream_name: String,
+    name: String,
+    created: String,
+    config: Value,
+    delivered: SequenceJson,
+    ack_floor: SequenceJson,
+    num_ack_pending: usize,
+    num_redelivered: u64,
+    num_waiting: usize,
+    num_pending: u64,
+    ts: String,
+}
+
+fn info_of(consumer: &Consumer) -> ConsumerInfoJson {
+    let snapshot = consumer.snapshot();
+    ConsumerInfoJson {
+        stream_name: consumer.stream_name.clone(),
+        name: consumer.name.clone(),
+        created: crate::time::format_rfc3339(consumer.created_ns),
+        config: consumer.config.clone(),
+        delivered: SequenceJson {
+            consumer_seq: snapshot.delivered.0,
+            stream_seq: snapshot.delivered.1,
+        },
+        ack_floor: SequenceJson {
+            consumer_seq: snapshot.ack_floor.0,
+            stream_seq: snapshot.ack_floor.1,
+        },
+        num_ack_pending: snapshot.ack_pending,
+        num_redelivered: snapshot.redelivered,
+        num_waiting: snapshot.waiting,
+        num_pending: snapshot.num_pending,
+        ts: crate::time::format_rfc3339(crate::dedup::now_ns()),
+    }
+}
+
+/// Answers a `CONSUMER.*` request.
+pub(super) async fn dispatch(service: &JetStreamService, request: &Request) {
+    let operation = request.operation.as_str();
+    let tokens: Vec<&str> = operation.split('.').collect();
+    match tokens.as_slice() {
+        ["CONSUMER", "MSG", "NEXT", stream, name] => next(service, request, stream, name),
+        ["CONSUMER", "CREATE", stream, rest @ ..] => {
+            let name = rest.first().copied();
+            let result = create(service, request, stream, name, false);
+            service.respond(request, "consumer_create", result).await;
+        }
+        ["CONSUMER", "DURABLE", "CREATE", stream, name] => {
+            let result = create(service, request, stream, Some(name), true);
+            service.respond(request, "consumer_create", result).await;
+        }
+        ["CONSUMER", "INFO", stream, name] => {
+            let result = service.may_read_status(request).and_then(|()| {
+                service.stream(stream)?;
+                let consumer = service
+                    .consumers
+                    .get(stream, name)
+                    .ok_or_else(consumer_not_found)?;
+                Ok(info_of(&consumer))
+            });
+            service.respond(request, "consumer_info", result).await;
+        }
+        ["CONSUMER", "DELETE", stream, name] => {
+            let result = service.stream(stream).and_then(|_| {
+                let consumer = service
+                    .consumers
+                    .remove(stream, name)
+                    .ok_or_else(consumer_not_found)?;
+                consumer.delete();
+                Ok(json!({"success": true}))
+            });
+            service.respond(request, "consumer_delete", result).await;
+        }
+        ["CONSUMER", "NAMES", stream] => {
+            let result = service.stream(stream).map(|_| {
+                let names: Vec<String> = service
+                    .consumers
+                    .of_stream(stream)
+                    .iter()
+                    .map(|consumer| consumer.name.clone())
+                    .collect();
+                page(names, "consumers")
+            });
+            service.respond(request, "consumer_names", result).await;
+        }
+        ["CONSUMER", "LIST", stream] => {
+            let result = service.stream(stream).map(|_| {
+                let infos: Vec<ConsumerInfoJson> = service
+                    .consumers
+                    .of_stream(stream)
+                    .iter()
+                    .map(|consumer| info_of(consumer))
+                    .collect();
+                page(infos, "consumers")
+            });
+            service.respond(request, "consumer_list", result).await;
+        }
+        _ => {
+            let error: Result<(), _> = Err(JsError::bad_request(&format!(
+                "natswal does not serve the JetStream API request '{operation}'"
+            )));
+            service.respond(request, "consumer_info", error).await;
+        }
+    }
+}
+
+fn page<T: Serialize>(items: Vec<T>, field: &str) -> Value {
+    let paged = Paged {
+        total: items.len(),
+        offset: 0,
+        limit: super::json::NAMES_PAGE_MAX,
+    };
+    let mut value = serde_json::to_value(paged).unwrap_or_default();
+    value[field] = serde_json::to_value(items).unwrap_or_default();
+    value
+}
+
+fn consumer_not_found() -> JsError {
+    JsError::refused(404, 10014, "consumer not found")
+}
+
+/// `CONSUMER.MSG.NEXT.<stream>.<consumer>`: a pull request. Its answers
+/// are messages and statuses, never JSON.
+fn next(service: &JetStreamService, request: &Request, stream: &str, name: &str) {
+    let status = |line: &str| {
+        let headers = format!("NATS/1.0 {line}\r\n\r\n");
+        let _ = service
+            .client
+            .publish_with_headers(&request.reply, headers.as_bytes(), &[]);
+    };
+    if request.needs_higher_level() {
+        return status("412 Required Api Level");
+    }
+    let Some(consumer) = service.consumers.get(stream, name) else {
+        return status("409 Consumer Deleted");
+    };
+    let asked: NextRequest = if request.payload.iter().all(u8::is_ascii_whitespace) {
+        NextRequest::default()
+    } else {
+        match serde_json::from_slice::<NextRequest>(&request.payload) {
+            Ok(asked) => asked,
+            // A bare number is a batch size (the oldest clients' form).
+            Err(_) => match std::str::from_utf8(&request.payload)
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+            {
+                Some(batch) => NextRequest {
+                    batch,
+                    ..NextRequest::default()
+                },
+                None => return status("400 Bad Request"),
+            },
+        }
+    };
+    let readable = readable(service, stream, &consumer.settings);
+    if let Err(error) = service.may_read(request, &readable) {
+        return status(&format!(
+            "403 {}",
+            error.description.replace(['\r', '\n'], " ")
+        ));
+    }
+    consumer.pull(request.reply.clone(), asked);
+}
+
+/// The subjects a consumer may return: its filters, or all of its
+/// stream's subjects (what the access rules check).
+fn readable(service: &JetStreamService, stream: &str, settings: &Settings) -> Vec<SubjectPattern> {
+    if !settings.filters.is_empty() {
+        return settings.filters.clone();
+    }
+    service
+        .sections
+        .get(stream)
+        .map(|section| {
+            section
+                .subjects
+                .iter()
+                .filter_map(|subject| SubjectPattern::parse(subject).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Creates a consumer (or answers with the existing one of that name).
+fn create(
+    service: &JetStreamService,
+    request: &Request,
+    stream_name: &str,
+    subject_name: Option<&str>,
+    durable_subject: bool,
+) -> Result<ConsumerInfoJson, JsError> {
+    let (stream, _) = service.stream(stream_name)?;
+    let body: Value = request.parse()?;
+    if let Some(asked_stream) = body.get("stream_name").and_then(Value::as_str) {
+        if asked_stream != stream_name {
+            return Err(JsError::refused(
+                400,
+                10056,
+                "stream name in subject does not match request",
+            ));
+        }
+    }
+    let mut config = body.get("config").cloned().unwrap_or_else(|| json!({}));
+    if !config.is_object() {
+        return Err(JsError::bad_request(
+            "the request's config is not an object",
+        ));
+    }
+    if config
+        .get("deliver_subject")
+        .and_then(Value::as_str)
+        .is_some_and(|subject| !subject.is_empty())
+    {
+        return Err(JsError::refused(
+            500,
+            10012,
+            "natswal serves pull consumers only, not yet push consumers (deliver_subject): use a pull consumer",
+        ));
+    }
+    let durable_name = text(&config, "durable_name");
+    let config_name = text(&config, "name");
+    let name = match (subject_name, &durable_name, &config_name) {
+        (Some(subject), Some(durable), _) if subject != durable => {
+            return Err(JsError::refused(
+                400,
+                10017,
+                "consumer name in subject does not match durable name in request",
+            ))
+        }
+        (Some(subject), _, Some(named)) if subject != named => {
+            return Err(JsError::refused(
+                400,
+                10017,
+                "consumer name in subject does not match durable name in request",
+            ))
+        }
+        (Some(subject), _, _) => subject.to_string(),
+        (None, Some(durable), _) => durable.clone(),
+        (None, None, Some(named)) => named.clone(),
+        (None, None, None) => generated_name(),
+    };
+    if name.is_empty() || name.contains(['.', '*', '>', ' ']) {
+        return Err(JsError::bad_request(&format!(
+            "'{name}' is not a consumer name"
+        )));
+    }
+    let durable = durable_subject || durable_name.is_some();
+    if let Some(existing) = service.consumers.get(stream_name, &name) {
+        return Ok(info_of(&existing));
+    }
+    if service.consumers.count() >= CONSUMERS_MAX {
+        return Err(JsError::refused(
+            400,
+            10026,
+            &format!("maximum consumers limit reached ({CONSUMERS_MAX} across natswal's streams)"),
+        ));
+    }
+    let mut settings = settings(&mut config, &name, durable)?;
+    if text(&config, "deliver_policy").as_deref() == Some("last") {
+        // The stream's last record (none yet: whatever comes first).
+        let status = stream.status();
+        let last = status.next_offset.saturating_sub(1);
+        settings.start = StartPosition::Offset(last.max(status.first_offset).max(1));
+    }
+    service.may_read(request, &readable(service, stream_name, &settings))?;
+    let consumer = Consumer::new(
+        Arc::clone(stream),
+        service.deliveries.clone(),
+        service.leaf,
+        name.clone(),
+        config,
+        settings,
+    );
+    {
+        let mut all = service.consumers.lock();
+        let of_stream = all.entry(stream_name.to_string()).or_default();
+        if let Some(existing) = of_stream.get(&name) {
+            return Ok(info_of(existing));
+        }
+        of_stream.insert(name, Arc::clone(&consumer));
+    }
+    tokio::spawn(Arc::clone(&consumer).run(Arc::clone(&service.consumers)));
+    Ok(info_of(&consumer))
+}
+
+fn text(config: &Value, field: &str) -> Option<String> {
+    config
+        .get(field)
+        .and_then(Value::as_str)
+        .filter(|text| !text.is_empty())
+        .map(str::to_string)
+}
+
+fn generated_name() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mixed = (crate::dedup::now_ns() as u64 ^ (count << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    format!("{mixed:016X}")
+}
+
+/// The consumer's settings from its configuration, and the configuration
+/// with JetStream's defaults filled in (what info echoes).
+fn settings(config: &mut Value, name: &str, durable: bool) -> Result<Settings, JsError> {
+    let bad = |reason: String| JsError::bad_request(&reason);
+    let mut filters = Vec::new();
+    let mut filter_texts: Vec<String> = text(config, "filter_subject").into_iter().collect();
+    if let Some(many) = config.get("filter_subjects").and_then(Value::as_array) {
+        filter_texts.extend(many.iter().filter_map(Value::as_str).map(str::to_string));
+    }
+    for filter in &filter_texts {
+        filters.push(
+            SubjectPattern::parse(filter)
+                .map_err(|error| bad(format!("filter subject '{filter}': {error}")))?,
+        );
+    }
+    let deliver = text(config, "deliver_policy").unwrap_or_else(|| "all".to_string());
+    let start = match deliver.as_str() {
+        "all" => StartPosition::Earliest,
+        "new" => StartPosition::Latest,
+        "last" => StartPosition::Latest,
+        "by_start_sequence" => StartPosition::Offset(
+            config
+                .get("opt_start_seq")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad("deliver policy by_start_sequence needs opt_start_seq".into()))?,
+        ),
+        "by_start_time" => {
+            let time = text(config, "opt_start_time")
+                .ok_or_else(|| bad("deliver policy by_start_time needs opt_start_time".into()))?;
+            StartPosition::Time(crate::time::parse_time(&time).map_err(bad)?)
+        }
+        "last_per_subject" => {
+            return Err(bad(
+                "deliver policy last_per_subject needs a per-subject index, which natswal does not keep".into(),
+            ))
+        }
+        other => return Err(bad(format!("deliver policy '{other}' is not one of JetStream's"))),
+    };
+    let ack_policy = match text(config, "ack_policy").as_deref().unwrap_or("explicit") {
+        "none" => AckPolicy::None,
+        "all" => AckPolicy::All,
+        "explicit" => AckPolicy::Explicit,
+        other => {
+            return Err(bad(format!(
+                "ack policy '{other}' is not one of JetStream's"
+            )))
+        }
+    };
+    let nanoseconds = |field: &str| {
+        config
+            .get(field)
+            .and_then(Value::as_u64)
+            .filter(|value| *value > 0)
+    };
+    let ack_wait = nanoseconds("ack_wait").map_or(ACK_WAIT_DEFAULT, Duration::from_nanos);
+    let max_deliver = config
+        .get("max_deliver")
+        .and_then(Value::as_i64)
+        .unwrap_or(-1);
+    let max_ack_pending = config
+        .get("max_ack_pending")
+        .and_then(Value::as_i64)
+        .filter(|value| *value != 0)
+        .unwrap_or(MAX_ACK_PENDING_DEFAULT);
+    let max_waiting = config
+        .get("max_waiting")
+        .and_then(Value::as_i64)
+        .filter(|value| *value > 0)
+        .unwrap_or(MAX_WAITING_DEFAULT);
+    let inactive = nanoseconds("inactive_threshold").map(Duration::from_nanos);
+    let inactive_threshold = if durable {
+        inactive
+    } else {
+        Some(inactive.unwrap_or(INACTIVE_THRESHOLD_DEFAULT))
+    };
+    let fields = [
+        ("name", json!(name)),
+        ("deliver_policy", json!(deliver)),
+        (
+            "ack_policy",
+            json!(text(config, "ack_policy").unwrap_or_else(|| "explicit".into())),
+        ),
+        ("ack_wait", json!(ack_wait.as_nanos() as u64)),
+        ("max_deliver", json!(max_deliver)),
+        ("replay_policy", json!("instant")),
+        ("max_waiting", json!(max_waiting)),
+        ("max_ack_pending", json!(max_ack_pending)),
+        ("num_replicas", json!(0)),
+    ];
+    let object = config.as_object_mut().expect("checked to be an object");
+    for (field, value) in fields {
+        object.insert(field.to_string(), value);
+    }
+    if durable {
+        object.insert("durable_name".to_string(), json!(name));
+    }
+    if let Some(threshold) = inactive_threshold {
+        object.insert(
+            "inactive_threshold".to_string(),
+            json!(threshold.as_nanos() as u64),
+        );
+    }
+    Ok(Settings {
+        filters,
+        start,
+        ack_policy,
+        ack_wait,
+        max_deliver: u64::try_from(max_deliver).ok().filter(|max| *max > 0),
+        max_ack_pending: usize::try_from(max_ack_pending).unwrap_or(usize::MAX),
+        max_waiting: usize::try_from(max_waiting).unwrap_or(512),
+        inactive_threshold,
+    })
+}
+
+/// An ack on `$JS.ACK.<stream>.<consumer>.<deliveries>.<sseq>.<cseq>.<ts>.<pending>`.
+pub(super) fn route_ack(service: &JetStreamService, message: &crate::wire::Message) {
+    let subject = message.subject_text();
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let [_, _, stream, name, _, sequence, ..] = tokens.as_slice() else {
+        return;
+    };
+    let Some(sequence) = sequence.parse::<u64>().ok() else {
+        return;
+    };
+    if let Some(consumer) = service.consumers.get(stream, name) {
+        consumer.acknowledge(sequence, &message.payload);
+    }
+    // A double ack (a request) is answered once the ack is applied.
+    if let Some(reply) = &message.reply {
+        let _ = service.client.publish(reply, &[]);
+    }
+}
