@@ -641,3 +641,76 @@ asyncio.run(main(sys.argv[1]))
     assert_eq!(result["pending"], 0);
     assert_eq!(result["floor"], 12);
 }
+
+/// CPU seconds (user and system) natswal has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_consumers_cost_no_cpu() {
+    use futures_util::StreamExt;
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 3).await;
+    let stream = jetstream::new(client.clone())
+        .get_stream("orders")
+        .await
+        .unwrap();
+    // An unacked delivery whose ack_wait passes while no request waits
+    // for its redelivery.
+    let unacked: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("unacked".to_string()),
+            ack_wait: Duration::from_millis(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut batch = unacked.fetch().max_messages(1).messages().await.unwrap();
+    let first = batch.next().await.expect("a delivery").unwrap();
+    assert_eq!(first.info().unwrap().stream_sequence, 1);
+    drop(batch);
+    // An ephemeral consumer whose long poll outlasts its inactive threshold.
+    let polling: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            filter_subject: "orders.none".to_string(),
+            inactive_threshold: Duration::from_millis(200),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut long_poll = polling
+        .batch()
+        .max_messages(1)
+        .expires(Duration::from_secs(3))
+        .messages()
+        .await
+        .unwrap();
+    let before = cpu_seconds(natswal.pid());
+    let started = std::time::Instant::now();
+    assert!(
+        long_poll.next().await.is_none(),
+        "nothing matches orders.none"
+    );
+    let idle = started.elapsed().as_secs_f64();
+    let used = cpu_seconds(natswal.pid()) - before;
+    // A task that wakes itself in a loop burns a whole core meanwhile.
+    assert!(idle > 1.0, "the long poll ended after {idle} s");
+    assert!(
+        used < 0.3 * idle,
+        "natswal used {used} s of CPU in {idle} s idle"
+    );
+    // The redelivery still comes when asked for.
+    let mut again = unacked.fetch().max_messages(1).messages().await.unwrap();
+    let redelivered = again.next().await.expect("the redelivery").unwrap();
+    assert_eq!(redelivered.info().unwrap().stream_sequence, 1);
+    assert!(redelivered.info().unwrap().delivered >= 2);
+}

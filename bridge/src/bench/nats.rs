@@ -143,7 +143,7 @@ pub(super) fn start_nats_server(
     name: &str,
     extra: &str,
 ) -> Result<(ChildProcess, String)> {
-    start_nats_server_on(binary, directory, name, extra, free_port()?)
+    start_nats_server_on(binary, directory, name, extra, "", free_port()?)
 }
 
 /// Where [`start_nats_server_on`] keeps JetStream's data for `name`.
@@ -158,13 +158,14 @@ pub(super) fn start_nats_server_on(
     directory: &Path,
     name: &str,
     extra: &str,
+    outer: &str,
     port: u16,
 ) -> Result<(ChildProcess, String)> {
     let store = jetstream_store(directory, name);
     std::fs::create_dir_all(&store)
         .map_err(|error| BridgeError::io(format!("cannot create {}", store.display()), error))?;
     let config = format!(
-        "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n store_dir: \"{}\"\n{extra}}}\n",
+        "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n store_dir: \"{}\"\n{extra}}}\n{outer}",
         store.display()
     );
     let config_path = directory.join(format!("nats-{name}.conf"));
@@ -182,10 +183,20 @@ pub(super) fn start_nats_server_on(
     Ok((process, format!("nats://127.0.0.1:{port}")))
 }
 
-fn start_natswal(directory: &Path, url: &str, write_mode: &str) -> Result<ChildProcess> {
+/// natswal's JetStream domain in the benchmark: the broker runs a real
+/// JetStream too (the peer), which answers `$JS.API`.
+const NATSWAL_DOMAIN: &str = "nwal";
+
+fn start_natswal(
+    directory: &Path,
+    url: &str,
+    leafnode_url: &str,
+    write_mode: &str,
+) -> Result<ChildProcess> {
     let data = directory.join("natswal");
     let config = format!(
         "data_dir = \"{}\"\n[nats]\nservers = [\"{url}\"]\n[http]\nlisten = \"\"\n[storage]\nwrite_mode = \"{write_mode}\"\n\
+         [jetstream]\ndomain = \"{NATSWAL_DOMAIN}\"\nleafnode_url = \"{leafnode_url}\"\n\
          [[streams]]\nname = \"fsync\"\nsubjects = [\"nw.fsync.>\"]\ndurability = \"fsync\"\nmax_message_bytes = \"4MiB\"\nallow_atomic = true\nallow_batched = true\natomic_batches_max = 1000\natomic_staging_bytes = \"512MiB\"\n\
          [[streams]]\nname = \"none\"\nsubjects = [\"nw.none.>\"]\ndurability = \"none\"\nmax_message_bytes = \"4MiB\"\n",
         data.display()
@@ -667,6 +678,75 @@ async fn jetstream_replay(client: &async_nats::Client, stream: &str, count: u64)
     })
 }
 
+/// The JetStream consumers the replay cases read with, on JetStream and on
+/// natswal's JetStream API alike.
+#[derive(Debug, Clone, Copy)]
+enum ConsumerKind {
+    /// async-nats's ordered pull consumer (ephemeral, no acks).
+    OrderedPull,
+    /// A pull consumer without acks, 500 messages per pull request.
+    Pull500,
+}
+
+/// Reads `count` records of `stream` with a JetStream consumer of `kind`.
+async fn consumer_replay(
+    context: &async_nats::jetstream::Context,
+    stream: &str,
+    count: u64,
+    kind: ConsumerKind,
+) -> Result<Rate> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    let stream = context
+        .get_stream(stream)
+        .await
+        .map_err(|error| BridgeError::nats("get the stream", error))?;
+    let started = Instant::now();
+    let mut messages = match kind {
+        ConsumerKind::OrderedPull => stream
+            .create_consumer(pull::OrderedConfig::default())
+            .await
+            .map_err(|error| BridgeError::nats("create an ordered pull consumer", error))?
+            .messages()
+            .await
+            .map_err(|error| BridgeError::nats("consume", error))?
+            .map(|message| message.map_err(|error| error.to_string()))
+            .boxed(),
+        ConsumerKind::Pull500 => stream
+            .create_consumer(pull::Config {
+                ack_policy: AckPolicy::None,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| BridgeError::nats("create a pull consumer", error))?
+            .stream()
+            .max_messages_per_batch(500)
+            .messages()
+            .await
+            .map_err(|error| BridgeError::nats("consume", error))?
+            .map(|message| message.map_err(|error| error.to_string()))
+            .boxed(),
+    };
+    let mut received = 0u64;
+    while received < count {
+        match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
+            Ok(Some(Ok(_))) => received += 1,
+            Ok(Some(Err(error))) => {
+                return Err(BridgeError::Nats(format!("{kind:?} consumer: {error}")))
+            }
+            _ => {
+                return Err(BridgeError::Nats(format!(
+                    "{kind:?} consumer stalled after {received}"
+                )))
+            }
+        }
+    }
+    Ok(Rate {
+        messages: received,
+        seconds: started.elapsed().as_secs_f64(),
+        errors: 0,
+    })
+}
+
 async fn create_jetstream_stream(
     client: &async_nats::Client,
     name: &str,
@@ -702,10 +782,14 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
     std::fs::create_dir_all(&directory).map_err(|error| {
         BridgeError::io(format!("cannot create {}", directory.display()), error)
     })?;
-    let (_server, url) = start_nats_server(&binary, &directory, "default", "")?;
+    let leaf_port = free_port()?;
+    let leafnodes = format!("leafnodes {{ listen: \"127.0.0.1:{leaf_port}\" }}\n");
+    let (_server, url) =
+        start_nats_server_on(&binary, &directory, "default", "", &leafnodes, free_port()?)?;
+    let leafnode_url = format!("nats://127.0.0.1:{leaf_port}");
     let (_server_always, url_always) =
         start_nats_server(&binary, &directory, "always", " sync_interval: always\n")?;
-    let natswal = start_natswal(&directory, &url, &args.write_mode)?;
+    let natswal = start_natswal(&directory, &url, &leafnode_url, &args.write_mode)?;
     let noop = spawn_self(
         &[
             "bench",
@@ -855,23 +939,45 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
         let batched = natswal_replay(&clients[0], "none", count, Mode::Batched).await?;
         let frames = natswal_replay(&clients[0], "none", count, Mode::Frames).await?;
         let ordered = jetstream_replay(&clients[0], "JSDEFAULT", count).await?;
+        let theirs = async_nats::jetstream::new(clients[0].clone());
+        let ours = async_nats::jetstream::with_domain(clients[0].clone(), NATSWAL_DOMAIN);
+        let mut consumers = Vec::new();
+        for kind in [ConsumerKind::OrderedPull, ConsumerKind::Pull500] {
+            let jetstream = consumer_replay(&theirs, "JSDEFAULT", count, kind).await?;
+            let natswal = consumer_replay(&ours, "none", count, kind).await?;
+            consumers.push((kind, jetstream, natswal));
+        }
         println!();
         println!("## Replay of {count} records");
         println!();
-        println!("| reader | msgs/s | x JetStream ordered consumer |");
-        println!("| --- | --- | --- |");
-        for (name, rate) in [
-            ("JetStream ordered push consumer", ordered),
-            ("natswal replay, one message per record", per_message),
-            ("natswal replay, batched (records-v1)", batched),
-            ("natswal replay, stored frames (frame-v1)", frames),
-        ] {
+        println!("| reader | msgs/s | x JetStream ordered push consumer | x the same client on JetStream |");
+        println!("| --- | --- | --- | --- |");
+        let row = |name: &str, rate: Rate, same: Option<Rate>| {
+            let versus_same = same.map_or("-".to_string(), |same| {
+                format!("{:.2}", rate.per_second() / same.per_second().max(1e-9))
+            });
             println!(
-                "| {name} | {:.0} | {:.2} |",
+                "| {name} | {:.0} | {:.2} | {versus_same} |",
                 rate.per_second(),
                 rate.per_second() / ordered.per_second().max(1e-9)
             );
+        };
+        row("JetStream ordered push consumer", ordered, None);
+        for (kind, jetstream, natswal) in consumers {
+            let label = match kind {
+                ConsumerKind::OrderedPull => "ordered pull consumer (async-nats)",
+                ConsumerKind::Pull500 => "pull consumer, batch 500, no acks (async-nats)",
+            };
+            row(&format!("JetStream {label}"), jetstream, None);
+            row(
+                &format!("natswal's JetStream API, {label}"),
+                natswal,
+                Some(jetstream),
+            );
         }
+        row("natswal replay, one message per record", per_message, None);
+        row("natswal replay, batched (records-v1)", batched, None);
+        row("natswal replay, stored frames (frame-v1)", frames, None);
     }
     drop(clients);
     drop(clients_always);

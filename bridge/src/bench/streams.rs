@@ -557,7 +557,7 @@ async fn measure_jetstream(
         streams,
         ..Measured::default()
     };
-    let start = || start_nats_server_on(binary, directory, "peer", "", port);
+    let start = || start_nats_server_on(binary, directory, "peer", "", "", port);
     let (mut server, url) = start()?;
     let clients = vec![connect(&url).await?, connect(&url).await?];
     let started = Instant::now();

@@ -101,6 +101,10 @@ struct State {
     redelivered: u64,
     waiting: VecDeque<PullRequest>,
     last_request: Option<Instant>,
+    /// The stream's last sequence when the cursor last read (what each
+    /// delivery's pending count is reckoned from, without asking the
+    /// stream per delivery).
+    stream_last: u64,
 }
 
 /// What the consumer info reports.
@@ -307,6 +311,8 @@ impl Consumer {
                             return self.delete();
                         };
                         reader = returned;
+                        let last = self.stream.status().next_offset.saturating_sub(1);
+                        self.lock().stream_last = last;
                         buffered.extend(records);
                     }
                     if let Some(record) = buffered.pop_front() {
@@ -401,6 +407,7 @@ impl Consumer {
         let now = Instant::now();
         let mut state = self.lock();
         let mut statuses = Vec::new();
+        let waiting_before = state.waiting.len();
         state.waiting.retain_mut(|request| {
             if request.expires_at.is_some_and(|at| at <= now) {
                 statuses.push((
@@ -418,6 +425,9 @@ impl Consumer {
             }
             true
         });
+        if state.waiting.len() < waiting_before {
+            state.last_request = Some(now);
+        }
         if self.settings.ack_policy != AckPolicy::None {
             let overdue: Vec<u64> = state
                 .pending
@@ -437,8 +447,13 @@ impl Consumer {
                     if let Some(pending) = state.pending.get_mut(&sequence) {
                         pending.due = now + Duration::from_secs(86_400 * 365);
                     }
-                } else if !state.redeliver.contains(&sequence) {
-                    state.redeliver.push_back(sequence);
+                } else {
+                    if !state.redeliver.contains(&sequence) {
+                        state.redeliver.push_back(sequence);
+                    }
+                    // Due again one ack_wait on, queued or not: a due time
+                    // left in the past would wake this task at once, over
+                    // and over, while no request takes the redelivery.
                     if let Some(pending) = state.pending.get_mut(&sequence) {
                         pending.due = now + self.settings.ack_wait;
                     }
@@ -458,9 +473,13 @@ impl Consumer {
         if self.settings.ack_policy != AckPolicy::None {
             consider(state.pending.values().map(|pending| pending.due).min());
         }
-        if let (Some(threshold), Some(last)) =
-            (self.settings.inactive_threshold, state.last_request)
-        {
+        // Inactivity counts only while no request waits (a long poll is
+        // activity), from the end of the last one.
+        if let (Some(threshold), Some(last), true) = (
+            self.settings.inactive_threshold,
+            state.last_request,
+            state.waiting.is_empty(),
+        ) {
             consider(Some(last + threshold + Duration::from_millis(10)));
         }
         drop(state);
@@ -478,6 +497,7 @@ impl Consumer {
             let mut state = self.lock();
             while state.waiting.front().is_some_and(|request| request.no_wait) {
                 ended.push(state.waiting.pop_front().expect("front").reply);
+                state.last_request = Some(Instant::now());
             }
         }
         for reply in ended {
@@ -527,6 +547,7 @@ impl Consumer {
         let reply = request.reply.clone();
         if request.batch_left == 0 || request.bytes_left == Some(0) {
             state.waiting.pop_front();
+            state.last_request = Some(Instant::now());
         }
         let consumer_sequence = state.delivered.0 + 1;
         state.delivered = (consumer_sequence, state.delivered.1.max(record.offset));
@@ -559,7 +580,7 @@ impl Consumer {
         if self.settings.ack_policy == AckPolicy::None {
             state.ack_floor = state.delivered;
         }
-        let last = self.stream.status().next_offset.saturating_sub(1);
+        let last = state.stream_last.max(record.offset);
         let pending_count = last.saturating_sub(state.next_sequence.saturating_sub(1));
         drop(state);
         let subject = String::from_utf8_lossy(&record.subject).into_owned();
