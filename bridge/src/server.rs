@@ -507,7 +507,12 @@ async fn start_jetstream(
         consumers: Arc::default(),
         leaf: config.jetstream.leafnode_url.is_some(),
         deliveries,
+        data_dir: config.data_dir.clone(),
     };
+    let restored = crate::jetstream::restore_consumers(&service);
+    if restored > 0 {
+        tracing::info!(restored, "durable JetStream consumers restored");
+    }
     let subscription = crate::jetstream::subscribe(&service);
     Ok(Some(tokio::spawn(crate::jetstream::run(
         service,

@@ -714,3 +714,79 @@ async fn idle_consumers_cost_no_cpu() {
     assert_eq!(redelivered.info().unwrap().stream_sequence, 1);
     assert!(redelivered.info().unwrap().delivered >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_consumer_resumes_after_sigkill_with_its_unacked_redelivered() {
+    use futures_util::StreamExt;
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let mut natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 20).await;
+    let context = jetstream::new(client.clone());
+    let stream = context.get_stream("orders").await.unwrap();
+    let durable: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("resumes".to_string()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // 10 delivered; the first 5 acked (double acks: answered once the ack
+    // is on disk), the other 5 left pending.
+    let mut batch = durable.fetch().max_messages(10).messages().await.unwrap();
+    let mut delivered = Vec::new();
+    while let Some(message) = batch.next().await {
+        let message = message.unwrap();
+        let sequence = message.info().unwrap().stream_sequence;
+        delivered.push(sequence);
+        if sequence <= 5 {
+            message.double_ack().await.expect("the ack is durable");
+        }
+    }
+    assert_eq!(delivered, (1..=10).collect::<Vec<u64>>());
+
+    natswal.kill();
+    natswal.restart();
+
+    // The unacked five come again first, then the rest; nothing acked does.
+    let mut after = Vec::new();
+    let mut batch = durable
+        .batch()
+        .max_messages(15)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .unwrap();
+    while let Some(message) = batch.next().await {
+        let message = message.unwrap();
+        let info = message.info().unwrap();
+        after.push(info.stream_sequence);
+        message.ack().await.unwrap();
+        if after.len() == 15 {
+            break;
+        }
+    }
+    assert_eq!(after, (6..=20).collect::<Vec<u64>>());
+    let mut info_handle = durable.clone();
+    let info = info_handle.info().await.unwrap().clone();
+    assert_eq!(info.config.durable_name.as_deref(), Some("resumes"));
+
+    // A damaged file is reported by path, and natswal starts without it.
+    natswal.terminate();
+    let file = data.path().join("consumers/orders/resumes.consumer");
+    let mut bytes = std::fs::read(&file).expect("the consumer's file");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    natswal.restart();
+    let said = natswal.startup_output().join("\n");
+    assert!(
+        said.contains("resumes.consumer") && said.contains("checksum"),
+        "{said}"
+    );
+    let gone = stream
+        .get_consumer::<jetstream::consumer::pull::Config>("resumes")
+        .await;
+    assert!(gone.is_err(), "a damaged consumer is not served half-read");
+}

@@ -18,8 +18,14 @@
 //! nothing is pending; state changes happen under one lock and every
 //! change that may allow a delivery wakes the task.
 //!
-//! The state lives in memory: a consumer, durable or not, starts again
-//! from its deliver policy after natswal restarts (docs/PROTOCOL.md).
+//! A durable consumer's state (its deliveries, pending records and ack
+//! floor) is saved to its file ([`super::consumer_file`]) at most
+//! [`SAVE_COALESCE`] after it changes; a double ack is answered only once
+//! a save that includes it is on disk. After a restart the consumer goes
+//! on after its last saved delivery and delivers its saved pending records
+//! again first; deliveries and acks of the last moments before a crash may
+//! come again (at least once, never lost). Ephemeral consumers live in
+//! memory only.
 
 use natswal::{StartPosition, StoredRecord, Stream, SubjectPattern};
 use std::collections::{BTreeMap, VecDeque};
@@ -30,6 +36,9 @@ use tokio::sync::Notify;
 
 /// Records read from the stream per blocking read step.
 const READ_STEP_RECORDS_MAX: usize = 256;
+
+/// How long a durable consumer's changes gather before one save.
+pub const SAVE_COALESCE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckPolicy {
@@ -132,6 +141,11 @@ pub struct Consumer {
     state: Mutex<State>,
     wake: Notify,
     deleted: AtomicBool,
+    /// A durable consumer's file, its pending changes and the double acks
+    /// waiting for the next save.
+    file: Option<super::consumer_file::ConsumerFile>,
+    changed: Notify,
+    save_waiters: Mutex<Vec<String>>,
 }
 
 impl Consumer {
@@ -142,6 +156,7 @@ impl Consumer {
         name: String,
         config: serde_json::Value,
         settings: Settings,
+        file: Option<super::consumer_file::ConsumerFile>,
     ) -> Arc<Consumer> {
         Arc::new(Consumer {
             stream_name: stream.name().to_string(),
@@ -158,7 +173,117 @@ impl Consumer {
             }),
             wake: Notify::new(),
             deleted: AtomicBool::new(false),
+            file,
+            changed: Notify::new(),
+            save_waiters: Mutex::new(Vec::new()),
         })
+    }
+
+    /// What a save keeps.
+    pub fn saved_state(&self) -> super::consumer_file::SavedState {
+        let state = self.lock();
+        super::consumer_file::SavedState {
+            config: serde_json::to_vec(&self.config).unwrap_or_default(),
+            delivered: state.delivered,
+            ack_floor: state.ack_floor,
+            pending: state
+                .pending
+                .iter()
+                .map(|(sequence, pending)| {
+                    (*sequence, pending.consumer_sequence, pending.deliveries)
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes up a saved state (before the consumer runs): its pending
+    /// records are delivered again first.
+    pub fn restore(&self, saved: &super::consumer_file::SavedState) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.delivered = saved.delivered;
+        state.ack_floor = saved.ack_floor;
+        state.next_sequence = saved.delivered.1 + 1;
+        for (sequence, consumer_sequence, deliveries) in &saved.pending {
+            state.pending.insert(
+                *sequence,
+                Pending {
+                    consumer_sequence: *consumer_sequence,
+                    deliveries: *deliveries,
+                    due: now + self.settings.ack_wait,
+                },
+            );
+            state.redeliver.push_back(*sequence);
+        }
+    }
+
+    /// Saves the state now (a durable consumer's creation).
+    pub fn save_now(&self) -> std::io::Result<()> {
+        match &self.file {
+            Some(file) => file.save(&self.saved_state()),
+            None => Ok(()),
+        }
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Answers a double ack once the next save (which includes its ack) is
+    /// on disk.
+    pub fn reply_after_save(&self, reply: String) {
+        self.save_waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(reply);
+        self.changed.notify_one();
+    }
+
+    fn mark_changed(&self) {
+        if self.file.is_some() {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Saves a durable consumer's changes, coalesced, until it is deleted;
+    /// then removes its file.
+    pub async fn persist(self: Arc<Consumer>) {
+        let Some(file) = self.file.clone() else {
+            return;
+        };
+        loop {
+            self.changed.notified().await;
+            if self.is_deleted() {
+                break;
+            }
+            tokio::time::sleep(SAVE_COALESCE).await;
+            let waiters = std::mem::take(
+                &mut *self
+                    .save_waiters
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            );
+            let state = self.saved_state();
+            let target = file.clone();
+            let saved = tokio::task::spawn_blocking(move || target.save(&state)).await;
+            match saved {
+                Ok(Ok(())) => {
+                    for reply in waiters {
+                        let _ = self.client.publish(&reply, &[]);
+                    }
+                }
+                // Not answered: the client's double ack times out rather
+                // than hearing of an ack that is not on disk.
+                Ok(Err(error)) => tracing::error!(
+                    path = %file.path.display(), %error,
+                    "cannot save a durable consumer's state; its acks since the last save are not durable"
+                ),
+                Err(error) => tracing::error!(%error, "a consumer save task failed"),
+            }
+        }
+        if let Err(error) = file.remove() {
+            tracing::error!(path = %file.path.display(), %error, "cannot remove a deleted consumer's file");
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -188,6 +313,7 @@ impl Consumer {
     /// Stops the consumer; waiting requests get `409 Consumer Deleted`.
     pub fn delete(&self) {
         self.deleted.store(true, Ordering::Release);
+        self.changed.notify_one();
         let waiting: Vec<PullRequest> = self.lock().waiting.drain(..).collect();
         for request in waiting {
             self.status(&request.reply, "409 Consumer Deleted", None);
@@ -254,6 +380,7 @@ impl Consumer {
             update_ack_floor(&mut state);
         }
         drop(state);
+        self.mark_changed();
         self.wake.notify_one();
     }
 
@@ -583,6 +710,7 @@ impl Consumer {
         let last = state.stream_last.max(record.offset);
         let pending_count = last.saturating_sub(state.next_sequence.saturating_sub(1));
         drop(state);
+        self.mark_changed();
         let subject = String::from_utf8_lossy(&record.subject).into_owned();
         let prefix = if self.leaf {
             super::ACK_PREFIX

@@ -9,6 +9,7 @@
 //! from it.
 
 use super::consumer::{AckPolicy, Consumer, NextRequest, Settings};
+use super::consumer_file::ConsumerFile;
 use super::errors::JsError;
 use super::json::Paged;
 use super::{JetStreamService, Request};
@@ -310,7 +311,8 @@ fn create(
         (None, None, Some(named)) => named.clone(),
         (None, None, None) => generated_name(),
     };
-    if name.is_empty() || name.contains(['.', '*', '>', ' ']) {
+    let unfit = |character: char| ".*>/\\ ".contains(character) || character.is_control();
+    if name.is_empty() || name.len() > 200 || name.contains(unfit) {
         return Err(JsError::bad_request(&format!(
             "'{name}' is not a consumer name"
         )));
@@ -334,6 +336,8 @@ fn create(
         settings.start = StartPosition::Offset(last.max(status.first_offset).max(1));
     }
     service.may_read(request, &readable(service, stream_name, &settings))?;
+    let file =
+        durable.then(|| ConsumerFile::new(&consumers_directory(service, stream_name), &name));
     let consumer = Consumer::new(
         Arc::clone(stream),
         service.deliveries.clone(),
@@ -341,6 +345,7 @@ fn create(
         name.clone(),
         config,
         settings,
+        file,
     );
     {
         let mut all = service.consumers.lock();
@@ -348,10 +353,95 @@ fn create(
         if let Some(existing) = of_stream.get(&name) {
             return Ok(info_of(existing));
         }
-        of_stream.insert(name, Arc::clone(&consumer));
+        of_stream.insert(name.clone(), Arc::clone(&consumer));
     }
-    tokio::spawn(Arc::clone(&consumer).run(Arc::clone(&service.consumers)));
+    // A durable consumer exists on disk before its creation is answered.
+    if let Err(error) = consumer.save_now() {
+        service.consumers.remove(stream_name, &name);
+        return Err(JsError::refused(
+            500,
+            10012,
+            &format!("cannot save the durable consumer '{name}': {error}"),
+        ));
+    }
+    start(service, &consumer);
     Ok(info_of(&consumer))
+}
+
+fn start(service: &JetStreamService, consumer: &Arc<Consumer>) {
+    tokio::spawn(Arc::clone(consumer).run(Arc::clone(&service.consumers)));
+    tokio::spawn(Arc::clone(consumer).persist());
+}
+
+/// Where a stream's durable consumers keep their files.
+fn consumers_directory(service: &JetStreamService, stream: &str) -> std::path::PathBuf {
+    service.data_dir.join("consumers").join(stream)
+}
+
+/// Brings back every durable consumer saved for natswal's streams (at
+/// start, before requests are served). A damaged file is reported with its
+/// path and left in place; its consumer is not restored.
+pub(super) fn restore(service: &JetStreamService) -> usize {
+    let mut restored = 0;
+    for (stream_name, stream) in service.streams.iter() {
+        let directory = consumers_directory(service, stream_name);
+        let Ok(entries) = std::fs::read_dir(&directory) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(name) = file_name.strip_suffix(".consumer") else {
+                continue;
+            };
+            let file = ConsumerFile::new(&directory, name);
+            match restore_one(service, stream, name, file) {
+                Ok(()) => restored += 1,
+                Err(reason) => tracing::error!(
+                    stream = %stream_name, consumer = %name, %reason,
+                    "a durable consumer's file cannot be read: the consumer is not restored (its file is kept for inspection)"
+                ),
+            }
+        }
+    }
+    restored
+}
+
+fn restore_one(
+    service: &JetStreamService,
+    stream: &Arc<natswal::Stream>,
+    name: &str,
+    file: ConsumerFile,
+) -> Result<(), String> {
+    let saved = file.load()?;
+    let mut config: Value = serde_json::from_slice(&saved.config).map_err(|error| {
+        format!(
+            "{}: its config does not parse: {error}",
+            file.path.display()
+        )
+    })?;
+    let mut settings = settings(&mut config, name, true)
+        .map_err(|error| format!("{}: {}", file.path.display(), error.description))?;
+    if saved.delivered.1 > 0 {
+        settings.start = StartPosition::Offset(saved.delivered.1 + 1);
+    }
+    let consumer = Consumer::new(
+        Arc::clone(stream),
+        service.deliveries.clone(),
+        service.leaf,
+        name.to_string(),
+        config,
+        settings,
+        Some(file),
+    );
+    consumer.restore(&saved);
+    service
+        .consumers
+        .lock()
+        .entry(stream.name().to_string())
+        .or_default()
+        .insert(name.to_string(), Arc::clone(&consumer));
+    start(service, &consumer);
+    Ok(())
 }
 
 fn text(config: &Value, field: &str) -> Option<String> {
@@ -494,11 +584,18 @@ pub(super) fn route_ack(service: &JetStreamService, message: &crate::wire::Messa
     let Some(sequence) = sequence.parse::<u64>().ok() else {
         return;
     };
-    if let Some(consumer) = service.consumers.get(stream, name) {
+    let consumer = service.consumers.get(stream, name);
+    if let Some(consumer) = &consumer {
         consumer.acknowledge(sequence, &message.payload);
     }
-    // A double ack (a request) is answered once the ack is applied.
+    // A double ack (a request) is answered once the ack is applied, and
+    // for a durable consumer once it is on disk.
     if let Some(reply) = &message.reply {
-        let _ = service.client.publish(reply, &[]);
+        match consumer.filter(|consumer| consumer.is_durable()) {
+            Some(consumer) => consumer.reply_after_save(reply.to_string()),
+            None => {
+                let _ = service.client.publish(reply, &[]);
+            }
+        }
     }
 }

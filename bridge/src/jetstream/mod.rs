@@ -19,6 +19,7 @@
 //! `<prefix>.INFO`, and if anyone answers it stays off and says why.
 
 mod consumer;
+mod consumer_file;
 mod consumers;
 mod errors;
 mod json;
@@ -60,6 +61,9 @@ pub struct JetStreamService {
     /// is configured (`leaf`), else the API connection.
     pub deliveries: crate::wire::Client,
     pub leaf: bool,
+    /// natswal's data directory (durable consumers keep their files in
+    /// `consumers/<stream>/` there).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// What `$JS.API.INFO` reports under `api`.
@@ -98,6 +102,11 @@ pub async fn other_jetstream(client: &crate::wire::Client, prefix: &str) -> Opti
     }
     let text = String::from_utf8_lossy(&message.payload);
     Some(text.chars().take(200).collect())
+}
+
+/// Brings back the durable consumers saved on disk; returns how many.
+pub fn restore_consumers(service: &JetStreamService) -> usize {
+    consumers::restore(service)
 }
 
 /// Subscribes to the API and to the acks of every stream's consumers
