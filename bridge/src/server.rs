@@ -508,6 +508,9 @@ async fn start_jetstream(
         leaf: config.jetstream.leafnode_url.is_some(),
         deliveries,
         data_dir: config.data_dir.clone(),
+        fs: Arc::new(natswal::io::os::OsFileSystem::new(
+            natswal::io::WriteMode::Pwrite,
+        )),
     };
     let restored = crate::jetstream::restore_consumers(&service);
     if restored > 0 {

@@ -218,7 +218,7 @@ impl Consumer {
     }
 
     /// Saves the state now (a durable consumer's creation).
-    pub fn save_now(&self) -> std::io::Result<()> {
+    pub fn save_now(&self) -> natswal::Result<()> {
         match &self.file {
             Some(file) => file.save(&self.saved_state()),
             None => Ok(()),

@@ -17,8 +17,9 @@
 //! ignored and replaced by the next save. A file that fails its checks is
 //! reported with its path and the reason, never read in part.
 
-use std::io::Write;
+use natswal::io::FileSystem;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const MAGIC: &[u8; 4] = b"NWCS";
 const VERSION: u16 = 1;
@@ -151,16 +152,19 @@ pub fn decode(bytes: &[u8]) -> Result<SavedState, String> {
     })
 }
 
-/// One consumer's file.
+/// One consumer's file, through the engine's [`FileSystem`] (the OS's, or
+/// the in-memory one that crash tests stop at any operation).
 #[derive(Debug, Clone)]
 pub struct ConsumerFile {
     pub path: PathBuf,
+    fs: Arc<dyn FileSystem>,
 }
 
 impl ConsumerFile {
-    pub fn new(directory: &Path, name: &str) -> ConsumerFile {
+    pub fn new(fs: Arc<dyn FileSystem>, directory: &Path, name: &str) -> ConsumerFile {
         ConsumerFile {
             path: directory.join(format!("{name}.consumer")),
+            fs,
         }
     }
 
@@ -168,49 +172,60 @@ impl ConsumerFile {
         self.path.parent().unwrap_or(Path::new("."))
     }
 
-    /// Replaces the file with `state`, crash-atomically (module docs).
-    pub fn save(&self, state: &SavedState) -> std::io::Result<()> {
-        let directory = self.directory();
-        let created = !directory.exists();
-        std::fs::create_dir_all(directory)?;
-        if created {
-            sync_directory(directory.parent().unwrap_or(directory))?;
+    /// Makes `directory` and its missing parents, each made durable in its
+    /// parent.
+    fn make_directories(&self, directory: &Path) -> natswal::Result<()> {
+        if self.fs.is_directory(directory) {
+            return Ok(());
         }
+        let parent = directory.parent().unwrap_or(Path::new("/"));
+        self.make_directories(parent)?;
+        self.fs.make_directory(directory)?;
+        self.fs.sync_directory(parent)
+    }
+
+    /// Replaces the file with `state`, crash-atomically (module docs).
+    pub fn save(&self, state: &SavedState) -> natswal::Result<()> {
+        let directory = self.directory().to_path_buf();
+        self.make_directories(&directory)?;
         let temporary = self.path.with_extension("consumer.tmp");
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&encode(state))?;
+        if self.fs.exists(&temporary) {
+            self.fs.remove(&temporary)?;
+        }
+        let file = self.fs.create(&temporary)?;
+        file.write_at(0, &encode(state))?;
         file.sync_all()?;
         drop(file);
-        std::fs::rename(&temporary, &self.path)?;
-        sync_directory(directory)
+        self.fs.rename(&temporary, &self.path)?;
+        self.fs.sync_directory(&directory)
     }
 
     pub fn load(&self) -> Result<SavedState, String> {
         let describe = |reason: String| format!("{}: {reason}", self.path.display());
-        let length = std::fs::metadata(&self.path)
-            .map_err(|error| describe(error.to_string()))?
-            .len();
+        let length = self
+            .fs
+            .file_length(&self.path)
+            .map_err(|error| describe(error.to_string()))?;
         if length > FILE_BYTES_MAX {
             return Err(describe(format!(
                 "{length} bytes is more than a consumer file holds"
             )));
         }
-        let bytes = std::fs::read(&self.path).map_err(|error| describe(error.to_string()))?;
+        let bytes = self
+            .fs
+            .read(&self.path)
+            .map_err(|error| describe(error.to_string()))?;
         decode(&bytes).map_err(describe)
     }
 
     /// Removes the file (a deleted consumer), durably.
-    pub fn remove(&self) -> std::io::Result<()> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => sync_directory(self.directory()),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(error) => Err(error),
+    pub fn remove(&self) -> natswal::Result<()> {
+        if !self.fs.exists(&self.path) {
+            return Ok(());
         }
+        self.fs.remove(&self.path)?;
+        self.fs.sync_directory(self.directory())
     }
-}
-
-fn sync_directory(directory: &Path) -> std::io::Result<()> {
-    std::fs::File::open(directory)?.sync_all()
 }
 
 #[cfg(test)]
@@ -244,11 +259,17 @@ mod tests {
         assert!(decode(&forged).unwrap_err().contains("header says"));
     }
 
+    fn os() -> Arc<dyn FileSystem> {
+        Arc::new(natswal::io::os::OsFileSystem::new(
+            natswal::io::WriteMode::Pwrite,
+        ))
+    }
+
     #[test]
     fn a_save_replaces_the_file_and_ignores_a_leftover_temporary() {
         let directory = tempfile::tempdir().unwrap();
-        let file = ConsumerFile::new(&directory.path().join("orders"), "d1");
-        std::fs::create_dir_all(directory.path().join("orders")).unwrap();
+        let file = ConsumerFile::new(os(), &directory.path().join("consumers/orders"), "d1");
+        file.save(&SavedState::default()).unwrap();
         std::fs::write(file.path.with_extension("consumer.tmp"), b"half a save").unwrap();
         file.save(&sample()).unwrap();
         assert_eq!(file.load(), Ok(sample()));
@@ -261,5 +282,40 @@ mod tests {
         assert!(error.contains("d1.consumer"), "{error}");
         file.remove().unwrap();
         assert!(!file.path.exists());
+    }
+
+    #[test]
+    fn a_crash_at_any_step_of_a_save_leaves_the_old_state_or_the_new() {
+        use natswal::io::memory::MemoryFileSystem;
+        let old = sample();
+        let mut new = sample();
+        new.pending = vec![(36, 11, 1)];
+        new.delivered = (13, 41);
+        let mut outcomes = (0, 0);
+        for crash_at in 1..=12u64 {
+            for seed in 0..4 {
+                let memory = MemoryFileSystem::new();
+                memory.make_directory(Path::new("/data")).unwrap();
+                memory.sync_directory(Path::new("/")).unwrap();
+                let fs: Arc<dyn FileSystem> = Arc::new(memory.clone());
+                let file = ConsumerFile::new(fs, Path::new("/data/consumers/orders"), "d1");
+                file.save(&old).unwrap();
+                memory.crash_after_operations(crash_at);
+                let saved = file.save(&new);
+                let after: Arc<dyn FileSystem> = Arc::new(memory.crash(seed));
+                let reopened = ConsumerFile::new(after, Path::new("/data/consumers/orders"), "d1");
+                let found = reopened.load().expect("the old or the new state, whole");
+                if found == old {
+                    outcomes.0 += 1;
+                } else {
+                    assert_eq!(found, new, "crash at {crash_at}, seed {seed}");
+                    outcomes.1 += 1;
+                }
+                if saved.is_ok() {
+                    assert_eq!(found, new, "a save that returned is durable");
+                }
+            }
+        }
+        assert!(outcomes.0 > 0 && outcomes.1 > 0, "{outcomes:?}");
     }
 }

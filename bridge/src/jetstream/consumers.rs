@@ -336,8 +336,10 @@ fn create(
         settings.start = StartPosition::Offset(last.max(status.first_offset).max(1));
     }
     service.may_read(request, &readable(service, stream_name, &settings))?;
-    let file =
-        durable.then(|| ConsumerFile::new(&consumers_directory(service, stream_name), &name));
+    let file = durable.then(|| {
+        let directory = consumers_directory(service, stream_name);
+        ConsumerFile::new(Arc::clone(&service.fs), &directory, &name)
+    });
     let consumer = Consumer::new(
         Arc::clone(stream),
         service.deliveries.clone(),
@@ -385,15 +387,21 @@ pub(super) fn restore(service: &JetStreamService) -> usize {
     let mut restored = 0;
     for (stream_name, stream) in service.streams.iter() {
         let directory = consumers_directory(service, stream_name);
-        let Ok(entries) = std::fs::read_dir(&directory) else {
+        if !service.fs.is_directory(&directory) {
             continue;
+        }
+        let entries = match service.fs.list(&directory) {
+            Ok(entries) => entries,
+            Err(error) => {
+                tracing::error!(%error, "cannot list the durable consumers of stream {stream_name}");
+                continue;
+            }
         };
-        for entry in entries.flatten() {
-            let file_name = entry.file_name().to_string_lossy().into_owned();
+        for file_name in entries {
             let Some(name) = file_name.strip_suffix(".consumer") else {
                 continue;
             };
-            let file = ConsumerFile::new(&directory, name);
+            let file = ConsumerFile::new(Arc::clone(&service.fs), &directory, name);
             match restore_one(service, stream, name, file) {
                 Ok(()) => restored += 1,
                 Err(reason) => tracing::error!(

@@ -64,6 +64,8 @@ pub struct JetStreamService {
     /// natswal's data directory (durable consumers keep their files in
     /// `consumers/<stream>/` there).
     pub data_dir: std::path::PathBuf,
+    /// The file system those files are written through.
+    pub fs: Arc<dyn natswal::io::FileSystem>,
 }
 
 /// What `$JS.API.INFO` reports under `api`.
