@@ -500,6 +500,7 @@ async fn async_nats_pull_consumers_fetch_ack_and_redeliver() {
     let mut info = all.clone();
     let info = info.info().await.unwrap();
     assert_eq!(info.num_ack_pending, 0, "{info:?}");
+    assert_eq!(info.num_pending, 0, "{info:?}");
     assert_eq!(info.ack_floor.stream_sequence, 20);
     assert_eq!(info.delivered.consumer_sequence, 20);
 
@@ -578,6 +579,24 @@ async fn async_nats_pull_consumers_fetch_ack_and_redeliver() {
         .get_consumer::<jetstream::consumer::pull::Config>("b-only")
         .await;
     assert!(gone.is_err());
+    // A new consumer from the end has nothing pending; from the start, all.
+    for (policy, pending) in [
+        (jetstream::consumer::DeliverPolicy::New, 0),
+        (jetstream::consumer::DeliverPolicy::All, 20),
+    ] {
+        let mut fresh: jetstream::consumer::PullConsumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                deliver_policy: policy,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            fresh.info().await.unwrap().num_pending,
+            pending,
+            "{policy:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

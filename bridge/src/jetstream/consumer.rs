@@ -217,6 +217,12 @@ impl Consumer {
         }
     }
 
+    /// Where a new consumer's cursor starts, as far as it is known before
+    /// its first read (what `num_pending` is reckoned from).
+    pub fn set_cursor(&self, sequence: u64) {
+        self.lock().next_sequence = sequence;
+    }
+
     /// Saves the state now (a durable consumer's creation).
     pub fn save_now(&self) -> natswal::Result<()> {
         match &self.file {

@@ -336,6 +336,12 @@ fn create(
         settings.start = StartPosition::Offset(last.max(status.first_offset).max(1));
     }
     service.may_read(request, &readable(service, stream_name, &settings))?;
+    let cursor = match settings.start {
+        StartPosition::Offset(sequence) => sequence,
+        StartPosition::Latest => stream.status().next_offset,
+        StartPosition::Earliest => stream.status().first_offset,
+        StartPosition::Time(_) => 0,
+    };
     let file = durable.then(|| {
         let directory = consumers_directory(service, stream_name);
         ConsumerFile::new(Arc::clone(&service.fs), &directory, &name)
@@ -349,6 +355,7 @@ fn create(
         settings,
         file,
     );
+    consumer.set_cursor(cursor);
     {
         let mut all = service.consumers.lock();
         let of_stream = all.entry(stream_name.to_string()).or_default();
