@@ -574,6 +574,25 @@ async fn async_nats_pull_consumers_fetch_ack_and_redeliver() {
         listed.contains(&"all".to_string()) && listed.contains(&"b-only".to_string()),
         "{listed:?}"
     );
+    // The same name with another filter is refused, not silently the old.
+    let (_, clash) = raw(
+        &client,
+        "$JS.API.CONSUMER.CREATE.orders.b-only",
+        r#"{"stream_name":"orders","config":{"durable_name":"b-only","filter_subject":"orders.a"},"action":"create"}"#,
+    )
+    .await;
+    assert_eq!(clash["error"]["err_code"], 10148, "{clash}");
+    assert!(clash["error"]["description"]
+        .as_str()
+        .unwrap()
+        .contains("filter_subject"));
+    let (_, update) = raw(
+        &client,
+        "$JS.API.CONSUMER.CREATE.orders.nobody",
+        r#"{"stream_name":"orders","config":{"durable_name":"nobody"},"action":"update"}"#,
+    )
+    .await;
+    assert_eq!(update["error"]["err_code"], 10149, "{update}");
     stream.delete_consumer("b-only").await.expect("deleted");
     let gone = stream
         .get_consumer::<jetstream::consumer::pull::Config>("b-only")

@@ -318,8 +318,33 @@ fn create(
         )));
     }
     let durable = durable_subject || durable_name.is_some();
+    let action = body.get("action").and_then(Value::as_str).unwrap_or("");
     if let Some(existing) = service.consumers.get(stream_name, &name) {
-        return Ok(info_of(&existing));
+        let mut asked = config.clone();
+        settings(&mut asked, &name, durable)?;
+        let differences = differences(&asked, &existing.config);
+        if differences.is_empty() {
+            return Ok(info_of(&existing));
+        }
+        let differences = differences.join(", ");
+        return Err(if action == "create" {
+            JsError::refused(
+                400,
+                10148,
+                &format!("consumer already exists (with another {differences})"),
+            )
+        } else {
+            JsError::refused(
+                500,
+                10012,
+                &format!(
+                    "natswal cannot change a consumer's configuration yet ({differences} differ): delete the consumer and create it again"
+                ),
+            )
+        });
+    }
+    if action == "update" {
+        return Err(JsError::refused(400, 10149, "consumer does not exist"));
     }
     if service.consumers.count() >= CONSUMERS_MAX {
         return Err(JsError::refused(
@@ -457,6 +482,38 @@ fn restore_one(
         .insert(name.to_string(), Arc::clone(&consumer));
     start(service, &consumer);
     Ok(())
+}
+
+/// The fields that decide what a consumer delivers, where two effective
+/// configurations differ.
+fn differences(asked: &Value, existing: &Value) -> Vec<&'static str> {
+    const FIELDS: &[&str] = &[
+        "deliver_policy",
+        "opt_start_seq",
+        "opt_start_time",
+        "ack_policy",
+        "ack_wait",
+        "max_deliver",
+        "filter_subject",
+        "filter_subjects",
+        "max_ack_pending",
+        "max_waiting",
+    ];
+    FIELDS
+        .iter()
+        .copied()
+        .filter(|field| {
+            let unset = |value: Option<&Value>| {
+                value.is_none_or(|value| {
+                    value.is_null()
+                        || value.as_str() == Some("")
+                        || value.as_array().is_some_and(Vec::is_empty)
+                })
+            };
+            let (left, right) = (asked.get(*field), existing.get(*field));
+            !(unset(left) && unset(right)) && left != right
+        })
+        .collect()
 }
 
 fn text(config: &Value, field: &str) -> Option<String> {
