@@ -301,6 +301,15 @@ async fn access_rules_apply_to_jetstream_reads() {
     // Outside every rule's reply prefixes: refused.
     let (_, stranger) = raw(&client, "$JS.API.STREAM.MSG.GET.orders", r#"{"seq":1}"#).await;
     assert_eq!(stranger["error"]["code"], 403, "{stranger}");
+    for subject in [
+        "$JS.API.STREAM.INFO.orders",
+        "$JS.API.CONSUMER.NAMES.orders",
+        "$JS.API.CONSUMER.LIST.orders",
+        "$JS.API.CONSUMER.CREATE.orders",
+    ] {
+        let (_, refused) = raw(&client, subject, "").await;
+        assert_eq!(refused["error"]["code"], 403, "{subject}: {refused}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -144,7 +144,8 @@ pub(super) async fn dispatch(service: &JetStreamService, request: &Request) {
             service.respond(request, "consumer_delete", result).await;
         }
         ["CONSUMER", "NAMES", stream] => {
-            let result = service.stream(stream).map(|_| {
+            let allowed = service.may_read_status(request);
+            let result = allowed.and_then(|()| service.stream(stream)).map(|_| {
                 let names: Vec<String> = service
                     .consumers
                     .of_stream(stream)
@@ -156,7 +157,8 @@ pub(super) async fn dispatch(service: &JetStreamService, request: &Request) {
             service.respond(request, "consumer_names", result).await;
         }
         ["CONSUMER", "LIST", stream] => {
-            let result = service.stream(stream).map(|_| {
+            let allowed = service.may_read_status(request);
+            let result = allowed.and_then(|()| service.stream(stream)).map(|_| {
                 let infos: Vec<ConsumerInfoJson> = service
                     .consumers
                     .of_stream(stream)
