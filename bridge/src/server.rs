@@ -263,8 +263,16 @@ async fn start_and_serve(
         audit: Arc::clone(&audit),
     };
     let api_subscriptions = crate::api::subscribe(&api);
-    let jetstream_task =
-        start_jetstream(&config, &api_client, &streams, &access, &metrics, &shutdown).await?;
+    let jetstream_task = start_jetstream(
+        &config,
+        &api_client,
+        &streams,
+        &api.stream_subjects,
+        &access,
+        &metrics,
+        &shutdown,
+    )
+    .await?;
     let api_task = tokio::spawn(crate::api::run(api, api_subscriptions, shutdown.clone()));
     // The server has processed every subscription before natswal calls
     // itself ready (a flush only reaches the socket: a request right after
@@ -470,6 +478,7 @@ async fn start_jetstream(
     config: &Config,
     client: &crate::wire::Client,
     streams: &Arc<BTreeMap<String, Arc<natswal::Stream>>>,
+    stream_subjects: &Arc<BTreeMap<String, Vec<natswal::SubjectPattern>>>,
     access: &Arc<std::sync::RwLock<crate::api::AccessRules>>,
     metrics: &Arc<BridgeMetrics>,
     shutdown: &tokio::sync::watch::Receiver<bool>,
@@ -500,6 +509,7 @@ async fn start_jetstream(
         client: client.clone(),
         streams: Arc::clone(streams),
         sections: Arc::new(sections),
+        stream_subjects: Arc::clone(stream_subjects),
         prefix,
         domain,
         access: Arc::clone(access),

@@ -144,29 +144,11 @@ pub(super) async fn dispatch(service: &JetStreamService, request: &Request) {
             service.respond(request, "consumer_delete", result).await;
         }
         ["CONSUMER", "NAMES", stream] => {
-            let allowed = service.may_read_status(request);
-            let result = allowed.and_then(|()| service.stream(stream)).map(|_| {
-                let names: Vec<String> = service
-                    .consumers
-                    .of_stream(stream)
-                    .iter()
-                    .map(|consumer| consumer.name.clone())
-                    .collect();
-                page(names, "consumers")
-            });
+            let result = listed(service, request, stream, |consumer| consumer.name.clone());
             service.respond(request, "consumer_names", result).await;
         }
         ["CONSUMER", "LIST", stream] => {
-            let allowed = service.may_read_status(request);
-            let result = allowed.and_then(|()| service.stream(stream)).map(|_| {
-                let infos: Vec<ConsumerInfoJson> = service
-                    .consumers
-                    .of_stream(stream)
-                    .iter()
-                    .map(|consumer| info_of(consumer))
-                    .collect();
-                page(infos, "consumers")
-            });
+            let result = listed(service, request, stream, info_of);
             service.respond(request, "consumer_list", result).await;
         }
         _ => {
@@ -176,6 +158,25 @@ pub(super) async fn dispatch(service: &JetStreamService, request: &Request) {
             service.respond(request, "consumer_info", error).await;
         }
     }
+}
+
+/// `CONSUMER.NAMES` and `CONSUMER.LIST`: one item per consumer of the
+/// stream, paged, for requesters that may read status.
+fn listed<T: Serialize>(
+    service: &JetStreamService,
+    request: &Request,
+    stream: &str,
+    item: impl Fn(&Consumer) -> T,
+) -> Result<Value, JsError> {
+    service.may_read_status(request)?;
+    service.stream(stream)?;
+    let items: Vec<T> = service
+        .consumers
+        .of_stream(stream)
+        .iter()
+        .map(|consumer| item(consumer))
+        .collect();
+    Ok(page(items, "consumers"))
 }
 
 fn page<T: Serialize>(items: Vec<T>, field: &str) -> Value {
@@ -227,7 +228,7 @@ fn next(service: &JetStreamService, request: &Request, stream: &str, name: &str)
         }
     };
     let readable = readable(service, stream, &consumer.settings);
-    if let Err(error) = service.may_read(request, &readable) {
+    if let Err(error) = service.may_read(request, readable) {
         return status(&format!(
             "403 {}",
             error.description.replace(['\r', '\n'], " ")
@@ -238,21 +239,18 @@ fn next(service: &JetStreamService, request: &Request, stream: &str, name: &str)
 
 /// The subjects a consumer may return: its filters, or all of its
 /// stream's subjects (what the access rules check).
-fn readable(service: &JetStreamService, stream: &str, settings: &Settings) -> Vec<SubjectPattern> {
+fn readable<'a>(
+    service: &'a JetStreamService,
+    stream: &str,
+    settings: &'a Settings,
+) -> &'a [SubjectPattern] {
     if !settings.filters.is_empty() {
-        return settings.filters.clone();
+        return &settings.filters;
     }
     service
-        .sections
+        .stream_subjects
         .get(stream)
-        .map(|section| {
-            section
-                .subjects
-                .iter()
-                .filter_map(|subject| SubjectPattern::parse(subject).ok())
-                .collect()
-        })
-        .unwrap_or_default()
+        .map_or(&[], Vec::as_slice)
 }
 
 /// Creates a consumer (or answers with the existing one of that name).
@@ -362,7 +360,7 @@ fn create(
         let last = status.next_offset.saturating_sub(1);
         settings.start = StartPosition::Offset(last.max(status.first_offset).max(1));
     }
-    service.may_read(request, &readable(service, stream_name, &settings))?;
+    service.may_read(request, readable(service, stream_name, &settings))?;
     let cursor = match settings.start {
         StartPosition::Offset(sequence) => sequence,
         StartPosition::Latest => stream.status().next_offset,

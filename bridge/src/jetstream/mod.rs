@@ -51,6 +51,8 @@ pub struct JetStreamService {
     pub streams: Arc<BTreeMap<String, Arc<Stream>>>,
     /// Each stream's configuration (what its info reports).
     pub sections: Arc<BTreeMap<String, StreamSection>>,
+    /// Each stream's subjects, parsed once (the replay API's map).
+    pub stream_subjects: Arc<BTreeMap<String, Vec<natswal::SubjectPattern>>>,
     /// `$JS.API`, or `$JS.<domain>.API`.
     pub prefix: String,
     pub domain: Option<String>,

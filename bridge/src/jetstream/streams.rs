@@ -229,17 +229,18 @@ fn matching<'a>(
         ),
         None => None,
     };
-    let overlaps = |section: &StreamSection| {
+    let overlaps = |name: &str| {
         filter.as_ref().is_none_or(|filter| {
-            section.subjects.iter().any(|subject| {
-                SubjectPattern::parse(subject).is_ok_and(|pattern| pattern.overlaps(filter))
-            })
+            service
+                .stream_subjects
+                .get(name)
+                .is_some_and(|patterns| patterns.iter().any(|pattern| pattern.overlaps(filter)))
         })
     };
     let streams = service
         .sections
         .iter()
-        .filter(|(_, section)| overlaps(section))
+        .filter(|(name, _)| overlaps(name))
         .filter_map(|(name, section)| Some((service.streams.get(name)?, section)))
         .collect();
     Ok((parsed, streams))
