@@ -572,20 +572,7 @@ async def main(url):
     await nc.close()
 asyncio.run(main(sys.argv[1]))
 "#;
-    let output = tokio::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(nats.url())
-        .env("PYTHONPATH", workspace_root().join(".tools/python"))
-        .output()
-        .await
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "nats-py script failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = support::run_nats_py(script, &nats.url()).await;
     for (index, ack) in result["acks"].as_array().unwrap().iter().enumerate() {
         assert_eq!(
             ack,

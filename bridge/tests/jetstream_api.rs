@@ -8,7 +8,7 @@ mod support;
 use async_nats::jetstream;
 use serde_json::Value;
 use std::time::Duration;
-use support::{connect, workspace_root, NatsServer, Natswal};
+use support::{connect, NatsServer, Natswal};
 
 /// A nats-server with a leafnode port, and natswal's `[jetstream]` table
 /// pointing at it (consumer deliveries go through the leafnode).
@@ -43,6 +43,19 @@ async fn fill_orders(client: &async_nats::Client, count: u64) {
             .expect("acked");
         assert_eq!(ack.sequence, index);
     }
+}
+
+/// Every name a JetStream names listing yields.
+async fn all_names<E: std::fmt::Debug>(
+    names: impl futures_util::Stream<Item = Result<String, E>>,
+) -> Vec<String> {
+    use futures_util::StreamExt;
+    let mut names = std::pin::pin!(names);
+    let mut listed = Vec::new();
+    while let Some(name) = names.next().await {
+        listed.push(name.expect("name"));
+    }
+    listed
 }
 
 /// A raw request: the reply's headers (status line included) and body.
@@ -142,11 +155,7 @@ async fn async_nats_reads_stream_info_and_messages() {
     let last = stream.direct_get_last_for_subject("orders.a").await;
     assert!(last.is_err(), "last_by_subj needs an index natswal lacks");
 
-    let mut names = context.stream_names();
-    let mut listed = Vec::new();
-    while let Some(name) = futures_util::StreamExt::next(&mut names).await {
-        listed.push(name.expect("name"));
-    }
+    let mut listed = all_names(context.stream_names()).await;
     listed.sort();
     assert_eq!(listed, vec!["audit".to_string(), "orders".to_string()]);
 
@@ -352,20 +361,7 @@ async def main(url):
     await nc.close()
 asyncio.run(main(sys.argv[1]))
 "#;
-    let output = tokio::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(nats.url())
-        .env("PYTHONPATH", workspace_root().join(".tools/python"))
-        .output()
-        .await
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "nats-py script failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = support::run_nats_py(script, &nats.url()).await;
     assert_eq!(result["messages"], 6);
     assert_eq!(
         (result["first"].clone(), result["last"].clone()),
@@ -415,14 +411,7 @@ async fn a_real_jetstream_keeps_natswals_api_off_unless_it_has_a_domain() {
     let said = natswal.startup_output().join("\n");
     assert!(said.contains("not serving the JetStream API"), "{said}");
     // The real JetStream alone answers: it knows no stream "orders".
-    let names: Vec<String> = {
-        let mut names = context.stream_names();
-        let mut listed = Vec::new();
-        while let Some(name) = futures_util::StreamExt::next(&mut names).await {
-            listed.push(name.expect("name"));
-        }
-        listed
-    };
+    let names = all_names(context.stream_names()).await;
     assert_eq!(names, vec!["theirs".to_string()]);
     drop(natswal);
 
@@ -574,11 +563,7 @@ async fn async_nats_pull_consumers_fetch_ack_and_redeliver() {
         assert_eq!(message.info().unwrap().stream_sequence, expected);
     }
 
-    let mut names = stream.consumer_names();
-    let mut listed = Vec::new();
-    while let Some(name) = names.next().await {
-        listed.push(name.unwrap());
-    }
+    let listed = all_names(stream.consumer_names()).await;
     assert!(
         listed.contains(&"all".to_string()) && listed.contains(&"b-only".to_string()),
         "{listed:?}"
@@ -656,20 +641,7 @@ async def main(url):
     await nc.close()
 asyncio.run(main(sys.argv[1]))
 "#;
-    let output = tokio::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(nats.url())
-        .env("PYTHONPATH", workspace_root().join(".tools/python"))
-        .output()
-        .await
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "nats-py script failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = support::run_nats_py(script, &nats.url()).await;
     let got = result["got"].as_array().unwrap();
     assert_eq!(got.len(), 12);
     for (index, entry) in got.iter().enumerate() {

@@ -539,3 +539,23 @@ pub async fn replay_all(
     }
     panic!("replay did not finish in 100000 requests");
 }
+
+/// Runs a nats-py script (installed by the setup in `.tools/python`) with
+/// `url` as its argument; returns the JSON it prints, failing the test
+/// with its stderr if it fails.
+pub async fn run_nats_py(script: &str, url: &str) -> serde_json::Value {
+    let output = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(url)
+        .env("PYTHONPATH", workspace_root().join(".tools/python"))
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "nats-py script failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the script prints JSON")
+}
