@@ -640,48 +640,13 @@ async fn natswal_replay(
     })
 }
 
-/// Reads `count` records with a JetStream ordered push consumer.
-async fn jetstream_replay(client: &async_nats::Client, stream: &str, count: u64) -> Result<Rate> {
-    let jetstream = async_nats::jetstream::new(client.clone());
-    let stream = jetstream
-        .get_stream(stream)
-        .await
-        .map_err(|error| BridgeError::nats("get JetStream stream", error))?;
-    let started = Instant::now();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::push::OrderedConfig {
-            deliver_subject: client.new_inbox(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|error| BridgeError::nats("create ordered consumer", error))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|error| BridgeError::nats("consume", error))?;
-    let mut received = 0u64;
-    while received < count {
-        match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
-            Ok(Some(Ok(_))) => received += 1,
-            Ok(Some(Err(error))) => return Err(BridgeError::nats("ordered consumer", error)),
-            _ => {
-                return Err(BridgeError::Nats(format!(
-                    "ordered consumer stalled after {received}"
-                )))
-            }
-        }
-    }
-    Ok(Rate {
-        messages: received,
-        seconds: started.elapsed().as_secs_f64(),
-        errors: 0,
-    })
-}
-
 /// The JetStream consumers the replay cases read with, on JetStream and on
 /// natswal's JetStream API alike.
 #[derive(Debug, Clone, Copy)]
 enum ConsumerKind {
+    /// async-nats's ordered push consumer (JetStream's default reader; the
+    /// peer every replay case is compared with).
+    OrderedPush,
     /// async-nats's ordered pull consumer (ephemeral, no acks).
     OrderedPull,
     /// A pull consumer without acks, 500 messages per pull request.
@@ -695,13 +660,25 @@ async fn consumer_replay(
     count: u64,
     kind: ConsumerKind,
 ) -> Result<Rate> {
-    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    use async_nats::jetstream::consumer::{pull, push, AckPolicy};
     let stream = context
         .get_stream(stream)
         .await
         .map_err(|error| BridgeError::nats("get the stream", error))?;
     let started = Instant::now();
     let mut messages = match kind {
+        ConsumerKind::OrderedPush => stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: context.client().new_inbox(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| BridgeError::nats("create an ordered push consumer", error))?
+            .messages()
+            .await
+            .map_err(|error| BridgeError::nats("consume", error))?
+            .map(|message| message.map_err(|error| error.to_string()))
+            .boxed(),
         ConsumerKind::OrderedPull => stream
             .create_consumer(pull::OrderedConfig::default())
             .await
@@ -938,8 +915,9 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
         let per_message = natswal_replay(&clients[0], "none", count, Mode::Messages).await?;
         let batched = natswal_replay(&clients[0], "none", count, Mode::Batched).await?;
         let frames = natswal_replay(&clients[0], "none", count, Mode::Frames).await?;
-        let ordered = jetstream_replay(&clients[0], "JSDEFAULT", count).await?;
         let theirs = async_nats::jetstream::new(clients[0].clone());
+        let ordered =
+            consumer_replay(&theirs, "JSDEFAULT", count, ConsumerKind::OrderedPush).await?;
         let ours = async_nats::jetstream::with_domain(clients[0].clone(), NATSWAL_DOMAIN);
         let mut consumers = Vec::new();
         for kind in [ConsumerKind::OrderedPull, ConsumerKind::Pull500] {
@@ -965,6 +943,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
         row("JetStream ordered push consumer", ordered, None);
         for (kind, jetstream, natswal) in consumers {
             let label = match kind {
+                ConsumerKind::OrderedPush => "ordered push consumer (async-nats)",
                 ConsumerKind::OrderedPull => "ordered pull consumer (async-nats)",
                 ConsumerKind::Pull500 => "pull consumer, batch 500, no acks (async-nats)",
             };
