@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 /// After this long without a byte from the server, a `PING` goes out; a
 /// second such interval without one ends the connection.
@@ -121,8 +121,67 @@ struct Output {
     pings: Vec<Option<oneshot::Sender<()>>>,
 }
 
+/// A leafnode hub's interest (its `LS+` / `LS-`): the subjects someone in
+/// the account subscribes to, each with its queue groups (`""` for plain
+/// subscriptions). The hub announces a subject once when its first
+/// subscription appears and withdraws it when the last goes, and announces
+/// everything again on each new connection.
+#[derive(Default)]
+struct Interest {
+    /// The hub's account for this connection (`remote_account`).
+    account: Option<String>,
+    exact: std::collections::HashMap<String, Vec<String>>,
+    /// Subjects with wildcards, parsed once.
+    wildcards: Vec<(natswal::SubjectPattern, String)>,
+}
+
+impl Interest {
+    /// Applies one `LS+`/`LS-` line: `[<account>] <subject> [<queue>
+    /// [<weight>]]`. nats-server 2.15 does not name the account its
+    /// leafnode is bound to; older hubs did, first, as `remote_account`.
+    fn apply(&mut self, added: bool, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let mut words: &[&str] = &text.split_ascii_whitespace().collect::<Vec<_>>();
+        if words.len() > 1 && self.account.as_deref() == words.first().copied() {
+            words = &words[1..];
+        }
+        let Some(subject) = words.first().copied() else {
+            return;
+        };
+        let queue = words.get(1).copied().unwrap_or("").to_string();
+        if subject.contains(['*', '>']) {
+            self.wildcards
+                .retain(|(pattern, group)| !(pattern.as_str() == subject && *group == queue));
+            if added {
+                if let Ok(pattern) = natswal::SubjectPattern::parse(subject) {
+                    self.wildcards.push((pattern, queue));
+                }
+            }
+            return;
+        }
+        let groups = self.exact.entry(subject.to_string()).or_default();
+        groups.retain(|group| *group != queue);
+        if added {
+            groups.push(queue);
+        } else if groups.is_empty() {
+            self.exact.remove(subject);
+        }
+    }
+
+    fn covers(&self, subject: &str) -> bool {
+        self.exact.contains_key(subject)
+            || self
+                .wildcards
+                .iter()
+                .any(|(pattern, _)| pattern.matches(subject.as_bytes()))
+    }
+}
+
 struct Shared {
     options: Options,
+    interest: Mutex<Interest>,
+    /// Counts changes of `interest` (watchers re-check what they need).
+    interest_changes: watch::Sender<u64>,
     output: Mutex<Output>,
     output_ready: Notify,
     /// Woken after every write to the socket (room in the output buffer).
@@ -165,6 +224,8 @@ impl Client {
         };
         let shared = Arc::new(Shared {
             options,
+            interest: Mutex::new(Interest::default()),
+            interest_changes: watch::Sender::new(0),
             output: Mutex::new(Output::default()),
             output_ready: Notify::new(),
             output_drained: Notify::new(),
@@ -278,6 +339,33 @@ impl Client {
                 Err(PublishError::OutputFull { .. }) => drained.await,
                 other => return other,
             }
+        }
+    }
+
+    /// Whether anyone subscribes to `subject`, as a leafnode hub reported
+    /// it. A client connection learns nothing of others' interest: there
+    /// it is always true.
+    pub fn has_interest(&self, subject: &str) -> bool {
+        self.shared.options.dialect == protocol::Dialect::Client
+            || lock(&self.shared.interest).covers(subject)
+    }
+
+    /// Changes each time the hub reports a change of interest.
+    pub fn interest_changes(&self) -> watch::Receiver<u64> {
+        self.shared.interest_changes.subscribe()
+    }
+
+    /// Waits until the output buffer has room (a sender that must not
+    /// drop, paced by the socket).
+    pub async fn room(&self) {
+        loop {
+            let drained = self.shared.output_drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if lock(&self.shared.output).bytes.len() < self.shared.options.output_bytes_max {
+                return;
+            }
+            drained.await;
         }
     }
 
@@ -453,6 +541,12 @@ async fn serve(shared: &Arc<Shared>, opened: Opened) -> String {
     shared
         .max_payload
         .store(opened.info.max_payload, Ordering::Relaxed);
+    // The hub announces all of its interest again on this connection.
+    *lock(&shared.interest) = Interest {
+        account: opened.info.remote_account.clone(),
+        ..Interest::default()
+    };
+    shared.interest_changes.send_modify(|changes| *changes += 1);
     let (mut reader, mut writer) = tokio::io::split(opened.transport);
     let mut subscriptions = BytesMut::new();
     for (sid, route) in lock(&shared.routes).iter() {
@@ -557,7 +651,11 @@ fn handle(
                 let _ = waiter.send(());
             }
         }
-        ServerOp::Ok | ServerOp::Interest { .. } => {}
+        ServerOp::Interest { added, subject } => {
+            lock(&shared.interest).apply(added, &subject);
+            shared.interest_changes.send_modify(|changes| *changes += 1);
+        }
+        ServerOp::Ok => {}
         ServerOp::Info(bytes) => {
             if let Ok(info) = serde_json::from_slice::<connect::ServerInfo>(&bytes) {
                 if info.max_payload > 0 {
@@ -787,5 +885,83 @@ mod tests {
         options.credentials.password = Some("right".to_string());
         let client = Client::connect(options).await.expect("accepted");
         assert!(client.round_trip(Some(Duration::from_secs(5))).await);
+    }
+}
+
+#[cfg(test)]
+mod interest_tests {
+    //! The hub's interest as natswal's push consumers see it.
+
+    use super::*;
+    use crate::wire::test_support::{free_port, NatsServer};
+
+    #[test]
+    fn interest_lines_with_or_without_an_account_and_queues() {
+        let mut interest = Interest {
+            account: Some("$G".to_string()),
+            ..Interest::default()
+        };
+        interest.apply(true, b"late.inbox");
+        interest.apply(true, b"$G other.inbox");
+        interest.apply(true, b"work.* workers 1");
+        interest.apply(true, b"$G work.* pool 2");
+        assert!(interest.covers("late.inbox") && interest.covers("other.inbox"));
+        assert!(interest.covers("work.x") && !interest.covers("work.x.y"));
+        interest.apply(false, b"work.* workers");
+        assert!(interest.covers("work.x"), "the other group still listens");
+        interest.apply(false, b"$G work.* pool");
+        assert!(!interest.covers("work.x"));
+        interest.apply(false, b"late.inbox");
+        assert!(!interest.covers("late.inbox") && interest.covers("other.inbox"));
+        interest.apply(true, b"");
+        interest.apply(true, b"not a valid *> pattern line here");
+    }
+
+    #[tokio::test]
+    async fn a_leafnode_connection_learns_who_subscribes() {
+        let port = free_port();
+        let server = NatsServer::start_with_config(Some(format!(
+            "leafnodes {{ listen: \"127.0.0.1:{port}\" }}\n"
+        )));
+        let leaf = Client::connect(Options {
+            servers: vec![ServerAddress::parse(&format!("nats://127.0.0.1:{port}")).unwrap()],
+            name: "interest-test".to_string(),
+            credentials: Credentials::default(),
+            tls: None,
+            subscription_capacity: 16,
+            connect_timeout: Duration::from_secs(5),
+            output_bytes_max: 1024 * 1024,
+            dialect: protocol::Dialect::Leaf,
+            events: Arc::new(|_| {}),
+        })
+        .await
+        .expect("leafnode connects");
+        let changes = leaf.interest_changes();
+        let wait_for = |wanted: bool| {
+            let leaf = leaf.clone();
+            let mut changes = changes.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while leaf.has_interest("deliver.here") != wanted {
+                        changes.changed().await.expect("client alive");
+                    }
+                })
+                .await
+                .expect("interest reported in time");
+            }
+        };
+        assert!(!leaf.has_interest("deliver.here"));
+        let subscriber = async_nats::connect(server.url()).await.unwrap();
+        let subscription = subscriber.subscribe("deliver.here").await.unwrap();
+        subscriber.flush().await.unwrap();
+        wait_for(true).await;
+        drop(subscription);
+        subscriber.flush().await.unwrap();
+        wait_for(false).await;
+        let wildcard = subscriber.subscribe("deliver.*").await.unwrap();
+        subscriber.flush().await.unwrap();
+        wait_for(true).await;
+        drop(wildcard);
+        wait_for(false).await;
     }
 }

@@ -148,6 +148,9 @@ pub struct ServerInfo {
     pub tls_available: bool,
     pub nonce: Option<String>,
     pub headers: bool,
+    /// A leafnode hub's account for this connection (its interest lines
+    /// may name it first).
+    pub remote_account: Option<String>,
 }
 
 /// An open, authenticated connection.
