@@ -809,3 +809,290 @@ async fn a_durable_consumer_resumes_after_sigkill_with_its_unacked_redelivered()
         .await;
     assert!(gone.is_err(), "a damaged consumer is not served half-read");
 }
+
+/// Stores `count` records of `size` bytes on `orders.big`, publishing them
+/// all before awaiting the acks.
+async fn fill_large(client: &async_nats::Client, count: u64, size: usize) {
+    let context = jetstream::new(client.clone());
+    let mut acks = Vec::new();
+    for index in 0..count {
+        let mut payload = vec![b'x'; size];
+        payload[..8].copy_from_slice(&index.to_be_bytes());
+        acks.push(
+            context
+                .publish("orders.big", payload.into())
+                .await
+                .expect("published"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("acked");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_nats_ordered_push_consumer_streams_through_flow_control_and_follows_the_tail() {
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 20).await;
+    // 8 MiB: past the first flow control window (2 MiB) several times, so
+    // delivery stalls for good unless the client's answers open it.
+    fill_large(&client, 512, 16 * 1024).await;
+    let context = jetstream::new(client.clone());
+    let stream = context.get_stream("orders").await.unwrap();
+    let ordered = stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered push consumer");
+    let name = ordered.cached_info().name.clone();
+    let mut messages = ordered.messages().await.unwrap();
+    for expected in 1..=20u64 {
+        let message = next_ordered(&mut messages, expected, &name).await;
+        let subject = if expected % 2 == 1 {
+            "orders.a"
+        } else {
+            "orders.b"
+        };
+        assert_eq!(message.subject.as_str(), subject);
+        assert_eq!(message.payload, format!("order-{expected}").as_bytes());
+        assert_eq!(
+            message
+                .headers
+                .as_ref()
+                .unwrap()
+                .get("X-Index")
+                .unwrap()
+                .as_str(),
+            expected.to_string()
+        );
+    }
+    for index in 0..512u64 {
+        let message = next_ordered(&mut messages, 21 + index, &name).await;
+        assert_eq!(message.subject.as_str(), "orders.big");
+        assert_eq!(message.payload.len(), 16 * 1024);
+        assert_eq!(message.payload[..8], index.to_be_bytes());
+    }
+    // Records stored after the consumer caught up follow at once.
+    fill_orders_from(&client, 533, 5).await;
+    for expected in 533..538u64 {
+        next_ordered(&mut messages, expected, &name).await;
+    }
+}
+
+/// The next record of an ordered consumer: stream sequence `expected`,
+/// from the consumer `name` with that consumer sequence (the client
+/// recreates its consumer silently on a gap: this shows it never did).
+async fn next_ordered(
+    messages: &mut jetstream::consumer::push::Ordered,
+    expected: u64,
+    name: &str,
+) -> jetstream::Message {
+    use futures_util::StreamExt;
+    let message = tokio::time::timeout(Duration::from_secs(20), messages.next())
+        .await
+        .unwrap_or_else(|_| panic!("record {expected} in time"))
+        .expect("message")
+        .expect("delivery");
+    let info = message.info().unwrap();
+    assert_eq!(info.stream_sequence, expected);
+    assert_eq!(info.consumer_sequence, expected);
+    assert_eq!(info.consumer, name);
+    message
+}
+
+async fn next_message(subscriber: &mut async_nats::Subscriber) -> async_nats::Message {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), subscriber.next())
+        .await
+        .expect("in time")
+        .expect("open")
+}
+
+/// Stores `count` records on `orders.tail` from stream sequence `first`.
+async fn fill_orders_from(client: &async_nats::Client, first: u64, count: u64) {
+    let context = jetstream::new(client.clone());
+    for sequence in first..first + count {
+        let ack = context
+            .publish("orders.tail", format!("tail-{sequence}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(ack.sequence, sequence);
+    }
+}
+
+/// CONSUMER.INFO's delivered consumer sequence, or the error code.
+async fn delivered(client: &async_nats::Client, name: &str) -> Result<u64, i64> {
+    let (_, info) = raw(client, &format!("$JS.API.CONSUMER.INFO.orders.{name}"), "").await;
+    match info["delivered"]["consumer_seq"].as_u64() {
+        Some(sequence) => Ok(sequence),
+        None => Err(info["error"]["err_code"].as_i64().unwrap_or(-1)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_consumers_deliver_only_while_someone_listens() {
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 10).await;
+    // A durable push consumer whose deliver subject nobody listens to yet.
+    let (_, created) = raw(
+        &client,
+        "$JS.API.CONSUMER.DURABLE.CREATE.orders.late",
+        r#"{"stream_name":"orders","config":{"durable_name":"late","deliver_subject":"late.inbox","ack_policy":"explicit","idle_heartbeat":200000000}}"#,
+    )
+    .await;
+    assert_eq!(
+        created["config"]["deliver_subject"], "late.inbox",
+        "{created}"
+    );
+    assert!(created["config"].get("max_waiting").is_none(), "{created}");
+    // An ephemeral one nobody ever listens to is collected.
+    let (_, ephemeral) = raw(
+        &client,
+        "$JS.API.CONSUMER.CREATE.orders.unheard",
+        r#"{"stream_name":"orders","config":{"name":"unheard","deliver_subject":"unheard.inbox","inactive_threshold":300000000}}"#,
+    )
+    .await;
+    assert_eq!(ephemeral["name"], "unheard", "{ephemeral}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while delivered(&client, "unheard").await != Err(10014) {
+        assert!(std::time::Instant::now() < deadline, "never collected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The collection took longer than a heartbeat interval of "late":
+    // without interest it delivered nothing.
+    assert_eq!(delivered(&client, "late").await, Ok(0));
+
+    let listener = connect(&nats.url()).await;
+    let mut inbox = listener.subscribe("late.inbox").await.unwrap();
+    for expected in 1..=10u64 {
+        let message = next_message(&mut inbox).await;
+        let reply = message.reply.clone().expect("ack subject").to_string();
+        let tokens: Vec<&str> = reply.split('.').collect();
+        assert_eq!(&tokens[..4], ["$JS", "ACK", "orders", "late"], "{reply}");
+        assert_eq!(tokens[5], expected.to_string(), "{reply}");
+        assert_eq!(tokens[6], expected.to_string(), "{reply}");
+        let subject = if expected % 2 == 1 {
+            "orders.a"
+        } else {
+            "orders.b"
+        };
+        assert_eq!(message.subject.as_str(), subject);
+        listener.publish(reply, "+ACK".into()).await.unwrap();
+    }
+    // Then a heartbeat: the last delivery and nothing stalled.
+    let heartbeat = next_message(&mut inbox).await;
+    assert_eq!(heartbeat.status.map(|status| status.as_u16()), Some(100));
+    let headers = heartbeat.headers.expect("heartbeat headers");
+    assert_eq!(headers.get("Nats-Last-Consumer").unwrap().as_str(), "10");
+    assert_eq!(headers.get("Nats-Last-Stream").unwrap().as_str(), "10");
+    assert!(headers.get("Nats-Consumer-Stalled").is_none());
+    listener.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.late", "").await;
+        if info["ack_floor"]["stream_seq"] == 10 && info["num_ack_pending"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "acks applied: {info}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Unsubscribed, it holds back what comes next; resubscribed, it goes on.
+    let (_, bound) = raw(&client, "$JS.API.CONSUMER.INFO.orders.late", "").await;
+    assert_eq!(bound["push_bound"], true, "{bound}");
+    drop(inbox);
+    listener.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.late", "").await;
+        if info.get("push_bound").is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "interest gone: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fill_orders_from(&client, 11, 3).await;
+    // Given the time to deliver (two heartbeat intervals), it did not.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(delivered(&client, "late").await, Ok(10));
+    let mut inbox = listener.subscribe("late.inbox").await.unwrap();
+    let mut sequences = Vec::new();
+    while sequences.len() < 3 {
+        let message = next_message(&mut inbox).await;
+        if message.status.is_none() {
+            sequences.push(message.payload.clone());
+        }
+    }
+    assert_eq!(sequences, ["tail-11", "tail-12", "tail-13"]);
+
+    // A pull request to a push consumer is refused by name.
+    let (status, _) = raw(&client, "$JS.API.CONSUMER.MSG.NEXT.orders.late", "").await;
+    assert_eq!(status, "409 Consumer is push based");
+    // Flow control without heartbeats is JetStream's error.
+    let (_, refused) = raw(
+        &client,
+        "$JS.API.CONSUMER.CREATE.orders",
+        r#"{"stream_name":"orders","config":{"deliver_subject":"x.inbox","flow_control":true}}"#,
+    )
+    .await;
+    assert_eq!(refused["error"]["err_code"], 10108, "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_py_ordered_consumer_reads_the_stream() {
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 30).await;
+    fill_large(&client, 256, 16 * 1024).await;
+    let script = r#"
+import asyncio, json, sys
+import nats
+async def main(url):
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.subscribe("orders.>", ordered_consumer=True)
+    got = []
+    big = 0
+    while len(got) + big < 286:
+        m = await sub.next_msg(timeout=10)
+        if m.subject == "orders.big":
+            assert int.from_bytes(m.data[:8], "big") == big
+            big += 1
+        else:
+            got.append([m.metadata.sequence.stream, m.metadata.sequence.consumer, m.subject, m.data.decode()])
+    print(json.dumps({"got": got, "big": big}))
+    await nc.close()
+asyncio.run(main(sys.argv[1]))
+"#;
+    let result = support::run_nats_py(script, &nats.url()).await;
+    let got = result["got"].as_array().unwrap();
+    assert_eq!(got.len(), 30);
+    for (index, entry) in got.iter().enumerate() {
+        let sequence = index as u64 + 1;
+        let subject = if sequence % 2 == 1 {
+            "orders.a"
+        } else {
+            "orders.b"
+        };
+        assert_eq!(
+            entry,
+            &serde_json::json!([sequence, sequence, subject, format!("order-{sequence}")])
+        );
+    }
+    assert_eq!(result["big"], 256);
+}

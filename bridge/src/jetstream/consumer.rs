@@ -1,10 +1,26 @@
-//! One pull consumer: a cursor over a stream with JetStream's delivery and
-//! ack rules. Pull requests (`CONSUMER.MSG.NEXT`) wait in arrival order;
+//! One consumer: a cursor over a stream with JetStream's delivery and ack
+//! rules, pull or push.
+//!
+//! Pull: requests (`CONSUMER.MSG.NEXT`) wait in arrival order;
 //! the consumer's task fills the first one with redeliveries first, then
 //! new records matching its filters, and answers the rest of each request
 //! with JetStream's statuses: `404 No Messages` (a `no_wait` request that
 //! found nothing more), `408 Request Timeout` (its `expires` passed),
 //! `409 Message Size Exceeds MaxBytes`, `100 Idle Heartbeat`.
+//!
+//! Push (a `deliver_subject`): records go to the deliver subject while it
+//! has interest (the leafnode hub's `LS+`/`LS-`; without a leafnode
+//! connection natswal cannot see interest and assumes it). With
+//! `flow_control`, JetStream's window applies: at most
+//! [`FLOW_WINDOW_BYTES_MAX`] delivered and unconfirmed, a `100 FlowControl
+//! Request` (reply `$JS.FC.<stream>.<consumer>.<n>`) when half the window
+//! is used, delivery stalled while the window is full, and the window
+//! doubling with each answer from its first sixteenth. With
+//! `idle_heartbeat`, a `100 Idle Heartbeat` carrying `Nats-Last-Consumer`,
+//! `Nats-Last-Stream` (and `Nats-Consumer-Stalled` with the flow control
+//! subject to answer while stalled) goes out after each quiet interval.
+//! An ephemeral push consumer whose deliver subject has had no interest
+//! for its `inactive_threshold` is deleted.
 //!
 //! Each delivery's reply subject is JetStream's v1 ack subject
 //! `$JS.ACK.<stream>.<consumer>.<deliveries>.<stream seq>.<consumer seq>.<ns>.<pending>`;
@@ -37,6 +53,13 @@ use tokio::sync::Notify;
 /// Records read from the stream per blocking read step.
 const READ_STEP_RECORDS_MAX: usize = 256;
 
+/// A push consumer's flow control window at most (JetStream's); it
+/// starts at a sixteenth of this.
+pub const FLOW_WINDOW_BYTES_MAX: u64 = 32 * 1024 * 1024;
+
+/// Records a consumer sends between two looks at its timers.
+const SEND_BURST_RECORDS_MAX: usize = 256;
+
 /// How long a durable consumer's changes gather before one save.
 pub const SAVE_COALESCE: Duration = Duration::from_millis(50);
 
@@ -58,8 +81,30 @@ pub struct Settings {
     pub max_deliver: Option<u64>,
     pub max_ack_pending: usize,
     pub max_waiting: usize,
-    /// An ephemeral consumer is deleted after this long without requests.
+    /// An ephemeral consumer is deleted after this long without requests
+    /// (pull) or without interest in its deliver subject (push).
     pub inactive_threshold: Option<Duration>,
+    /// `None`: a pull consumer.
+    pub push: Option<Push>,
+}
+
+/// Where and how a push consumer delivers.
+#[derive(Debug, Clone)]
+pub struct Push {
+    pub deliver_subject: String,
+    pub flow_control: bool,
+    pub idle_heartbeat: Option<Duration>,
+}
+
+/// A push consumer's flow control: bytes delivered and not confirmed by
+/// an answer, the window they may fill, and the request outstanding (its
+/// subject, and the unconfirmed bytes its answer confirms).
+#[derive(Default)]
+struct Flow {
+    unconfirmed_bytes: u64,
+    window_bytes: u64,
+    request: Option<(String, u64)>,
+    requests_sent: u64,
 }
 
 struct Pending {
@@ -114,6 +159,20 @@ struct State {
     /// delivery's pending count is reckoned from, without asking the
     /// stream per delivery).
     stream_last: u64,
+    /// Push: whether the deliver subject has interest, since when it has
+    /// none, and when the next idle heartbeat is due.
+    interest: bool,
+    no_interest_since: Option<Instant>,
+    next_heartbeat: Option<Instant>,
+    flow: Flow,
+}
+
+/// One message ready to go out.
+struct Outgoing {
+    subject: String,
+    reply: String,
+    headers: Vec<u8>,
+    payload: bytes::Bytes,
 }
 
 /// What the consumer info reports.
@@ -124,6 +183,8 @@ pub struct Snapshot {
     pub redelivered: u64,
     pub waiting: usize,
     pub num_pending: u64,
+    /// Push: the deliver subject has interest (JetStream's `push_bound`).
+    pub push_bound: bool,
 }
 
 pub struct Consumer {
@@ -169,6 +230,11 @@ impl Consumer {
             leaf,
             state: Mutex::new(State {
                 last_request: Some(Instant::now()),
+                no_interest_since: Some(Instant::now()),
+                flow: Flow {
+                    window_bytes: FLOW_WINDOW_BYTES_MAX / 16,
+                    ..Flow::default()
+                },
                 ..State::default()
             }),
             wake: Notify::new(),
@@ -309,6 +375,7 @@ impl Consumer {
             waiting: state.waiting.len(),
             // An upper bound with filters (there is no per-subject index).
             num_pending: (last + 1).saturating_sub(state.next_sequence.max(1)),
+            push_bound: self.settings.push.is_some() && state.interest,
         }
     }
 
@@ -407,8 +474,8 @@ impl Consumer {
         }
     }
 
-    /// Serves requests until the consumer is deleted (or, ephemeral, idle
-    /// past its inactive threshold).
+    /// Serves requests (pull) or the deliver subject (push) until the
+    /// consumer is deleted (or, ephemeral, inactive past its threshold).
     pub async fn run(self: Arc<Consumer>, consumers: Arc<super::consumers::Consumers>) {
         let mut reader = match self.open_reader().await {
             Ok(reader) => reader,
@@ -418,59 +485,68 @@ impl Consumer {
                 return self.delete();
             }
         };
+        let mut interest = self.client.interest_changes();
+        interest.mark_changed();
         let mut buffered: VecDeque<StoredRecord> = VecDeque::new();
         while !self.is_deleted() {
             let wake = self.wake.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
+            if interest.has_changed().unwrap_or(false) {
+                interest.borrow_and_update();
+                self.refresh_interest();
+            }
             let next_timer = self.housekeeping();
             if self.idle_too_long() {
                 consumers.remove(&self.stream_name, &self.name);
                 return self.delete();
             }
-            if self.has_waiting() {
+            let mut sent = 0;
+            while sent < SEND_BURST_RECORDS_MAX && self.ready() {
                 if let Some(sequence) = self.next_redelivery() {
-                    if let Some(record) = self.read_exact(sequence).await {
-                        self.deliver(record, true);
-                    } else {
-                        self.forget(sequence);
+                    match self.read_exact(sequence).await {
+                        Some(record) => self.deliver(record, true).await,
+                        None => self.forget(sequence),
                     }
+                    sent += 1;
                     continue;
                 }
-                if self.may_deliver_new() {
-                    if buffered.is_empty() {
-                        let Some((returned, records)) = read_step(reader).await else {
-                            consumers.remove(&self.stream_name, &self.name);
-                            return self.delete();
-                        };
-                        reader = returned;
-                        let last = self.stream.status().next_offset.saturating_sub(1);
-                        self.lock().stream_last = last;
-                        buffered.extend(records);
-                    }
-                    if let Some(record) = buffered.pop_front() {
-                        self.deliver(record, false);
-                        continue;
-                    }
+                if !self.may_deliver_new() {
+                    break;
                 }
-                self.end_no_wait();
+                if buffered.is_empty() {
+                    let Some((returned, records)) = read_step(reader).await else {
+                        consumers.remove(&self.stream_name, &self.name);
+                        return self.delete();
+                    };
+                    reader = returned;
+                    let last = self.stream.status().next_offset.saturating_sub(1);
+                    self.lock().stream_last = last;
+                    buffered.extend(records);
+                }
+                let Some(record) = buffered.pop_front() else {
+                    break;
+                };
+                self.deliver(record, false).await;
+                sent += 1;
             }
+            if sent == SEND_BURST_RECORDS_MAX {
+                continue;
+            }
+            self.end_no_wait();
             let sleep = tokio::time::sleep_until(
                 next_timer
                     .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
                     .into(),
             );
-            if self.has_waiting() && self.may_deliver_new() && buffered.is_empty() {
-                tokio::select! {
-                    _ = &mut wake => {}
-                    _ = sleep => {}
-                    _ = reader.wait() => {}
-                }
-            } else {
-                tokio::select! {
-                    _ = &mut wake => {}
-                    _ = sleep => {}
-                }
+            let reading = self.ready() && self.may_deliver_new() && buffered.is_empty();
+            let push = self.settings.push.is_some();
+            tokio::select! {
+                _ = &mut wake => {}
+                _ = sleep => {}
+                _ = reader.wait(), if reading => {}
+                // `changed` marks the change seen: take it up here.
+                _ = interest.changed(), if push => self.refresh_interest(),
             }
         }
     }
@@ -503,8 +579,59 @@ impl Consumer {
         }
     }
 
-    fn has_waiting(&self) -> bool {
-        !self.lock().waiting.is_empty()
+    /// Whether a delivery can go out now: a pull request waits, or the
+    /// deliver subject has interest and the flow control window room.
+    fn ready(&self) -> bool {
+        let state = self.lock();
+        match &self.settings.push {
+            None => !state.waiting.is_empty(),
+            Some(push) => {
+                state.interest
+                    && !(push.flow_control
+                        && state.flow.unconfirmed_bytes > state.flow.window_bytes)
+            }
+        }
+    }
+
+    /// Takes up a change of interest in the deliver subject (push).
+    fn refresh_interest(&self) {
+        let Some(push) = &self.settings.push else {
+            return;
+        };
+        let interested = self.client.has_interest(&push.deliver_subject);
+        let mut state = self.lock();
+        if interested == state.interest {
+            return;
+        }
+        state.interest = interested;
+        let now = Instant::now();
+        if interested {
+            state.no_interest_since = None;
+            state.next_heartbeat = push.idle_heartbeat.map(|every| now + every);
+        } else {
+            state.no_interest_since = Some(now);
+            state.next_heartbeat = None;
+        }
+    }
+
+    /// A push consumer's answer to its flow control request: confirms
+    /// what was delivered before the request and widens the window.
+    pub fn flow_answer(&self, subject: &str) {
+        let mut state = self.lock();
+        let Some((expected, confirmed_bytes)) = &state.flow.request else {
+            return;
+        };
+        // An answer to an older request than the outstanding one is stale.
+        if expected != subject {
+            return;
+        }
+        let confirmed_bytes = *confirmed_bytes;
+        let flow = &mut state.flow;
+        flow.unconfirmed_bytes = flow.unconfirmed_bytes.saturating_sub(confirmed_bytes);
+        flow.window_bytes = (flow.window_bytes * 2).min(FLOW_WINDOW_BYTES_MAX);
+        flow.request = None;
+        drop(state);
+        self.wake.notify_one();
     }
 
     fn may_deliver_new(&self) -> bool {
@@ -517,6 +644,11 @@ impl Consumer {
             return false;
         };
         let state = self.lock();
+        if self.settings.push.is_some() {
+            return state
+                .no_interest_since
+                .is_some_and(|since| since.elapsed() > threshold);
+        }
         state.waiting.is_empty()
             && state
                 .last_request
@@ -560,6 +692,17 @@ impl Consumer {
         });
         if state.waiting.len() < waiting_before {
             state.last_request = Some(now);
+        }
+        let mut heartbeat = None;
+        if let Some(push) = &self.settings.push {
+            if let (true, Some(at), Some(every)) =
+                (state.interest, state.next_heartbeat, push.idle_heartbeat)
+            {
+                if at <= now {
+                    heartbeat = Some(push_heartbeat(&state));
+                    state.next_heartbeat = Some(now + every);
+                }
+            }
         }
         if self.settings.ack_policy != AckPolicy::None {
             let overdue: Vec<u64> = state
@@ -606,18 +749,28 @@ impl Consumer {
         if self.settings.ack_policy != AckPolicy::None {
             consider(state.pending.values().map(|pending| pending.due).min());
         }
-        // Inactivity counts only while no request waits (a long poll is
-        // activity), from the end of the last one.
-        if let (Some(threshold), Some(last), true) = (
-            self.settings.inactive_threshold,
-            state.last_request,
-            state.waiting.is_empty(),
-        ) {
-            consider(Some(last + threshold + Duration::from_millis(10)));
+        consider(state.next_heartbeat);
+        // Pull: inactivity counts only while no request waits (a long poll
+        // is activity), from the end of the last one. Push: from when the
+        // deliver subject lost its interest.
+        let inactive_since = match &self.settings.push {
+            Some(_) => state.no_interest_since,
+            None => state.last_request.filter(|_| state.waiting.is_empty()),
+        };
+        if let (Some(threshold), Some(since)) = (self.settings.inactive_threshold, inactive_since) {
+            consider(Some(since + threshold + Duration::from_millis(10)));
         }
         drop(state);
         for (reply, status, pending) in statuses {
             self.status(&reply, status, pending);
+        }
+        if let (Some(headers), Some(push)) = (heartbeat, &self.settings.push) {
+            if let Err(error) =
+                self.client
+                    .publish_with_headers(&push.deliver_subject, headers.as_bytes(), &[])
+            {
+                tracing::debug!(%error, "cannot send a push heartbeat");
+            }
         }
         next
     }
@@ -647,74 +800,57 @@ impl Consumer {
                 .any(|filter| filter.matches(&record.subject))
     }
 
-    /// Sends `record` to the first waiting request.
-    fn deliver(&self, record: StoredRecord, again: bool) {
+    /// Sends `record` to the first waiting request (pull) or the deliver
+    /// subject (push), waiting for room in the output (never dropped).
+    async fn deliver(&self, record: StoredRecord, again: bool) {
+        let Some((outgoing, flow_request)) = self.prepare(record, again) else {
+            return;
+        };
+        for message in std::iter::once(outgoing).chain(flow_request) {
+            self.client.room().await;
+            if let Err(error) = self.client.publish_with_reply(
+                &message.subject,
+                &message.reply,
+                &message.headers,
+                &message.payload,
+            ) {
+                tracing::debug!(%error, "cannot send a consumer delivery");
+            }
+        }
+    }
+
+    /// Books the delivery of `record` and builds its message (and, push
+    /// with flow control, a flow control request when one is due).
+    fn prepare(&self, record: StoredRecord, again: bool) -> Option<(Outgoing, Option<Outgoing>)> {
         if !again && !self.matches(&record) {
             self.lock().next_sequence = record.offset + 1;
-            return;
+            return None;
         }
         let size = (record.subject.len() + record.headers.len() + record.payload.len()) as u64;
         let mut state = self.lock();
-        let Some(request) = state.waiting.front_mut() else {
-            return;
-        };
-        if request.bytes_left.is_some_and(|left| size > left) {
-            let refused = state.waiting.pop_front().expect("front");
-            drop(state);
-            if again {
-                self.lock().redeliver.push_front(record.offset);
-            }
-            return self.status(
-                &refused.reply,
-                "409 Message Size Exceeds MaxBytes",
-                Some((refused.batch_left, refused.bytes_left)),
-            );
-        }
-        request.batch_left -= 1;
-        if let Some(left) = &mut request.bytes_left {
-            *left -= size;
-        }
-        if let (Some(_), Some(every)) = (request.next_heartbeat, request.heartbeat) {
-            request.next_heartbeat = Some(Instant::now() + every);
-        }
-        let reply = request.reply.clone();
-        if request.batch_left == 0 || request.bytes_left == Some(0) {
-            state.waiting.pop_front();
-            state.last_request = Some(Instant::now());
-        }
-        let consumer_sequence = state.delivered.0 + 1;
-        state.delivered = (consumer_sequence, state.delivered.1.max(record.offset));
-        let deliveries = match state.pending.get_mut(&record.offset) {
-            Some(pending) => {
-                pending.deliveries += 1;
-                pending.consumer_sequence = consumer_sequence;
-                pending.due = Instant::now() + self.settings.ack_wait;
-                let deliveries = pending.deliveries;
-                state.redelivered += 1;
-                deliveries
-            }
-            None => {
-                if self.settings.ack_policy != AckPolicy::None {
-                    state.pending.insert(
-                        record.offset,
-                        Pending {
-                            consumer_sequence,
-                            deliveries: 1,
-                            due: Instant::now() + self.settings.ack_wait,
-                        },
-                    );
+        let target = match &self.settings.push {
+            Some(push) => push.deliver_subject.clone(),
+            None => match self.take_request(&mut state, size) {
+                Ok(reply) => reply,
+                Err(refused) => {
+                    if again {
+                        state.redeliver.push_front(record.offset);
+                    }
+                    drop(state);
+                    if let Some(refused) = refused {
+                        self.status(
+                            &refused.reply,
+                            "409 Message Size Exceeds MaxBytes",
+                            Some((refused.batch_left, refused.bytes_left)),
+                        );
+                    }
+                    return None;
                 }
-                1
-            }
+            },
         };
-        if !again {
-            state.next_sequence = record.offset + 1;
-        }
-        if self.settings.ack_policy == AckPolicy::None {
-            state.ack_floor = state.delivered;
-        }
-        let last = state.stream_last.max(record.offset);
-        let pending_count = last.saturating_sub(state.next_sequence.saturating_sub(1));
+        let (consumer_sequence, deliveries, pending_count) =
+            self.book(&mut state, record.offset, again);
+        let flow_request = self.flow_request(&mut state, size);
         drop(state);
         self.mark_changed();
         let subject = String::from_utf8_lossy(&record.subject).into_owned();
@@ -723,15 +859,15 @@ impl Consumer {
         } else {
             super::ACK_PREFIX_CLIENT
         };
-        let mut ack_subject = format!(
+        let mut reply = format!(
             "{prefix}{}.{}.{deliveries}.{}.{consumer_sequence}.{}.{pending_count}",
             self.stream_name, self.name, record.offset, record.timestamp_ns
         );
         if self.leaf {
             // The hub delivers it with the stored subject, the reply cut
             // at the '@'.
-            ack_subject.push('@');
-            ack_subject.push_str(&subject);
+            reply.push('@');
+            reply.push_str(&subject);
         }
         // Without a leafnode the receiver sees its inbox as the subject:
         // the stored one travels in a header.
@@ -745,13 +881,137 @@ impl Consumer {
         } else {
             crate::headers::replay_block(&record.headers, &extra)
         };
-        if let Err(error) =
-            self.client
-                .publish_with_reply(&reply, &ack_subject, &headers, &record.payload)
-        {
-            tracing::debug!(%error, "cannot send a consumer delivery");
-        }
+        let outgoing = Outgoing {
+            subject: target,
+            reply,
+            headers,
+            payload: record.payload,
+        };
+        Some((outgoing, flow_request))
     }
+
+    /// The reply subject of the first waiting pull request, which takes
+    /// `size` bytes of it; `Err` when none waits, or `Err(Some(request))`
+    /// when the record is larger than what the request has left (the
+    /// request ends).
+    fn take_request(&self, state: &mut State, size: u64) -> Result<String, Option<PullRequest>> {
+        let Some(request) = state.waiting.front_mut() else {
+            return Err(None);
+        };
+        if request.bytes_left.is_some_and(|left| size > left) {
+            return Err(state.waiting.pop_front());
+        }
+        request.batch_left -= 1;
+        if let Some(left) = &mut request.bytes_left {
+            *left -= size;
+        }
+        if let (Some(_), Some(every)) = (request.next_heartbeat, request.heartbeat) {
+            request.next_heartbeat = Some(Instant::now() + every);
+        }
+        let reply = request.reply.clone();
+        if request.batch_left == 0 || request.bytes_left == Some(0) {
+            state.waiting.pop_front();
+            state.last_request = Some(Instant::now());
+        }
+        Ok(reply)
+    }
+
+    /// Books one delivery of `sequence`: its consumer sequence, how often
+    /// it was delivered, and the records left after it.
+    fn book(&self, state: &mut State, sequence: u64, again: bool) -> (u64, u64, u64) {
+        let now = Instant::now();
+        let consumer_sequence = state.delivered.0 + 1;
+        state.delivered = (consumer_sequence, state.delivered.1.max(sequence));
+        let deliveries = match state.pending.get_mut(&sequence) {
+            Some(pending) => {
+                pending.deliveries += 1;
+                pending.consumer_sequence = consumer_sequence;
+                pending.due = now + self.settings.ack_wait;
+                let deliveries = pending.deliveries;
+                state.redelivered += 1;
+                deliveries
+            }
+            None => {
+                if self.settings.ack_policy != AckPolicy::None {
+                    state.pending.insert(
+                        sequence,
+                        Pending {
+                            consumer_sequence,
+                            deliveries: 1,
+                            due: now + self.settings.ack_wait,
+                        },
+                    );
+                }
+                1
+            }
+        };
+        if !again {
+            state.next_sequence = sequence + 1;
+        }
+        if self.settings.ack_policy == AckPolicy::None {
+            state.ack_floor = state.delivered;
+        }
+        if let Some(every) = self
+            .settings
+            .push
+            .as_ref()
+            .and_then(|push| push.idle_heartbeat)
+        {
+            state.next_heartbeat = Some(now + every);
+        }
+        let last = state.stream_last.max(sequence);
+        let pending_count = last.saturating_sub(state.next_sequence.saturating_sub(1));
+        (consumer_sequence, deliveries, pending_count)
+    }
+
+    /// Counts `size` delivered bytes against a push consumer's flow
+    /// control window; a request when half of it is used and none is
+    /// outstanding.
+    fn flow_request(&self, state: &mut State, size: u64) -> Option<Outgoing> {
+        let push = self
+            .settings
+            .push
+            .as_ref()
+            .filter(|push| push.flow_control)?;
+        let flow = &mut state.flow;
+        flow.unconfirmed_bytes += size;
+        if flow.request.is_some() || flow.unconfirmed_bytes <= flow.window_bytes / 2 {
+            return None;
+        }
+        flow.requests_sent += 1;
+        let prefix = if self.leaf {
+            super::FLOW_PREFIX
+        } else {
+            super::FLOW_PREFIX_CLIENT
+        };
+        let reply = format!(
+            "{prefix}{}.{}.{}",
+            self.stream_name, self.name, flow.requests_sent
+        );
+        flow.request = Some((reply.clone(), flow.unconfirmed_bytes));
+        Some(Outgoing {
+            subject: push.deliver_subject.clone(),
+            reply,
+            headers: b"NATS/1.0 100 FlowControl Request\r\n\r\n".to_vec(),
+            payload: bytes::Bytes::new(),
+        })
+    }
+}
+
+/// A push consumer's idle heartbeat: the last consumer and stream
+/// sequence delivered, and the flow control subject to answer while
+/// delivery is stalled on it.
+fn push_heartbeat(state: &State) -> String {
+    let mut headers = format!(
+        "NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: {}\r\nNats-Last-Stream: {}\r\n",
+        state.delivered.0,
+        state.next_sequence.saturating_sub(1)
+    );
+    if let Some((subject, _)) = &state.flow.request {
+        headers.push_str(&format!("Nats-Consumer-Stalled: {subject}\r\n"));
+    }
+    headers.push_str("\r\n");
+    headers
 }
 
 /// The ack floor: below the first pending record (or at the last

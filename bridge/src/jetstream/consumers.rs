@@ -3,12 +3,12 @@
 //! `CONSUMER.NAMES`, `CONSUMER.LIST` and `CONSUMER.MSG.NEXT`, and the
 //! routing of acks (`$JS.ACK.<stream>.>`) to their consumer.
 //!
-//! Pull consumers only: a configuration with a `deliver_subject` (push) is
-//! refused with 10012, saying so. The effective configuration, JetStream's
-//! defaults filled in, is echoed in full: clients rebuild their consumers
-//! from it.
+//! Pull consumers, and push consumers (a `deliver_subject`; ordered
+//! consumers are ephemeral push consumers with flow control and idle
+//! heartbeats). The effective configuration, JetStream's defaults filled
+//! in, is echoed in full: clients rebuild their consumers from it.
 
-use super::consumer::{AckPolicy, Consumer, NextRequest, Settings};
+use super::consumer::{AckPolicy, Consumer, NextRequest, Push, Settings};
 use super::consumer_file::ConsumerFile;
 use super::errors::JsError;
 use super::json::Paged;
@@ -80,6 +80,8 @@ pub(super) struct ConsumerInfoJson {
     num_redelivered: u64,
     num_waiting: usize,
     num_pending: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    push_bound: bool,
     ts: String,
 }
 
@@ -102,6 +104,7 @@ fn info_of(consumer: &Consumer) -> ConsumerInfoJson {
         num_redelivered: snapshot.redelivered,
         num_waiting: snapshot.waiting,
         num_pending: snapshot.num_pending,
+        push_bound: snapshot.push_bound,
         ts: crate::time::format_rfc3339(crate::dedup::now_ns()),
     }
 }
@@ -209,6 +212,9 @@ fn next(service: &JetStreamService, request: &Request, stream: &str, name: &str)
     let Some(consumer) = service.consumers.get(stream, name) else {
         return status("409 Consumer Deleted");
     };
+    if consumer.settings.push.is_some() {
+        return status("409 Consumer is push based");
+    }
     let asked: NextRequest = if request.payload.iter().all(u8::is_ascii_whitespace) {
         NextRequest::default()
     } else {
@@ -276,17 +282,6 @@ fn create(
     if !config.is_object() {
         return Err(JsError::bad_request(
             "the request's config is not an object",
-        ));
-    }
-    if config
-        .get("deliver_subject")
-        .and_then(Value::as_str)
-        .is_some_and(|subject| !subject.is_empty())
-    {
-        return Err(JsError::refused(
-            500,
-            10012,
-            "natswal serves pull consumers only, not yet push consumers (deliver_subject): use a pull consumer",
         ));
     }
     let durable_name = text(&config, "durable_name");
@@ -498,6 +493,9 @@ fn differences(asked: &Value, existing: &Value) -> Vec<&'static str> {
         "filter_subjects",
         "max_ack_pending",
         "max_waiting",
+        "deliver_subject",
+        "flow_control",
+        "idle_heartbeat",
     ];
     FIELDS
         .iter()
@@ -601,6 +599,7 @@ fn settings(config: &mut Value, name: &str, durable: bool) -> Result<Settings, J
         .and_then(Value::as_i64)
         .filter(|value| *value > 0)
         .unwrap_or(MAX_WAITING_DEFAULT);
+    let push = push_settings(config)?;
     let inactive = nanoseconds("inactive_threshold").map(Duration::from_nanos);
     let inactive_threshold = if durable {
         inactive
@@ -617,7 +616,6 @@ fn settings(config: &mut Value, name: &str, durable: bool) -> Result<Settings, J
         ("ack_wait", json!(ack_wait.as_nanos() as u64)),
         ("max_deliver", json!(max_deliver)),
         ("replay_policy", json!("instant")),
-        ("max_waiting", json!(max_waiting)),
         ("max_ack_pending", json!(max_ack_pending)),
         ("num_replicas", json!(0)),
     ];
@@ -627,6 +625,10 @@ fn settings(config: &mut Value, name: &str, durable: bool) -> Result<Settings, J
     }
     if durable {
         object.insert("durable_name".to_string(), json!(name));
+    }
+    // Pull consumers only: requests wait for a push consumer's nobody.
+    if push.is_none() {
+        object.insert("max_waiting".to_string(), json!(max_waiting));
     }
     if let Some(threshold) = inactive_threshold {
         object.insert(
@@ -643,7 +645,79 @@ fn settings(config: &mut Value, name: &str, durable: bool) -> Result<Settings, J
         max_ack_pending: usize::try_from(max_ack_pending).unwrap_or(usize::MAX),
         max_waiting: usize::try_from(max_waiting).unwrap_or(512),
         inactive_threshold,
+        push,
     })
+}
+
+/// A push consumer's delivery settings (`None`: a pull consumer). What
+/// natswal does not implement of push delivery is refused, not ignored.
+fn push_settings(config: &Value) -> Result<Option<Push>, JsError> {
+    let Some(deliver_subject) = text(config, "deliver_subject") else {
+        if config.get("flow_control").and_then(Value::as_bool) == Some(true) {
+            return Err(JsError::refused(
+                400,
+                10089,
+                "consumer flow control requires a push based consumer",
+            ));
+        }
+        return Ok(None);
+    };
+    if deliver_subject.contains(['*', '>']) || deliver_subject.contains(char::is_whitespace) {
+        return Err(JsError::refused(
+            400,
+            10112,
+            &format!("invalid push consumer deliver subject '{deliver_subject}'"),
+        ));
+    }
+    if config.get("headers_only").and_then(Value::as_bool) == Some(true) {
+        return Err(JsError::refused(
+            500,
+            10012,
+            "natswal does not deliver headers only (headers_only)",
+        ));
+    }
+    if config
+        .get("rate_limit_bps")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        > 0
+    {
+        return Err(JsError::refused(
+            500,
+            10012,
+            "natswal does not limit a push consumer's rate (rate_limit_bps)",
+        ));
+    }
+    let flow_control = config.get("flow_control").and_then(Value::as_bool) == Some(true);
+    let idle_heartbeat = config
+        .get("idle_heartbeat")
+        .and_then(Value::as_u64)
+        .filter(|nanoseconds| *nanoseconds > 0)
+        .map(Duration::from_nanos);
+    if flow_control && idle_heartbeat.is_none() {
+        return Err(JsError::refused(
+            400,
+            10108,
+            "consumer with flow control also needs heartbeats",
+        ));
+    }
+    Ok(Some(Push {
+        deliver_subject,
+        flow_control,
+        idle_heartbeat,
+    }))
+}
+
+/// A push consumer's flow control answer on `$JS.FC.<stream>.<consumer>.<n>`.
+pub(super) fn route_flow_answer(service: &JetStreamService, message: &crate::wire::Message) {
+    let subject = message.subject_text();
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let [_, _, stream, name, _] = tokens.as_slice() else {
+        return;
+    };
+    if let Some(consumer) = service.consumers.get(stream, name) {
+        consumer.flow_answer(subject);
+    }
 }
 
 /// An ack on `$JS.ACK.<stream>.<consumer>.<deliveries>.<sseq>.<cseq>.<ts>.<pending>`.

@@ -120,6 +120,8 @@ pub fn subscribe(service: &JetStreamService) -> crate::wire::Subscription {
     for stream in service.streams.keys() {
         subjects.push(format!("{ACK_PREFIX}{stream}.>"));
         subjects.push(format!("{ACK_PREFIX_CLIENT}{stream}.>"));
+        subjects.push(format!("{FLOW_PREFIX}{stream}.>"));
+        subjects.push(format!("{FLOW_PREFIX_CLIENT}{stream}.>"));
     }
     service.client.subscribe_all(&subjects)
 }
@@ -131,6 +133,11 @@ pub(crate) const ACK_PREFIX: &str = "$JS.ACK.";
 /// The same tokens after natswal's own prefix, for deliveries without a
 /// leafnode connection (clients ack them, but cannot read the metadata).
 pub(crate) const ACK_PREFIX_CLIENT: &str = "$NWAL.ACK.";
+
+/// Where push consumers' flow control requests are answered (JetStream's
+/// form over the leafnode, natswal's own without one).
+pub(crate) const FLOW_PREFIX: &str = "$JS.FC.";
+pub(crate) const FLOW_PREFIX_CLIENT: &str = "$NWAL.FC.";
 
 /// Serves requests until `shutdown`. Reads run on the blocking pool, one
 /// task per request, so a slow read never holds up an info request.
@@ -153,6 +160,12 @@ pub async fn run(
                 || message.subject.starts_with(ACK_PREFIX_CLIENT.as_bytes())
             {
                 consumers::route_ack(&service, &message);
+                continue;
+            }
+            if message.subject.starts_with(FLOW_PREFIX.as_bytes())
+                || message.subject.starts_with(FLOW_PREFIX_CLIENT.as_bytes())
+            {
+                consumers::route_flow_answer(&service, &message);
                 continue;
             }
             let service = service.clone();
