@@ -110,8 +110,14 @@ pub(super) struct ChildProcess(pub(super) Child);
 impl ChildProcess {
     /// CPU time (user and system) the process used so far, in seconds.
     pub(super) fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+        process_cpu_seconds(self.0.id())
+    }
+}
+
+/// CPU time (user and system) process `pid` used so far, in seconds.
+pub(super) fn process_cpu_seconds(pid: u32) -> f64 {
+    {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Fields after the command name (which may hold spaces): utime and
         // stime are the 12th and 13th.
         let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
@@ -761,7 +767,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
     })?;
     let leaf_port = free_port()?;
     let leafnodes = format!("leafnodes {{ listen: \"127.0.0.1:{leaf_port}\" }}\n");
-    let (_server, url) =
+    let (server, url) =
         start_nats_server_on(&binary, &directory, "default", "", &leafnodes, free_port()?)?;
     let leafnode_url = format!("nats://127.0.0.1:{leaf_port}");
     let (_server_always, url_always) =
@@ -912,51 +918,100 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
         fill(&clients, "js.default.replay", count, 128).await?;
         // natswal's `none` stream also holds the ingest cases' records: the
         // replay reads the first `count` of it, all 128 B or more.
-        let per_message = natswal_replay(&clients[0], "none", count, Mode::Messages).await?;
-        let batched = natswal_replay(&clients[0], "none", count, Mode::Batched).await?;
-        let frames = natswal_replay(&clients[0], "none", count, Mode::Frames).await?;
+        // CPU per record of natswal, nats-server and the reader (this
+        // process) while a consumer reads.
+        let sample = || {
+            [
+                natswal.cpu_seconds(),
+                server.cpu_seconds(),
+                process_cpu_seconds(std::process::id()),
+            ]
+        };
+        let per_record = |before: [f64; 3], rate: Rate| {
+            let after = sample();
+            let messages = rate.messages.max(1) as f64;
+            [0, 1, 2].map(|index| (after[index] - before[index]) * 1e6 / messages)
+        };
+        let mut own = Vec::new();
+        for mode in [Mode::Messages, Mode::Batched, Mode::Frames] {
+            let before = sample();
+            let rate = natswal_replay(&clients[0], "none", count, mode).await?;
+            own.push((rate, per_record(before, rate)));
+        }
         let theirs = async_nats::jetstream::new(clients[0].clone());
+        let before = sample();
         let ordered =
             consumer_replay(&theirs, "JSDEFAULT", count, ConsumerKind::OrderedPush).await?;
+        let ordered_cpu = per_record(before, ordered);
         let ours = async_nats::jetstream::with_domain(clients[0].clone(), NATSWAL_DOMAIN);
         let mut consumers = Vec::new();
-        for kind in [ConsumerKind::OrderedPull, ConsumerKind::Pull500] {
-            let jetstream = consumer_replay(&theirs, "JSDEFAULT", count, kind).await?;
-            let natswal = consumer_replay(&ours, "none", count, kind).await?;
-            consumers.push((kind, jetstream, natswal));
+        for kind in [
+            ConsumerKind::OrderedPush,
+            ConsumerKind::OrderedPull,
+            ConsumerKind::Pull500,
+        ] {
+            let jetstream = match kind {
+                ConsumerKind::OrderedPush => (ordered, ordered_cpu),
+                _ => {
+                    let before = sample();
+                    let rate = consumer_replay(&theirs, "JSDEFAULT", count, kind).await?;
+                    (rate, per_record(before, rate))
+                }
+            };
+            let before = sample();
+            let rate = consumer_replay(&ours, "none", count, kind).await?;
+            consumers.push((kind, jetstream, (rate, per_record(before, rate))));
         }
         println!();
         println!("## Replay of {count} records");
         println!();
-        println!("| reader | msgs/s | x JetStream ordered push consumer | x the same client on JetStream |");
-        println!("| --- | --- | --- | --- |");
-        let row = |name: &str, rate: Rate, same: Option<Rate>| {
+        println!("CPU µs/record: user and system CPU time per record read of natswal, of nats-server (JetStream's reads are inside it; natswal's deliveries pass through it) and of the reader.");
+        println!();
+        println!("| reader | msgs/s | x JetStream ordered push consumer | x the same client on JetStream | CPU µs/record natswal / nats-server / reader |");
+        println!("| --- | --- | --- | --- | --- |");
+        let row = |name: &str, (rate, cpu): (Rate, [f64; 3]), same: Option<Rate>| {
             let versus_same = same.map_or("-".to_string(), |same| {
                 format!("{:.2}", rate.per_second() / same.per_second().max(1e-9))
             });
             println!(
-                "| {name} | {:.0} | {:.2} | {versus_same} |",
+                "| {name} | {:.0} | {:.2} | {versus_same} | {:.2} / {:.2} / {:.2} |",
                 rate.per_second(),
-                rate.per_second() / ordered.per_second().max(1e-9)
+                rate.per_second() / ordered.per_second().max(1e-9),
+                cpu[0],
+                cpu[1],
+                cpu[2],
             );
         };
-        row("JetStream ordered push consumer", ordered, None);
+        row(
+            "JetStream ordered push consumer",
+            (ordered, ordered_cpu),
+            None,
+        );
         for (kind, jetstream, natswal) in consumers {
             let label = match kind {
                 ConsumerKind::OrderedPush => "ordered push consumer (async-nats)",
                 ConsumerKind::OrderedPull => "ordered pull consumer (async-nats)",
                 ConsumerKind::Pull500 => "pull consumer, batch 500, no acks (async-nats)",
             };
-            row(&format!("JetStream {label}"), jetstream, None);
+            if !matches!(kind, ConsumerKind::OrderedPush) {
+                row(&format!("JetStream {label}"), jetstream, None);
+            }
             row(
                 &format!("natswal's JetStream API, {label}"),
                 natswal,
-                Some(jetstream),
+                Some(jetstream.0),
             );
         }
-        row("natswal replay, one message per record", per_message, None);
-        row("natswal replay, batched (records-v1)", batched, None);
-        row("natswal replay, stored frames (frame-v1)", frames, None);
+        for (name, measured) in [
+            "natswal replay, one message per record",
+            "natswal replay, batched (records-v1)",
+            "natswal replay, stored frames (frame-v1)",
+        ]
+        .into_iter()
+        .zip(own)
+        {
+            row(name, measured, None);
+        }
     }
     drop(clients);
     drop(clients_always);

@@ -175,6 +175,50 @@ struct Outgoing {
     payload: bytes::Bytes,
 }
 
+/// Messages a consumer gathers before one send (one lock of the output
+/// and one wake of its writer for many deliveries).
+#[derive(Default)]
+struct Batch {
+    messages: Vec<Outgoing>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Bytes gathered before a send, whatever the records' sizes.
+    const BYTES_MAX: usize = 1024 * 1024;
+
+    fn add(&mut self, message: Outgoing) {
+        self.bytes += message.subject.len()
+            + message.reply.len()
+            + message.headers.len()
+            + message.payload.len();
+        self.messages.push(message);
+    }
+
+    fn is_full(&self) -> bool {
+        self.bytes >= Batch::BYTES_MAX
+    }
+}
+
+/// A pull status (`404 No Messages`, `408 Request Timeout`, ...) to
+/// `reply`, with the request's unfilled messages and bytes.
+fn status_message(reply: &str, status: &str, pending: Option<(u64, Option<u64>)>) -> Outgoing {
+    let mut headers = format!("NATS/1.0 {status}\r\n");
+    if let Some((messages, bytes)) = pending {
+        headers.push_str(&format!(
+            "Nats-Pending-Messages: {messages}\r\nNats-Pending-Bytes: {}\r\n",
+            bytes.unwrap_or(0)
+        ));
+    }
+    headers.push_str("\r\n");
+    Outgoing {
+        subject: reply.to_string(),
+        reply: String::new(),
+        headers: headers.into_bytes(),
+        payload: bytes::Bytes::new(),
+    }
+}
+
 /// What the consumer info reports.
 pub struct Snapshot {
     pub delivered: (u64, u64),
@@ -458,17 +502,10 @@ impl Consumer {
     }
 
     fn status(&self, reply: &str, status: &str, pending: Option<(u64, Option<u64>)>) {
-        let mut headers = format!("NATS/1.0 {status}\r\n");
-        if let Some((messages, bytes)) = pending {
-            headers.push_str(&format!(
-                "Nats-Pending-Messages: {messages}\r\nNats-Pending-Bytes: {}\r\n",
-                bytes.unwrap_or(0)
-            ));
-        }
-        headers.push_str("\r\n");
-        if let Err(error) = self
-            .client
-            .publish_with_headers(reply, headers.as_bytes(), &[])
+        let message = status_message(reply, status, pending);
+        if let Err(error) =
+            self.client
+                .publish_with_headers(&message.subject, &message.headers, &[])
         {
             tracing::debug!(%error, "cannot send a pull status");
         }
@@ -488,6 +525,7 @@ impl Consumer {
         let mut interest = self.client.interest_changes();
         interest.mark_changed();
         let mut buffered: VecDeque<StoredRecord> = VecDeque::new();
+        let mut batch = Batch::default();
         while !self.is_deleted() {
             let wake = self.wake.notified();
             tokio::pin!(wake);
@@ -503,9 +541,12 @@ impl Consumer {
             }
             let mut sent = 0;
             while sent < SEND_BURST_RECORDS_MAX && self.ready() {
+                if batch.is_full() {
+                    self.send(&mut batch).await;
+                }
                 if let Some(sequence) = self.next_redelivery() {
                     match self.read_exact(sequence).await {
-                        Some(record) => self.deliver(record, true).await,
+                        Some(record) => self.deliver(record, true, &mut batch),
                         None => self.forget(sequence),
                     }
                     sent += 1;
@@ -516,6 +557,7 @@ impl Consumer {
                 }
                 if buffered.is_empty() {
                     let Some((returned, records)) = read_step(reader).await else {
+                        self.send(&mut batch).await;
                         consumers.remove(&self.stream_name, &self.name);
                         return self.delete();
                     };
@@ -527,9 +569,11 @@ impl Consumer {
                 let Some(record) = buffered.pop_front() else {
                     break;
                 };
-                self.deliver(record, false).await;
+                self.deliver(record, false, &mut batch);
                 sent += 1;
             }
+            // Sent before any status, timer or wait.
+            self.send(&mut batch).await;
             if sent == SEND_BURST_RECORDS_MAX {
                 continue;
             }
@@ -800,32 +844,53 @@ impl Consumer {
                 .any(|filter| filter.matches(&record.subject))
     }
 
-    /// Sends `record` to the first waiting request (pull) or the deliver
-    /// subject (push), waiting for room in the output (never dropped).
-    async fn deliver(&self, record: StoredRecord, again: bool) {
-        let Some((outgoing, flow_request)) = self.prepare(record, again) else {
+    /// Books the delivery of `record` to the first waiting request (pull)
+    /// or the deliver subject (push) and adds its message to `batch`
+    /// (with, push with flow control, a flow control request when one is
+    /// due; pull, the `409` of a request the record is too large for).
+    fn deliver(&self, record: StoredRecord, again: bool, batch: &mut Batch) {
+        if !again && !self.matches(&record) {
+            self.lock().next_sequence = record.offset + 1;
             return;
-        };
-        for message in std::iter::once(outgoing).chain(flow_request) {
-            self.client.room().await;
-            if let Err(error) = self.client.publish_with_reply(
-                &message.subject,
-                &message.reply,
-                &message.headers,
-                &message.payload,
-            ) {
-                tracing::debug!(%error, "cannot send a consumer delivery");
+        }
+        if let Some((outgoing, flow_request)) = self.prepare(record, again, batch) {
+            batch.add(outgoing);
+            if let Some(flow_request) = flow_request {
+                batch.add(flow_request);
             }
         }
     }
 
+    /// Sends what `batch` gathered, waiting for room in the output (never
+    /// dropped).
+    async fn send(&self, batch: &mut Batch) {
+        if batch.messages.is_empty() {
+            return;
+        }
+        self.client.room().await;
+        let messages = batch.messages.iter().map(|message| {
+            (
+                message.subject.as_str(),
+                message.reply.as_str(),
+                message.headers.as_slice(),
+                &message.payload[..],
+            )
+        });
+        if let Err(error) = self.client.publish_each(messages) {
+            tracing::debug!(%error, "cannot send consumer deliveries");
+        }
+        batch.messages.clear();
+        batch.bytes = 0;
+    }
+
     /// Books the delivery of `record` and builds its message (and, push
     /// with flow control, a flow control request when one is due).
-    fn prepare(&self, record: StoredRecord, again: bool) -> Option<(Outgoing, Option<Outgoing>)> {
-        if !again && !self.matches(&record) {
-            self.lock().next_sequence = record.offset + 1;
-            return None;
-        }
+    fn prepare(
+        &self,
+        record: StoredRecord,
+        again: bool,
+        batch: &mut Batch,
+    ) -> Option<(Outgoing, Option<Outgoing>)> {
         let size = (record.subject.len() + record.headers.len() + record.payload.len()) as u64;
         let mut state = self.lock();
         let target = match &self.settings.push {
@@ -837,12 +902,13 @@ impl Consumer {
                         state.redeliver.push_front(record.offset);
                     }
                     drop(state);
+                    // In the batch: after the deliveries before it.
                     if let Some(refused) = refused {
-                        self.status(
+                        batch.add(status_message(
                             &refused.reply,
                             "409 Message Size Exceeds MaxBytes",
                             Some((refused.batch_left, refused.bytes_left)),
-                        );
+                        ));
                     }
                     return None;
                 }

@@ -322,6 +322,50 @@ impl Client {
         Ok(())
     }
 
+    /// Queues several publishes (subject, reply, headers, payload) under
+    /// one lock with one wake of the writer: a sender of many small
+    /// messages (consumer deliveries). The output bound is checked once,
+    /// before them: callers bound what they pass. A message larger than
+    /// the server's `max_payload` is refused alone.
+    pub fn publish_each<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (&'a str, &'a str, &'a [u8], &'a [u8])>,
+    ) -> Result<(), PublishError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(PublishError::Closed);
+        }
+        let max_payload = self.shared.max_payload.load(Ordering::Relaxed);
+        let mut output = lock(&self.shared.output);
+        if output.bytes.len() >= self.shared.options.output_bytes_max {
+            return Err(PublishError::OutputFull {
+                bytes: output.bytes.len(),
+            });
+        }
+        for (subject, reply, headers, payload) in messages {
+            let size = headers.len() + payload.len();
+            if max_payload > 0 && size > max_payload {
+                tracing::warn!(
+                    subject,
+                    size,
+                    max_payload,
+                    "a message exceeds the server's max_payload and is not sent"
+                );
+                continue;
+            }
+            protocol::encode_message(
+                &mut output.bytes,
+                self.shared.options.dialect,
+                subject.as_bytes(),
+                reply.as_bytes(),
+                headers,
+                payload,
+            );
+        }
+        drop(output);
+        self.shared.output_ready.notify_one();
+        Ok(())
+    }
+
     /// Like [`publish_with_headers`](Client::publish_with_headers), but
     /// waits for room while the output buffer is full instead of failing:
     /// for senders that must not drop (replay), paced by the socket.
@@ -359,6 +403,9 @@ impl Client {
     /// drop, paced by the socket).
     pub async fn room(&self) {
         loop {
+            if lock(&self.shared.output).bytes.len() < self.shared.options.output_bytes_max {
+                return;
+            }
             let drained = self.shared.output_drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
