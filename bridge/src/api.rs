@@ -411,7 +411,7 @@ impl ApiService {
         };
         let batch = request.batch.unwrap_or(BATCH_DEFAULT);
         let batch_max = match request.mode {
-            Mode::Messages => BATCH_MAX,
+            Mode::Messages | Mode::Light => BATCH_MAX,
             Mode::Batched | Mode::Frames => BATCH_MAX_BATCHED,
         };
         if request.mode == Mode::Frames && request.filter.is_some() {
@@ -714,6 +714,10 @@ fn counted_in_frame(record_count: u32, base_offset: u64, counted_from: u64) -> u
     records - counted_from.saturating_sub(base_offset).min(records)
 }
 
+/// The reply subject of a record in `light` mode, before its offset,
+/// timestamp and stored subject.
+pub const LIGHT_REPLY_PREFIX: &str = "$NWAL.R.";
+
 /// Sends replayed records one per message or packed into records-v1
 /// batches no larger than the server's max payload. A record is counted as
 /// delivered only once its message is published; a record that cannot be
@@ -792,6 +796,24 @@ impl<'a> Sender<'a> {
                 );
                 self.publish(record.offset, &headers, &record.payload)
                     .await?;
+                self.delivered += 1;
+                Ok(())
+            }
+            Mode::Light => {
+                let subject = String::from_utf8_lossy(&record.subject);
+                let metadata = format!(
+                    "{LIGHT_REPLY_PREFIX}{}.{}.{subject}",
+                    record.offset, record.timestamp_ns
+                );
+                let headers = if record.headers.is_empty() {
+                    Vec::new()
+                } else {
+                    crate::headers::replay_block(&record.headers, &[])
+                };
+                self.client
+                    .publish_with_reply_when_room(&self.reply, &metadata, &headers, &record.payload)
+                    .await
+                    .map_err(|error| ReplayError::unsent(record.offset, &error))?;
                 self.delivered += 1;
                 Ok(())
             }

@@ -116,8 +116,12 @@ pub struct ReplayArgs {
     #[arg(long, default_value_t = 1000)]
     pub batch: u64,
     /// Ship many records per NATS message (records-v1), for high rates.
-    #[arg(long, conflicts_with = "frames")]
+    #[arg(long, conflicts_with_all = ["frames", "light"])]
     pub batched: bool,
+    /// One message per record with its metadata in the reply subject
+    /// instead of headers (cheaper for readers).
+    #[arg(long, conflicts_with = "frames")]
+    pub light: bool,
     /// Ship stored frames as they are (frame-v1, compressed frames stay
     /// compressed on the wire); cannot filter.
     #[arg(long, conflicts_with = "filter")]
@@ -221,6 +225,8 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
                 Mode::Frames
             } else if args.batched {
                 Mode::Batched
+            } else if args.light {
+                Mode::Light
             } else {
                 Mode::Messages
             },
@@ -374,6 +380,26 @@ fn decode_records(message: &async_nats::Message) -> Result<Vec<Replayed>> {
                 payload: record.payload,
             })
             .collect());
+    }
+    if let Some(metadata) = message
+        .reply
+        .as_ref()
+        .and_then(|reply| reply.as_str().strip_prefix(crate::api::LIGHT_REPLY_PREFIX))
+    {
+        let mut tokens = metadata.splitn(3, '.');
+        let mut number = || tokens.next().and_then(|token| token.parse::<i64>().ok());
+        let (Some(offset), Some(timestamp_ns)) = (number(), number()) else {
+            return Err(BridgeError::InvalidArgument(format!(
+                "bad light replay metadata '{metadata}'"
+            )));
+        };
+        return Ok(vec![Replayed {
+            offset: offset as u64,
+            timestamp_ns,
+            subject: tokens.next().unwrap_or_default().to_string(),
+            headers: headers.clone(),
+            payload: message.payload.clone(),
+        }]);
     }
     let mut original = async_nats::HeaderMap::new();
     for (name, values) in headers.iter() {

@@ -215,6 +215,10 @@ pub enum Mode {
     /// One NATS message per record, original subject and headers in headers.
     #[default]
     Messages,
+    /// One NATS message per record, its metadata in the reply subject
+    /// (`$NWAL.R.<offset>.<timestamp ns>.<subject>`) and only its own
+    /// headers: what a JetStream delivery costs a client to read.
+    Light,
     /// Many records per NATS message, in the records-v1 binary layout.
     Batched,
     /// Stored frames as they are on disk (decrypted, still compressed):

@@ -214,7 +214,7 @@ async fn replay_cli_prints_the_same_records_in_every_mode() {
     assert_eq!(second["headers"]["Trace-Id"], json!(["t-150"]));
     let last: serde_json::Value = serde_json::from_str(messages.last().unwrap()).unwrap();
     assert_eq!(last["offset"], 2500);
-    for mode in ["--batched", "--frames"] {
+    for mode in ["--batched", "--frames", "--light"] {
         let mut arguments = range.to_vec();
         arguments.push(mode);
         assert_eq!(cli_replay(&url, &arguments), messages, "{mode}");

@@ -65,6 +65,10 @@ pub struct NatsBenchArgs {
     /// Records replayed by the replay cases (0 skips them).
     #[arg(long, default_value_t = 1_000_000)]
     pub replay_records: u64,
+    /// Record sizes of the replay cases (a table each; only one size
+    /// besides 128 B, which reuses the ingest cases' streams).
+    #[arg(long, value_delimiter = ',', default_value = "128,1024")]
+    pub replay_sizes: Vec<usize>,
 }
 
 pub(super) fn nats_server_binary(explicit: Option<&Path>) -> Result<PathBuf> {
@@ -204,7 +208,8 @@ fn start_natswal(
         "data_dir = \"{}\"\n[nats]\nservers = [\"{url}\"]\n[http]\nlisten = \"\"\n[storage]\nwrite_mode = \"{write_mode}\"\n\
          [jetstream]\ndomain = \"{NATSWAL_DOMAIN}\"\nleafnode_url = \"{leafnode_url}\"\n\
          [[streams]]\nname = \"fsync\"\nsubjects = [\"nw.fsync.>\"]\ndurability = \"fsync\"\nmax_message_bytes = \"4MiB\"\nallow_atomic = true\nallow_batched = true\natomic_batches_max = 1000\natomic_staging_bytes = \"512MiB\"\n\
-         [[streams]]\nname = \"none\"\nsubjects = [\"nw.none.>\"]\ndurability = \"none\"\nmax_message_bytes = \"4MiB\"\n",
+         [[streams]]\nname = \"none\"\nsubjects = [\"nw.none.>\"]\ndurability = \"none\"\nmax_message_bytes = \"4MiB\"\n\
+         [[streams]]\nname = \"replay\"\nsubjects = [\"nw.replay.>\"]\ndurability = \"none\"\n",
         data.display()
     );
     let config_path = directory.join("natswal.toml");
@@ -587,7 +592,7 @@ async fn natswal_replay(
             start: start.clone(),
             batch: Some(
                 match mode {
-                    Mode::Messages => BATCH_MAX,
+                    Mode::Messages | Mode::Light => BATCH_MAX,
                     Mode::Batched | Mode::Frames => BATCH_MAX_BATCHED,
                 }
                 .min(count - received),
@@ -635,6 +640,18 @@ async fn natswal_replay(
                 Some(FORMAT_RECORDS_V1) => decode_batched(&message.payload)
                     .map_err(|reason| BridgeError::Nats(format!("bad batch: {reason}")))?
                     .len() as u64,
+                // The metadata as a client reads it (as the JetStream
+                // clients read a delivery's ack subject).
+                _ if mode == Mode::Light => {
+                    let reply = message.reply.as_ref().map(|reply| reply.as_str());
+                    let offset = reply
+                        .and_then(|reply| reply.strip_prefix(crate::api::LIGHT_REPLY_PREFIX))
+                        .and_then(|rest| rest.split('.').next()?.parse::<u64>().ok());
+                    if offset.is_none() {
+                        return Err(BridgeError::Nats(format!("no metadata in {reply:?}")));
+                    }
+                    1
+                }
                 _ => 1,
             };
         }
@@ -799,6 +816,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
     let clients = vec![connect(&url).await?, connect(&url).await?];
     let clients_always = vec![connect(&url_always).await?, connect(&url_always).await?];
     create_jetstream_stream(&clients[0], "JSDEFAULT", "js.default.>").await?;
+    create_jetstream_stream(&clients[0], "JSREPLAY", "js.replay.>").await?;
     create_jetstream_stream(&clients_always[0], "JSALWAYS", "js.always.>").await?;
     let duration = Duration::from_secs_f64(args.seconds);
     println!("# natswal bench nats");
@@ -913,109 +931,169 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
         batch_cases(&args, &clients, &ceilings).await?;
     }
     if args.replay_records > 0 {
-        let count = args.replay_records;
-        fill(&clients, "nw.none.replay", count, 128).await?;
-        fill(&clients, "js.default.replay", count, 128).await?;
-        // natswal's `none` stream also holds the ingest cases' records: the
-        // replay reads the first `count` of it, all 128 B or more.
-        // CPU per record of natswal, nats-server and the reader (this
-        // process) while a consumer reads.
-        let sample = || {
-            [
-                natswal.cpu_seconds(),
-                server.cpu_seconds(),
-                process_cpu_seconds(std::process::id()),
-            ]
-        };
-        let per_record = |before: [f64; 3], rate: Rate| {
-            let after = sample();
-            let messages = rate.messages.max(1) as f64;
-            [0, 1, 2].map(|index| (after[index] - before[index]) * 1e6 / messages)
-        };
-        let mut own = Vec::new();
-        for mode in [Mode::Messages, Mode::Batched, Mode::Frames] {
-            let before = sample();
-            let rate = natswal_replay(&clients[0], "none", count, mode).await?;
-            own.push((rate, per_record(before, rate)));
-        }
-        let theirs = async_nats::jetstream::new(clients[0].clone());
-        let before = sample();
-        let ordered =
-            consumer_replay(&theirs, "JSDEFAULT", count, ConsumerKind::OrderedPush).await?;
-        let ordered_cpu = per_record(before, ordered);
-        let ours = async_nats::jetstream::with_domain(clients[0].clone(), NATSWAL_DOMAIN);
-        let mut consumers = Vec::new();
-        for kind in [
-            ConsumerKind::OrderedPush,
-            ConsumerKind::OrderedPull,
-            ConsumerKind::Pull500,
-        ] {
-            let jetstream = match kind {
-                ConsumerKind::OrderedPush => (ordered, ordered_cpu),
-                _ => {
-                    let before = sample();
-                    let rate = consumer_replay(&theirs, "JSDEFAULT", count, kind).await?;
-                    (rate, per_record(before, rate))
+        for &size in &args.replay_sizes {
+            // 128 B reads the first records of the ingest cases' streams
+            // (all of them 128 B or more); other sizes have streams of
+            // their own.
+            let target = if size == 128 {
+                ReplayTarget {
+                    ours: "none",
+                    ours_subjects: "nw.none",
+                    theirs: "JSDEFAULT",
+                    theirs_subjects: "js.default",
+                }
+            } else {
+                ReplayTarget {
+                    ours: "replay",
+                    ours_subjects: "nw.replay",
+                    theirs: "JSREPLAY",
+                    theirs_subjects: "js.replay",
                 }
             };
-            let before = sample();
-            let rate = consumer_replay(&ours, "none", count, kind).await?;
-            consumers.push((kind, jetstream, (rate, per_record(before, rate))));
-        }
-        println!();
-        println!("## Replay of {count} records");
-        println!();
-        println!("CPU µs/record: user and system CPU time per record read of natswal, of nats-server (JetStream's reads are inside it; natswal's deliveries pass through it) and of the reader.");
-        println!();
-        println!("| reader | msgs/s | x JetStream ordered push consumer | x the same client on JetStream | CPU µs/record natswal / nats-server / reader |");
-        println!("| --- | --- | --- | --- | --- |");
-        let row = |name: &str, (rate, cpu): (Rate, [f64; 3]), same: Option<Rate>| {
-            let versus_same = same.map_or("-".to_string(), |same| {
-                format!("{:.2}", rate.per_second() / same.per_second().max(1e-9))
-            });
-            println!(
-                "| {name} | {:.0} | {:.2} | {versus_same} | {:.2} / {:.2} / {:.2} |",
-                rate.per_second(),
-                rate.per_second() / ordered.per_second().max(1e-9),
-                cpu[0],
-                cpu[1],
-                cpu[2],
-            );
-        };
-        row(
-            "JetStream ordered push consumer",
-            (ordered, ordered_cpu),
-            None,
-        );
-        for (kind, jetstream, natswal) in consumers {
-            let label = match kind {
-                ConsumerKind::OrderedPush => "ordered push consumer (async-nats)",
-                ConsumerKind::OrderedPull => "ordered pull consumer (async-nats)",
-                ConsumerKind::Pull500 => "pull consumer, batch 500, no acks (async-nats)",
-            };
-            if !matches!(kind, ConsumerKind::OrderedPush) {
-                row(&format!("JetStream {label}"), jetstream, None);
-            }
-            row(
-                &format!("natswal's JetStream API, {label}"),
-                natswal,
-                Some(jetstream.0),
-            );
-        }
-        for (name, measured) in [
-            "natswal replay, one message per record",
-            "natswal replay, batched (records-v1)",
-            "natswal replay, stored frames (frame-v1)",
-        ]
-        .into_iter()
-        .zip(own)
-        {
-            row(name, measured, None);
+            replay_table(
+                &clients,
+                &natswal,
+                &server,
+                args.replay_records,
+                size,
+                &target,
+            )
+            .await?;
         }
     }
     drop(clients);
     drop(clients_always);
     let _ = std::fs::remove_dir_all(&directory);
+    Ok(())
+}
+
+/// Where one replay table reads: natswal's stream and JetStream's, and
+/// the subject prefixes that fill them.
+struct ReplayTarget {
+    ours: &'static str,
+    ours_subjects: &'static str,
+    theirs: &'static str,
+    theirs_subjects: &'static str,
+}
+
+/// One replay table: `count` records of `size` bytes stored in natswal
+/// and in JetStream, read by every reader, with CPU per record.
+async fn replay_table(
+    clients: &[async_nats::Client],
+    natswal: &ChildProcess,
+    server: &ChildProcess,
+    count: u64,
+    size: usize,
+    target: &ReplayTarget,
+) -> Result<()> {
+    fill(
+        clients,
+        &format!("{}.replay", target.ours_subjects),
+        count,
+        size,
+    )
+    .await?;
+    fill(
+        clients,
+        &format!("{}.replay", target.theirs_subjects),
+        count,
+        size,
+    )
+    .await?;
+    // CPU per record of natswal, nats-server and the reader (this
+    // process) while a consumer reads.
+    let sample = || {
+        [
+            natswal.cpu_seconds(),
+            server.cpu_seconds(),
+            process_cpu_seconds(std::process::id()),
+        ]
+    };
+    let per_record = |before: [f64; 3], rate: Rate| {
+        let after = sample();
+        let messages = rate.messages.max(1) as f64;
+        [0, 1, 2].map(|index| (after[index] - before[index]) * 1e6 / messages)
+    };
+    let mut own = Vec::new();
+    for mode in [Mode::Messages, Mode::Light, Mode::Batched, Mode::Frames] {
+        let before = sample();
+        let rate = natswal_replay(&clients[0], target.ours, count, mode).await?;
+        own.push((rate, per_record(before, rate)));
+    }
+    let theirs = async_nats::jetstream::new(clients[0].clone());
+    let before = sample();
+    let ordered = consumer_replay(&theirs, target.theirs, count, ConsumerKind::OrderedPush).await?;
+    let ordered_cpu = per_record(before, ordered);
+    let ours = async_nats::jetstream::with_domain(clients[0].clone(), NATSWAL_DOMAIN);
+    let mut consumers = Vec::new();
+    for kind in [
+        ConsumerKind::OrderedPush,
+        ConsumerKind::OrderedPull,
+        ConsumerKind::Pull500,
+    ] {
+        let jetstream = match kind {
+            ConsumerKind::OrderedPush => (ordered, ordered_cpu),
+            _ => {
+                let before = sample();
+                let rate = consumer_replay(&theirs, target.theirs, count, kind).await?;
+                (rate, per_record(before, rate))
+            }
+        };
+        let before = sample();
+        let rate = consumer_replay(&ours, target.ours, count, kind).await?;
+        consumers.push((kind, jetstream, (rate, per_record(before, rate))));
+    }
+    println!();
+    println!("## Replay of {count} records of {size} B");
+    println!();
+    println!("CPU µs/record: user and system CPU time per record read of natswal, of nats-server (JetStream's reads are inside it; natswal's deliveries pass through it) and of the reader.");
+    println!();
+    println!("| reader | msgs/s | x JetStream ordered push consumer | x the same client on JetStream | CPU µs/record natswal / nats-server / reader |");
+    println!("| --- | --- | --- | --- | --- |");
+    let row = |name: &str, (rate, cpu): (Rate, [f64; 3]), same: Option<Rate>| {
+        let versus_same = same.map_or("-".to_string(), |same| {
+            format!("{:.2}", rate.per_second() / same.per_second().max(1e-9))
+        });
+        println!(
+            "| {name} | {:.0} | {:.2} | {versus_same} | {:.2} / {:.2} / {:.2} |",
+            rate.per_second(),
+            rate.per_second() / ordered.per_second().max(1e-9),
+            cpu[0],
+            cpu[1],
+            cpu[2],
+        );
+    };
+    row(
+        "JetStream ordered push consumer",
+        (ordered, ordered_cpu),
+        None,
+    );
+    for (kind, jetstream, natswal) in consumers {
+        let label = match kind {
+            ConsumerKind::OrderedPush => "ordered push consumer (async-nats)",
+            ConsumerKind::OrderedPull => "ordered pull consumer (async-nats)",
+            ConsumerKind::Pull500 => "pull consumer, batch 500, no acks (async-nats)",
+        };
+        if !matches!(kind, ConsumerKind::OrderedPush) {
+            row(&format!("JetStream {label}"), jetstream, None);
+        }
+        row(
+            &format!("natswal's JetStream API, {label}"),
+            natswal,
+            Some(jetstream.0),
+        );
+    }
+    for (name, measured) in [
+        "natswal replay, one message per record",
+        "natswal replay, one message per record, metadata in the reply (light)",
+        "natswal replay, batched (records-v1)",
+        "natswal replay, stored frames (frame-v1)",
+    ]
+    .into_iter()
+    .zip(own)
+    {
+        row(name, measured, None);
+    }
     Ok(())
 }
 

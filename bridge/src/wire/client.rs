@@ -366,6 +366,26 @@ impl Client {
         Ok(())
     }
 
+    /// Like [`publish_with_reply`](Client::publish_with_reply), but waits
+    /// for room while the output buffer is full instead of failing.
+    pub async fn publish_with_reply_when_room(
+        &self,
+        subject: &str,
+        reply: &str,
+        headers: &[u8],
+        payload: &[u8],
+    ) -> Result<(), PublishError> {
+        loop {
+            let drained = self.shared.output_drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            match self.publish_with_reply(subject, reply, headers, payload) {
+                Err(PublishError::OutputFull { .. }) => drained.await,
+                other => return other,
+            }
+        }
+    }
+
     /// Like [`publish_with_headers`](Client::publish_with_headers), but
     /// waits for room while the output buffer is full instead of failing:
     /// for senders that must not drop (replay), paced by the socket.
@@ -375,15 +395,8 @@ impl Client {
         headers: &[u8],
         payload: &[u8],
     ) -> Result<(), PublishError> {
-        loop {
-            let drained = self.shared.output_drained.notified();
-            tokio::pin!(drained);
-            drained.as_mut().enable();
-            match self.publish_with_headers(subject, headers, payload) {
-                Err(PublishError::OutputFull { .. }) => drained.await,
-                other => return other,
-            }
-        }
+        self.publish_with_reply_when_room(subject, "", headers, payload)
+            .await
     }
 
     /// Whether anyone subscribes to `subject`, as a leafnode hub reported
