@@ -1096,3 +1096,123 @@ asyncio.run(main(sys.argv[1]))
     }
     assert_eq!(result["big"], 256);
 }
+
+/// The stored subject of record `sequence` in the million-record test.
+fn million_subject(sequence: u64) -> String {
+    format!("orders.m{}", sequence % 4)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_records_stream_in_order_through_ordered_push_and_pull_consumers() {
+    use futures_util::StreamExt;
+    const COUNT: u64 = 1_000_000;
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    let context = jetstream::new(client.clone());
+    // Published in windows of acks outstanding, as a fast producer does.
+    let mut sequence = 0u64;
+    while sequence < COUNT {
+        let mut acks = Vec::new();
+        for _ in 0..4096.min(COUNT - sequence) {
+            sequence += 1;
+            let ack = context
+                .publish(
+                    million_subject(sequence),
+                    sequence.to_be_bytes().to_vec().into(),
+                )
+                .await
+                .expect("published");
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.expect("acked");
+        }
+    }
+    let stream = context.get_stream("orders").await.unwrap();
+    let push = stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap()
+        .map(|message| message.map_err(|error| error.to_string()))
+        .boxed();
+    let pull = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap()
+        .map(|message| message.map_err(|error| error.to_string()))
+        .boxed();
+    for (kind, mut messages) in [("ordered push", push), ("ordered pull", pull)] {
+        for expected in 1..=COUNT {
+            let message = tokio::time::timeout(Duration::from_secs(20), messages.next())
+                .await
+                .unwrap_or_else(|_| panic!("{kind}: record {expected} in time"))
+                .expect("message")
+                .expect("delivery");
+            let info = message.info().unwrap();
+            assert_eq!(info.stream_sequence, expected, "{kind}");
+            assert_eq!(
+                message.subject.as_str(),
+                million_subject(expected),
+                "{kind}"
+            );
+            assert_eq!(message.payload[..], expected.to_be_bytes(), "{kind}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_consumer_redelivers_the_unacked_until_max_deliver() {
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    let listener = connect(&nats.url()).await;
+    let mut inbox = listener.subscribe("redo.inbox").await.unwrap();
+    listener.flush().await.unwrap();
+    let (_, created) = raw(
+        &client,
+        "$JS.API.CONSUMER.DURABLE.CREATE.orders.redo",
+        r#"{"stream_name":"orders","config":{"durable_name":"redo","deliver_subject":"redo.inbox","ack_policy":"explicit","ack_wait":300000000,"max_deliver":3}}"#,
+    )
+    .await;
+    assert_eq!(created["name"], "redo", "{created}");
+    fill_orders(&client, 3).await;
+    // (stream sequence, deliveries) of each delivery, in order.
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let message = next_message(&mut inbox).await;
+        let reply = message.reply.expect("ack subject").to_string();
+        let tokens: Vec<&str> = reply.split('.').collect();
+        let (deliveries, sequence) = (
+            tokens[4].parse::<u64>().unwrap(),
+            tokens[5].parse::<u64>().unwrap(),
+        );
+        seen.push((sequence, deliveries));
+        if sequence != 2 {
+            listener.publish(reply, "+ACK".into()).await.unwrap();
+        }
+    }
+    assert_eq!(seen, [(1, 1), (2, 1), (3, 1), (2, 2), (2, 3)]);
+    // Delivered as often as allowed: no fourth time (three ack waits on).
+    let quiet = tokio::time::timeout(Duration::from_millis(1000), {
+        use futures_util::StreamExt;
+        inbox.next()
+    })
+    .await;
+    assert!(quiet.is_err(), "delivered a fourth time: {quiet:?}");
+    let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.redo", "").await;
+    assert_eq!(info["num_redelivered"], 2, "{info}");
+    assert_eq!(info["num_ack_pending"], 1, "{info}");
+    assert_eq!(info["ack_floor"]["stream_seq"], 1, "{info}");
+}
