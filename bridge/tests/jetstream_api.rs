@@ -1216,3 +1216,117 @@ async fn a_push_consumer_redelivers_the_unacked_until_max_deliver() {
     assert_eq!(info["num_ack_pending"], 1, "{info}");
     assert_eq!(info["ack_floor"]["stream_seq"], 1, "{info}");
 }
+
+/// Sends one `CONSUMER.MSG.NEXT` request of `body` for `consumer` and
+/// collects what comes to its inbox until a status that ends the request
+/// (or `messages` records): the records' stream sequences and the
+/// statuses in order.
+async fn pull_raw(
+    client: &async_nats::Client,
+    consumer: &str,
+    body: &str,
+    messages: usize,
+) -> (Vec<u64>, Vec<String>) {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply(
+            format!("$JS.API.CONSUMER.MSG.NEXT.orders.{consumer}"),
+            inbox,
+            body.to_string().into(),
+        )
+        .await
+        .unwrap();
+    let (mut sequences, mut statuses) = (Vec::new(), Vec::new());
+    while sequences.len() < messages {
+        let message = next_message(&mut replies).await;
+        if let Some(status) = message.status {
+            let pending = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get("Nats-Pending-Messages"))
+                .map(|value| format!(" pending {}", value.as_str()))
+                .unwrap_or_default();
+            statuses.push(format!("{}{pending}", status.as_u16()));
+            if status.as_u16() != 100 {
+                break;
+            }
+            continue;
+        }
+        let reply = message.reply.expect("ack subject").to_string();
+        sequences.push(reply.split('.').nth(5).unwrap().parse().unwrap());
+        client.publish(reply, "+ACK".into()).await.unwrap();
+    }
+    (sequences, statuses)
+}
+
+/// The requests of the `nats` CLI (which the setup cannot install: it is
+/// in no registry it may use), sent as the CLI sends them: `stream view`'s
+/// durable pager (`no_wait` pages, each message `+ACK`ed), `sub --stream`'s
+/// long pull with idle heartbeats, `consumer next`'s single long poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_cli_requests_page_pull_with_heartbeats_and_wait_for_the_next() {
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    fill_orders(&client, 12).await;
+    let (_, created) = raw(
+        &client,
+        "$JS.API.CONSUMER.DURABLE.CREATE.orders.pager",
+        r#"{"stream_name":"orders","config":{"durable_name":"pager","ack_policy":"explicit","deliver_policy":"all"}}"#,
+    )
+    .await;
+    assert_eq!(created["name"], "pager", "{created}");
+    let page = r#"{"batch":5,"no_wait":true}"#;
+    assert_eq!(pull_raw(&client, "pager", page, 5).await.0, [1, 2, 3, 4, 5]);
+    assert_eq!(
+        pull_raw(&client, "pager", page, 5).await.0,
+        [6, 7, 8, 9, 10]
+    );
+    assert_eq!(
+        pull_raw(&client, "pager", page, 5).await,
+        (vec![11, 12], vec!["404".to_string()])
+    );
+    // A long pull with heartbeats: heartbeats while nothing comes, then
+    // the timeout with what the request still wanted.
+    let (sequences, statuses) = pull_raw(
+        &client,
+        "pager",
+        r#"{"batch":100,"expires":1000000000,"idle_heartbeat":200000000}"#,
+        100,
+    )
+    .await;
+    assert!(sequences.is_empty());
+    let heartbeats = statuses.iter().filter(|status| *status == "100").count();
+    assert!((3..=5).contains(&heartbeats), "{statuses:?}");
+    assert_eq!(statuses.last().unwrap(), "408 pending 100", "{statuses:?}");
+    // `consumer next`: one message, waiting for it to be published.
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { pull_raw(&client, "pager", r#"{"batch":1,"expires":10000000000}"#, 1).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.pager", "").await;
+        if info["num_waiting"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request waits: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fill_orders_from(&client, 13, 1).await;
+    assert_eq!(waiting.await.unwrap(), (vec![13], vec![]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.pager", "").await;
+        if info["ack_floor"]["stream_seq"] == 13 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "all acked: {info}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
