@@ -407,8 +407,8 @@ async fn a_real_jetstream_keeps_natswals_api_off_unless_it_has_a_domain() {
         .expect("a stream of the real JetStream");
 
     let data = tempfile::tempdir().unwrap();
-    let natswal = Natswal::start(&nats.url(), data.path(), ORDERS);
-    let said = natswal.startup_output().join("\n");
+    let mut natswal = Natswal::start(&nats.url(), data.path(), ORDERS);
+    let said = natswal.output_until("not serving the JetStream API", Duration::from_secs(10));
     assert!(said.contains("not serving the JetStream API"), "{said}");
     // The real JetStream alone answers: it knows no stream "orders".
     let names = all_names(context.stream_names()).await;
@@ -580,6 +580,30 @@ async fn async_nats_pull_consumers_fetch_ack_and_redeliver() {
         .as_str()
         .unwrap()
         .contains("filter_subject"));
+    // An update of its limits is applied; of what it delivers, refused.
+    let (_, updated) = raw(
+        &client,
+        "$JS.API.CONSUMER.CREATE.orders.b-only",
+        r#"{"stream_name":"orders","config":{"durable_name":"b-only","filter_subject":"orders.b","ack_wait":7000000000,"max_deliver":4},"action":"update"}"#,
+    )
+    .await;
+    assert_eq!(updated["config"]["ack_wait"], 7_000_000_000u64, "{updated}");
+    assert_eq!(updated["config"]["max_deliver"], 4, "{updated}");
+    let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.b-only", "").await;
+    assert_eq!(info["config"]["max_deliver"], 4, "{info}");
+    let (_, refused) = raw(
+        &client,
+        "$JS.API.CONSUMER.CREATE.orders.b-only",
+        r#"{"stream_name":"orders","config":{"durable_name":"b-only","filter_subject":"orders.a"},"action":"update"}"#,
+    )
+    .await;
+    assert_eq!(refused["error"]["err_code"], 10012, "{refused}");
+    let description = refused["error"]["description"].as_str().unwrap();
+    // The one field it cannot change, not the limits that differ too.
+    assert!(
+        description.starts_with("natswal cannot change a consumer's filter_subject ("),
+        "{description}"
+    );
     let (_, update) = raw(
         &client,
         "$JS.API.CONSUMER.CREATE.orders.nobody",
@@ -799,7 +823,7 @@ async fn a_durable_consumer_resumes_after_sigkill_with_its_unacked_redelivered()
     bytes[middle] ^= 0xff;
     std::fs::write(&file, &bytes).unwrap();
     natswal.restart();
-    let said = natswal.startup_output().join("\n");
+    let said = natswal.output_until("resumes.consumer", Duration::from_secs(10));
     assert!(
         said.contains("resumes.consumer") && said.contains("checksum"),
         "{said}"

@@ -76,6 +76,17 @@ pub struct Settings {
     pub filters: Vec<SubjectPattern>,
     pub start: StartPosition,
     pub ack_policy: AckPolicy,
+    /// `None`: a pull consumer.
+    pub push: Option<Push>,
+    /// Where the consumer starts; the consumer keeps its current limits in
+    /// its state (an update changes them).
+    pub limits: Limits,
+}
+
+/// The settings an update may change (JetStream's updatable fields that
+/// natswal implements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
     pub ack_wait: Duration,
     /// `None`: unlimited.
     pub max_deliver: Option<u64>,
@@ -84,8 +95,18 @@ pub struct Settings {
     /// An ephemeral consumer is deleted after this long without requests
     /// (pull) or without interest in its deliver subject (push).
     pub inactive_threshold: Option<Duration>,
-    /// `None`: a pull consumer.
-    pub push: Option<Push>,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            ack_wait: Duration::from_secs(30),
+            max_deliver: None,
+            max_ack_pending: 1000,
+            max_waiting: 512,
+            inactive_threshold: None,
+        }
+    }
 }
 
 /// Where and how a push consumer delivers.
@@ -144,6 +165,7 @@ pub struct NextRequest {
 
 #[derive(Default)]
 struct State {
+    limits: Limits,
     /// The stream sequence the cursor reads next.
     next_sequence: u64,
     /// Last delivery: consumer and stream sequence.
@@ -236,7 +258,7 @@ pub struct Consumer {
     pub name: String,
     pub created_ns: i64,
     /// The effective configuration, echoed in every info.
-    pub config: serde_json::Value,
+    config: Mutex<serde_json::Value>,
     pub settings: Settings,
     stream: Arc<Stream>,
     client: crate::wire::Client,
@@ -263,16 +285,18 @@ impl Consumer {
         settings: Settings,
         file: Option<super::consumer_file::ConsumerFile>,
     ) -> Arc<Consumer> {
+        let limits = settings.limits;
         Arc::new(Consumer {
             stream_name: stream.name().to_string(),
             name,
             created_ns: crate::dedup::now_ns(),
-            config,
+            config: Mutex::new(config),
             settings,
             stream,
             client,
             leaf,
             state: Mutex::new(State {
+                limits,
                 last_request: Some(Instant::now()),
                 no_interest_since: Some(Instant::now()),
                 flow: Flow {
@@ -289,11 +313,32 @@ impl Consumer {
         })
     }
 
+    /// The effective configuration.
+    pub fn config(&self) -> serde_json::Value {
+        self.config
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Takes up an updated configuration whose only changes are to its
+    /// limits (checked by the caller); a durable consumer saves it before
+    /// the update is answered.
+    pub fn update(&self, config: serde_json::Value, limits: Limits) -> natswal::Result<()> {
+        *self
+            .config
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = config;
+        self.lock().limits = limits;
+        self.wake.notify_one();
+        self.save_now()
+    }
+
     /// What a save keeps.
     pub fn saved_state(&self) -> super::consumer_file::SavedState {
         let state = self.lock();
         super::consumer_file::SavedState {
-            config: serde_json::to_vec(&self.config).unwrap_or_default(),
+            config: serde_json::to_vec(&self.config()).unwrap_or_default(),
             delivered: state.delivered,
             ack_floor: state.ack_floor,
             pending: state
@@ -311,6 +356,7 @@ impl Consumer {
     pub fn restore(&self, saved: &super::consumer_file::SavedState) {
         let mut state = self.lock();
         let now = Instant::now();
+        let limits = state.limits;
         state.delivered = saved.delivered;
         state.ack_floor = saved.ack_floor;
         state.next_sequence = saved.delivered.1 + 1;
@@ -320,7 +366,7 @@ impl Consumer {
                 Pending {
                     consumer_sequence: *consumer_sequence,
                     deliveries: *deliveries,
-                    due: now + self.settings.ack_wait,
+                    due: now + limits.ack_wait,
                 },
             );
             state.redeliver.push_back(*sequence);
@@ -443,7 +489,7 @@ impl Consumer {
         let now = Instant::now();
         let mut state = self.lock();
         state.last_request = Some(now);
-        if state.waiting.len() >= self.settings.max_waiting {
+        if state.waiting.len() >= state.limits.max_waiting {
             drop(state);
             return self.status(&reply, "409 Exceeded MaxWaiting", None);
         }
@@ -477,8 +523,9 @@ impl Consumer {
                 }
             }
         } else if body.starts_with("+WPI") {
+            let ack_wait = state.limits.ack_wait;
             if let Some(pending) = state.pending.get_mut(&stream_sequence) {
-                pending.due = now + self.settings.ack_wait;
+                pending.due = now + ack_wait;
             }
         } else {
             // +ACK, an empty body, +NXT and +TERM all end the delivery.
@@ -679,15 +726,16 @@ impl Consumer {
     }
 
     fn may_deliver_new(&self) -> bool {
+        let state = self.lock();
         self.settings.ack_policy == AckPolicy::None
-            || self.lock().pending.len() < self.settings.max_ack_pending
+            || state.pending.len() < state.limits.max_ack_pending
     }
 
     fn idle_too_long(&self) -> bool {
-        let Some(threshold) = self.settings.inactive_threshold else {
+        let state = self.lock();
+        let Some(threshold) = state.limits.inactive_threshold else {
             return false;
         };
-        let state = self.lock();
         if self.settings.push.is_some() {
             return state
                 .no_interest_since
@@ -715,6 +763,7 @@ impl Consumer {
     fn housekeeping(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut state = self.lock();
+        let limits = state.limits;
         let mut statuses = Vec::new();
         let waiting_before = state.waiting.len();
         state.waiting.retain_mut(|request| {
@@ -757,11 +806,7 @@ impl Consumer {
                 .collect();
             for sequence in overdue {
                 let deliveries = state.pending[&sequence].deliveries;
-                if self
-                    .settings
-                    .max_deliver
-                    .is_some_and(|max| deliveries >= max)
-                {
+                if limits.max_deliver.is_some_and(|max| deliveries >= max) {
                     // Delivered as often as allowed: it stays pending (as in
                     // JetStream) but is not sent again.
                     if let Some(pending) = state.pending.get_mut(&sequence) {
@@ -775,7 +820,7 @@ impl Consumer {
                     // left in the past would wake this task at once, over
                     // and over, while no request takes the redelivery.
                     if let Some(pending) = state.pending.get_mut(&sequence) {
-                        pending.due = now + self.settings.ack_wait;
+                        pending.due = now + limits.ack_wait;
                     }
                 }
             }
@@ -801,7 +846,7 @@ impl Consumer {
             Some(_) => state.no_interest_since,
             None => state.last_request.filter(|_| state.waiting.is_empty()),
         };
-        if let (Some(threshold), Some(since)) = (self.settings.inactive_threshold, inactive_since) {
+        if let (Some(threshold), Some(since)) = (limits.inactive_threshold, inactive_since) {
             consider(Some(since + threshold + Duration::from_millis(10)));
         }
         drop(state);
@@ -986,13 +1031,14 @@ impl Consumer {
     /// it was delivered, and the records left after it.
     fn book(&self, state: &mut State, sequence: u64, again: bool) -> (u64, u64, u64) {
         let now = Instant::now();
+        let ack_wait = state.limits.ack_wait;
         let consumer_sequence = state.delivered.0 + 1;
         state.delivered = (consumer_sequence, state.delivered.1.max(sequence));
         let deliveries = match state.pending.get_mut(&sequence) {
             Some(pending) => {
                 pending.deliveries += 1;
                 pending.consumer_sequence = consumer_sequence;
-                pending.due = now + self.settings.ack_wait;
+                pending.due = now + ack_wait;
                 let deliveries = pending.deliveries;
                 state.redelivered += 1;
                 deliveries
@@ -1004,7 +1050,7 @@ impl Consumer {
                         Pending {
                             consumer_sequence,
                             deliveries: 1,
-                            due: now + self.settings.ack_wait,
+                            due: now + ack_wait,
                         },
                     );
                 }

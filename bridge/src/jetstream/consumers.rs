@@ -8,7 +8,7 @@
 //! heartbeats). The effective configuration, JetStream's defaults filled
 //! in, is echoed in full: clients rebuild their consumers from it.
 
-use super::consumer::{AckPolicy, Consumer, NextRequest, Push, Settings};
+use super::consumer::{AckPolicy, Consumer, Limits, NextRequest, Push, Settings};
 use super::consumer_file::ConsumerFile;
 use super::errors::JsError;
 use super::json::Paged;
@@ -91,7 +91,7 @@ fn info_of(consumer: &Consumer) -> ConsumerInfoJson {
         stream_name: consumer.stream_name.clone(),
         name: consumer.name.clone(),
         created: crate::time::format_rfc3339(consumer.created_ns),
-        config: consumer.config.clone(),
+        config: consumer.config(),
         delivered: SequenceJson {
             consumer_seq: snapshot.delivered.0,
             stream_seq: snapshot.delivered.1,
@@ -315,28 +315,7 @@ fn create(
     let durable = durable_subject || durable_name.is_some();
     let action = body.get("action").and_then(Value::as_str).unwrap_or("");
     if let Some(existing) = service.consumers.get(stream_name, &name) {
-        let mut asked = config.clone();
-        settings(&mut asked, &name, durable)?;
-        let differences = differences(&asked, &existing.config);
-        if differences.is_empty() {
-            return Ok(info_of(&existing));
-        }
-        let differences = differences.join(", ");
-        return Err(if action == "create" {
-            JsError::refused(
-                400,
-                10148,
-                &format!("consumer already exists (with another {differences})"),
-            )
-        } else {
-            JsError::refused(
-                500,
-                10012,
-                &format!(
-                    "natswal cannot change a consumer's configuration yet ({differences} differ): delete the consumer and create it again"
-                ),
-            )
-        });
+        return update(&existing, config, &name, durable, action);
     }
     if action == "update" {
         return Err(JsError::refused(400, 10149, "consumer does not exist"));
@@ -479,6 +458,65 @@ fn restore_one(
     Ok(())
 }
 
+/// A create or update of an existing consumer: the same configuration
+/// answers with its info; changes of its limits only are applied (JetStream's
+/// updatable fields that natswal implements), saved first for a durable
+/// consumer; anything else is refused naming the fields.
+fn update(
+    existing: &Consumer,
+    mut config: Value,
+    name: &str,
+    durable: bool,
+    action: &str,
+) -> Result<ConsumerInfoJson, JsError> {
+    let asked = settings(&mut config, name, durable)?;
+    let differences = differences(&config, &existing.config());
+    if differences.is_empty() {
+        return Ok(info_of(existing));
+    }
+    let listed = differences.join(", ");
+    if action == "create" {
+        return Err(JsError::refused(
+            400,
+            10148,
+            &format!("consumer already exists (with another {listed})"),
+        ));
+    }
+    let fixed: Vec<&str> = differences
+        .iter()
+        .copied()
+        .filter(|field| !UPDATABLE_FIELDS.contains(field))
+        .collect();
+    if !fixed.is_empty() {
+        return Err(JsError::refused(
+            500,
+            10012,
+            &format!(
+                "natswal cannot change a consumer's {} (only {}): delete the consumer and create it again",
+                fixed.join(", "),
+                UPDATABLE_FIELDS.join(", ")
+            ),
+        ));
+    }
+    existing.update(config, asked.limits).map_err(|error| {
+        JsError::refused(
+            500,
+            10012,
+            &format!("cannot save the durable consumer '{name}': {error}"),
+        )
+    })?;
+    Ok(info_of(existing))
+}
+
+/// The fields an update may change.
+const UPDATABLE_FIELDS: &[&str] = &[
+    "ack_wait",
+    "max_deliver",
+    "max_ack_pending",
+    "max_waiting",
+    "inactive_threshold",
+];
+
 /// The fields that decide what a consumer delivers, where two effective
 /// configurations differ.
 fn differences(asked: &Value, existing: &Value) -> Vec<&'static str> {
@@ -493,6 +531,7 @@ fn differences(asked: &Value, existing: &Value) -> Vec<&'static str> {
         "filter_subjects",
         "max_ack_pending",
         "max_waiting",
+        "inactive_threshold",
         "deliver_subject",
         "flow_control",
         "idle_heartbeat",
@@ -640,11 +679,13 @@ fn settings(config: &mut Value, name: &str, durable: bool) -> Result<Settings, J
         filters,
         start,
         ack_policy,
-        ack_wait,
-        max_deliver: u64::try_from(max_deliver).ok().filter(|max| *max > 0),
-        max_ack_pending: usize::try_from(max_ack_pending).unwrap_or(usize::MAX),
-        max_waiting: usize::try_from(max_waiting).unwrap_or(512),
-        inactive_threshold,
+        limits: Limits {
+            ack_wait,
+            max_deliver: u64::try_from(max_deliver).ok().filter(|max| *max > 0),
+            max_ack_pending: usize::try_from(max_ack_pending).unwrap_or(usize::MAX),
+            max_waiting: usize::try_from(max_waiting).unwrap_or(512),
+            inactive_threshold,
+        },
         push,
     })
 }

@@ -311,9 +311,20 @@ impl Natswal {
         child.wait().expect("wait for natswal")
     }
 
-    /// The lines printed before "natswal ready".
-    pub fn startup_output(&self) -> &[String] {
-        &self.startup_lines
+    /// The output up to the first line containing `needle` (looked for
+    /// in the start-up lines, then awaited for up to `timeout`): natswal's
+    /// stdout and stderr are read by two threads, so a line printed on
+    /// stderr before "natswal ready" (on stdout) may arrive after it.
+    pub fn output_until(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        while !self.startup_lines.iter().any(|line| line.contains(needle)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log_lines.recv_timeout(left) {
+                Ok(line) => self.startup_lines.push(line),
+                Err(_) => break,
+            }
+        }
+        self.startup_lines.join("\n")
     }
 
     /// Output lines printed so far (after "natswal ready").
