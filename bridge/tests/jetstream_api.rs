@@ -737,12 +737,57 @@ async fn idle_consumers_cost_no_cpu() {
         .messages()
         .await
         .unwrap();
+    // A push consumer caught up with its subscriber (a heartbeat each
+    // 500 ms), and one whose subscriber left with a delivery unacked (its
+    // ack_wait passes with no one to deliver it to again).
+    let listener = connect(&nats.url()).await;
+    let mut heard = listener.subscribe("idle.heard").await.unwrap();
+    let mut left = listener.subscribe("idle.left").await.unwrap();
+    listener.flush().await.unwrap();
+    for (name, config) in [
+        (
+            "heard",
+            r#""deliver_subject":"idle.heard","ack_policy":"none","idle_heartbeat":500000000"#,
+        ),
+        (
+            "left",
+            r#""deliver_subject":"idle.left","ack_policy":"explicit","ack_wait":100000000"#,
+        ),
+    ] {
+        let (_, created) = raw(
+            &client,
+            &format!("$JS.API.CONSUMER.DURABLE.CREATE.orders.{name}"),
+            &format!(r#"{{"stream_name":"orders","config":{{"durable_name":"{name}",{config}}}}}"#),
+        )
+        .await;
+        assert_eq!(created["name"], name, "{created}");
+    }
+    for _ in 0..3 {
+        assert!(next_message(&mut heard).await.status.is_none());
+    }
+    assert!(next_message(&mut left).await.status.is_none());
+    drop(left);
+    listener.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.left", "").await;
+        if info.get("push_bound").is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "interest gone: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let before = cpu_seconds(natswal.pid());
     let started = std::time::Instant::now();
     assert!(
         long_poll.next().await.is_none(),
         "nothing matches orders.none"
     );
+    let heartbeat = next_message(&mut heard).await;
+    assert_eq!(heartbeat.status.map(|status| status.as_u16()), Some(100));
     let idle = started.elapsed().as_secs_f64();
     let used = cpu_seconds(natswal.pid()) - before;
     // A task that wakes itself in a loop burns a whole core meanwhile.
