@@ -1399,3 +1399,59 @@ async fn the_nats_cli_requests_page_pull_with_heartbeats_and_wait_for_the_next()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_of_a_requester_gone_does_not_take_records() {
+    let (nats, config) = leaf_server();
+    let data = tempfile::tempdir().unwrap();
+    let _natswal = Natswal::start(&nats.url(), data.path(), &config);
+    let client = connect(&nats.url()).await;
+    let (_, created) = raw(
+        &client,
+        "$JS.API.CONSUMER.DURABLE.CREATE.orders.shared",
+        r#"{"stream_name":"orders","config":{"durable_name":"shared","ack_policy":"explicit","deliver_policy":"new"}}"#,
+    )
+    .await;
+    assert_eq!(created["name"], "shared", "{created}");
+    // A reader asks for 10 without expiry, then goes away.
+    let gone = connect(&nats.url()).await;
+    let inbox = gone.new_inbox();
+    let mut replies = gone.subscribe(inbox.clone()).await.unwrap();
+    gone.flush().await.unwrap();
+    gone.publish_with_reply(
+        "$JS.API.CONSUMER.MSG.NEXT.orders.shared",
+        inbox,
+        r#"{"batch":10}"#.into(),
+    )
+    .await
+    .unwrap();
+    gone.flush().await.unwrap();
+    let waits = |count: u64| {
+        let client = client.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.shared", "").await;
+                if info["num_waiting"] == count {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{count} waiting: {info}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    waits(1).await;
+    replies.unsubscribe().await.unwrap();
+    gone.flush().await.unwrap();
+    drop(replies);
+    drop(gone);
+    // Its request is dropped once the hub reports its inbox unsubscribed.
+    waits(0).await;
+    fill_orders(&client, 3).await;
+    let (sequences, statuses) =
+        pull_raw(&client, "shared", r#"{"batch":3,"expires":5000000000}"#, 3).await;
+    assert_eq!((sequences, statuses), (vec![1, 2, 3], vec![]));
+}

@@ -144,7 +144,17 @@ struct PullRequest {
     no_wait: bool,
     heartbeat: Option<Duration>,
     next_heartbeat: Option<Instant>,
+    arrived: Instant,
+    /// Its requester's interest was seen (at least once; at the interest
+    /// generation of `checked`).
+    heard: bool,
+    checked: Option<u64>,
 }
+
+/// How long a pull request whose requester's interest was never seen
+/// still counts as heard: the requester's subscription reaches natswal
+/// over the leafnode connection, the request over another one.
+const REQUESTER_GRACE: Duration = Duration::from_secs(2);
 
 /// A pull request as `CONSUMER.MSG.NEXT` asks (JetStream's fields).
 #[derive(Debug, Default, serde::Deserialize)]
@@ -503,6 +513,9 @@ impl Consumer {
             no_wait: asked.no_wait,
             heartbeat,
             next_heartbeat: heartbeat.map(|every| now + every),
+            arrived: now,
+            heard: false,
+            checked: None,
         });
         drop(state);
         self.wake.notify_one();
@@ -631,13 +644,15 @@ impl Consumer {
                     .into(),
             );
             let reading = self.ready() && self.may_deliver_new() && buffered.is_empty();
-            let push = self.settings.push.is_some();
+            // Push: interest in the deliver subject; pull: in the waiting
+            // requests' reply subjects.
+            let watch_interest = self.settings.push.is_some() || !self.lock().waiting.is_empty();
             tokio::select! {
                 _ = &mut wake => {}
                 _ = sleep => {}
                 _ = reader.wait(), if reading => {}
                 // `changed` marks the change seen: take it up here.
-                _ = interest.changed(), if push => self.refresh_interest(),
+                _ = interest.changed(), if watch_interest => self.refresh_interest(),
             }
         }
     }
@@ -673,14 +688,45 @@ impl Consumer {
     /// Whether a delivery can go out now: a pull request waits, or the
     /// deliver subject has interest and the flow control window room.
     fn ready(&self) -> bool {
-        let state = self.lock();
+        let mut state = self.lock();
         match &self.settings.push {
-            None => !state.waiting.is_empty(),
+            None => {
+                self.drop_unheard_requests(&mut state);
+                !state.waiting.is_empty()
+            }
             Some(push) => {
                 state.interest
                     && !(push.flow_control
                         && state.flow.unconfirmed_bytes > state.flow.window_bytes)
             }
+        }
+    }
+
+    /// Drops waiting pull requests at the front whose requester is gone (no
+    /// interest in their reply subject any more, or never within
+    /// [`REQUESTER_GRACE`]), as JetStream does: records delivered to them
+    /// would wait out their ack_wait, or be lost to an ordered reader.
+    fn drop_unheard_requests(&self, state: &mut State) {
+        if !self.leaf {
+            return;
+        }
+        let generation = self.client.interest_generation();
+        let now = Instant::now();
+        while let Some(front) = state.waiting.front_mut() {
+            if front.checked == Some(generation) {
+                return;
+            }
+            if self.client.has_interest(&front.reply) {
+                front.heard = true;
+                front.checked = Some(generation);
+                return;
+            }
+            if !front.heard && now < front.arrived + REQUESTER_GRACE {
+                return;
+            }
+            tracing::debug!(consumer = %self.name, reply = %front.reply, "dropped a pull request whose requester is gone");
+            state.waiting.pop_front();
+            state.last_request = Some(now);
         }
     }
 
@@ -835,6 +881,15 @@ impl Consumer {
             consider(request.expires_at);
             consider(request.next_heartbeat);
         }
+        // A request whose requester was never heard is judged after its
+        // grace.
+        if let Some(front) = state
+            .waiting
+            .front()
+            .filter(|front| self.leaf && !front.heard)
+        {
+            consider(Some(front.arrived + REQUESTER_GRACE));
+        }
         if self.settings.ack_policy != AckPolicy::None {
             consider(state.pending.values().map(|pending| pending.due).min());
         }
@@ -948,11 +1003,11 @@ impl Consumer {
                     }
                     drop(state);
                     // In the batch: after the deliveries before it.
-                    if let Some(refused) = refused {
+                    if let Some((reply, batch_left, bytes_left)) = refused {
                         batch.add(status_message(
-                            &refused.reply,
+                            &reply,
                             "409 Message Size Exceeds MaxBytes",
-                            Some((refused.batch_left, refused.bytes_left)),
+                            Some((batch_left, bytes_left)),
                         ));
                     }
                     return None;
@@ -1002,15 +1057,24 @@ impl Consumer {
     }
 
     /// The reply subject of the first waiting pull request, which takes
-    /// `size` bytes of it; `Err` when none waits, or `Err(Some(request))`
-    /// when the record is larger than what the request has left (the
-    /// request ends).
-    fn take_request(&self, state: &mut State, size: u64) -> Result<String, Option<PullRequest>> {
+    /// `size` bytes of it; `Err(None)` when none waits, or
+    /// `Err(Some((reply, batch left, bytes left)))` when the record is
+    /// larger than what the request has left (the request ends).
+    fn take_request(
+        &self,
+        state: &mut State,
+        size: u64,
+    ) -> Result<String, Option<(String, u64, Option<u64>)>> {
         let Some(request) = state.waiting.front_mut() else {
             return Err(None);
         };
         if request.bytes_left.is_some_and(|left| size > left) {
-            return Err(state.waiting.pop_front());
+            let refused = state.waiting.pop_front().expect("the front");
+            return Err(Some((
+                refused.reply,
+                refused.batch_left,
+                refused.bytes_left,
+            )));
         }
         request.batch_left -= 1;
         if let Some(left) = &mut request.bytes_left {

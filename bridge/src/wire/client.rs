@@ -407,6 +407,11 @@ impl Client {
             || lock(&self.shared.interest).covers(subject)
     }
 
+    /// How many changes of interest the hub reported so far.
+    pub fn interest_generation(&self) -> u64 {
+        *self.shared.interest_changes.borrow()
+    }
+
     /// Changes each time the hub reports a change of interest.
     pub fn interest_changes(&self) -> watch::Receiver<u64> {
         self.shared.interest_changes.subscribe()
