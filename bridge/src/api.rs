@@ -772,48 +772,51 @@ impl<'a> Sender<'a> {
         self.delivered + self.buffer_counted
     }
 
-    async fn publish(&self, offset: u64, headers: &[u8], body: &[u8]) -> Sent {
+    /// Publishes one message to the requester; `metadata` is its reply
+    /// subject (a light record's metadata; empty: none).
+    async fn publish(&self, offset: u64, metadata: &str, headers: &[u8], body: &[u8]) -> Sent {
         self.client
-            .publish_when_room(&self.reply, headers, body)
+            .publish_with_reply_when_room(&self.reply, metadata, headers, body)
             .await
             .map_err(|error| ReplayError::unsent(offset, &error))
     }
 
+    /// A record's metadata as its mode carries it: in four headers after
+    /// its own (`messages`), or in the reply subject (`light`).
+    fn record_metadata(&self, record: &natswal::StoredRecord) -> (String, Vec<u8>) {
+        let subject = String::from_utf8_lossy(&record.subject);
+        if self.mode == Mode::Light {
+            let metadata = format!(
+                "{LIGHT_REPLY_PREFIX}{}.{}.{subject}",
+                record.offset, record.timestamp_ns
+            );
+            let headers = if record.headers.is_empty() {
+                Vec::new()
+            } else {
+                crate::headers::replay_block(&record.headers, &[])
+            };
+            return (metadata, headers);
+        }
+        let offset = record.offset.to_string();
+        let timestamp = record.timestamp_ns.to_string();
+        let headers = crate::headers::replay_block(
+            &record.headers,
+            &[
+                (HEADER_STREAM, self.stream.as_str()),
+                (HEADER_SUBJECT, &subject),
+                (HEADER_OFFSET, &offset),
+                (HEADER_TIMESTAMP, &timestamp),
+            ],
+        );
+        (String::new(), headers)
+    }
+
     async fn send(&mut self, record: natswal::StoredRecord) -> Sent {
         match self.mode {
-            Mode::Messages => {
-                let subject = String::from_utf8_lossy(&record.subject);
-                let offset = record.offset.to_string();
-                let timestamp = record.timestamp_ns.to_string();
-                let headers = crate::headers::replay_block(
-                    &record.headers,
-                    &[
-                        (HEADER_STREAM, self.stream.as_str()),
-                        (HEADER_SUBJECT, &subject),
-                        (HEADER_OFFSET, &offset),
-                        (HEADER_TIMESTAMP, &timestamp),
-                    ],
-                );
-                self.publish(record.offset, &headers, &record.payload)
+            Mode::Messages | Mode::Light => {
+                let (metadata, headers) = self.record_metadata(&record);
+                self.publish(record.offset, &metadata, &headers, &record.payload)
                     .await?;
-                self.delivered += 1;
-                Ok(())
-            }
-            Mode::Light => {
-                let subject = String::from_utf8_lossy(&record.subject);
-                let metadata = format!(
-                    "{LIGHT_REPLY_PREFIX}{}.{}.{subject}",
-                    record.offset, record.timestamp_ns
-                );
-                let headers = if record.headers.is_empty() {
-                    Vec::new()
-                } else {
-                    crate::headers::replay_block(&record.headers, &[])
-                };
-                self.client
-                    .publish_with_reply_when_room(&self.reply, &metadata, &headers, &record.payload)
-                    .await
-                    .map_err(|error| ReplayError::unsent(record.offset, &error))?;
                 self.delivered += 1;
                 Ok(())
             }
@@ -873,7 +876,8 @@ impl<'a> Sender<'a> {
             (HEADER_COUNT, &frame.header.record_count.to_string()),
             (HEADER_OFFSET, &base_offset.to_string()),
         ]);
-        self.publish(base_offset, &headers, &frame.bytes).await?;
+        self.publish(base_offset, "", &headers, &frame.bytes)
+            .await?;
         self.delivered += counted;
         Ok(())
     }
@@ -890,7 +894,7 @@ impl<'a> Sender<'a> {
         let body = self.buffer.split().freeze();
         self.buffered = 0;
         let counted = std::mem::take(&mut self.buffer_counted);
-        self.publish(self.buffer_first_offset, &headers, &body)
+        self.publish(self.buffer_first_offset, "", &headers, &body)
             .await?;
         self.delivered += counted;
         Ok(())

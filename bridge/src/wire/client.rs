@@ -300,26 +300,7 @@ impl Client {
         if max_payload > 0 && size > max_payload {
             return Err(PublishError::TooLarge { size, max_payload });
         }
-        if self.shared.closed.load(Ordering::Acquire) {
-            return Err(PublishError::Closed);
-        }
-        let mut output = lock(&self.shared.output);
-        if output.bytes.len() >= self.shared.options.output_bytes_max {
-            return Err(PublishError::OutputFull {
-                bytes: output.bytes.len(),
-            });
-        }
-        protocol::encode_message(
-            &mut output.bytes,
-            self.shared.options.dialect,
-            subject.as_bytes(),
-            reply.as_bytes(),
-            headers,
-            payload,
-        );
-        drop(output);
-        self.shared.output_ready.notify_one();
-        Ok(())
+        self.publish_each([(subject, reply, headers, payload)])
     }
 
     /// Queues several publishes (subject, reply, headers, payload) under
