@@ -23,16 +23,21 @@ fn leaf_server() -> (NatsServer, String) {
 
 const ORDERS: &str = "[[streams]]\nname = \"orders\"\nsubjects = [\"orders.>\"]\nmax_age = \"1h\"\n[[streams]]\nname = \"audit\"\nsubjects = [\"audit.*\"]\n";
 
+/// Where `fill_orders` stores the record of stream sequence `sequence`.
+fn order_subject(sequence: u64) -> &'static str {
+    if sequence % 2 == 1 {
+        "orders.a"
+    } else {
+        "orders.b"
+    }
+}
+
 /// Stores `count` messages on `orders.a` / `orders.b` (odd / even), each
 /// with an `X-Index` header, through JetStream publishes with acks.
 async fn fill_orders(client: &async_nats::Client, count: u64) {
     let context = jetstream::new(client.clone());
     for index in 1..=count {
-        let subject = if index % 2 == 1 {
-            "orders.a"
-        } else {
-            "orders.b"
-        };
+        let subject = order_subject(index);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("X-Index", index.to_string().as_str());
         let ack = context
@@ -461,11 +466,7 @@ async fn async_nats_pull_consumers_fetch_ack_and_redeliver() {
         let info = message.info().expect("ack metadata");
         sequences.push(info.stream_sequence);
         assert_eq!(info.consumer_sequence, sequences.len() as u64);
-        let expected = if info.stream_sequence % 2 == 1 {
-            "orders.a"
-        } else {
-            "orders.b"
-        };
+        let expected = order_subject(info.stream_sequence);
         assert_eq!(message.subject.as_str(), expected);
         let index = message
             .headers
@@ -670,11 +671,7 @@ asyncio.run(main(sys.argv[1]))
     assert_eq!(got.len(), 12);
     for (index, entry) in got.iter().enumerate() {
         let sequence = index as u64 + 1;
-        let subject = if sequence % 2 == 1 {
-            "orders.a"
-        } else {
-            "orders.b"
-        };
+        let subject = order_subject(sequence);
         assert_eq!(
             entry,
             &serde_json::json!([sequence, subject, format!("order-{sequence}")])
@@ -768,18 +765,10 @@ async fn idle_consumers_cost_no_cpu() {
     assert!(next_message(&mut left).await.status.is_none());
     drop(left);
     listener.flush().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.left", "").await;
-        if info.get("push_bound").is_none() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "interest gone: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_info(&client, "left", "interest gone", |info| {
+        info.get("push_bound").is_none()
+    })
+    .await;
     let before = cpu_seconds(natswal.pid());
     let started = std::time::Instant::now();
     assert!(
@@ -922,11 +911,7 @@ async fn async_nats_ordered_push_consumer_streams_through_flow_control_and_follo
     let mut messages = ordered.messages().await.unwrap();
     for expected in 1..=20u64 {
         let message = next_ordered(&mut messages, expected, &name).await;
-        let subject = if expected % 2 == 1 {
-            "orders.a"
-        } else {
-            "orders.b"
-        };
+        let subject = order_subject(expected);
         assert_eq!(message.subject.as_str(), subject);
         assert_eq!(message.payload, format!("order-{expected}").as_bytes());
         assert_eq!(
@@ -996,6 +981,25 @@ async fn fill_orders_from(client: &async_nats::Client, first: u64, count: u64) {
     }
 }
 
+/// Waits (up to 10 s) until the info of consumer `name` of `orders`
+/// shows `condition`, which `what` describes; returns that info.
+async fn await_info(
+    client: &async_nats::Client,
+    name: &str,
+    what: &str,
+    condition: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, info) = raw(client, &format!("$JS.API.CONSUMER.INFO.orders.{name}"), "").await;
+        if condition(&info) {
+            return info;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {info}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// CONSUMER.INFO's delivered consumer sequence, or the error code.
 async fn delivered(client: &async_nats::Client, name: &str) -> Result<u64, i64> {
     let (_, info) = raw(client, &format!("$JS.API.CONSUMER.INFO.orders.{name}"), "").await;
@@ -1050,11 +1054,7 @@ async fn push_consumers_deliver_only_while_someone_listens() {
         assert_eq!(&tokens[..4], ["$JS", "ACK", "orders", "late"], "{reply}");
         assert_eq!(tokens[5], expected.to_string(), "{reply}");
         assert_eq!(tokens[6], expected.to_string(), "{reply}");
-        let subject = if expected % 2 == 1 {
-            "orders.a"
-        } else {
-            "orders.b"
-        };
+        let subject = order_subject(expected);
         assert_eq!(message.subject.as_str(), subject);
         listener.publish(reply, "+ACK".into()).await.unwrap();
     }
@@ -1066,33 +1066,20 @@ async fn push_consumers_deliver_only_while_someone_listens() {
     assert_eq!(headers.get("Nats-Last-Stream").unwrap().as_str(), "10");
     assert!(headers.get("Nats-Consumer-Stalled").is_none());
     listener.flush().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.late", "").await;
-        if info["ack_floor"]["stream_seq"] == 10 && info["num_ack_pending"] == 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "acks applied: {info}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_info(&client, "late", "acks applied", |info| {
+        info["ack_floor"]["stream_seq"] == 10 && info["num_ack_pending"] == 0
+    })
+    .await;
 
     // Unsubscribed, it holds back what comes next; resubscribed, it goes on.
     let (_, bound) = raw(&client, "$JS.API.CONSUMER.INFO.orders.late", "").await;
     assert_eq!(bound["push_bound"], true, "{bound}");
     drop(inbox);
     listener.flush().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.late", "").await;
-        if info.get("push_bound").is_none() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "interest gone: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_info(&client, "late", "interest gone", |info| {
+        info.get("push_bound").is_none()
+    })
+    .await;
     fill_orders_from(&client, 11, 3).await;
     // Given the time to deliver (two heartbeat intervals), it did not.
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -1153,11 +1140,7 @@ asyncio.run(main(sys.argv[1]))
     assert_eq!(got.len(), 30);
     for (index, entry) in got.iter().enumerate() {
         let sequence = index as u64 + 1;
-        let subject = if sequence % 2 == 1 {
-            "orders.a"
-        } else {
-            "orders.b"
-        };
+        let subject = order_subject(sequence);
         assert_eq!(
             entry,
             &serde_json::json!([sequence, sequence, subject, format!("order-{sequence}")])
@@ -1375,29 +1358,16 @@ async fn the_nats_cli_requests_page_pull_with_heartbeats_and_wait_for_the_next()
         let client = client.clone();
         async move { pull_raw(&client, "pager", r#"{"batch":1,"expires":10000000000}"#, 1).await }
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.pager", "").await;
-        if info["num_waiting"] == 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "request waits: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_info(&client, "pager", "request waits", |info| {
+        info["num_waiting"] == 1
+    })
+    .await;
     fill_orders_from(&client, 13, 1).await;
     assert_eq!(waiting.await.unwrap(), (vec![13], vec![]));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.pager", "").await;
-        if info["ack_floor"]["stream_seq"] == 13 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "all acked: {info}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_info(&client, "pager", "all acked", |info| {
+        info["ack_floor"]["stream_seq"] == 13
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1426,30 +1396,19 @@ async fn a_pull_request_of_a_requester_gone_does_not_take_records() {
     .await
     .unwrap();
     gone.flush().await.unwrap();
-    let waits = |count: u64| {
-        let client = client.clone();
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let (_, info) = raw(&client, "$JS.API.CONSUMER.INFO.orders.shared", "").await;
-                if info["num_waiting"] == count {
-                    return;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{count} waiting: {info}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    waits(1).await;
+    await_info(&client, "shared", "1 waiting", |info| {
+        info["num_waiting"] == 1
+    })
+    .await;
     replies.unsubscribe().await.unwrap();
     gone.flush().await.unwrap();
     drop(replies);
     drop(gone);
     // Its request is dropped once the hub reports its inbox unsubscribed.
-    waits(0).await;
+    await_info(&client, "shared", "none waiting", |info| {
+        info["num_waiting"] == 0
+    })
+    .await;
     fill_orders(&client, 3).await;
     let (sequences, statuses) =
         pull_raw(&client, "shared", r#"{"batch":3,"expires":5000000000}"#, 3).await;
