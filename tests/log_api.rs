@@ -421,6 +421,38 @@ fn raft_entries_without_records_take_no_offsets_and_readers_skip_them() {
     assert_eq!(&entries[2].bytes[96..], b"membership: 1,2,3");
 }
 
+#[test]
+fn purging_past_the_last_entry_makes_the_next_entry_follow_the_purge_point() {
+    let (_, file_system) = memory();
+    let log = open_log(&file_system, Path::new("/l"), small_config());
+    append_entry(&log, 0, 2, 1, 1);
+    append_entry(&log, 2, 1, 1, 2);
+    log.sync().unwrap();
+    // A snapshot through index 9 was installed: entries 3..=9 never come.
+    log.save_purged(LogId { term: 2, index: 9 }).unwrap();
+    let error = log
+        .append_raft_entry(FrameKind::Blank, 2, 3, &[], NOW)
+        .unwrap_err();
+    assert!(error.to_string().contains("does not follow"), "{error}");
+    log.append_raft_entry(FrameKind::Blank, 2, 10, &[], NOW)
+        .unwrap();
+    log.sync().unwrap();
+    drop(log);
+    // The floor is the metadata's purge point: it holds after a reopen.
+    let log = open_log(&file_system, Path::new("/l"), small_config());
+    let error = log
+        .append_raft_entry(FrameKind::Blank, 2, 12, &[], NOW)
+        .unwrap_err();
+    assert!(error.to_string().contains("does not follow"), "{error}");
+    log.append_raft_entry(FrameKind::Blank, 2, 11, &[], NOW)
+        .unwrap();
+    // Offsets stay dense: blank entries take none.
+    assert_eq!(
+        append_entry(&log, 3, 1, 2, 12).base_offset,
+        FIRST_OFFSET + 3
+    );
+}
+
 fn sealed_copy_source(file_system: &Arc<dyn FileSystem>) -> (Log, Vec<natswal::SealedSegment>) {
     let leader = open_log(file_system, Path::new("/leader"), small_config());
     for entry in 0..700u64 {

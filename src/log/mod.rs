@@ -652,6 +652,7 @@ impl Log {
                 active: recovered.active,
                 next_offset: recovered.next_offset,
                 last_log_id: recovered.last_log_id,
+                raft_floor: metadata.last_purged.map_or(0, |purged| purged.index),
                 timestamp_max: recovered.timestamp_max,
                 sequence: 0,
                 generation: metadata.generation,
@@ -985,10 +986,14 @@ impl Log {
 
     /// Saves the last purged Raft id durably (purging is logical: the log
     /// is the stream, retention alone removes data).
+    /// Purging past the last entry (a snapshot installed beyond the log)
+    /// makes the next entry follow the purge point.
     pub fn save_purged(&self, purged: LogId) -> Result<()> {
+        let mut writer = self.writer();
         self.shared
-            .save_metadata(|metadata| metadata.last_purged = Some(purged))
-            .map(|_| ())
+            .save_metadata(|metadata| metadata.last_purged = Some(purged))?;
+        writer.state.raft_floor = purged.index;
+        Ok(())
     }
 
     /// Reads stored frames, exactly as on disk. Every frame of the range

@@ -31,7 +31,8 @@
 use super::index::{progress_of, IndexBuilder};
 use super::segment::StorageSegment;
 use super::walker::{
-    walk, ByteSource, Damage, FileSource, MemorySource, TornTail, Walk, WalkParams, WalkStart,
+    walk, ByteSource, Damage, FileSource, MemorySource, RaftJump, TornTail, Walk, WalkParams,
+    WalkStart,
 };
 use super::writer::{ActiveSegment, RECYCLE_DIRECTORY};
 use crate::config::StreamConfig;
@@ -302,6 +303,8 @@ struct Context<'a> {
     directory: &'a Path,
     config: &'a StreamConfig,
     generation_max: u32,
+    /// The metadata's purge point (Raft index; 0 none).
+    raft_purged: u64,
 }
 
 impl Context<'_> {
@@ -464,6 +467,7 @@ impl Context<'_> {
             },
             collect_frames: collect,
             stop_at: next_base.map(|next| (next, self.first_raft_index(next))),
+            raft_jump: RaftJump::ToPurgePoint(self.raft_purged),
         };
         let walked = if collect {
             let bytes = crate::io::read_exact(file.as_ref(), 0, data_end as usize)?;
@@ -616,6 +620,7 @@ impl RecoveryManager {
             directory,
             config,
             generation_max: metadata.generation,
+            raft_purged: metadata.last_purged.map_or(0, |purged| purged.index),
         };
         if let Some(intent) = load_intent(file_system.as_ref(), directory)? {
             redo_truncation(file_system.as_ref(), directory, &intent)?;
@@ -685,6 +690,9 @@ impl RecoveryManager {
             directory,
             config: &config,
             generation_max: metadata.map_or(u32::MAX, |metadata| metadata.generation),
+            raft_purged: metadata
+                .and_then(|metadata| metadata.last_purged)
+                .map_or(0, |purged| purged.index),
         };
         let clean = metadata.and_then(|metadata| metadata.clean);
         let mut expected_next: Option<u64> = None;
@@ -1944,6 +1952,7 @@ pub(crate) fn reopen_tail(
         directory,
         config,
         generation_max: metadata.generation,
+        raft_purged: metadata.last_purged.map_or(0, |purged| purged.index),
     };
     let analysis = context.analyze(base, None, None, false, false)?;
     if let Some(problem) = analysis.problems.first() {

@@ -292,6 +292,20 @@ pub(crate) struct WalkParams {
     /// this offset, and (for Raft entries that take no offsets) before this
     /// Raft index (0: unknown). Bytes after are not this segment's.
     pub stop_at: Option<(u64, u64)>,
+    /// Which gaps in Raft indexes continue the log (see [`RaftJump`]).
+    pub raft_jump: RaftJump,
+}
+
+/// A Raft entry follows the last one (index + 1), except where a purge
+/// moved past the end of the log (a snapshot installed beyond it): then
+/// the next entry follows the purge point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RaftJump {
+    /// One jump, to the purge point's index + 1, from below it.
+    ToPurgePoint(u64),
+    /// Any forward jump: a whole image is all durable, so a gap in it is
+    /// one its writer made, never a stale frame.
+    Forward,
 }
 
 impl WalkParams {
@@ -306,6 +320,7 @@ impl WalkParams {
             search_bytes: 0,
             collect_frames: false,
             stop_at: None,
+            raft_jump: RaftJump::Forward,
         }
     }
 }
@@ -384,6 +399,7 @@ fn continuity_defect(
     frame: &WalkedFrame,
     builder: &IndexBuilder,
     generation: u32,
+    raft_jump: RaftJump,
 ) -> Option<String> {
     if frame.slot.generation < generation {
         return Some(format!(
@@ -398,8 +414,12 @@ fn continuity_defect(
         ));
     }
     let last_index = builder.last_log_id.index;
-    if frame.header.raft_index != 0 && last_index != 0 && frame.header.raft_index != last_index + 1
-    {
+    let index = frame.header.raft_index;
+    let jumps = match raft_jump {
+        RaftJump::ToPurgePoint(purged) => purged > last_index && index == purged + 1,
+        RaftJump::Forward => index > last_index,
+    };
+    if index != 0 && last_index != 0 && index != last_index + 1 && !jumps {
         return Some(format!(
             "frame with Raft index {} after Raft index {last_index}",
             frame.header.raft_index
@@ -512,34 +532,36 @@ pub(crate) fn walk(
             break;
         }
         let defect = match slot {
-            Slot::Frame(frame) => match continuity_defect(&frame, &builder, generation) {
-                None => {
-                    builder.add(frame.position, &frame.header);
-                    generation = generation.max(frame.slot.generation);
-                    for damage in &mut open {
-                        damage.proof = damage.proof.max(u64::from(frame.slot.durable_position));
-                        damage.frames_after += 1;
-                        damage.last_end_after = frame.end();
+            Slot::Frame(frame) => {
+                match continuity_defect(&frame, &builder, generation, params.raft_jump) {
+                    None => {
+                        builder.add(frame.position, &frame.header);
+                        generation = generation.max(frame.slot.generation);
+                        for damage in &mut open {
+                            damage.proof = damage.proof.max(u64::from(frame.slot.durable_position));
+                            damage.frames_after += 1;
+                            damage.last_end_after = frame.end();
+                        }
+                        if params.collect_frames {
+                            frames.push(FrameSummary {
+                                position: frame.position,
+                                slot: frame.slot,
+                                header: frame.header,
+                            });
+                        }
+                        position = frame.end();
+                        continue;
                     }
-                    if params.collect_frames {
-                        frames.push(FrameSummary {
-                            position: frame.position,
-                            slot: frame.slot,
-                            header: frame.header,
-                        });
-                    }
-                    position = frame.end();
-                    continue;
+                    Some(reason) => SlotDefect {
+                        reason,
+                        zeros: false,
+                        slot_verified: false,
+                        length: None,
+                        unsupported: None,
+                        intact_frame: None,
+                    },
                 }
-                Some(reason) => SlotDefect {
-                    reason,
-                    zeros: false,
-                    slot_verified: false,
-                    length: None,
-                    unsupported: None,
-                    intact_frame: None,
-                },
-            },
+            }
             Slot::Defect(defect) => defect,
         };
         if let Some(reason) = defect.unsupported {

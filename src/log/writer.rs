@@ -160,6 +160,10 @@ pub(crate) struct WriterState {
     pub active: Option<ActiveSegment>,
     pub next_offset: u64,
     pub last_log_id: LogId,
+    /// Raft index the log was purged through (logically: the data stays).
+    /// When it is past the last entry (a snapshot installed beyond the
+    /// log), the next entry follows it instead of the last entry.
+    pub raft_floor: u64,
     pub timestamp_max: i64,
     pub sequence: u64,
     pub generation: u32,
@@ -305,10 +309,10 @@ impl WriterState {
             return Ok(());
         }
         let last = self.last_log_id;
-        if last.index != 0 && index != last.index + 1 {
+        let follows = last.index.max(self.raft_floor);
+        if follows != 0 && index != follows + 1 {
             return Err(Error::InvalidInput(format!(
-                "Raft index {index} does not follow the log's last index {}",
-                last.index
+                "Raft index {index} does not follow the log's last index {follows}"
             )));
         }
         if term < last.term {
