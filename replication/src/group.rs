@@ -1,0 +1,214 @@
+//! One replicated stream on one node: its Log, the log storage and state
+//! machine over it, and its openraft group, registered with the node's
+//! transport. A proposal returns once its entry is committed (synced on a
+//! majority) and applied here: that is the `quorum` acknowledgement.
+
+use crate::error::{Error, Result};
+use crate::log_store::StreamLogStore;
+use crate::network::{GroupNetwork, Peers, Registry};
+use crate::state_machine::StreamStateMachine;
+use crate::types::{Applied, Command, Node, NodeId, Raft, RecordBatch};
+use natswal::io::FileSystem;
+use natswal::{Keyring, Log, LogOptions, RecoveryMode, SegmentCache, StreamConfig};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{Config, SnapshotPolicy};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How long a stopping group's tasks may take to let go of its log.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Raft timing. The election timeout is far above this disk's fsync p99
+/// (tens of ms; a vote and an append are each one fsync) so a slow sync
+/// does not depose a healthy leader, and low enough that a leader's loss
+/// is noticed within about a second.
+#[derive(Debug, Clone, Copy)]
+pub struct RaftTiming {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat_interval_ms: 150,
+            election_timeout_min_ms: 750,
+            election_timeout_max_ms: 1500,
+        }
+    }
+}
+
+/// openraft's configuration for a stream's group.
+pub fn raft_config(timing: RaftTiming) -> Result<Arc<Config>> {
+    let config = Config {
+        cluster_name: "natswal".to_string(),
+        heartbeat_interval: timing.heartbeat_interval_ms,
+        election_timeout_min: timing.election_timeout_min_ms,
+        election_timeout_max: timing.election_timeout_max_ms,
+        // Snapshots are manifests of sealed segments; until segment
+        // shipping lands no snapshot is built, so nothing is purged and
+        // every follower catches up from the log itself.
+        snapshot_policy: SnapshotPolicy::Never,
+        // A follower whose log moved backwards (lost writes) must not
+        // panic the leader; it is repaired instead.
+        allow_log_reversion: Some(true),
+        ..Config::default()
+    };
+    config
+        .validate()
+        .map(Arc::new)
+        .map_err(|error| Error::Invalid(format!("Raft configuration: {error}")))
+}
+
+/// How to open a replicated stream on this node.
+pub struct GroupOptions<'a> {
+    pub node_id: NodeId,
+    pub name: &'a str,
+    pub directory: &'a Path,
+    pub config: StreamConfig,
+    pub keyring: Arc<Keyring>,
+    pub cache: Arc<SegmentCache>,
+    pub timing: RaftTiming,
+}
+
+/// A replicated stream's group on this node.
+pub struct ReplicatedStream {
+    name: String,
+    log: Arc<Log>,
+    raft: Raft,
+    registry: Arc<Registry>,
+}
+
+impl ReplicatedStream {
+    pub async fn open(
+        file_system: Arc<dyn FileSystem>,
+        options: GroupOptions<'_>,
+        peers: Arc<Peers>,
+        registry: Arc<Registry>,
+    ) -> Result<ReplicatedStream> {
+        let name = options.name.to_string();
+        let nonce_node = u16::try_from(options.node_id).map_err(|_| {
+            Error::Invalid(format!(
+                "node id {} is above 65535 (frame nonces carry the node id in 16 bits)",
+                options.node_id
+            ))
+        })?;
+        let log_options = LogOptions {
+            name: name.clone(),
+            config: options.config,
+            recovery_mode: RecoveryMode::Strict,
+            keyring: options.keyring,
+            node_id: nonce_node,
+            cache: options.cache,
+            store_locked: None,
+            group_sync: None,
+        };
+        let (log, _report) = Log::open(Arc::clone(&file_system), options.directory, log_options)
+            .map_err(|error| Error::engine(&name, error))?;
+        let log = Arc::new(log);
+        let state_machine = StreamStateMachine::open(Arc::clone(&log), file_system)?;
+        let log_store = StreamLogStore::new(Arc::clone(&log));
+        let network = GroupNetwork {
+            peers,
+            group: name.clone(),
+        };
+        let raft = Raft::new(
+            options.node_id,
+            raft_config(options.timing)?,
+            network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|error| Error::Raft {
+            stream: name.clone(),
+            message: error.to_string(),
+        })?;
+        registry.insert(&name, raft.clone(), options.directory.to_path_buf());
+        Ok(ReplicatedStream {
+            name,
+            log,
+            raft,
+            registry,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Makes `members` the group's first membership (once, on one node).
+    pub async fn initialize(&self, members: BTreeMap<NodeId, Node>) -> Result<()> {
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|error| Error::Raft {
+                stream: self.name.clone(),
+                message: error.to_string(),
+            })
+    }
+
+    /// Proposes records as one entry; returns the offsets they took once
+    /// the entry is committed (synced on a majority) and applied here.
+    pub async fn propose(&self, batch: RecordBatch) -> Result<Applied> {
+        match self.raft.client_write(Command::Records(batch)).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(Error::NotLeader {
+                    stream: self.name.clone(),
+                    leader: forward.leader_id,
+                })
+            }
+            Err(error) => Err(Error::Raft {
+                stream: self.name.clone(),
+                message: error.to_string(),
+            }),
+        }
+    }
+
+    /// Stops the group and closes its log.
+    pub async fn shutdown(self) -> Result<()> {
+        self.registry.remove(&self.name);
+        self.raft.shutdown().await.map_err(|error| Error::Raft {
+            stream: self.name.clone(),
+            message: error.to_string(),
+        })?;
+        drop(self.raft);
+        // openraft's tasks and the syncer thread hold the log until they
+        // have ended, which shutdown has asked of them.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
+        let mut log = self.log;
+        loop {
+            match Arc::try_unwrap(log) {
+                Ok(log) => {
+                    return log
+                        .close()
+                        .map_err(|error| Error::engine(&self.name, error))
+                }
+                Err(shared) if tokio::time::Instant::now() < deadline => {
+                    log = shared;
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err(_) => {
+                    return Err(Error::Raft {
+                        stream: self.name.clone(),
+                        message: format!(
+                            "the log is still in use {} s after the group stopped",
+                            SHUTDOWN_WAIT.as_secs()
+                        ),
+                    })
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! Node-to-node transport for every Raft group of a node: one TCP
+//! connection per peer address, shared by all groups, carrying
+//! length-prefixed bincode frames ([`crate::codec`]). Requests are
+//! pipelined: each carries an id, replies come back in any order, and
+//! several groups' RPCs are in flight on one connection at once. Appended
+//! frames travel as their stored bytes (a normal entry is
+//! [`Command::Stored`](crate::types::Command::Stored)).
+//!
+//! Every call has a timeout (openraft's hard TTL for the RPC); a broken
+//! connection fails the calls waiting on it and is replaced by the next
+//! call. The server side dispatches each request to its group's Raft in a
+//! task of its own, so a slow append does not hold up a vote.
+
+use crate::codec::{decode, encode, read_frame, write_frame};
+use crate::error::{Error, Result};
+use crate::snapshot::SnapshotManifest;
+use crate::types::{NodeId, Raft, SnapshotMeta, StreamRaft, Vote};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::storage::Snapshot;
+use openraft::RaftNetworkV2;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+/// How long connecting to a peer may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Serialize, Deserialize)]
+enum Request {
+    Append(AppendEntriesRequest<StreamRaft>),
+    Vote(VoteRequest<StreamRaft>),
+    PreVote(VoteRequest<StreamRaft>),
+    Snapshot {
+        vote: Vote,
+        meta: SnapshotMeta,
+        /// The manifest in its own (file) encoding.
+        manifest: Vec<u8>,
+    },
+    TransferLeader(TransferLeaderRequest<StreamRaft>),
+}
+
+#[derive(Serialize, Deserialize)]
+enum Reply {
+    Append(AppendEntriesResponse<StreamRaft>),
+    Vote(VoteResponse<StreamRaft>),
+    Snapshot(SnapshotResponse<StreamRaft>),
+    TransferLeader(TransferLeaderResponse<StreamRaft>),
+    /// The peer could not serve the request (an unknown group, a Raft that
+    /// stopped, a malformed message).
+    Refused(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    id: u64,
+    group: String,
+    body: T,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The Raft groups a node serves, by stream name.
+#[derive(Default)]
+pub struct Registry {
+    groups: RwLock<HashMap<String, (Raft, PathBuf)>>,
+}
+
+impl Registry {
+    /// Serves `raft` for `group`; `directory` is its stream's directory.
+    pub fn insert(&self, group: &str, raft: Raft, directory: PathBuf) {
+        self.groups
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(group.to_string(), (raft, directory));
+    }
+
+    pub fn remove(&self, group: &str) {
+        self.groups
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(group);
+    }
+
+    fn get(&self, group: &str) -> Option<(Raft, PathBuf)> {
+        self.groups
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(group)
+            .cloned()
+    }
+}
+
+/// Accepts peers' connections and serves their requests until the
+/// listener fails.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!("accepting a peer connection failed: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let registry = Arc::clone(&registry);
+        tokio::spawn(async move {
+            if let Err(error) = serve_connection(stream, registry).await {
+                tracing::info!("peer connection from {peer} ended: {error}");
+            }
+        });
+    }
+}
+
+async fn serve_connection(stream: TcpStream, registry: Arc<Registry>) -> Result<()> {
+    let (mut reader, writer) = stream.into_split();
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    while let Some(body) = read_frame(&mut reader).await? {
+        let envelope: Envelope<Request> = decode(&body)?;
+        let registry = Arc::clone(&registry);
+        let writer = Arc::clone(&writer);
+        tokio::spawn(async move {
+            let reply = dispatch(&registry, &envelope.group, envelope.body).await;
+            let answer = Envelope {
+                id: envelope.id,
+                group: envelope.group,
+                body: reply,
+            };
+            match encode(&answer) {
+                Ok(frame) => {
+                    let mut writer = writer.lock().await;
+                    if let Err(error) = write_frame(&mut *writer, &frame).await {
+                        tracing::info!("answering a peer failed: {error}");
+                    }
+                }
+                Err(error) => tracing::error!("encoding a reply failed: {error}"),
+            }
+        });
+    }
+    Ok(())
+}
+
+async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
+    let Some((raft, directory)) = registry.get(group) else {
+        return Reply::Refused(format!(
+            "this node serves no Raft group for stream '{group}'"
+        ));
+    };
+    let refused =
+        |error: &dyn std::fmt::Display| Reply::Refused(format!("stream '{group}': {error}"));
+    match request {
+        Request::Append(request) => match raft.append_entries(request).await {
+            Ok(response) => Reply::Append(response),
+            Err(error) => refused(&error),
+        },
+        Request::Vote(request) => match raft.vote(request).await {
+            Ok(response) => Reply::Vote(response),
+            Err(error) => refused(&error),
+        },
+        Request::PreVote(request) => match raft.pre_vote(request).await {
+            Ok(response) => Reply::Vote(response),
+            Err(error) => refused(&error),
+        },
+        Request::Snapshot {
+            vote,
+            meta,
+            manifest,
+        } => {
+            let path = directory.join("received snapshot manifest");
+            let manifest = match SnapshotManifest::decode(&manifest, &path, &directory) {
+                Ok(manifest) => manifest,
+                Err(error) => return refused(&error),
+            };
+            let snapshot = Snapshot {
+                meta,
+                snapshot: manifest,
+            };
+            match raft.install_full_snapshot(vote, snapshot).await {
+                Ok(response) => Reply::Snapshot(response),
+                Err(error) => refused(&error),
+            }
+        }
+        Request::TransferLeader(request) => match raft.handle_transfer_leader(request).await {
+            Ok(response) => Reply::TransferLeader(response),
+            Err(error) => refused(&error),
+        },
+    }
+}
+
+/// One connection to a peer and the calls waiting on it.
+struct Connection {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    next_id: AtomicU64,
+    alive: AtomicBool,
+}
+
+impl Connection {
+    async fn open(address: &str) -> Result<Arc<Connection>> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+            .await
+            .map_err(|_| Error::Io {
+                context: format!("connecting to peer {address}"),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+            })?
+            .map_err(|source| Error::Io {
+                context: format!("connecting to peer {address}"),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (mut reader, writer) = stream.into_split();
+        let connection = Arc::new(Connection {
+            writer: tokio::sync::Mutex::new(writer),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            alive: AtomicBool::new(true),
+        });
+        let reading = Arc::clone(&connection);
+        let address = address.to_string();
+        tokio::spawn(async move {
+            let ended = loop {
+                match read_frame(&mut reader).await {
+                    Ok(Some(body)) => match decode::<Envelope<Reply>>(&body) {
+                        Ok(envelope) => {
+                            if let Some(waiting) = lock(&reading.pending).remove(&envelope.id) {
+                                let _ = waiting.send(envelope.body);
+                            }
+                        }
+                        Err(error) => break error.to_string(),
+                    },
+                    Ok(None) => break "closed by the peer".to_string(),
+                    Err(error) => break error.to_string(),
+                }
+            };
+            tracing::debug!("connection to peer {address} ended: {ended}");
+            reading.alive.store(false, Ordering::Release);
+            lock(&reading.pending).clear();
+        });
+        Ok(connection)
+    }
+
+    async fn call(&self, group: &str, request: Request, timeout: Duration) -> Result<Reply> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode(&Envelope {
+            id,
+            group: group.to_string(),
+            body: request,
+        })?;
+        let (sender, receiver) = oneshot::channel();
+        lock(&self.pending).insert(id, sender);
+        let sent = {
+            let mut writer = self.writer.lock().await;
+            write_frame(&mut *writer, &frame).await
+        };
+        if let Err(error) = sent {
+            self.alive.store(false, Ordering::Release);
+            lock(&self.pending).remove(&id);
+            return Err(error);
+        }
+        let timed_out = || Error::Io {
+            context: format!("waiting {} ms for a peer's reply", timeout.as_millis()),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+        };
+        match tokio::time::timeout(timeout, receiver).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(Error::Io {
+                context: "waiting for a peer's reply".to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the connection ended",
+                ),
+            }),
+            Err(_) => {
+                lock(&self.pending).remove(&id);
+                Err(timed_out())
+            }
+        }
+    }
+}
+
+/// Connections to peers, by address, shared by every group of a node.
+#[derive(Default)]
+pub struct Peers {
+    connections: tokio::sync::Mutex<HashMap<String, Arc<Connection>>>,
+}
+
+impl Peers {
+    async fn connection(&self, address: &str) -> Result<Arc<Connection>> {
+        let mut connections = self.connections.lock().await;
+        if let Some(connection) = connections.get(address) {
+            if connection.alive.load(Ordering::Acquire) {
+                return Ok(Arc::clone(connection));
+            }
+        }
+        let connection = Connection::open(address).await?;
+        connections.insert(address.to_string(), Arc::clone(&connection));
+        Ok(connection)
+    }
+
+    async fn call(
+        &self,
+        address: &str,
+        group: &str,
+        request: Request,
+        timeout: Duration,
+    ) -> std::result::Result<Reply, CallError> {
+        let connection = self
+            .connection(address)
+            .await
+            .map_err(CallError::Unreachable)?;
+        connection
+            .call(group, request, timeout)
+            .await
+            .map_err(CallError::Network)
+    }
+}
+
+enum CallError {
+    Unreachable(Error),
+    Network(Error),
+}
+
+impl CallError {
+    fn into_rpc(self) -> RPCError<StreamRaft> {
+        match self {
+            CallError::Unreachable(error) => RPCError::Unreachable(Unreachable::new(&error)),
+            CallError::Network(error) => RPCError::Network(NetworkError::new(&error)),
+        }
+    }
+}
+
+fn unexpected(reply: Reply) -> RPCError<StreamRaft> {
+    let message = match reply {
+        Reply::Refused(message) => message,
+        _ => "the peer answered with a reply of another kind".to_string(),
+    };
+    RPCError::Network(NetworkError::from_string(message))
+}
+
+/// openraft's network factory for one group.
+#[derive(Clone)]
+pub struct GroupNetwork {
+    pub peers: Arc<Peers>,
+    pub group: String,
+}
+
+impl RaftNetworkFactory<StreamRaft> for GroupNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, _target: NodeId, node: &crate::types::Node) -> PeerClient {
+        PeerClient {
+            peers: Arc::clone(&self.peers),
+            group: self.group.clone(),
+            address: node.addr.clone(),
+        }
+    }
+}
+
+/// Calls to one peer for one group.
+pub struct PeerClient {
+    peers: Arc<Peers>,
+    group: String,
+    address: String,
+}
+
+impl PeerClient {
+    async fn call(
+        &self,
+        request: Request,
+        option: &RPCOption,
+    ) -> std::result::Result<Reply, RPCError<StreamRaft>> {
+        self.peers
+            .call(&self.address, &self.group, request, option.hard_ttl())
+            .await
+            .map_err(CallError::into_rpc)
+    }
+}
+
+impl RaftNetworkV2<StreamRaft> for PeerClient {
+    type SnapshotData = SnapshotManifest;
+
+    async fn append_entries(
+        &mut self,
+        request: AppendEntriesRequest<StreamRaft>,
+        option: RPCOption,
+    ) -> std::result::Result<AppendEntriesResponse<StreamRaft>, RPCError<StreamRaft>> {
+        match self.call(Request::Append(request), &option).await? {
+            Reply::Append(response) => Ok(response),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        request: VoteRequest<StreamRaft>,
+        option: RPCOption,
+    ) -> std::result::Result<VoteResponse<StreamRaft>, RPCError<StreamRaft>> {
+        match self.call(Request::Vote(request), &option).await? {
+            Reply::Vote(response) => Ok(response),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        request: VoteRequest<StreamRaft>,
+        option: RPCOption,
+    ) -> std::result::Result<VoteResponse<StreamRaft>, RPCError<StreamRaft>> {
+        match self.call(Request::PreVote(request), &option).await? {
+            Reply::Vote(response) => Ok(response),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot<
+            crate::types::CommittedLeaderId,
+            NodeId,
+            crate::types::Node,
+            SnapshotManifest,
+        >,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> std::result::Result<SnapshotResponse<StreamRaft>, StreamingError<StreamRaft>> {
+        let request = Request::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            manifest: snapshot.snapshot.encode(),
+        };
+        let reply = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            reply = self.peers.call(&self.address, &self.group, request, option.hard_ttl()) => reply,
+        };
+        match reply {
+            Ok(Reply::Snapshot(response)) => Ok(response),
+            Ok(other) => Err(StreamingError::Network(match unexpected(other) {
+                RPCError::Network(error) => error,
+                _ => NetworkError::from_string("unexpected reply"),
+            })),
+            Err(CallError::Unreachable(error)) => {
+                Err(StreamingError::Unreachable(Unreachable::new(&error)))
+            }
+            Err(CallError::Network(error)) => {
+                Err(StreamingError::Network(NetworkError::new(&error)))
+            }
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        request: TransferLeaderRequest<StreamRaft>,
+        option: RPCOption,
+    ) -> std::result::Result<TransferLeaderResponse<StreamRaft>, RPCError<StreamRaft>> {
+        match self.call(Request::TransferLeader(request), &option).await? {
+            Reply::TransferLeader(response) => Ok(response),
+            other => Err(unexpected(other)),
+        }
+    }
+}

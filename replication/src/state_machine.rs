@@ -1,0 +1,278 @@
+//! openraft's state machine for a replicated stream. The log is the
+//! stream, so applying an entry stores nothing: it advances the applied
+//! id, follows the membership, and answers a proposal with the offsets its
+//! records took (read from the stored frame's header).
+//!
+//! A snapshot is a [`SnapshotManifest`]: the sealed segments holding the
+//! entries through the applied id. Building one writes the manifest file;
+//! opening the state machine reads it back (the applied state a restart
+//! starts from; openraft re-applies the committed entries after it).
+//! Installing a snapshot whose entries the local log already holds, or
+//! whose missing entries hold no record, adopts it; installing one that
+//! needs records shipped from the leader is refused with an error that
+//! says so (segment shipping is not built yet, and the Raft config never
+//! purges, so no leader sends one).
+
+use crate::error::{Error, Result};
+use crate::log_store::first_stored_frame_index;
+use crate::snapshot::{SnapshotManifest, SNAPSHOT_FILE_NAME};
+use crate::types::{
+    frame_raft_index, Applied, Command, LogId, SnapshotMeta, StoredMembership, StreamRaft,
+};
+use futures_util::StreamExt;
+use natswal::format::frame::{check_header, FrameCheck, FrameHeader};
+use natswal::io::FileSystem;
+use natswal::log::FrameRange;
+use natswal::Log;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, OptionalSend};
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+type StreamSnapshot = Snapshot<
+    crate::types::CommittedLeaderId,
+    crate::types::NodeId,
+    crate::types::Node,
+    SnapshotManifest,
+>;
+
+/// The state machine of one replicated stream.
+pub struct StreamStateMachine {
+    log: Arc<Log>,
+    file_system: Arc<dyn FileSystem>,
+    manifest_path: PathBuf,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    current: Option<SnapshotManifest>,
+}
+
+impl StreamStateMachine {
+    /// Opens the state machine of `log`, from its snapshot manifest if one
+    /// was written.
+    pub fn open(log: Arc<Log>, file_system: Arc<dyn FileSystem>) -> Result<StreamStateMachine> {
+        let manifest_path = log.directory().join(SNAPSHOT_FILE_NAME);
+        let current = load_manifest(&log, file_system.as_ref(), &manifest_path)?;
+        let (applied, membership) = match &current {
+            Some(manifest) => (manifest.last_log_id, manifest.membership.clone()),
+            None => (None, StoredMembership::default()),
+        };
+        Ok(StreamStateMachine {
+            log,
+            file_system,
+            manifest_path,
+            applied,
+            membership,
+            current,
+        })
+    }
+
+    fn manifest(&self) -> io::Result<SnapshotManifest> {
+        let through = self
+            .applied
+            .as_ref()
+            .map_or(0, |id| frame_raft_index(id.index));
+        let next_offset = match self.frame_at(through)? {
+            Some(header) => header.next_offset(),
+            // Only a state machine fed entries its log never held (the
+            // storage test suite) gets here.
+            None => self.log.written().next_offset,
+        };
+        let segments = self
+            .log
+            .sealed_segments()
+            .into_iter()
+            .filter(|segment| {
+                segment.last_log_id.index != 0 && segment.last_log_id.index <= through
+            })
+            .collect();
+        Ok(SnapshotManifest {
+            last_log_id: self.applied,
+            next_offset,
+            membership: self.membership.clone(),
+            segments,
+        })
+    }
+
+    /// The header of the local frame with frame Raft index `index`.
+    fn frame_at(&self, index: u64) -> io::Result<Option<FrameHeader>> {
+        let stored = first_stored_frame_index(&self.log);
+        if index == 0
+            || stored == 0
+            || index < stored
+            || self.log.written().last_log_id.index < index
+        {
+            return Ok(None);
+        }
+        let frames = self
+            .log
+            .read_frames(FrameRange::RaftIndex {
+                start: index,
+                end: index + 1,
+            })
+            .map_err(|error| Error::engine(self.log.name(), error).into_io())?;
+        Ok(frames.first().map(|frame| frame.header))
+    }
+
+    fn save(&mut self, manifest: SnapshotManifest) -> io::Result<()> {
+        self.file_system
+            .write_atomic(&self.manifest_path, &manifest.encode())
+            .map_err(|error| Error::engine(self.log.name(), error).into_io())?;
+        self.current = Some(manifest);
+        Ok(())
+    }
+
+    fn snapshot_of(manifest: &SnapshotManifest) -> StreamSnapshot {
+        Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: manifest.last_log_id,
+                last_membership: manifest.membership.clone(),
+            },
+            snapshot: manifest.clone(),
+        }
+    }
+
+    /// Whether the local log holds the entry `id` (same term).
+    fn log_holds(&self, id: &LogId) -> io::Result<bool> {
+        Ok(self
+            .frame_at(frame_raft_index(id.index))?
+            .is_some_and(|header| header.raft_term == id.leader_id.term))
+    }
+}
+
+fn load_manifest(
+    log: &Log,
+    file_system: &dyn FileSystem,
+    path: &std::path::Path,
+) -> Result<Option<SnapshotManifest>> {
+    if !file_system.exists(path) {
+        return Ok(None);
+    }
+    let bytes = file_system
+        .read(path)
+        .map_err(|error| Error::engine(log.name(), error))?;
+    SnapshotManifest::decode(&bytes, path, log.directory()).map(Some)
+}
+
+/// The offsets a stored records frame took.
+fn applied_of(stream: &str, command: &Command) -> io::Result<Applied> {
+    match command {
+        Command::Stored(bytes) => match check_header(bytes) {
+            FrameCheck::Valid(header) => Ok(Applied {
+                base_offset: header.base_offset,
+                next_offset: header.next_offset(),
+            }),
+            other => Err(Error::Format(format!(
+                "stream '{stream}': an applied entry's frame header is not valid: {other:?}"
+            ))
+            .into_io()),
+        },
+        Command::Records(_) => Err(Error::Invalid(format!(
+            "stream '{stream}': an entry was applied without being read from the log"
+        ))
+        .into_io()),
+    }
+}
+
+impl RaftStateMachine<StreamRaft> for StreamStateMachine {
+    type SnapshotData = SnapshotManifest;
+    type SnapshotBuilder = StreamSnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: futures_util::Stream<Item = Result<EntryResponder<StreamRaft>, io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let response = match &entry.payload {
+                EntryPayload::Blank => Applied::default(),
+                EntryPayload::Membership(membership) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
+                    Applied::default()
+                }
+                EntryPayload::Normal(command) => applied_of(self.log.name(), command)?,
+            };
+            self.applied = Some(entry.log_id);
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        StreamSnapshotBuilder {
+            manifest: self.manifest(),
+            file_system: Arc::clone(&self.file_system),
+            manifest_path: self.manifest_path.clone(),
+            stream: self.log.name().to_string(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotManifest,
+    ) -> Result<(), io::Error> {
+        if let Some(last) = &meta.last_log_id {
+            let written = self.log.written();
+            let beyond_log = written.last_log_id.index < frame_raft_index(last.index);
+            let lacks_records = written.next_offset != snapshot.next_offset;
+            if !self.log_holds(last)? && (lacks_records || !beyond_log) {
+                return Err(Error::Invalid(format!(
+                    "stream '{}': installing snapshot through {last} needs its segments shipped from the leader, which this version cannot do yet",
+                    self.log.name()
+                ))
+                .into_io());
+            }
+        }
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        let manifest = SnapshotManifest {
+            last_log_id: meta.last_log_id,
+            next_offset: snapshot.next_offset,
+            membership: meta.last_membership.clone(),
+            segments: snapshot.segments,
+        };
+        self.save(manifest)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<StreamSnapshot>, io::Error> {
+        // A builder may have written a newer manifest since.
+        self.current = load_manifest(&self.log, self.file_system.as_ref(), &self.manifest_path)
+            .map_err(Error::into_io)?;
+        Ok(self.current.as_ref().map(StreamStateMachine::snapshot_of))
+    }
+}
+
+/// Builds a snapshot: writes the manifest taken when it was created.
+pub struct StreamSnapshotBuilder {
+    manifest: io::Result<SnapshotManifest>,
+    file_system: Arc<dyn FileSystem>,
+    manifest_path: PathBuf,
+    stream: String,
+}
+
+impl RaftSnapshotBuilder<StreamRaft> for StreamSnapshotBuilder {
+    type SnapshotData = SnapshotManifest;
+
+    async fn build_snapshot(&mut self) -> Result<StreamSnapshot, io::Error> {
+        let taken = std::mem::replace(
+            &mut self.manifest,
+            Err(
+                Error::Invalid(format!("stream '{}': snapshot built twice", self.stream)).into_io(),
+            ),
+        );
+        let manifest = taken?;
+        self.file_system
+            .write_atomic(&self.manifest_path, &manifest.encode())
+            .map_err(|error| Error::engine(&self.stream, error).into_io())?;
+        Ok(StreamStateMachine::snapshot_of(&manifest))
+    }
+}
