@@ -197,3 +197,66 @@ impl<'a> ManifestReader<'a> {
 fn segment_path(directory: &Path, base_offset: u64) -> PathBuf {
     directory.join(natswal::format::segment_file_name(base_offset))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{CommittedLeaderId, Membership, Node};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn sample() -> SnapshotManifest {
+        let nodes: BTreeMap<u64, Node> = (1..=3)
+            .map(|id| {
+                let addr = format!("node-{id}:7222");
+                (id, Node { addr })
+            })
+            .collect();
+        let membership = Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes).unwrap();
+        let directory = Path::new("/streams/orders");
+        SnapshotManifest {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(4), 99)),
+            next_offset: 1234,
+            membership: StoredMembership::new(
+                Some(LogId::new(CommittedLeaderId::new(2), 7)),
+                membership,
+            ),
+            segments: (0..2)
+                .map(|number| SealedSegment {
+                    path: segment_path(directory, 1 + number * 600),
+                    base_offset: 1 + number * 600,
+                    next_offset: 601 + number * 600,
+                    length: 65_000,
+                    crc32c: 0xdead_beef + number as u32,
+                    first_raft_index: 1 + number * 40,
+                    last_log_id: FrameLogId {
+                        term: 3,
+                        index: 40 + number * 40,
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_manifest_round_trips_and_any_flipped_bit_or_cut_is_named_damage() {
+        let directory = Path::new("/streams/orders");
+        let path = directory.join(SNAPSHOT_FILE_NAME);
+        let manifest = sample();
+        let encoded = manifest.encode();
+        assert_eq!(
+            SnapshotManifest::decode(&encoded, &path, directory).unwrap(),
+            manifest
+        );
+        for bit in 0..encoded.len() * 8 {
+            let mut damaged = encoded.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            let error = SnapshotManifest::decode(&damaged, &path, directory)
+                .expect_err("a flipped bit is detected")
+                .to_string();
+            assert!(error.contains("raft-snapshot is damaged"), "{error}");
+        }
+        for length in 0..encoded.len() {
+            assert!(SnapshotManifest::decode(&encoded[..length], &path, directory).is_err());
+        }
+    }
+}
