@@ -71,6 +71,112 @@ pub struct GroupOptions<'a> {
     pub keyring: Arc<Keyring>,
     pub cache: Arc<SegmentCache>,
     pub timing: RaftTiming,
+    /// The other replicas' addresses: where a log that lost committed
+    /// entries fetches them before Raft starts.
+    pub peer_addresses: Vec<String>,
+}
+
+/// Opens a replicated stream's log. Damage the strict open refuses is
+/// repaired (damaged ranges quarantined) only where that loses no entry
+/// this node may have acknowledged to Raft; otherwise the node refuses to
+/// start the stream, naming the damage, rather than vote with it.
+fn open_log(
+    file_system: &Arc<dyn FileSystem>,
+    directory: &Path,
+    options: LogOptions,
+) -> Result<Log> {
+    let name = options.name.clone();
+    match Log::open(Arc::clone(file_system), directory, options.clone()) {
+        Ok((log, _)) => Ok(log),
+        Err(error) if error.is_corruption() => {
+            let repair = LogOptions {
+                recovery_mode: RecoveryMode::Repair,
+                ..options
+            };
+            let (log, report) = Log::open(Arc::clone(file_system), directory, repair)
+                .map_err(|error| Error::engine(&name, error))?;
+            // A damaged end of the log is cut like a lost tail (the entries
+            // are fetched again): the gap frame the repair wrote for its
+            // records goes too, so the fetched frames take those offsets.
+            // Damage with kept frames after it is a hole.
+            let next_offset = log.written().next_offset;
+            if let [lost] = report.lost.as_slice() {
+                if lost.next_offset == next_offset {
+                    log.truncate_from_offset(lost.first_offset)
+                        .map_err(|error| Error::engine(&name, error))?;
+                }
+            }
+            let holes: Vec<_> = report
+                .quarantined
+                .iter()
+                .filter(|range| !is_tail(&log, range))
+                .collect();
+            if !holes.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "stream '{name}': damaged frames inside the log were quarantined ({holes:?}); rewriting committed frames from peers is not built yet, so this replica does not start (it would serve or vote with a hole); first error: {error}"
+                )));
+            }
+            tracing::warn!("stream '{name}': repaired on open: {error}");
+            Ok(log)
+        }
+        Err(error) => Err(Error::engine(&name, error)),
+    }
+}
+
+/// Whether a quarantined range was the end of the log (nothing kept after).
+fn is_tail(log: &Log, range: &natswal::log::recovery::QuarantinedRange) -> bool {
+    log.segments()
+        .last()
+        .is_some_and(|last| last.path() == range.segment && last.progress().length <= range.start)
+}
+
+/// Fetches the committed entries a log lost (its commit index is past its
+/// last entry: writes lost by the disk, a cut file) from peers, before
+/// Raft starts: a node missing committed entries must not vote. Returns
+/// how many were fetched; fails, naming the gap, when no peer has them.
+async fn fill_lost_entries(log: &Log, peers: &Peers, addresses: &[String]) -> Result<u64> {
+    let committed = log.metadata().committed.map_or(0, |id| id.index);
+    let first_last = log.written().last_log_id.index;
+    let mut last = first_last;
+    let mut failures = Vec::new();
+    for address in addresses {
+        while last < committed {
+            let frames = match peers
+                .fetch(address, log.name(), last + 1, committed + 1)
+                .await
+            {
+                Ok(frames) if !frames.is_empty() => frames,
+                Ok(_) => break,
+                Err(error) => {
+                    failures.push(format!("{address}: {error}"));
+                    break;
+                }
+            };
+            for frame in frames {
+                log.append_stored(&frame, now_ns())
+                    .map_err(|error| Error::engine(log.name(), error))?;
+                last += 1;
+            }
+        }
+    }
+    if last < committed {
+        return Err(Error::Invalid(format!(
+            "stream '{}': the log ends at Raft index {last} but entries through {committed} were committed; no peer supplied them ({}); this replica does not start (it would vote without committed entries)",
+            log.name(),
+            if failures.is_empty() { "none had them".to_string() } else { failures.join("; ") }
+        )));
+    }
+    if last > first_last {
+        log.sync()
+            .map_err(|error| Error::engine(log.name(), error))?;
+    }
+    Ok(last - first_last)
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as i64)
 }
 
 /// A replicated stream's group on this node.
@@ -79,6 +185,7 @@ pub struct ReplicatedStream {
     log: Arc<Log>,
     raft: Raft,
     registry: Arc<Registry>,
+    fetched_on_open: u64,
 }
 
 impl ReplicatedStream {
@@ -105,9 +212,13 @@ impl ReplicatedStream {
             store_locked: None,
             group_sync: None,
         };
-        let (log, _report) = Log::open(Arc::clone(&file_system), options.directory, log_options)
-            .map_err(|error| Error::engine(&name, error))?;
-        let log = Arc::new(log);
+        let log = Arc::new(open_log(&file_system, options.directory, log_options)?);
+        let fetched = fill_lost_entries(&log, &peers, &options.peer_addresses).await?;
+        if fetched > 0 {
+            tracing::warn!(
+                "stream '{name}': {fetched} committed entries were missing from this node's log (lost writes) and were fetched from peers before Raft started"
+            );
+        }
         let state_machine = StreamStateMachine::open(Arc::clone(&log), file_system)?;
         let log_store = StreamLogStore::new(Arc::clone(&log));
         let network = GroupNetwork {
@@ -126,12 +237,13 @@ impl ReplicatedStream {
             stream: name.clone(),
             message: error.to_string(),
         })?;
-        registry.insert(&name, raft.clone(), options.directory.to_path_buf());
+        registry.insert(&name, raft.clone(), Arc::clone(&log));
         Ok(ReplicatedStream {
             name,
             log,
             raft,
             registry,
+            fetched_on_open: fetched,
         })
     }
 
@@ -145,6 +257,11 @@ impl ReplicatedStream {
 
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// Committed entries the log had lost and fetched from peers on open.
+    pub fn fetched_on_open(&self) -> u64 {
+        self.fetched_on_open
     }
 
     /// Makes `members` the group's first membership (once, on one node).

@@ -8,13 +8,17 @@
 //!
 //! Every call has a timeout (openraft's hard TTL for the RPC); a broken
 //! connection fails the calls waiting on it and is replaced by the next
-//! call. The server side dispatches each request to its group's Raft in a
+//! call. A node repairing its log before it starts Raft fetches committed
+//! frames from peers here too. The server side dispatches each request to its group's Raft in a
 //! task of its own, so a slow append does not hold up a vote.
 
 use crate::codec::{decode, encode, read_frame, write_frame};
 use crate::error::{Error, Result};
 use crate::snapshot::SnapshotManifest;
-use crate::types::{NodeId, Raft, SnapshotMeta, StreamRaft, Vote};
+use crate::types::{frame_raft_index, NodeId, Raft, SnapshotMeta, StreamRaft, Vote};
+use natswal::log::FrameRange;
+use natswal::Log;
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
@@ -36,6 +40,8 @@ use tokio::sync::oneshot;
 
 /// How long connecting to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one fetch of committed frames may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Serialize, Deserialize)]
 enum Request {
@@ -49,6 +55,12 @@ enum Request {
         manifest: Vec<u8>,
     },
     TransferLeader(TransferLeaderRequest<StreamRaft>),
+    /// Committed frames with frame Raft index in `[start, end)`, as
+    /// stored (a node repairing its log before it starts Raft).
+    Fetch {
+        start: u64,
+        end: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -57,6 +69,9 @@ enum Reply {
     Vote(VoteResponse<StreamRaft>),
     Snapshot(SnapshotResponse<StreamRaft>),
     TransferLeader(TransferLeaderResponse<StreamRaft>),
+    /// Frames from the start of a fetch, in order; fewer than asked when
+    /// the peer has committed no more or the reply reached its size bound.
+    Frames(Vec<bytes::Bytes>),
     /// The peer could not serve the request (an unknown group, a Raft that
     /// stopped, a malformed message).
     Refused(String),
@@ -78,16 +93,30 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The Raft groups a node serves, by stream name.
 #[derive(Default)]
 pub struct Registry {
-    groups: RwLock<HashMap<String, (Raft, PathBuf)>>,
+    groups: RwLock<HashMap<String, Served>>,
+}
+
+/// A group as the transport serves it.
+#[derive(Clone)]
+struct Served {
+    raft: Raft,
+    log: Arc<Log>,
+    directory: PathBuf,
 }
 
 impl Registry {
     /// Serves `raft` for `group`; `directory` is its stream's directory.
-    pub fn insert(&self, group: &str, raft: Raft, directory: PathBuf) {
+    pub fn insert(&self, group: &str, raft: Raft, log: Arc<Log>) {
+        let directory = log.directory().to_path_buf();
+        let served = Served {
+            raft,
+            log,
+            directory,
+        };
         self.groups
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(group.to_string(), (raft, directory));
+            .insert(group.to_string(), served);
     }
 
     pub fn remove(&self, group: &str) {
@@ -97,7 +126,7 @@ impl Registry {
             .remove(group);
     }
 
-    fn get(&self, group: &str) -> Option<(Raft, PathBuf)> {
+    fn get(&self, group: &str) -> Option<Served> {
         self.groups
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -157,7 +186,12 @@ async fn serve_connection(stream: TcpStream, registry: Arc<Registry>) -> Result<
 }
 
 async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
-    let Some((raft, directory)) = registry.get(group) else {
+    let Some(Served {
+        raft,
+        log,
+        directory,
+    }) = registry.get(group)
+    else {
         return Reply::Refused(format!(
             "this node serves no Raft group for stream '{group}'"
         ));
@@ -200,7 +234,42 @@ async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
             Ok(response) => Reply::TransferLeader(response),
             Err(error) => refused(&error),
         },
+        Request::Fetch { start, end } => match committed_frames(&raft, &log, start, end) {
+            Ok(frames) => Reply::Frames(frames),
+            Err(error) => refused(&error),
+        },
     }
+}
+
+/// A fetch reply holds at most this many bytes of frames.
+const FETCH_REPLY_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// Applied (so committed) frames of `[start, end)`, as stored, up to the
+/// reply's size bound.
+fn committed_frames(raft: &Raft, log: &Log, start: u64, end: u64) -> Result<Vec<bytes::Bytes>> {
+    let applied = raft.metrics().borrow_watched().last_applied;
+    let start = start.max(1);
+    let end = end.min(applied.map_or(0, |id| frame_raft_index(id.index) + 1));
+    let mut frames = Vec::new();
+    let mut bytes = 0;
+    let mut next = start;
+    while next < end && bytes < FETCH_REPLY_BYTES_MAX {
+        let read = log
+            .read_frames(FrameRange::RaftIndex {
+                start: next,
+                end: end.min(next + 256),
+            })
+            .map_err(|error| Error::engine(log.name(), error))?;
+        for frame in read {
+            bytes += frame.bytes.len();
+            frames.push(frame.bytes);
+            if bytes >= FETCH_REPLY_BYTES_MAX {
+                break;
+            }
+        }
+        next = start + frames.len() as u64;
+    }
+    Ok(frames)
 }
 
 /// One connection to a peer and the calls waiting on it.
@@ -311,6 +380,29 @@ impl Peers {
         let connection = Connection::open(address).await?;
         connections.insert(address.to_string(), Arc::clone(&connection));
         Ok(connection)
+    }
+
+    /// Committed frames `[start, end)` of `group` from the peer at
+    /// `address` (fewer when it has fewer; empty when none).
+    pub async fn fetch(
+        &self,
+        address: &str,
+        group: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<bytes::Bytes>> {
+        let request = Request::Fetch { start, end };
+        match self.call(address, group, request, FETCH_TIMEOUT).await {
+            Ok(Reply::Frames(frames)) => Ok(frames),
+            Ok(Reply::Refused(message)) => Err(Error::Raft {
+                stream: group.to_string(),
+                message: format!("peer {address} refused a fetch: {message}"),
+            }),
+            Ok(_) => Err(Error::Format(format!(
+                "peer {address} answered a fetch with another kind of reply"
+            ))),
+            Err(CallError::Unreachable(error) | CallError::Network(error)) => Err(error),
+        }
     }
 
     async fn call(

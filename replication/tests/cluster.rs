@@ -13,7 +13,6 @@ use natswal_replication::{
     serve, Error, GroupOptions, Peers, ProposedRecord, RaftTiming, RecordBatch, Registry,
     ReplicatedStream,
 };
-use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +26,7 @@ struct TestNode {
     directory: tempfile::TempDir,
     registry: Arc<Registry>,
     peers: Arc<Peers>,
+    peer_addresses: Vec<String>,
     stream: Option<ReplicatedStream>,
 }
 
@@ -35,6 +35,12 @@ fn file_system() -> Arc<dyn FileSystem> {
 }
 
 async fn open_stream(node: &TestNode) -> ReplicatedStream {
+    try_open_stream(node)
+        .await
+        .expect("opening the replicated stream")
+}
+
+async fn try_open_stream(node: &TestNode) -> natswal_replication::Result<ReplicatedStream> {
     let options = GroupOptions {
         node_id: node.id,
         name: STREAM,
@@ -43,6 +49,7 @@ async fn open_stream(node: &TestNode) -> ReplicatedStream {
         keyring: Arc::new(Keyring::default()),
         cache: Arc::new(SegmentCache::new(16)),
         timing: RaftTiming::default(),
+        peer_addresses: node.peer_addresses.clone(),
     };
     ReplicatedStream::open(
         file_system(),
@@ -51,18 +58,29 @@ async fn open_stream(node: &TestNode) -> ReplicatedStream {
         Arc::clone(&node.registry),
     )
     .await
-    .expect("opening the replicated stream")
 }
 
 async fn start_nodes(count: u64) -> Vec<TestNode> {
+    let mut listeners = Vec::new();
+    for _ in 1..=count {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addresses: Vec<String> = listeners
+        .iter()
+        .map(|listener| listener.local_addr().unwrap().to_string())
+        .collect();
     let mut nodes = Vec::new();
-    for id in 1..=count {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
+    for (id, listener) in (1..=count).zip(listeners) {
         let registry = Arc::new(Registry::default());
         tokio::spawn(serve(listener, Arc::clone(&registry)));
+        let address = addresses[(id - 1) as usize].clone();
         let mut node = TestNode {
             id,
+            peer_addresses: addresses
+                .iter()
+                .filter(|peer| **peer != address)
+                .cloned()
+                .collect(),
             address,
             directory: tempfile::tempdir().unwrap(),
             registry,
@@ -152,6 +170,13 @@ async fn propose_all(
     offsets
 }
 
+/// The index of the last entry in a node's log: after its proposals
+/// returned, the leader's last entry is committed and applied (its
+/// metrics may not say so yet; they are published later).
+fn last_entry(stream: &ReplicatedStream) -> u64 {
+    stream.log().written().last_log_id.index - 1
+}
+
 fn assert_dense(offsets: &mut [(u64, u64)], from: u64) -> u64 {
     offsets.sort_unstable();
     let mut next = from;
@@ -195,13 +220,9 @@ async fn assert_identical_logs(nodes: &[TestNode], index: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_commit_on_a_quorum_survive_the_leaders_loss_and_converge() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let mut nodes = start_nodes(3).await;
+/// Starts `count` nodes and makes them one group.
+async fn start_cluster(count: u64) -> Vec<TestNode> {
+    let nodes = start_nodes(count).await;
     let members: BTreeMap<NodeId, Node> = nodes
         .iter()
         .map(|node| {
@@ -214,6 +235,104 @@ async fn three_nodes_commit_on_a_quorum_survive_the_leaders_loss_and_converge() 
         })
         .collect();
     stream(&nodes[0]).initialize(members).await.unwrap();
+    nodes
+}
+
+/// Cuts `bytes` off the data of the node's last segment, as a disk that
+/// lost writes it had acknowledged would.
+fn cut_last_segment(directory: &std::path::Path, data_length: u64, bytes: u64) {
+    let mut segments: Vec<_> = std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "log"))
+        .collect();
+    segments.sort();
+    let last = segments.last().expect("a segment");
+    let file = std::fs::OpenOptions::new().write(true).open(last).unwrap();
+    file.set_len(data_length - bytes).unwrap();
+    file.sync_all().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_lost_committed_entries_fetches_them_before_it_votes() {
+    let mut nodes = start_cluster(3).await;
+    let leader_id = await_leader(&nodes).await;
+    let leader = &nodes[(leader_id - 1) as usize];
+    propose_all(stream(leader), 0, 40, 5).await;
+    let last = last_entry(stream(leader));
+    assert_identical_logs(&nodes, last).await;
+
+    // A follower knows (durably) that everything through `last` is
+    // committed, then its disk loses the tail of its log.
+    let follower = nodes.iter().position(|node| node.id != leader_id).unwrap();
+    let log = Arc::clone(stream(&nodes[follower]).log());
+    let committed_frame_index = last + 1;
+    let deadline = std::time::Instant::now() + WAIT;
+    while log.metadata().committed.map_or(0, |id| id.index) < committed_frame_index {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower saves its commit index"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let data_length = log.segments().last().unwrap().progress().length;
+    drop(log);
+    nodes[follower]
+        .stream
+        .take()
+        .unwrap()
+        .shutdown()
+        .await
+        .unwrap();
+    cut_last_segment(nodes[follower].directory.path(), data_length, 2000);
+
+    let reopened = open_stream(&nodes[follower]).await;
+    assert!(
+        reopened.fetched_on_open() >= 5,
+        "the follower fetched {} entries",
+        reopened.fetched_on_open()
+    );
+    nodes[follower].stream = Some(reopened);
+    assert_identical_logs(&nodes, last).await;
+
+    // With no peer to supply them, it refuses to start, naming the gap.
+    nodes[follower]
+        .stream
+        .take()
+        .unwrap()
+        .shutdown()
+        .await
+        .unwrap();
+    for node in &mut nodes {
+        if let Some(stream) = node.stream.take() {
+            stream.shutdown().await.unwrap();
+        }
+    }
+    for node in &nodes {
+        node.registry.remove(STREAM);
+    }
+    cut_last_segment(nodes[follower].directory.path(), data_length, 2000);
+    let error = match try_open_stream(&nodes[follower]).await {
+        Ok(_) => panic!("a replica missing committed entries started"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("does not start"), "{error}");
+    let named: u64 = error
+        .split("entries through ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|number| number.parse().ok())
+        .expect("the error names the committed index");
+    assert!(named >= committed_frame_index, "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_commit_on_a_quorum_survive_the_leaders_loss_and_converge() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut nodes = start_cluster(3).await;
     let leader_id = await_leader(&nodes).await;
     let leader = &nodes[(leader_id - 1) as usize];
 
@@ -227,13 +346,7 @@ async fn three_nodes_commit_on_a_quorum_survive_the_leaders_loss_and_converge() 
         other => panic!("a follower accepted a proposal: {other:?}"),
     }
 
-    let last = stream(leader)
-        .raft()
-        .metrics()
-        .borrow_watched()
-        .last_applied
-        .unwrap()
-        .index;
+    let last = last_entry(stream(leader));
     assert_identical_logs(&nodes, last).await;
 
     // The leader goes away; the other two elect one and go on.
@@ -249,13 +362,7 @@ async fn three_nodes_commit_on_a_quorum_survive_the_leaders_loss_and_converge() 
     let reopened = open_stream(&nodes[old]).await;
     nodes[old].stream = Some(reopened);
     let new_leader = &nodes[(new_leader_id - 1) as usize];
-    let last = stream(new_leader)
-        .raft()
-        .metrics()
-        .borrow_watched()
-        .last_applied
-        .unwrap()
-        .index;
+    let last = last_entry(stream(new_leader));
     assert_identical_logs(&nodes, last).await;
     for node in &mut nodes {
         node.stream.take().unwrap().shutdown().await.unwrap();

@@ -121,7 +121,11 @@ async fn run(memory: &MemoryFileSystem) -> Outcome {
         let first = round * PER_ROUND;
         let entries: Vec<Entry> = (first..first + PER_ROUND).map(entry).collect();
         let (sender, receiver) = StreamRaft::oneshot();
-        if store.append(entries, IOFlushed::signal(sender)).await.is_err() {
+        if store
+            .append(entries, IOFlushed::signal(sender))
+            .await
+            .is_err()
+        {
             break 'rounds;
         }
         match receiver.await {
@@ -162,7 +166,9 @@ async fn a_crash_at_every_operation_keeps_every_flushed_entry_and_the_saved_vote
                 );
                 continue;
             }
-            Err(error) => panic!("crash at operation {crash_at}: the stream does not reopen: {error}"),
+            Err(error) => {
+                panic!("crash at operation {crash_at}: the stream does not reopen: {error}")
+            }
         };
         let mut store = StreamLogStore::new(Arc::new(log));
         let state = store.get_log_state().await.unwrap();
@@ -192,5 +198,8 @@ async fn a_crash_at_every_operation_keeps_every_flushed_entry_and_the_saved_vote
         );
     }
     eprintln!("{operations} operations, {crashed_runs} runs crashed");
-    assert!(crashed_runs as u64 >= operations - 1, "every run but the last crashed");
+    assert!(
+        crashed_runs as u64 >= operations - 1,
+        "every run but the last crashed"
+    );
 }
