@@ -80,14 +80,16 @@ pub struct GroupOptions<'a> {
 /// repaired (damaged ranges quarantined) only where that loses no entry
 /// this node may have acknowledged to Raft; otherwise the node refuses to
 /// start the stream, naming the damage, rather than vote with it.
+/// Returns the log and whether its damaged end was cut (entries it had
+/// synced, and so maybe acknowledged to a leader, are gone).
 fn open_log(
     file_system: &Arc<dyn FileSystem>,
     directory: &Path,
     options: LogOptions,
-) -> Result<Log> {
+) -> Result<(Log, bool)> {
     let name = options.name.clone();
     match Log::open(Arc::clone(file_system), directory, options.clone()) {
-        Ok((log, _)) => Ok(log),
+        Ok((log, _)) => Ok((log, false)),
         Err(error) if error.is_corruption() => {
             let repair = LogOptions {
                 recovery_mode: RecoveryMode::Repair,
@@ -117,7 +119,7 @@ fn open_log(
                 )));
             }
             tracing::warn!("stream '{name}': repaired on open: {error}");
-            Ok(log)
+            Ok((log, true))
         }
         Err(error) => Err(Error::engine(&name, error)),
     }
@@ -130,34 +132,68 @@ fn is_tail(log: &Log, range: &natswal::log::recovery::QuarantinedRange) -> bool 
         .is_some_and(|last| last.path() == range.segment && last.progress().length <= range.start)
 }
 
-/// Fetches the committed entries a log lost (its commit index is past its
-/// last entry: writes lost by the disk, a cut file) from peers, before
-/// Raft starts: a node missing committed entries must not vote. Returns
-/// how many were fetched; fails, naming the gap, when no peer has them.
-async fn fill_lost_entries(log: &Log, peers: &Peers, addresses: &[String]) -> Result<u64> {
+/// Fetches the committed entries a log lost from peers, before Raft
+/// starts: a node missing committed entries must not vote. Entries through
+/// the saved commit index are required (fails, naming the gap, when no peer
+/// has them); after a damaged end was cut (`lost_tail`), everything the
+/// peers have committed past it is fetched too, since this node may have
+/// acknowledged entries it no longer holds, and at least one peer must
+/// answer. Returns how many entries were fetched.
+async fn fill_lost_entries(
+    log: &Log,
+    peers: &Peers,
+    addresses: &[String],
+    lost_tail: bool,
+) -> Result<u64> {
     let committed = log.metadata().committed.map_or(0, |id| id.index);
+    let wanted_end = if lost_tail { u64::MAX } else { committed + 1 };
     let first_last = log.written().last_log_id.index;
     let mut last = first_last;
     let mut failures = Vec::new();
+    let mut answered = false;
     for address in addresses {
-        while last < committed {
-            let frames = match peers
-                .fetch(address, log.name(), last + 1, committed + 1)
-                .await
-            {
-                Ok(frames) if !frames.is_empty() => frames,
-                Ok(_) => break,
+        while last + 1 < wanted_end {
+            // The peer's frame at `last` must be ours: past the commit
+            // index our tail may be another term's, which Raft replaces.
+            let start = if last > committed { last } else { last + 1 };
+            let mut frames = match peers.fetch(address, log.name(), start, wanted_end).await {
+                Ok(frames) => {
+                    answered = true;
+                    frames
+                }
                 Err(error) => {
                     failures.push(format!("{address}: {error}"));
                     break;
                 }
             };
+            if start == last && !frames.is_empty() {
+                let ours = log
+                    .read_frames(natswal::log::FrameRange::RaftIndex {
+                        start: last,
+                        end: last + 1,
+                    })
+                    .map_err(|error| Error::engine(log.name(), error))?;
+                if ours.first().map(|frame| &frame.bytes[..]) != Some(&frames[0][..]) {
+                    break;
+                }
+                frames.remove(0);
+            }
+            if frames.is_empty() {
+                break;
+            }
             for frame in frames {
                 log.append_stored(&frame, now_ns())
                     .map_err(|error| Error::engine(log.name(), error))?;
                 last += 1;
             }
         }
+    }
+    if lost_tail && !answered {
+        return Err(Error::Invalid(format!(
+            "stream '{}': the damaged end of the log was cut (entries this node synced are gone) and no peer answered ({}); this replica does not start (it would vote without entries it may have acknowledged)",
+            log.name(),
+            failures.join("; ")
+        )));
     }
     if last < committed {
         return Err(Error::Invalid(format!(
@@ -212,8 +248,9 @@ impl ReplicatedStream {
             store_locked: None,
             group_sync: None,
         };
-        let log = Arc::new(open_log(&file_system, options.directory, log_options)?);
-        let fetched = fill_lost_entries(&log, &peers, &options.peer_addresses).await?;
+        let (log, lost_tail) = open_log(&file_system, options.directory, log_options)?;
+        let log = Arc::new(log);
+        let fetched = fill_lost_entries(&log, &peers, &options.peer_addresses, lost_tail).await?;
         if fetched > 0 {
             tracing::warn!(
                 "stream '{name}': {fetched} committed entries were missing from this node's log (lost writes) and were fetched from peers before Raft started"
