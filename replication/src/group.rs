@@ -7,12 +7,13 @@ use crate::error::{Error, Result};
 use crate::log_store::StreamLogStore;
 use crate::network::{GroupNetwork, Peers, Registry};
 use crate::state_machine::StreamStateMachine;
-use crate::types::{Applied, Command, Node, NodeId, Raft, RecordBatch};
+use crate::types::{Applied, Command, Node, NodeId, Raft, RecordBatch, StreamRaft};
 use natswal::io::FileSystem;
 use natswal::{Keyring, Log, LogOptions, RecoveryMode, SegmentCache, StreamConfig};
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, SnapshotPolicy};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -215,6 +216,30 @@ fn now_ns() -> i64 {
         .map_or(0, |elapsed| elapsed.as_nanos() as i64)
 }
 
+/// A group's state on one node (the leader's also has its replicas').
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub stream: String,
+    pub node_id: NodeId,
+    pub leader: Option<NodeId>,
+    pub is_leader: bool,
+    pub term: u64,
+    pub last_index: Option<u64>,
+    pub committed: Option<u64>,
+    pub applied: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Each replica's last matched entry and lag (on the leader only).
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub node_id: NodeId,
+    pub matched: Option<u64>,
+    pub lag_entries: u64,
+}
+
 /// A replicated stream's group on this node.
 pub struct ReplicatedStream {
     name: String,
@@ -315,18 +340,103 @@ impl ReplicatedStream {
     /// Proposes records as one entry; returns the offsets they took once
     /// the entry is committed (synced on a majority) and applied here.
     pub async fn propose(&self, batch: RecordBatch) -> Result<Applied> {
-        match self.raft.client_write(Command::Records(batch)).await {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                Err(Error::NotLeader {
-                    stream: self.name.clone(),
-                    leader: forward.leader_id,
-                })
-            }
-            Err(error) => Err(Error::Raft {
+        self.raft
+            .client_write(Command::Records(batch))
+            .await
+            .map(|response| response.data)
+            .map_err(|error| self.write_error(error))
+    }
+
+    fn write_error(&self, error: RaftError<StreamRaft, ClientWriteError<StreamRaft>>) -> Error {
+        match error {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => Error::NotLeader {
+                stream: self.name.clone(),
+                leader: forward.leader_id,
+            },
+            error => Error::Raft {
                 stream: self.name.clone(),
                 message: error.to_string(),
-            }),
+            },
+        }
+    }
+
+    /// Adds `node_id` at `address` as a learner and returns once it has
+    /// caught up with the log (leader only).
+    pub async fn add_learner(&self, node_id: NodeId, address: &str) -> Result<()> {
+        let node = Node {
+            addr: address.to_string(),
+        };
+        self.raft
+            .add_learner(node_id, node, true)
+            .await
+            .map(|_| ())
+            .map_err(|error| self.write_error(error))
+    }
+
+    /// Makes `voters` the group's voters (joint consensus); members left
+    /// out are removed, learners among `voters` promoted (leader only).
+    pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<()> {
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map(|_| ())
+            .map_err(|error| self.write_error(error))
+    }
+
+    /// Asks the leader to hand leadership to `to` (leader only).
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<()> {
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|error| Error::Raft {
+                stream: self.name.clone(),
+                message: error.to_string(),
+            })
+    }
+
+    /// The group as this node sees it: what `natswal cluster status` shows.
+    pub fn status(&self) -> GroupStatus {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let last_index = metrics.last_log_index;
+        let replicas = metrics
+            .replication
+            .as_ref()
+            .map(|replication| {
+                replication
+                    .iter()
+                    .map(|(node_id, matched)| {
+                        let matched = matched.as_ref().map(|id| id.index);
+                        let lag = match (last_index, matched) {
+                            (Some(last), Some(matched)) => last.saturating_sub(matched),
+                            (Some(last), None) => last + 1,
+                            _ => 0,
+                        };
+                        ReplicaStatus {
+                            node_id: *node_id,
+                            matched,
+                            lag_entries: lag,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        GroupStatus {
+            stream: self.name.clone(),
+            node_id: metrics.id,
+            leader: metrics.current_leader,
+            is_leader: metrics.state.is_leader(),
+            term: metrics.current_term,
+            last_index,
+            committed: metrics.local_committed.map(|id| id.index),
+            applied: metrics.last_applied.map(|id| id.index),
+            voters: metrics.membership_config.membership().voter_ids().collect(),
+            learners: metrics
+                .membership_config
+                .membership()
+                .learner_ids()
+                .collect(),
+            replicas,
         }
     }
 

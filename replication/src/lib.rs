@@ -26,7 +26,7 @@ pub mod syncer;
 pub mod types;
 
 pub use error::{Error, Result};
-pub use group::{GroupOptions, RaftTiming, ReplicatedStream};
+pub use group::{GroupOptions, GroupStatus, RaftTiming, ReplicaStatus, ReplicatedStream};
 pub use log_store::{StreamLogReader, StreamLogStore};
 pub use network::{serve, Peers, Registry};
 pub use snapshot::SnapshotManifest;

@@ -222,9 +222,16 @@ async fn assert_identical_logs(nodes: &[TestNode], index: u64) {
 
 /// Starts `count` nodes and makes them one group.
 async fn start_cluster(count: u64) -> Vec<TestNode> {
+    start_cluster_of(count, count).await
+}
+
+/// Starts `count` nodes; the first `voters` form the group, the others
+/// wait to be added.
+async fn start_cluster_of(count: u64, voters: u64) -> Vec<TestNode> {
     let nodes = start_nodes(count).await;
     let members: BTreeMap<NodeId, Node> = nodes
         .iter()
+        .take(voters as usize)
         .map(|node| {
             (
                 node.id,
@@ -322,6 +329,90 @@ async fn a_follower_that_lost_committed_entries_fetches_them_before_it_votes() {
     };
     assert!(error.contains("does not start"), "{error}");
     assert!(error.contains("no peer answered"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_joins_catches_up_becomes_a_voter_and_takes_the_lead() {
+    let mut nodes = start_cluster_of(4, 3).await;
+    let leader_id = await_leader(&nodes).await;
+    let leader = &nodes[(leader_id - 1) as usize];
+    let mut offsets = propose_all(stream(leader), 0, 30, 4).await;
+    let next = assert_dense(&mut offsets, natswal::FIRST_OFFSET);
+
+    // Node 4 joins as a learner (returns once it caught up), then becomes
+    // a voter in place of a follower; the status shows it.
+    stream(leader)
+        .add_learner(4, &nodes[3].address)
+        .await
+        .expect("adding a learner");
+    let removed = nodes
+        .iter()
+        .map(|node| node.id)
+        .find(|id| *id != leader_id && *id != 4)
+        .unwrap();
+    let voters: std::collections::BTreeSet<NodeId> = [1, 2, 3, 4]
+        .into_iter()
+        .filter(|id| *id != removed)
+        .collect();
+    stream(leader)
+        .change_voters(voters.clone())
+        .await
+        .expect("changing voters");
+    let status = stream(leader).status();
+    assert_eq!(status.voters, voters.iter().copied().collect::<Vec<_>>());
+    assert!(status.is_leader && status.leader == Some(leader_id));
+    let last = last_entry(stream(leader));
+    stream(&nodes[3])
+        .raft()
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(last), "the new voter applied everything")
+        .await
+        .unwrap();
+    // The leader's view of node 4 is published a little later.
+    stream(leader)
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(
+            |metrics| {
+                metrics.replication.as_ref().is_some_and(|replication| {
+                    replication
+                        .get(&4)
+                        .is_some_and(|matched| matched.is_some_and(|id| id.index >= last))
+                })
+            },
+            "the leader sees node 4 caught up",
+        )
+        .await
+        .unwrap();
+    let status = stream(leader).status();
+    let replica = status
+        .replicas
+        .iter()
+        .find(|replica| replica.node_id == 4)
+        .expect("the leader tracks node 4");
+    assert_eq!(replica.lag_entries, 0, "{status:?}");
+
+    // Leadership moves to the new voter, which goes on with the offsets.
+    stream(leader).transfer_leader(4).await.unwrap();
+    stream(&nodes[3])
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(|metrics| metrics.state.is_leader(), "node 4 leads")
+        .await
+        .expect("leadership moves to node 4");
+    let new_leader = await_leader(&nodes).await;
+    assert_eq!(new_leader, 4);
+    let mut more = propose_all(stream(&nodes[3]), 500, 10, 4).await;
+    assert_eq!(assert_dense(&mut more, next), next + 40);
+    let removed_node = nodes[(removed - 1) as usize].stream.take().unwrap();
+    removed_node.shutdown().await.unwrap();
+    let last = last_entry(stream(&nodes[3]));
+    assert_identical_logs(&nodes, last).await;
+    for node in &mut nodes {
+        if let Some(stream) = node.stream.take() {
+            stream.shutdown().await.unwrap();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
