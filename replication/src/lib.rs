@@ -23,6 +23,7 @@ pub mod network;
 pub mod snapshot;
 pub mod state_machine;
 pub mod syncer;
+pub mod tls;
 pub mod types;
 
 pub use error::{Error, Result};

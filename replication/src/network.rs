@@ -15,6 +15,7 @@
 use crate::codec::{decode, encode, read_frame, write_frame};
 use crate::error::{Error, Result};
 use crate::snapshot::SnapshotManifest;
+use crate::tls::{server_name, TransportSecurity};
 use crate::types::{frame_raft_index, NodeId, Raft, SnapshotMeta, StreamRaft, Vote};
 use natswal::log::FrameRange;
 use natswal::Log;
@@ -34,7 +35,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -94,6 +95,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Default)]
 pub struct Registry {
     groups: RwLock<HashMap<String, Served>>,
+    refused_connections: AtomicU64,
 }
 
 /// A group as the transport serves it.
@@ -126,6 +128,17 @@ impl Registry {
             .remove(group);
     }
 
+    /// Peer connections refused at the TLS handshake (no valid client
+    /// certificate, another CA, no handshake in time).
+    pub fn refused_connections(&self) -> u64 {
+        self.refused_connections.load(Ordering::Relaxed)
+    }
+
+    fn refuse(&self, peer: std::net::SocketAddr, error: &dyn std::fmt::Display) {
+        self.refused_connections.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("refused a peer connection from {peer}: TLS handshake failed: {error}");
+    }
+
     fn get(&self, group: &str) -> Option<Served> {
         self.groups
             .read()
@@ -137,7 +150,7 @@ impl Registry {
 
 /// Accepts peers' connections and serves their requests until the
 /// listener fails.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>, security: TransportSecurity) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -149,16 +162,40 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
         };
         let _ = stream.set_nodelay(true);
         let registry = Arc::clone(&registry);
+        let security = security.clone();
         tokio::spawn(async move {
-            if let Err(error) = serve_connection(stream, registry).await {
+            let (reader, writer) = match security {
+                TransportSecurity::Plain => split(stream),
+                TransportSecurity::MutualTls { acceptor, .. } => {
+                    let accepted =
+                        tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await;
+                    match accepted {
+                        Ok(Ok(stream)) => split(stream),
+                        Ok(Err(error)) => return registry.refuse(peer, &error),
+                        Err(_) => return registry.refuse(peer, &"no TLS handshake in time"),
+                    }
+                }
+            };
+            if let Err(error) = serve_connection(reader, writer, registry).await {
                 tracing::info!("peer connection from {peer} ended: {error}");
             }
         });
     }
 }
 
-async fn serve_connection(stream: TcpStream, registry: Arc<Registry>) -> Result<()> {
-    let (mut reader, writer) = stream.into_split();
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn split<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> (Reader, Writer) {
+    let (reader, writer) = tokio::io::split(stream);
+    (Box::new(reader), Box::new(writer))
+}
+
+async fn serve_connection(
+    mut reader: Reader,
+    writer: Writer,
+    registry: Arc<Registry>,
+) -> Result<()> {
     let writer = Arc::new(tokio::sync::Mutex::new(writer));
     while let Some(body) = read_frame(&mut reader).await? {
         let envelope: Envelope<Request> = decode(&body)?;
@@ -274,14 +311,14 @@ fn committed_frames(raft: &Raft, log: &Log, start: u64, end: u64) -> Result<Vec<
 
 /// One connection to a peer and the calls waiting on it.
 struct Connection {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<Writer>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     next_id: AtomicU64,
     alive: AtomicBool,
 }
 
 impl Connection {
-    async fn open(address: &str) -> Result<Arc<Connection>> {
+    async fn open(address: &str, security: &TransportSecurity) -> Result<Arc<Connection>> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
             .await
             .map_err(|_| Error::Io {
@@ -293,7 +330,29 @@ impl Connection {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
-        let (mut reader, writer) = stream.into_split();
+        let (mut reader, writer) = match security {
+            TransportSecurity::Plain => split(stream),
+            TransportSecurity::MutualTls { connector, .. } => {
+                let name = server_name(address)?;
+                let handshake =
+                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, stream));
+                match handshake.await {
+                    Ok(Ok(stream)) => split(stream),
+                    Ok(Err(source)) => {
+                        return Err(Error::Io {
+                            context: format!("TLS handshake with peer {address}"),
+                            source,
+                        })
+                    }
+                    Err(_) => {
+                        return Err(Error::Io {
+                            context: format!("TLS handshake with peer {address}"),
+                            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+                        })
+                    }
+                }
+            }
+        };
         let connection = Arc::new(Connection {
             writer: tokio::sync::Mutex::new(writer),
             pending: Mutex::new(HashMap::new()),
@@ -367,9 +426,17 @@ impl Connection {
 #[derive(Default)]
 pub struct Peers {
     connections: tokio::sync::Mutex<HashMap<String, Arc<Connection>>>,
+    security: TransportSecurity,
 }
 
 impl Peers {
+    pub fn new(security: TransportSecurity) -> Peers {
+        Peers {
+            connections: tokio::sync::Mutex::new(HashMap::new()),
+            security,
+        }
+    }
+
     async fn connection(&self, address: &str) -> Result<Arc<Connection>> {
         let mut connections = self.connections.lock().await;
         if let Some(connection) = connections.get(address) {
@@ -377,7 +444,7 @@ impl Peers {
                 return Ok(Arc::clone(connection));
             }
         }
-        let connection = Connection::open(address).await?;
+        let connection = Connection::open(address, &self.security).await?;
         connections.insert(address.to_string(), Arc::clone(&connection));
         Ok(connection)
     }

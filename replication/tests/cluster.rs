@@ -8,6 +8,7 @@ use natswal::io::os::OsFileSystem;
 use natswal::io::{FileSystem, WriteMode};
 use natswal::log::FrameRange;
 use natswal::{Keyring, SegmentCache, StreamConfig};
+use natswal_replication::tls::{TlsFiles, TransportSecurity};
 use natswal_replication::types::{Node, NodeId};
 use natswal_replication::{
     serve, Error, GroupOptions, Peers, ProposedRecord, RaftTiming, RecordBatch, Registry,
@@ -61,6 +62,13 @@ async fn try_open_stream(node: &TestNode) -> natswal_replication::Result<Replica
 }
 
 async fn start_nodes(count: u64) -> Vec<TestNode> {
+    start_nodes_with(count, |_| TransportSecurity::Plain).await
+}
+
+async fn start_nodes_with(
+    count: u64,
+    security: impl Fn(NodeId) -> TransportSecurity,
+) -> Vec<TestNode> {
     let mut listeners = Vec::new();
     for _ in 1..=count {
         listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -72,7 +80,7 @@ async fn start_nodes(count: u64) -> Vec<TestNode> {
     let mut nodes = Vec::new();
     for (id, listener) in (1..=count).zip(listeners) {
         let registry = Arc::new(Registry::default());
-        tokio::spawn(serve(listener, Arc::clone(&registry)));
+        tokio::spawn(serve(listener, Arc::clone(&registry), security(id)));
         let address = addresses[(id - 1) as usize].clone();
         let mut node = TestNode {
             id,
@@ -84,7 +92,7 @@ async fn start_nodes(count: u64) -> Vec<TestNode> {
             address,
             directory: tempfile::tempdir().unwrap(),
             registry,
-            peers: Arc::new(Peers::default()),
+            peers: Arc::new(Peers::new(security(id))),
             stream: None,
         };
         node.stream = Some(open_stream(&node).await);
@@ -225,10 +233,8 @@ async fn start_cluster(count: u64) -> Vec<TestNode> {
     start_cluster_of(count, count).await
 }
 
-/// Starts `count` nodes; the first `voters` form the group, the others
-/// wait to be added.
-async fn start_cluster_of(count: u64, voters: u64) -> Vec<TestNode> {
-    let nodes = start_nodes(count).await;
+/// Makes the nodes' first `voters` one group.
+async fn initialize(nodes: &[TestNode], voters: u64) {
     let members: BTreeMap<NodeId, Node> = nodes
         .iter()
         .take(voters as usize)
@@ -242,6 +248,13 @@ async fn start_cluster_of(count: u64, voters: u64) -> Vec<TestNode> {
         })
         .collect();
     stream(&nodes[0]).initialize(members).await.unwrap();
+}
+
+/// Starts `count` nodes; the first `voters` form the group, the others
+/// wait to be added.
+async fn start_cluster_of(count: u64, voters: u64) -> Vec<TestNode> {
+    let nodes = start_nodes(count).await;
+    initialize(&nodes, voters).await;
     nodes
 }
 
@@ -412,6 +425,116 @@ async fn a_learner_joins_catches_up_becomes_a_voter_and_takes_the_lead() {
         if let Some(stream) = node.stream.take() {
             stream.shutdown().await.unwrap();
         }
+    }
+}
+
+/// A CA and, per name, a certificate for 127.0.0.1 signed by it.
+struct Certificates {
+    directory: tempfile::TempDir,
+}
+
+impl Certificates {
+    fn generate(names: &[&str]) -> Certificates {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let directory = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(directory.path().join("ca.pem"), ca.pem()).unwrap();
+        for name in names {
+            let key = KeyPair::generate().unwrap();
+            let certificate = CertificateParams::new(vec!["127.0.0.1".to_string()])
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            std::fs::write(
+                directory.path().join(format!("{name}.pem")),
+                certificate.pem(),
+            )
+            .unwrap();
+            std::fs::write(
+                directory.path().join(format!("{name}-key.pem")),
+                key.serialize_pem(),
+            )
+            .unwrap();
+        }
+        Certificates { directory }
+    }
+
+    fn security(&self, name: &str) -> TransportSecurity {
+        let path = |file: String| self.directory.path().join(file);
+        let (ca, cert, key) = (
+            path("ca.pem".to_string()),
+            path(format!("{name}.pem")),
+            path(format!("{name}-key.pem")),
+        );
+        TransportSecurity::mutual_tls(&TlsFiles {
+            ca_file: &ca,
+            cert_file: &cert,
+            key_file: &key,
+        })
+        .expect("a TLS configuration")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_talk_over_mutual_tls_and_refuse_peers_without_a_valid_certificate() {
+    let certificates = Certificates::generate(&["node-1", "node-2", "node-3"]);
+    let mut nodes = start_nodes_with(3, |id| certificates.security(&format!("node-{id}"))).await;
+    initialize(&nodes, 3).await;
+    let leader_id = await_leader(&nodes).await;
+    let leader = &nodes[(leader_id - 1) as usize];
+    let mut offsets = propose_all(stream(leader), 0, 10, 3).await;
+    assert_dense(&mut offsets, natswal::FIRST_OFFSET);
+    let last = last_entry(stream(leader));
+    assert_identical_logs(&nodes, last).await;
+    let refused_before = nodes[0].registry.refused_connections();
+
+    // A node of another cluster (another CA) gets nothing.
+    let foreign = Certificates::generate(&["intruder"]);
+    let intruder = Peers::new(foreign.security("intruder"));
+    let error = intruder
+        .fetch(&nodes[0].address, STREAM, 1, 10)
+        .await
+        .expect_err("a peer of another CA is refused");
+    assert!(error.to_string().contains("TLS handshake"), "{error}");
+
+    // A client that trusts the CA but presents no certificate is refused
+    // by the server, which counts (and logs) the refusal.
+    let TransportSecurity::MutualTls { acceptor, .. } = certificates.security("node-1") else {
+        unreachable!()
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(certificates.directory.path().join("ca.pem")).unwrap();
+    for certificate in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        let certificate: rustls_pki_types::CertificateDer = certificate.unwrap();
+        roots.add(certificate).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let anonymous = Peers::new(TransportSecurity::MutualTls {
+        acceptor,
+        connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+    });
+    assert!(anonymous
+        .fetch(&nodes[0].address, STREAM, 1, 10)
+        .await
+        .is_err());
+    let deadline = std::time::Instant::now() + WAIT;
+    while nodes[0].registry.refused_connections() < refused_before + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both refusals are counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for node in &mut nodes {
+        node.stream.take().unwrap().shutdown().await.unwrap();
     }
 }
 
