@@ -310,6 +310,18 @@ impl StorageSegment {
         *lock_write(&self.growing_index) = entries;
     }
 
+    /// The Raft index of the segment's first frame, known once that frame
+    /// is written (progress publishes it only when it is durable, but
+    /// seeking written frames by Raft index needs it at once).
+    pub(crate) fn note_first_raft_index(&self, raft_index: u64) {
+        let _ = self.first_raft_index.compare_exchange(
+            0,
+            raft_index,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
     pub(crate) fn push_index_entry(&self, entry: IndexEntry) {
         lock_write(&self.growing_index).push(entry);
     }

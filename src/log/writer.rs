@@ -384,7 +384,15 @@ impl WriterState {
             combined
         });
         let position = active.position;
-        if let Some(entry) = active.builder.add(position, header) {
+        let entry = active.builder.add(position, header);
+        if header.raft_index != 0 {
+            // Index entries are relative to it, and Raft reads written
+            // frames before they are durable (before progress says so).
+            active
+                .segment
+                .note_first_raft_index(active.builder.first_raft_index);
+        }
+        if let Some(entry) = entry {
             active.segment.push_index_entry(entry);
         }
         active.position += stored_bytes;
