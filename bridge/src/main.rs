@@ -131,6 +131,8 @@ enum BenchCommand {
     Nats(bench::nats::NatsBenchArgs),
     /// Many streams: threads, files, memory, disk, open time and skewed load, natswal beside JetStream.
     Streams(bench::streams::StreamsBenchArgs),
+    /// A replicated stream's quorum path in one process (three nodes on loopback) beside one node, and failover time.
+    Raft(bench::raft::RaftBenchArgs),
     /// Internal: the no-op responder of `bench nats` (acks at once, stores nothing).
     #[command(hide = true)]
     NoopResponder {
@@ -245,6 +247,9 @@ async fn run(command: Command) -> error::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Streams(args)) => {
             bench::streams::run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Raft(args)) => {
+            bench::raft::run(args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::NoopResponder {
             nats_url,

@@ -34,9 +34,9 @@ pub struct RaftTiming {
 impl Default for RaftTiming {
     fn default() -> Self {
         RaftTiming {
-            heartbeat_interval_ms: 150,
-            election_timeout_min_ms: 750,
-            election_timeout_max_ms: 1500,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
         }
     }
 }
@@ -223,6 +223,8 @@ pub struct GroupStatus {
     pub node_id: NodeId,
     pub leader: Option<NodeId>,
     pub is_leader: bool,
+    /// Leader, and an entry of its own term is applied: proposals commit.
+    pub leads: bool,
     pub term: u64,
     pub last_index: Option<u64>,
     pub committed: Option<u64>,
@@ -426,6 +428,10 @@ impl ReplicatedStream {
             node_id: metrics.id,
             leader: metrics.current_leader,
             is_leader: metrics.state.is_leader(),
+            leads: metrics.state.is_leader()
+                && metrics
+                    .last_applied
+                    .is_some_and(|applied| applied.leader_id.term == metrics.current_term),
             term: metrics.current_term,
             last_index,
             committed: metrics.local_committed.map(|id| id.index),

@@ -3,6 +3,7 @@
 
 mod codec;
 pub mod nats;
+pub mod raft;
 pub mod streams;
 pub mod wal;
 
