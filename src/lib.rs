@@ -54,7 +54,7 @@ pub use subject::SubjectPattern;
 /// Locks a mutex, taking it over if a holder panicked, so that one panic
 /// does not turn every later lock into a panic too (the engine reports
 /// failures through its errors and the stream's poisoning).
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

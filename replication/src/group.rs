@@ -9,6 +9,7 @@ use crate::network::{GroupNetwork, Peers, Registry};
 use crate::state_machine::StreamStateMachine;
 use crate::types::{Applied, Command, Node, NodeId, Raft, RecordBatch, StreamRaft};
 use natswal::io::FileSystem;
+use natswal::log::writer::now_ns;
 use natswal::{Keyring, Log, LogOptions, RecoveryMode, SegmentCache, StreamConfig};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
@@ -208,12 +209,6 @@ async fn fill_lost_entries(
             .map_err(|error| Error::engine(log.name(), error))?;
     }
     Ok(last - first_last)
-}
-
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_nanos() as i64)
 }
 
 /// A group's state on one node (the leader's also has its replicas').

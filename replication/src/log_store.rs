@@ -23,6 +23,7 @@ use crate::types::{
 };
 use natswal::format::frame::FrameBuilder;
 use natswal::format::metadata::Vote as FrameVote;
+use natswal::log::writer::now_ns;
 use natswal::log::FrameRange;
 use natswal::Log;
 use openraft::impls::leader_id_std::LeaderId;
@@ -64,12 +65,6 @@ pub struct StreamLogReader {
 
 fn engine_io(log: &Log, error: natswal::Error) -> io::Error {
     Error::engine(log.name(), error).into_io()
-}
-
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_nanos() as i64)
 }
 
 /// The last purged id and the last entry's id, in openraft's terms. The

@@ -18,7 +18,7 @@ use crate::snapshot::SnapshotManifest;
 use crate::tls::{server_name, TransportSecurity};
 use crate::types::{frame_raft_index, NodeId, Raft, SnapshotMeta, StreamRaft, Vote};
 use natswal::log::FrameRange;
-use natswal::Log;
+use natswal::{lock, Log};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
@@ -83,12 +83,6 @@ struct Envelope<T> {
     id: u64,
     group: String,
     body: T,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The Raft groups a node serves, by stream name.

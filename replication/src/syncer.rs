@@ -10,7 +10,7 @@
 
 use crate::types::StreamRaft;
 use natswal::format::metadata::LogId as FrameLogId;
-use natswal::Log;
+use natswal::{lock, Log};
 use openraft::storage::IOFlushed;
 use std::io;
 use std::sync::mpsc;
@@ -26,12 +26,6 @@ pub struct Syncer {
     sender: Mutex<Option<mpsc::Sender<Job>>>,
     committed: Arc<Mutex<Option<FrameLogId>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Syncer {

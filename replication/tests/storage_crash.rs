@@ -7,7 +7,9 @@
 
 use natswal::io::memory::MemoryFileSystem;
 use natswal::io::FileSystem;
-use natswal::{Keyring, Log, LogOptions, RecoveryMode, SegmentCache, StreamConfig};
+mod common;
+
+use natswal::{Log, StreamConfig};
 use natswal_replication::types::{CommittedLeaderId, Entry, LogId, Membership, Node, Vote};
 use natswal_replication::{Command, ProposedRecord, RecordBatch, StreamLogStore, StreamRaft};
 use openraft::impls::leader_id_std::LeaderId;
@@ -28,16 +30,7 @@ fn open(file_system: &Arc<dyn FileSystem>) -> natswal::Result<Log> {
         frame_bytes_max: 4096,
         ..StreamConfig::default()
     };
-    let options = LogOptions {
-        name: "crash".to_string(),
-        config,
-        recovery_mode: RecoveryMode::Strict,
-        keyring: Arc::new(Keyring::default()),
-        node_id: 1,
-        cache: Arc::new(SegmentCache::new(8)),
-        store_locked: None,
-        group_sync: None,
-    };
+    let options = common::log_options("crash", config);
     Log::open(Arc::clone(file_system), Path::new("/stream"), options).map(|(log, _)| log)
 }
 

@@ -4,7 +4,9 @@
 
 use natswal::io::os::OsFileSystem;
 use natswal::io::FileSystem;
-use natswal::{Keyring, Log, LogOptions, RecoveryMode, SegmentCache, StreamConfig};
+mod common;
+
+use natswal::{Log, StreamConfig};
 use natswal_replication::{StreamLogStore, StreamRaft, StreamStateMachine};
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::StorageError;
@@ -27,16 +29,7 @@ impl StoreBuilder<StreamRaft, StreamLogStore, StreamStateMachine, tempfile::Temp
             frame_bytes_max: 1024,
             ..StreamConfig::default()
         };
-        let options = LogOptions {
-            name: "suite".to_string(),
-            config,
-            recovery_mode: RecoveryMode::Strict,
-            keyring: Arc::new(Keyring::default()),
-            node_id: 1,
-            cache: Arc::new(SegmentCache::new(8)),
-            store_locked: None,
-            group_sync: None,
-        };
+        let options = common::log_options("suite", config);
         let (log, _) = Log::open(Arc::clone(&self.file_system), directory.path(), options)
             .expect("opening the log");
         let log = Arc::new(log);
