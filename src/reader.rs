@@ -100,6 +100,9 @@ pub struct Reader {
     next_offset: u64,
     skip_before_time: Option<i64>,
     visible: watch::Receiver<u64>,
+    /// The offset this reader stops before (a replicated stream's applied
+    /// end: only committed records are read); `None`: every visible frame.
+    ceiling: Option<watch::Receiver<u64>>,
     truncations: u64,
 }
 
@@ -136,6 +139,7 @@ impl Reader {
             next_offset: 0,
             skip_before_time: None,
             visible,
+            ceiling: None,
             truncations,
         };
         let segments = reader.log.segments();
@@ -163,6 +167,21 @@ impl Reader {
             }
         }
         Ok(reader)
+    }
+
+    /// Reads only frames whose records all lie below `ceiling`'s offset:
+    /// a replicated stream passes its applied end, so a reader never sees
+    /// an entry before it is committed (one that Raft may still replace).
+    pub fn with_ceiling(mut self, ceiling: watch::Receiver<u64>) -> Reader {
+        self.ceiling = Some(ceiling);
+        self
+    }
+
+    /// Whether a frame of records is above the ceiling (not committed).
+    fn above_ceiling(&mut self, header: &crate::format::frame::FrameHeader) -> bool {
+        self.ceiling.as_mut().is_some_and(|ceiling| {
+            header.stored_records() > 0 && header.next_offset() > *ceiling.borrow_and_update()
+        })
     }
 
     fn set_segment(&mut self, segment: Option<Arc<StorageSegment>>, position: u64) {
@@ -325,6 +344,11 @@ impl Reader {
                 Err(error) => return Err(error),
             };
             let header = frame.header;
+            if self.above_ceiling(&header) {
+                // Read again once the ceiling moved past it.
+                self.position = self.frame_position;
+                return Ok(None);
+            }
             if header.stored_records() == 0 || header.next_offset() <= self.next_offset {
                 // Gaps of a repair and Raft entries hold no records.
                 self.next_offset = self.next_offset.max(header.next_offset());
@@ -447,7 +471,14 @@ impl Reader {
     /// Resolves when new records may be visible. Errors when the stream
     /// closed.
     pub async fn wait(&mut self) -> Result<()> {
-        self.visible.changed().await.map_err(|_| Error::Closed {
+        let changed = match &mut self.ceiling {
+            Some(ceiling) => tokio::select! {
+                changed = self.visible.changed() => changed,
+                changed = ceiling.changed() => changed,
+            },
+            None => self.visible.changed().await,
+        };
+        changed.map_err(|_| Error::Closed {
             stream: self.log.name().to_string(),
         })
     }
