@@ -29,6 +29,12 @@ pub struct ApiService {
     /// follows the records it ends.
     pub client: crate::wire::Client,
     pub streams: Arc<BTreeMap<String, Arc<Stream>>>,
+    /// Replicated streams (Raft groups): any replica serves their replays,
+    /// of committed records.
+    pub replicated: Arc<BTreeMap<String, Arc<natswal_replication::ReplicatedStream>>>,
+    /// The queue group the API subscribes in (a cluster's nodes share the
+    /// requests; each is answered once).
+    pub queue: Option<String>,
     /// The subjects each stream captures (what an unfiltered replay reads).
     pub stream_subjects: Arc<BTreeMap<String, Vec<SubjectPattern>>>,
     pub metrics: Arc<BridgeMetrics>,
@@ -144,7 +150,7 @@ pub fn subscribe(service: &ApiService) -> ApiSubscriptions {
     ApiSubscriptions {
         requests: service
             .client
-            .subscribe_all(&[replay_subject, status_subject]),
+            .subscribe_all_in(&[replay_subject, status_subject], service.queue.as_deref()),
     }
 }
 
@@ -360,12 +366,19 @@ impl ApiService {
             serde_json::from_slice(&message.payload)
                 .map_err(|error| bad(format!("invalid replay request JSON: {error}")))?
         };
-        let stream = self.streams.get(stream_name).ok_or_else(|| {
-            ReplayError::new(
-                STATUS_STREAM_NOT_FOUND,
-                format!("Stream Not Found: no stream named '{stream_name}'"),
-            )
-        })?;
+        let source = match (
+            self.streams.get(stream_name),
+            self.replicated.get(stream_name),
+        ) {
+            (Some(stream), _) => ReadSource::Local(Arc::clone(stream)),
+            (None, Some(group)) => ReadSource::Replicated(Arc::clone(group)),
+            (None, None) => {
+                return Err(ReplayError::new(
+                    STATUS_STREAM_NOT_FOUND,
+                    format!("Stream Not Found: no stream named '{stream_name}'"),
+                ))
+            }
+        };
         let filter = request
             .filter
             .as_deref()
@@ -433,10 +446,20 @@ impl ApiService {
         let wait = Duration::from_millis(request.wait_ms.unwrap_or(0)).min(WAIT_MAX);
         // Reads touch mapped pages and may wait for the disk: they run on
         // the blocking pool, never on the async workers.
-        let opened = {
-            let stream = Arc::clone(stream);
-            tokio::task::spawn_blocking(move || stream.reader(start, filter)).await
-        };
+        if request.linearizable {
+            if let ReadSource::Replicated(group) = &source {
+                group
+                    .linearizable_barrier(LINEARIZABLE_TIMEOUT)
+                    .await
+                    .map_err(|error| {
+                        ReplayError::new(
+                            STATUS_UNAVAILABLE,
+                            format!("Unavailable: no linearizable read: {error}"),
+                        )
+                    })?;
+            }
+        }
+        let opened = tokio::task::spawn_blocking(move || source.reader(start, filter)).await;
         let mut reader = opened
             .map_err(|error| ReplayError::storage(format!("the read task failed: {error}")))?
             .map_err(|error| ReplayError::storage(error.to_string()))?;
@@ -446,7 +469,7 @@ impl ApiService {
         let mut sender = Sender::new(
             &self.client,
             reply.clone(),
-            stream.name(),
+            stream_name,
             request.mode,
             payload_max,
         );
@@ -519,7 +542,7 @@ impl ApiService {
             (STATUS_MORE, "More")
         };
         let headers = status_headers(
-            stream.name(),
+            stream_name,
             status,
             description,
             Some(next_offset.unwrap_or_else(|| reader.next_offset())),
@@ -527,6 +550,30 @@ impl ApiService {
         );
         self.reply(&reply, &headers, &[]).await;
         Ok(())
+    }
+}
+
+/// How long a linearizable replay waits for the leader's read index and
+/// for this replica to apply through it.
+const LINEARIZABLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a replay reads: a stream of this node, or a replica of a
+/// replicated stream (committed records only).
+enum ReadSource {
+    Local(Arc<Stream>),
+    Replicated(Arc<natswal_replication::ReplicatedStream>),
+}
+
+impl ReadSource {
+    fn reader(
+        &self,
+        start: StartPosition,
+        filter: Option<SubjectPattern>,
+    ) -> natswal::Result<natswal::Reader> {
+        match self {
+            ReadSource::Local(stream) => stream.reader(start, filter),
+            ReadSource::Replicated(group) => group.reader(start, filter),
+        }
     }
 }
 

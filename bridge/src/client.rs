@@ -77,7 +77,7 @@ impl ConnectionArgs {
         Ok((config.nats, prefix))
     }
 
-    async fn connect(&self) -> Result<(async_nats::Client, String)> {
+    pub(crate) async fn connect(&self) -> Result<(async_nats::Client, String)> {
         let (nats, prefix) = self.settings()?;
         let client = crate::nats::connect(&nats, "cli").await?;
         Ok((client, prefix))
@@ -129,6 +129,10 @@ pub struct ReplayArgs {
     /// Keep waiting for new records after catching up (until Ctrl-C).
     #[arg(long)]
     pub follow: bool,
+    /// On a replicated stream: read everything acknowledged so far, even
+    /// from a replica that lags (it first catches up with its leader).
+    #[arg(long)]
+    pub linearizable: bool,
     /// Output: `json` (one object per line) or `raw` (payloads, one per line).
     #[arg(long, default_value = "json", value_parser = ["json", "raw"])]
     pub output: String,
@@ -230,6 +234,8 @@ pub async fn replay(args: ReplayArgs) -> Result<()> {
             } else {
                 Mode::Messages
             },
+            // The first request only: the rest follow on from it.
+            linearizable: args.linearizable && !started,
         };
         let inbox = client.new_inbox();
         let mut responses = client

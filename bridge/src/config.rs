@@ -38,6 +38,10 @@ pub struct Config {
     pub access: Vec<AccessRule>,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// This node's place in a natswal cluster (`[cluster]`): needed by
+    /// streams with `replicas` above 1.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     #[serde(default = "default_streams")]
     pub streams: Vec<StreamSection>,
 }
@@ -185,6 +189,129 @@ pub struct AccessRule {
     pub status: bool,
 }
 
+/// A natswal cluster (`[cluster]`): this node and its peers. Node ids are
+/// never reused: a node whose data was wiped joins under a new id.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id, 1 to 65535, unique in the cluster.
+    pub node_id: u64,
+    /// Where this node serves replication (`host:port`); peers dial it.
+    pub listen: String,
+    /// The address peers dial to reach this node, if not `listen` (a
+    /// wildcard `listen` like `0.0.0.0:7422` needs one).
+    pub advertise: Option<String>,
+    /// The other nodes (`[[cluster.peers]]`).
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Mutual TLS between replicas (`[cluster.tls]`): every node presents
+    /// its certificate and requires the peer's, signed by `ca_file`.
+    pub tls: Option<ClusterTlsConfig>,
+    /// How long a proposal may wait to be committed before the publisher
+    /// gets an error (a deposed or cut-off leader's pending messages).
+    #[serde(default = "default_commit_timeout", with = "duration_text")]
+    pub commit_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    /// `host:port` of the peer's `cluster.listen` (or `advertise`).
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTlsConfig {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+fn default_commit_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl ClusterConfig {
+    /// The address peers reach this node at.
+    pub fn advertised(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let node_ids = 1..=u64::from(u16::MAX);
+        if !node_ids.contains(&self.node_id) {
+            return Err(invalid(
+                "cluster.node_id",
+                format!("{} is not between 1 and 65535", self.node_id),
+            ));
+        }
+        parse_host_port(&self.listen).map_err(|reason| invalid("cluster.listen", reason))?;
+        let mut ids = std::collections::BTreeSet::from([self.node_id]);
+        for (index, peer) in self.peers.iter().enumerate() {
+            let key = format!("cluster.peers[{index}]");
+            if !node_ids.contains(&peer.id) {
+                return Err(invalid(
+                    format!("{key}.id"),
+                    format!("{} is not between 1 and 65535", peer.id),
+                ));
+            }
+            if !ids.insert(peer.id) {
+                return Err(invalid(
+                    format!("{key}.id"),
+                    format!(
+                        "node id {} is used twice (this node's id or another peer's)",
+                        peer.id
+                    ),
+                ));
+            }
+            parse_host_port(&peer.address)
+                .map_err(|reason| invalid(format!("{key}.address"), reason))?;
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [
+                ("ca_file", &tls.ca_file),
+                ("cert_file", &tls.cert_file),
+                ("key_file", &tls.key_file),
+            ] {
+                if !path.is_file() {
+                    return Err(invalid(
+                        format!("cluster.tls.{key}"),
+                        format!("{} is not a readable file", path.display()),
+                    ));
+                }
+            }
+        }
+        if self.commit_timeout.is_zero() {
+            return Err(invalid("cluster.commit_timeout", "must be longer than 0"));
+        }
+        Ok(())
+    }
+
+    /// Every node of the cluster: id and address, this node included.
+    pub fn members(&self) -> std::collections::BTreeMap<u64, String> {
+        let mut members: std::collections::BTreeMap<u64, String> = self
+            .peers
+            .iter()
+            .map(|peer| (peer.id, peer.address.clone()))
+            .collect();
+        members.insert(self.node_id, self.advertised().to_string());
+        members
+    }
+}
+
+fn parse_host_port(address: &str) -> std::result::Result<(), String> {
+    match address.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!("'{address}' is not host:port")),
+    }
+}
+
 /// The audit log (`[audit]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -256,9 +383,14 @@ pub struct StreamSection {
     pub name: String,
     /// NATS subject patterns captured into the stream.
     pub subjects: Vec<String>,
-    /// `none`, `interval` or `fsync`.
-    #[serde(default = "default_durability")]
+    /// `none`, `interval` or `fsync`; `quorum` (the default, and the only
+    /// level) for a replicated stream. Empty: the default.
+    #[serde(default)]
     pub durability: String,
+    /// Copies of the stream on as many nodes: 1 (this node only), 3 or 5
+    /// (a Raft group over the `[cluster]`; as many nodes as replicas).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
     /// Sync period of `interval` durability.
     #[serde(default = "default_sync_interval", with = "duration_text")]
     pub sync_interval: Duration,
@@ -377,8 +509,8 @@ fn default_open_files_max() -> usize {
 fn default_open_segments_max() -> usize {
     natswal::store::OPEN_SEGMENTS_MAX_DEFAULT
 }
-fn default_durability() -> String {
-    "fsync".to_string()
+fn default_replicas() -> usize {
+    1
 }
 fn default_sync_interval() -> Duration {
     Duration::from_millis(100)
@@ -399,7 +531,8 @@ fn default_streams() -> Vec<StreamSection> {
     vec![StreamSection {
         name: "events".to_string(),
         subjects: vec!["events.>".to_string()],
-        durability: default_durability(),
+        durability: String::new(),
+        replicas: default_replicas(),
         sync_interval: default_sync_interval(),
         max_age: None,
         max_bytes: None,
@@ -484,6 +617,7 @@ impl Default for Config {
             keys: Vec::new(),
             access: Vec::new(),
             audit: AuditConfig::default(),
+            cluster: None,
             streams: default_streams(),
         }
     }
@@ -787,6 +921,9 @@ impl Config {
         }
         let api_subjects =
             SubjectPattern::parse(&format!("{}.>", self.api.prefix)).expect("valid prefix");
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         if self.streams.is_empty() {
             return Err(invalid(
                 "streams",
@@ -843,6 +980,7 @@ impl Config {
                 }
                 other => invalid(key("?"), other.to_string()),
             })?;
+            self.validate_replicas(stream, &key)?;
             if stream.duplicate_ids_max == 0 {
                 return Err(invalid(key("duplicate_ids_max"), "must be at least 1"));
             }
@@ -884,6 +1022,44 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_replicas(
+        &self,
+        stream: &StreamSection,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<()> {
+        if ![1, 3, 5].contains(&stream.replicas) {
+            return Err(invalid(
+                key("replicas"),
+                format!("{} replicas: use 1, 3 or 5 (a majority of an even count tolerates no more failures than one node fewer)", stream.replicas),
+            ));
+        }
+        if !stream.is_replicated() {
+            return Ok(());
+        }
+        let Some(cluster) = &self.cluster else {
+            return Err(invalid(
+                key("replicas"),
+                format!("{} replicas need a [cluster] section (this node's id, listen address and peers)", stream.replicas),
+            ));
+        };
+        let nodes = cluster.peers.len() + 1;
+        if nodes != stream.replicas {
+            return Err(invalid(
+                key("replicas"),
+                format!("{} replicas on a cluster of {nodes} nodes: a replicated stream has a copy on every node (placing it on some of them is not built)", stream.replicas),
+            ));
+        }
+        if stream.allow_atomic || stream.allow_batched {
+            return Err(invalid(
+                key("allow_atomic"),
+                "atomic and fast-ingest batches are not built for replicated streams yet",
+            ));
         }
         Ok(())
     }
@@ -932,15 +1108,41 @@ impl Config {
 }
 
 impl StreamSection {
+    /// The durability level's name, the default spelled out.
+    pub fn durability_name(&self) -> &str {
+        match self.durability.as_str() {
+            "" if self.is_replicated() => "quorum",
+            "" => "fsync",
+            named => named,
+        }
+    }
+
+    /// Whether this stream is a Raft group over the cluster.
+    pub fn is_replicated(&self) -> bool {
+        self.replicas > 1
+    }
+
     pub fn durability(&self) -> std::result::Result<Durability, String> {
+        if self.is_replicated() {
+            // The log under Raft syncs every entry before it counts toward
+            // a quorum; the ack waits for the quorum.
+            return match self.durability.as_str() {
+                "" | "quorum" => Ok(Durability::Fsync),
+                other => Err(format!(
+                    "a replicated stream (replicas = {}) is acknowledged at durability 'quorum', not '{other}'",
+                    self.replicas
+                )),
+            };
+        }
         match self.durability.as_str() {
             "none" => Ok(Durability::None),
-            "fsync" => Ok(Durability::Fsync),
+            "" | "fsync" => Ok(Durability::Fsync),
+            "quorum" => Err("'quorum' needs a replicated stream (replicas = 3 or 5)".to_string()),
             "interval" => Ok(Durability::Interval {
                 interval_ms: self.sync_interval.as_millis() as u64,
             }),
             other => Err(format!(
-                "unknown durability '{other}' (expected none, interval or fsync)"
+                "unknown durability '{other}' (expected none, interval, fsync or quorum)"
             )),
         }
     }

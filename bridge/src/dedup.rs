@@ -9,7 +9,7 @@
 //! truth.
 
 use crate::headers;
-use natswal::{StartPosition, Stream};
+use natswal::{Reader, StartPosition};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
@@ -139,10 +139,17 @@ impl DuplicateWindow {
         self.entries.len()
     }
 
-    /// Rebuilds the window from the records of the last `window`.
-    pub fn rebuild(&mut self, stream: &Stream, now_ns: i64) -> natswal::Result<u64> {
+    /// Rebuilds the window from the records of the last `window`, read
+    /// through `open` (a stream's reader, or a replica's of committed
+    /// records).
+    pub fn rebuild(
+        &mut self,
+        stream: &str,
+        open: impl Fn(StartPosition) -> natswal::Result<Reader>,
+        now_ns: i64,
+    ) -> natswal::Result<u64> {
         let since = now_ns.saturating_sub(self.window_ns);
-        let mut reader = stream.reader(StartPosition::Time(since), None)?;
+        let mut reader = open(StartPosition::Time(since))?;
         let mut loaded = 0u64;
         loop {
             let record = match reader.next() {
@@ -157,8 +164,8 @@ impl DuplicateWindow {
                     key_id,
                     resume_offset,
                 }) => {
-                    tracing::warn!(stream = stream.name(), segment = %path.display(), key_id, "duplicate window skips a segment whose key is not configured");
-                    reader = stream.reader(StartPosition::Offset(resume_offset), None)?;
+                    tracing::warn!(stream, segment = %path.display(), key_id, "duplicate window skips a segment whose key is not configured");
+                    reader = open(StartPosition::Offset(resume_offset))?;
                     continue;
                 }
                 Err(error) => return Err(error),

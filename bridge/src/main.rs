@@ -6,6 +6,7 @@ mod audit;
 mod batch;
 mod bench;
 mod client;
+mod cluster;
 mod config;
 mod dedup;
 mod error;
@@ -45,6 +46,9 @@ enum Command {
     Replay(client::ReplayArgs),
     /// Show the streams of a running server: offsets, sizes, appends in flight, state.
     Status(client::StatusArgs),
+    /// A natswal cluster's replicated streams: init, status, add or remove a node, transfer a leader.
+    #[command(subcommand)]
+    Cluster(cluster::cli::ClusterCommand),
     /// Check every frame and index of a stream directory offline, without changing it.
     Verify {
         /// A stream directory (<data_dir>/streams/<name>).
@@ -217,6 +221,7 @@ async fn run(command: Command) -> error::Result<ExitCode> {
         }
         Command::Replay(args) => client::replay(args).await.map(|()| ExitCode::SUCCESS),
         Command::Status(args) => client::status(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Cluster(command) => cluster::cli::run(command).await.map(|()| ExitCode::SUCCESS),
         Command::Verify { dir } => offline::verify(&dir),
         Command::Repair { dir, audit_log } => offline::repair(&dir, audit_log.as_deref()),
         Command::Audit { file, json } => offline::audit(&file, json),

@@ -43,6 +43,9 @@ pub const STATUS_TOO_LARGE: u16 = 413;
 pub const STATUS_STORAGE_ERROR: u16 = 500;
 /// `api.replays_max` replays are running: retry later.
 pub const STATUS_TOO_MANY_REPLAYS: u16 = 503;
+/// A replicated stream cannot serve the request now: no leader answered a
+/// linearizable read.
+pub const STATUS_UNAVAILABLE: u16 = 503;
 
 /// Largest `batch` a request may ask for, one message per record.
 pub const BATCH_MAX: u64 = 65_536;
@@ -251,6 +254,13 @@ pub struct ReplayRequest {
     pub wait_ms: Option<u64>,
     #[serde(default)]
     pub mode: Mode,
+    /// On a replicated stream: first wait until the serving replica has
+    /// applied everything its leader had committed when the request
+    /// arrived, so the replay sees every acknowledged record (a read
+    /// linearizable with the leader). Reads are of committed records
+    /// either way.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub linearizable: bool,
 }
 
 /// One record decoded from a records-v1 batch.

@@ -63,13 +63,21 @@ async fn start_and_serve(
         let _ = metrics.group_sync.set(Arc::clone(group));
     }
     let store = Arc::new(store);
+    // Replicated streams are Raft groups with logs of their own, opened
+    // (and repaired from peers) before anything is served.
+    let cluster = crate::cluster::ClusterNode::start(&config, &keyring, store.cache()).await?;
+    let standalone: Vec<&crate::config::StreamSection> = config
+        .streams
+        .iter()
+        .filter(|section| !section.is_replicated())
+        .collect();
     let mut streams: BTreeMap<String, Arc<Stream>> = BTreeMap::new();
     let mut windows = BTreeMap::new();
     // Streams open in parallel (recovery is mostly waiting on the disk),
     // a bounded number at once; what follows runs in config order.
     let permits = Arc::new(tokio::sync::Semaphore::new(natswal::store::PARALLELISM));
-    let mut opening = Vec::with_capacity(config.streams.len());
-    for section in &config.streams {
+    let mut opening = Vec::with_capacity(standalone.len());
+    for section in standalone.iter().copied() {
         let retention_audit = Arc::clone(&audit);
         let rotation_audit = Arc::clone(&audit);
         let options = StreamOptions {
@@ -116,7 +124,7 @@ async fn start_and_serve(
             opened_store.open_stream(&name, options)
         }));
     }
-    for (section, opening) in config.streams.iter().zip(opening) {
+    for (section, opening) in standalone.iter().copied().zip(opening) {
         let (stream, report) = opening.await.map_err(|error| {
             BridgeError::InvalidArgument(format!("opening a stream panicked: {error}"))
         })??;
@@ -150,7 +158,7 @@ async fn start_and_serve(
             )?;
         }
         let mut window = DuplicateWindow::new(section.duplicate_window, section.duplicate_ids_max);
-        let loaded = window.rebuild(&stream, now_ns())?;
+        let loaded = window.rebuild(&section.name, |start| stream.reader(start, None), now_ns())?;
         let status = stream.status();
         tracing::info!(
             stream = %section.name,
@@ -202,7 +210,7 @@ async fn start_and_serve(
         crate::nats::connect_wire(&config.nats, "ingest", Arc::clone(&metrics)).await?;
     let api_client = crate::nats::connect_wire(&config.nats, "api", Arc::clone(&metrics)).await?;
     let mut ingest_tasks = Vec::new();
-    for section in &config.streams {
+    for section in standalone.iter().copied() {
         let stream = Arc::clone(&streams[&section.name]);
         let subscription = ingest_client.subscribe_all(&section.subjects);
         let context = crate::ingest::IngestContext {
@@ -235,12 +243,48 @@ async fn start_and_serve(
             shutdown.clone(),
         )));
     }
+    let groups = cluster
+        .as_ref()
+        .map(|node| Arc::clone(&node.groups))
+        .unwrap_or_default();
+    if let Some(node) = &cluster {
+        for section in config
+            .streams
+            .iter()
+            .filter(|section| section.is_replicated())
+        {
+            let context = crate::cluster::intake::IntakeContext {
+                group: Arc::clone(&node.groups[&section.name]),
+                section: section.clone(),
+                client: ingest_client.clone(),
+                commit_timeout: node.config.commit_timeout,
+                quorum_contact_max: node.timing.quorum_contact_max(),
+            };
+            ingest_tasks.push(tokio::spawn(crate::cluster::intake::run(
+                context,
+                shutdown.clone(),
+            )));
+        }
+        let admin = crate::cluster::admin::AdminService::new(
+            node,
+            api_client.clone(),
+            &config.api.prefix,
+            Arc::clone(&audit),
+        );
+        ingest_tasks.push(tokio::spawn(crate::cluster::admin::run(
+            admin,
+            shutdown.clone(),
+        )));
+    }
     let access = Arc::new(std::sync::RwLock::new(crate::api::AccessRules::new(
         &config.access,
     )?));
     let api = crate::api::ApiService {
         client: api_client.clone(),
         streams: Arc::clone(&streams),
+        replicated: Arc::clone(&groups),
+        // A cluster's nodes share the API's requests: each is answered once.
+        queue: cluster.as_ref().map(|_| "natswal-api".to_string()),
         stream_subjects: Arc::new(
             config
                 .streams
@@ -328,6 +372,11 @@ async fn start_and_serve(
     if let Some(task) = jetstream_task {
         let _ = task.await;
     }
+    drop(groups);
+    let cluster_closed = match cluster {
+        Some(node) => node.shutdown().await,
+        None => Ok(()),
+    };
     // Everything accepted is synced, whatever NATS does.
     let closing = Arc::clone(&store);
     let closed = tokio::task::spawn_blocking(move || closing.close())
@@ -351,6 +400,7 @@ async fn start_and_serve(
         let _ = task.await;
     }
     closed?;
+    cluster_closed?;
     for line in metrics.summary() {
         tracing::info!("{line}");
     }
@@ -503,6 +553,7 @@ async fn start_jetstream(
     let sections = config
         .streams
         .iter()
+        .filter(|section| !section.is_replicated())
         .map(|section| (section.name.clone(), section.clone()))
         .collect();
     let service = crate::jetstream::JetStreamService {

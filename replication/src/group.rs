@@ -42,6 +42,15 @@ impl Default for RaftTiming {
     }
 }
 
+impl RaftTiming {
+    /// The longest a leader takes messages without hearing from a quorum:
+    /// below the shortest election timeout, so a cut-off leader stops
+    /// before its followers can elect another.
+    pub fn quorum_contact_max(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.election_timeout_min_ms * 4 / 5)
+    }
+}
+
 /// openraft's configuration for a stream's group.
 pub fn raft_config(timing: RaftTiming) -> Result<Arc<Config>> {
     let config = Config {
@@ -243,7 +252,9 @@ pub struct ReplicatedStream {
     log: Arc<Log>,
     raft: Raft,
     registry: Arc<Registry>,
+    peers: Arc<Peers>,
     fetched_on_open: u64,
+    applied_offset: tokio::sync::watch::Receiver<u64>,
 }
 
 impl ReplicatedStream {
@@ -279,9 +290,10 @@ impl ReplicatedStream {
             );
         }
         let state_machine = StreamStateMachine::open(Arc::clone(&log), file_system)?;
+        let applied_offset = state_machine.subscribe_applied_offset();
         let log_store = StreamLogStore::new(Arc::clone(&log));
         let network = GroupNetwork {
-            peers,
+            peers: Arc::clone(&peers),
             group: name.clone(),
         };
         let raft = Raft::new(
@@ -302,7 +314,9 @@ impl ReplicatedStream {
             log,
             raft,
             registry,
+            peers,
             fetched_on_open: fetched,
+            applied_offset,
         })
     }
 
@@ -316,6 +330,96 @@ impl ReplicatedStream {
 
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// A reader of committed records only (on any replica): it stops
+    /// before the first record not yet applied here.
+    pub fn reader(
+        &self,
+        start: natswal::StartPosition,
+        filter: Option<natswal::SubjectPattern>,
+    ) -> natswal::Result<natswal::Reader> {
+        natswal::Reader::new(Log::clone(&self.log), start, filter)
+            .map(|reader| reader.with_ceiling(self.applied_offset.clone()))
+    }
+
+    /// On the leader: how long ago a quorum acknowledged its heartbeats
+    /// or entries (`None` elsewhere). A leader cut off from its peers sees
+    /// this grow and stops taking messages before a new leader is elected.
+    pub fn quorum_contact_age(&self) -> Option<std::time::Duration> {
+        use openraft::Instant as _;
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .last_quorum_acked
+            .as_ref()
+            .map(|acked| acked.elapsed())
+    }
+
+    /// Waits until this node leads the group with an entry of its term
+    /// applied (proposals commit from then on).
+    pub async fn wait_to_lead(&self, timeout: std::time::Duration) -> Result<()> {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(
+                |metrics| {
+                    metrics.state.is_leader()
+                        && metrics
+                            .last_applied
+                            .is_some_and(|applied| applied.leader_id.term == metrics.current_term)
+                },
+                "leading",
+            )
+            .await
+            .map(|_| ())
+            .map_err(|error| Error::Raft {
+                stream: self.name.clone(),
+                message: format!("this node did not come to lead: {error}"),
+            })
+    }
+
+    /// The offset after the last record applied on this node.
+    pub fn applied_offset(&self) -> u64 {
+        *self.applied_offset.borrow()
+    }
+
+    /// Waits until this node has applied everything the leader had
+    /// committed when asked (a read after it is linearizable with the
+    /// leader); fails on a node that cannot reach the leader.
+    pub async fn linearizable_barrier(&self, timeout: std::time::Duration) -> Result<()> {
+        let failed = |message: String| Error::Raft {
+            stream: self.name.clone(),
+            message,
+        };
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let index = if metrics.state.is_leader() {
+            self.raft
+                .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                .await
+                .map_err(|error| failed(error.to_string()))?
+                .log_id()
+                .index
+        } else {
+            let leader = metrics.current_leader.ok_or_else(|| {
+                failed("no leader is known: a linearizable read needs one".into())
+            })?;
+            let address = metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|node| node.addr.clone())
+                .ok_or_else(|| failed(format!("the leader {leader} has no address")))?;
+            let asked = self.peers.read_index(&address, &self.name);
+            tokio::time::timeout(timeout, asked)
+                .await
+                .map_err(|_| failed(format!("the leader {leader} gave no read index in time")))??
+        };
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map(|_| ())
+            .map_err(|error| failed(format!("applying through the read index {index}: {error}")))
     }
 
     /// Committed entries the log had lost and fetched from peers on open.

@@ -62,6 +62,10 @@ enum Request {
         start: u64,
         end: u64,
     },
+    /// The leader's read index (openraft index) once it confirmed its
+    /// leadership with a quorum: a follower that has applied through it
+    /// serves a read linearizable with the leader.
+    ReadIndex,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -73,6 +77,8 @@ enum Reply {
     /// Frames from the start of a fetch, in order; fewer than asked when
     /// the peer has committed no more or the reply reached its size bound.
     Frames(Vec<bytes::Bytes>),
+    /// A read index (openraft index).
+    ReadIndex(u64),
     /// The peer could not serve the request (an unknown group, a Raft that
     /// stopped, a malformed message).
     Refused(String),
@@ -269,6 +275,13 @@ async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
             Ok(frames) => Reply::Frames(frames),
             Err(error) => refused(&error),
         },
+        Request::ReadIndex => match raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+        {
+            Ok(read) => Reply::ReadIndex(read.log_id().index),
+            Err(error) => refused(&error),
+        },
     }
 }
 
@@ -461,6 +474,24 @@ impl Peers {
             }),
             Ok(_) => Err(Error::Format(format!(
                 "peer {address} answered a fetch with another kind of reply"
+            ))),
+            Err(CallError::Unreachable(error) | CallError::Network(error)) => Err(error),
+        }
+    }
+
+    /// The read index of `group`'s leader at `address` (openraft index).
+    pub async fn read_index(&self, address: &str, group: &str) -> Result<u64> {
+        match self
+            .call(address, group, Request::ReadIndex, FETCH_TIMEOUT)
+            .await
+        {
+            Ok(Reply::ReadIndex(index)) => Ok(index),
+            Ok(Reply::Refused(message)) => Err(Error::Raft {
+                stream: group.to_string(),
+                message: format!("peer {address} refused a read index: {message}"),
+            }),
+            Ok(_) => Err(Error::Format(format!(
+                "peer {address} answered a read index with another kind of reply"
             ))),
             Err(CallError::Unreachable(error) | CallError::Network(error)) => Err(error),
         }

@@ -45,6 +45,9 @@ pub struct StreamStateMachine {
     applied: Option<LogId>,
     membership: StoredMembership,
     current: Option<SnapshotManifest>,
+    /// The offset after the last applied record: readers of a replicated
+    /// stream read below it, so they see committed records only.
+    applied_offset: tokio::sync::watch::Sender<u64>,
 }
 
 impl StreamStateMachine {
@@ -57,6 +60,7 @@ impl StreamStateMachine {
             Some(manifest) => (manifest.last_log_id, manifest.membership.clone()),
             None => (None, StoredMembership::default()),
         };
+        let applied_offset = current.as_ref().map_or(0, |manifest| manifest.next_offset);
         Ok(StreamStateMachine {
             log,
             file_system,
@@ -64,7 +68,21 @@ impl StreamStateMachine {
             applied,
             membership,
             current,
+            applied_offset: tokio::sync::watch::Sender::new(applied_offset),
         })
+    }
+
+    /// Follows the offset after the last applied record.
+    pub fn subscribe_applied_offset(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_offset.subscribe()
+    }
+
+    fn advance_applied_offset(&self, next_offset: u64) {
+        self.applied_offset.send_if_modified(|current| {
+            let advanced = next_offset > *current;
+            *current = (*current).max(next_offset);
+            advanced
+        });
     }
 
     fn manifest(&self) -> io::Result<SnapshotManifest> {
@@ -196,7 +214,11 @@ impl RaftStateMachine<StreamRaft> for StreamStateMachine {
                     self.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
                     Applied::default()
                 }
-                EntryPayload::Normal(command) => applied_of(self.log.name(), command)?,
+                EntryPayload::Normal(command) => {
+                    let applied = applied_of(self.log.name(), command)?;
+                    self.advance_applied_offset(applied.next_offset);
+                    applied
+                }
             };
             self.applied = Some(entry.log_id);
             if let Some(responder) = responder {
@@ -234,6 +256,7 @@ impl RaftStateMachine<StreamRaft> for StreamStateMachine {
         }
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        self.advance_applied_offset(snapshot.next_offset);
         let manifest = SnapshotManifest {
             last_log_id: meta.last_log_id,
             next_offset: snapshot.next_offset,

@@ -140,7 +140,10 @@ impl StreamConfigJson {
     /// deletes and purges denied (retention is natswal's).
     pub fn of(section: &StreamSection) -> StreamConfigJson {
         let metadata = BTreeMap::from([
-            ("natswal.durability".to_string(), section.durability.clone()),
+            (
+                "natswal.durability".to_string(),
+                section.durability_name().to_string(),
+            ),
             (
                 "natswal.compression".to_string(),
                 section.compression.clone(),

@@ -111,6 +111,8 @@ pub enum PublishError {
 
 struct Route {
     subject: String,
+    /// The queue group: the server hands each message to one member.
+    queue: Option<String>,
     sender: mpsc::Sender<Message>,
 }
 
@@ -248,6 +250,17 @@ impl Client {
     /// Subscribes to several subjects at once, with one queue for all of
     /// them (in the order the server sent them): a stream's subjects.
     pub fn subscribe_all(&self, subjects: &[impl AsRef<str>]) -> Subscription {
+        self.subscribe_all_in(subjects, None)
+    }
+
+    /// As [`subscribe_all`](Client::subscribe_all), in a queue group when
+    /// `queue` is given: each message goes to one of the group's members
+    /// (the nodes of a cluster serving the same API).
+    pub fn subscribe_all_in(
+        &self,
+        subjects: &[impl AsRef<str>],
+        queue: Option<&str>,
+    ) -> Subscription {
         let (sender, receiver) = mpsc::channel(self.shared.options.subscription_capacity.max(1));
         let mut sids = Vec::with_capacity(subjects.len());
         let mut routes = lock(&self.shared.routes);
@@ -256,9 +269,15 @@ impl Client {
             let sid = self.shared.sid_last.fetch_add(1, Ordering::Relaxed) + 1;
             let route = Route {
                 subject: subject.as_ref().to_string(),
+                queue: queue.map(str::to_string),
                 sender: sender.clone(),
             };
-            protocol::encode_subscribe(&mut output.bytes, &route.subject, None, sid);
+            protocol::encode_subscribe(
+                &mut output.bytes,
+                &route.subject,
+                route.queue.as_deref(),
+                sid,
+            );
             routes.insert(sid, route);
             sids.push(sid);
         }
@@ -596,7 +615,12 @@ async fn serve(shared: &Arc<Shared>, opened: Opened) -> String {
     let (mut reader, mut writer) = tokio::io::split(opened.transport);
     let mut subscriptions = BytesMut::new();
     for (sid, route) in lock(&shared.routes).iter() {
-        protocol::encode_subscribe(&mut subscriptions, &route.subject, None, *sid);
+        protocol::encode_subscribe(
+            &mut subscriptions,
+            &route.subject,
+            route.queue.as_deref(),
+            *sid,
+        );
     }
     if let Err(error) = writer.write_all(&subscriptions).await {
         return format!("cannot renew subscriptions: {error}");

@@ -1,0 +1,420 @@
+//! Intake of a replicated stream: only its leader subscribes to the
+//! stream's subjects, and a publisher's PubAck is sent once its message's
+//! entry is committed (synced on a majority) and applied: the `quorum`
+//! durability.
+//!
+//! Invariants:
+//! - intake runs only while this node leads the group in one term and has
+//!   heard from a quorum within `quorum_contact_max` (below the election
+//!   timeout): a leader cut off from its peers stops taking messages
+//!   before a new leader can be elected, so two leaders never take
+//!   messages at once (no split brain through NATS);
+//! - every accepted message gets exactly one reply: the PubAck with the
+//!   offset it took, or an error when its entry was not committed within
+//!   `commit_timeout` or the leader was deposed (never silence, never a
+//!   late ack for something not committed);
+//! - the duplicate window is rebuilt from the committed log whenever this
+//!   node starts to lead, so a new leader answers a retried `Nats-Msg-Id`
+//!   with the original offset.
+
+use crate::ack::{self, ApiError};
+use crate::config::StreamSection;
+use crate::dedup::{now_ns, DuplicateWindow, Seen};
+use crate::headers;
+use natswal_replication::{Applied, ProposedRecord, RecordBatch, ReplicatedStream};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Records in one proposal (one entry, one frame).
+const PROPOSAL_RECORDS_MAX: usize = 1024;
+/// Bytes of records in one proposal.
+const PROPOSAL_BYTES_MAX: usize = 1 << 20;
+/// Proposals waiting for their commit at once.
+const PROPOSALS_IN_FLIGHT_MAX: usize = 64;
+/// How often leadership and quorum contact are checked.
+const LEADERSHIP_CHECK: Duration = Duration::from_millis(25);
+
+pub struct IntakeContext {
+    pub group: Arc<ReplicatedStream>,
+    pub section: StreamSection,
+    pub client: crate::wire::Client,
+    pub commit_timeout: Duration,
+    /// Longest silence from a quorum a leader takes messages through.
+    pub quorum_contact_max: Duration,
+}
+
+/// What woke the intake loop.
+enum Event {
+    Stop,
+    Check,
+    Completed(Completed),
+    Messages(Option<Vec<crate::wire::Message>>),
+}
+
+/// A proposal's outcome, back on the intake loop.
+struct Completed {
+    token: u64,
+    result: Result<Applied, String>,
+    /// Reply subject of each record, in order.
+    replies: Vec<Option<async_nats::Subject>>,
+    /// `Nats-Msg-Id` of each record.
+    ids: Vec<Option<String>>,
+}
+
+/// Runs intake whenever this node leads, until shutdown.
+pub async fn run(context: IntakeContext, mut shutdown: watch::Receiver<bool>) {
+    let name = context.group.name().to_string();
+    loop {
+        let Some(term) = wait_to_lead(&context, &mut shutdown).await else {
+            return;
+        };
+        tracing::info!(stream = %name, term, "leading: intake starts");
+        lead(&context, term, &mut shutdown).await;
+        tracing::info!(stream = %name, term, "intake stopped");
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+/// The term this node leads in with fresh quorum contact; `None` at
+/// shutdown.
+async fn wait_to_lead(
+    context: &IntakeContext,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<u64> {
+    let mut check = tokio::time::interval(LEADERSHIP_CHECK);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return None,
+            _ = check.tick() => {}
+        }
+        if let Some(term) = leading_term(context) {
+            return Some(term);
+        }
+    }
+}
+
+/// The term this node leads in, if it leads (an entry of its term applied)
+/// and a quorum answered it recently.
+fn leading_term(context: &IntakeContext) -> Option<u64> {
+    let status = context.group.status();
+    let fresh = context
+        .group
+        .quorum_contact_age()
+        .is_some_and(|age| age <= context.quorum_contact_max);
+    (status.leads && fresh).then_some(status.term)
+}
+
+/// Takes messages while leading in `term`.
+async fn lead(context: &IntakeContext, term: u64, shutdown: &mut watch::Receiver<bool>) {
+    let name = context.group.name();
+    let mut window = match rebuild_window(context).await {
+        Ok(window) => window,
+        Err(error) => {
+            tracing::error!(stream = %name, %error, "cannot rebuild the duplicate window from the log: not taking messages");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+    };
+    let mut subscription = context.client.subscribe_all(&context.section.subjects);
+    let (completions_sender, mut completions) = mpsc::unbounded_channel::<Completed>();
+    let slots = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
+    let mut waiting_duplicates: Waiting = HashMap::new();
+    let mut token = 0u64;
+    let mut in_flight = 0usize;
+    let mut check = tokio::time::interval(LEADERSHIP_CHECK);
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => Event::Stop,
+            _ = check.tick() => Event::Check,
+            Some(completed) = completions.recv() => Event::Completed(completed),
+            chunk = subscription.next_chunk(PROPOSAL_RECORDS_MAX), if slots.available_permits() > 0 => Event::Messages(chunk),
+        };
+        match event {
+            Event::Stop => break,
+            Event::Check if leading_term(context) != Some(term) => break,
+            Event::Check => {}
+            Event::Completed(completed) => {
+                in_flight -= 1;
+                finish(context, &mut window, &mut waiting_duplicates, completed);
+            }
+            Event::Messages(None) => break,
+            Event::Messages(Some(messages)) => {
+                let proposals = accept(
+                    context,
+                    &mut window,
+                    &mut waiting_duplicates,
+                    messages,
+                    &mut token,
+                );
+                for (proposal_token, batch, replies, ids) in proposals {
+                    let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                        break;
+                    };
+                    in_flight += 1;
+                    spawn_proposal(
+                        context,
+                        proposal_token,
+                        batch,
+                        replies,
+                        ids,
+                        slot,
+                        completions_sender.clone(),
+                    );
+                }
+            }
+        }
+    }
+    // No new messages from here on; every accepted one still gets its
+    // reply (its proposal resolves within the commit timeout).
+    drop(subscription);
+    while in_flight > 0 {
+        let Some(completed) = completions.recv().await else {
+            break;
+        };
+        in_flight -= 1;
+        finish(context, &mut window, &mut waiting_duplicates, completed);
+    }
+}
+
+/// Copies of a `Nats-Msg-Id` that arrived while the first copy's proposal
+/// (by token) was in flight: each reply subject with the id.
+type Waiting = HashMap<u64, Vec<(Option<async_nats::Subject>, String)>>;
+
+type Proposal = (
+    u64,
+    RecordBatch,
+    Vec<Option<async_nats::Subject>>,
+    Vec<Option<String>>,
+);
+
+/// Checks a chunk of messages, answers the refused and the duplicates of
+/// stored ones at once, and groups the rest into proposals.
+fn accept(
+    context: &IntakeContext,
+    window: &mut DuplicateWindow,
+    waiting_duplicates: &mut Waiting,
+    messages: Vec<crate::wire::Message>,
+    token: &mut u64,
+) -> Vec<Proposal> {
+    let now = now_ns();
+    let mut proposals = Vec::new();
+    let mut current: Option<Proposal> = None;
+    let mut current_bytes = 0usize;
+    for message in messages {
+        let size = message.subject.len() + message.headers.len() + message.payload.len();
+        if size as u64 > context.section.max_message_bytes {
+            reply(
+                context,
+                message.reply,
+                ack::error_ack(&ApiError::too_large()),
+            );
+            continue;
+        }
+        let header_map = match headers::parse_received(&message.headers) {
+            Ok(header_map) => header_map,
+            Err(reason) => {
+                reply(
+                    context,
+                    message.reply,
+                    ack::error_ack(&ApiError::bad_headers(&reason)),
+                );
+                continue;
+            }
+        };
+        if let Some(name) = headers::first_reserved(header_map.as_ref()) {
+            reply(
+                context,
+                message.reply,
+                ack::error_ack(&ApiError::reserved_header(&name)),
+            );
+            continue;
+        }
+        let fast = message
+            .reply
+            .as_deref()
+            .is_some_and(|subject| crate::batch::parse_fast_reply(subject).is_some());
+        if fast || crate::batch::atomic_headers(header_map.as_ref()).is_some() {
+            reply(context, message.reply, ack::error_ack(&batches_refused()));
+            continue;
+        }
+        let message_id = header_map
+            .as_ref()
+            .and_then(|headers| headers.get(crate::batch::HEADER_MSG_ID))
+            .map(|value| value.as_str().to_string())
+            .filter(|id| !id.is_empty());
+        if let Some(id) = &message_id {
+            match window.check(id, now) {
+                Some(Seen::Stored(offset)) => {
+                    reply(
+                        context,
+                        message.reply,
+                        ack::pub_ack(context.group.name(), offset, true),
+                    );
+                    continue;
+                }
+                Some(Seen::Pending(first)) => {
+                    waiting_duplicates
+                        .entry(first)
+                        .or_default()
+                        .push((message.reply, id.clone()));
+                    continue;
+                }
+                None => {}
+            }
+        }
+        if current_bytes + size > PROPOSAL_BYTES_MAX {
+            proposals.extend(current.take());
+            current_bytes = 0;
+        }
+        let proposal = current.get_or_insert_with(|| {
+            *token += 1;
+            (*token, RecordBatch::default(), Vec::new(), Vec::new())
+        });
+        if let Some(id) = &message_id {
+            window.insert(id, Seen::Pending(proposal.0), now);
+        }
+        proposal.1.records.push(ProposedRecord {
+            timestamp_ns: 0,
+            subject: message.subject,
+            headers: message.headers,
+            payload: message.payload,
+        });
+        proposal.2.push(message.reply);
+        proposal.3.push(message_id);
+        current_bytes += size;
+    }
+    proposals.extend(current);
+    proposals
+}
+
+fn spawn_proposal(
+    context: &IntakeContext,
+    token: u64,
+    batch: RecordBatch,
+    replies: Vec<Option<async_nats::Subject>>,
+    ids: Vec<Option<String>>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    completions: mpsc::UnboundedSender<Completed>,
+) {
+    let group = Arc::clone(&context.group);
+    let timeout = context.commit_timeout;
+    tokio::spawn(async move {
+        let result = match tokio::time::timeout(timeout, group.propose(batch)).await {
+            Ok(Ok(applied)) => Ok(applied),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!(
+                "not committed within {} (no quorum reached this leader); the message may or may not be stored: retry with the same Nats-Msg-Id",
+                humantime::format_duration(timeout)
+            )),
+        };
+        drop(slot);
+        let _ = completions.send(Completed {
+            token,
+            result,
+            replies,
+            ids,
+        });
+    });
+}
+
+/// Answers a proposal's publishers and the duplicates that waited on it.
+fn finish(
+    context: &IntakeContext,
+    window: &mut DuplicateWindow,
+    waiting_duplicates: &mut Waiting,
+    completed: Completed,
+) {
+    let stream = context.group.name();
+    let duplicates = waiting_duplicates
+        .remove(&completed.token)
+        .unwrap_or_default();
+    match completed.result {
+        Ok(applied) => {
+            let count = applied.next_offset - applied.base_offset;
+            debug_assert_eq!(count as usize, completed.replies.len());
+            let mut writer = ack::AckWriter::new(stream);
+            for (index, (reply_subject, id)) in completed
+                .replies
+                .into_iter()
+                .zip(&completed.ids)
+                .enumerate()
+            {
+                let offset = applied.base_offset + index as u64;
+                if let Some(id) = id {
+                    window.resolve(id, completed.token, offset);
+                }
+                reply(context, reply_subject, writer.pub_ack(offset, false));
+            }
+            for (reply_subject, id) in duplicates {
+                let position = completed
+                    .ids
+                    .iter()
+                    .position(|other| other.as_deref() == Some(id.as_str()))
+                    .expect("a duplicate waits on the proposal holding its id");
+                let body = writer.pub_ack(applied.base_offset + position as u64, true);
+                reply(context, reply_subject, body);
+            }
+        }
+        Err(reason) => {
+            tracing::warn!(stream, records = completed.replies.len(), %reason, "a proposal was not committed: its publishers get an error");
+            for id in completed.ids.iter().flatten() {
+                window.forget(id, completed.token);
+            }
+            let error = ack::error_ack(&not_committed(&reason));
+            for reply_subject in completed
+                .replies
+                .into_iter()
+                .chain(duplicates.into_iter().map(|(reply, _)| reply))
+            {
+                reply(context, reply_subject, error.clone());
+            }
+        }
+    }
+}
+
+/// JSClusterNotAvailErr: the publisher should retry (with its
+/// `Nats-Msg-Id`, the new leader answers a stored copy's offset).
+fn not_committed(reason: &str) -> ApiError {
+    ApiError::new(503, 10008, format!("not stored at quorum: {reason}"))
+}
+
+fn batches_refused() -> ApiError {
+    ApiError::new(
+        400,
+        10003,
+        "atomic and fast-ingest batches are not built for replicated streams yet",
+    )
+}
+
+fn reply(context: &IntakeContext, subject: Option<async_nats::Subject>, body: bytes::Bytes) {
+    let Some(subject) = subject else {
+        return;
+    };
+    if let Err(error) = context.client.publish(&subject, &body) {
+        tracing::warn!(stream = %context.group.name(), %error, "cannot publish a reply");
+    }
+}
+
+/// The duplicate window from the committed records of the last
+/// `duplicate_window`.
+async fn rebuild_window(context: &IntakeContext) -> natswal::Result<DuplicateWindow> {
+    let group = Arc::clone(&context.group);
+    let section = context.section.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut window = DuplicateWindow::new(section.duplicate_window, section.duplicate_ids_max);
+        window.rebuild(&section.name, |start| group.reader(start, None), now_ns())?;
+        Ok(window)
+    })
+    .await
+    .unwrap_or_else(|error| {
+        Err(natswal::Error::InvalidConfig {
+            key: "duplicate window".to_string(),
+            reason: format!("the rebuild task failed: {error}"),
+        })
+    })
+}

@@ -1,0 +1,402 @@
+//! A natswal cluster as users run it: three `natswal serve` processes on
+//! loopback, one nats-server, a replicated stream at `quorum` durability,
+//! `natswal cluster init|status|transfer-leader`, and leaders SIGKILLed
+//! under continuous publishing. Every acknowledged message must be on
+//! every replica exactly once, at the offset its PubAck named, and the
+//! replicas' logs must be identical.
+//!
+//! `NATSWAL_CLUSTER_KILLS` sets the number of leader kills (CI: 3).
+
+mod support;
+
+use bytes::Bytes;
+use natswal::io::os::OsFileSystem;
+use natswal::io::{FileSystem, WriteMode};
+use natswal::{Keyring, Log, LogOptions, RecoveryMode, SegmentCache, StartPosition, StreamConfig};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::*;
+
+const STREAM: &str = "orders";
+
+struct Cluster {
+    nats: NatsServer,
+    nodes: Vec<Natswal>,
+}
+
+fn node_config(id: u64, ports: &[u16]) -> String {
+    let mut config = format!(
+        "[cluster]\nnode_id = {id}\nlisten = \"127.0.0.1:{}\"\n",
+        ports[id as usize - 1]
+    );
+    for (index, port) in ports.iter().enumerate() {
+        let peer = index as u64 + 1;
+        if peer != id {
+            config.push_str(&format!(
+                "[[cluster.peers]]\nid = {peer}\naddress = \"127.0.0.1:{port}\"\n"
+            ));
+        }
+    }
+    config.push_str(&format!(
+        "[[streams]]\nname = \"{STREAM}\"\nsubjects = [\"orders.>\"]\nreplicas = 3\n"
+    ));
+    config
+}
+
+impl Cluster {
+    fn start(root: &Path) -> Cluster {
+        let nats = NatsServer::start();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let nodes = (1..=3)
+            .map(|id| {
+                Natswal::start(
+                    &nats.url(),
+                    &root.join(format!("node-{id}")),
+                    &node_config(id, &ports),
+                )
+            })
+            .collect();
+        Cluster { nats, nodes }
+    }
+
+    fn cli(&self, args: &[&str]) -> (i32, String) {
+        let url = self.nats.url();
+        let mut full: Vec<&str> = vec!["cluster"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--nats-url", &url]);
+        natswal_run(&full)
+    }
+
+    /// Every answering node's view of the stream, by node id.
+    fn views(&self) -> BTreeMap<u64, Value> {
+        let (code, output) = self.cli(&["status", "--json", "--wait-ms", "300"]);
+        if code != 0 {
+            return BTreeMap::new();
+        }
+        output
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter_map(|node| {
+                let id = node["node_id"].as_u64()?;
+                let stream = node["streams"].as_array()?.first()?.clone();
+                Some((id, stream))
+            })
+            .collect()
+    }
+
+    /// The node that leads the stream, as its own view says.
+    fn leader(&self) -> Option<u64> {
+        self.views()
+            .iter()
+            .find(|(_, view)| view["is_leader"] == true)
+            .map(|(id, _)| *id)
+    }
+
+    fn node(&mut self, id: u64) -> &mut Natswal {
+        &mut self.nodes[id as usize - 1]
+    }
+}
+
+/// Continuous publishing with `Nats-Msg-Id`s: each message is retried with
+/// its id until a PubAck names its offset.
+struct Publishers {
+    acked: Arc<Mutex<BTreeMap<u64, (u64, Instant)>>>,
+    stop: Arc<AtomicBool>,
+    next: Arc<AtomicU64>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Publishers {
+    fn start(client: async_nats::Client, publishers: usize) -> Publishers {
+        let acked = Arc::new(Mutex::new(BTreeMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..publishers {
+            let (client, acked, stop, next) = (
+                client.clone(),
+                Arc::clone(&acked),
+                Arc::clone(&stop),
+                Arc::clone(&next),
+            );
+            tasks.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let message = next.fetch_add(1, Ordering::Relaxed);
+                    let offset = publish_until_acked(&client, message, &stop).await;
+                    if let Some(offset) = offset {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert(message, (offset, Instant::now()));
+                    }
+                }
+            });
+        }
+        Publishers {
+            acked,
+            stop,
+            next,
+            tasks,
+        }
+    }
+
+    fn acked_count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    async fn wait_for_acks(&self, more: usize, timeout: Duration) {
+        let target = self.acked_count() + more;
+        let deadline = Instant::now() + timeout;
+        while self.acked_count() < target {
+            assert!(
+                Instant::now() < deadline,
+                "publishing did not resume: {} acks, waiting for {target}",
+                self.acked_count()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(mut self) -> BTreeMap<u64, (u64, Instant)> {
+        self.stop.store(true, Ordering::Relaxed);
+        while self.tasks.join_next().await.is_some() {}
+        let _ = self.next.load(Ordering::Relaxed);
+        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
+    }
+}
+
+fn payload_of(message: u64) -> Bytes {
+    Bytes::from(format!(
+        "order {message} {}",
+        "x".repeat((message % 90) as usize)
+    ))
+}
+
+/// Publishes `message` until it is acknowledged (an error reply or no
+/// responder means: retry with the same `Nats-Msg-Id`); `None` if
+/// publishing stopped first.
+async fn publish_until_acked(
+    client: &async_nats::Client,
+    message: u64,
+    stop: &AtomicBool,
+) -> Option<u64> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("m-{message}").as_str());
+    loop {
+        let request = client.request_with_headers(
+            format!("orders.{}", message % 5),
+            headers.clone(),
+            payload_of(message),
+        );
+        // A request that reached a killed leader gets no answer: retry
+        // soon (a copy that was stored is answered as a duplicate).
+        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(1), request).await {
+            if let Ok(ack) = serde_json::from_slice::<Value>(&reply.payload) {
+                if let Some(offset) = ack["seq"].as_u64() {
+                    return Some(offset);
+                }
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every record of a stopped node's replicated log: offset -> (subject,
+/// headers, payload).
+fn read_replica(data_dir: &Path) -> BTreeMap<u64, (Bytes, Bytes, Bytes)> {
+    let directory: PathBuf = data_dir.join("replicated").join(STREAM);
+    let file_system: Arc<dyn FileSystem> = Arc::new(OsFileSystem::new(WriteMode::Pwrite));
+    let options = LogOptions {
+        name: STREAM.to_string(),
+        config: StreamConfig::default(),
+        recovery_mode: RecoveryMode::Strict,
+        keyring: Arc::new(Keyring::default()),
+        node_id: 1,
+        cache: Arc::new(SegmentCache::new(8)),
+        store_locked: None,
+        group_sync: None,
+    };
+    let (log, _) =
+        Log::open(file_system, &directory, options).expect("a replica's log opens strictly");
+    let mut reader = natswal::Reader::new(log.clone(), StartPosition::Earliest, None).unwrap();
+    let mut records = BTreeMap::new();
+    while let Some(record) = reader.next().expect("every frame reads") {
+        records.insert(
+            record.offset,
+            (record.subject, record.headers, record.payload),
+        );
+    }
+    drop(reader);
+    log.close().unwrap();
+    records
+}
+
+/// The longest gap between consecutive acks from the last one before
+/// `from` through `from + within`.
+fn longest_pause(sorted_times: &[Instant], from: Instant, within: Duration) -> Duration {
+    let first = sorted_times
+        .partition_point(|at| *at <= from)
+        .saturating_sub(1);
+    let last = sorted_times.partition_point(|at| *at <= from + within);
+    sorted_times[first..last.max(first + 1).min(sorted_times.len())]
+        .windows(2)
+        .map(|pair| pair[1].duration_since(pair[0]))
+        .max()
+        .unwrap_or_default()
+}
+
+fn kills() -> usize {
+    std::env::var("NATSWAL_CLUSTER_KILLS")
+        .ok()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(3)
+}
+
+async fn wait_for_leader(cluster: &Cluster, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(leader) = cluster.leader() {
+            return leader;
+        }
+        assert!(Instant::now() < deadline, "no leader after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every node has applied the same last entry.
+async fn wait_converged(cluster: &Cluster, timeout: Duration) -> BTreeMap<u64, Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let views = cluster.views();
+        let applied: Vec<&Value> = views.values().map(|view| &view["applied"]).collect();
+        let last: Vec<&Value> = views.values().map(|view| &view["last_index"]).collect();
+        if views.len() == 3
+            && applied.windows(2).all(|pair| pair[0] == pair[1])
+            && applied[0] == last[0]
+            && last.windows(2).all(|pair| pair[0] == pair[1])
+        {
+            return views;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_acks_survive_leader_kills_on_every_replica() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path());
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    assert!(output.contains("\"initialized\""), "{output}");
+    let (code, again) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "a second init is harmless: {again}");
+    assert!(
+        again.contains(STREAM) && again.contains("already_initialized"),
+        "{again}"
+    );
+    let first_leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+
+    let client = connect(&cluster.nats.url()).await;
+    let publishers = Publishers::start(client.clone(), 16);
+    publishers.wait_for_acks(500, Duration::from_secs(30)).await;
+
+    // transfer-leader moves leadership to the node asked for.
+    let target = first_leader % 3 + 1;
+    let (code, output) = cluster.cli(&[
+        "transfer-leader",
+        "--stream",
+        STREAM,
+        "--to",
+        &target.to_string(),
+    ]);
+    assert_eq!(code, 0, "transfer-leader: {output}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.leader() != Some(target) {
+        assert!(
+            Instant::now() < deadline,
+            "leadership did not move to {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publishers.wait_for_acks(300, Duration::from_secs(30)).await;
+
+    let mut kill_times = Vec::new();
+    for round in 0..kills() {
+        let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+        kill_times.push(Instant::now());
+        cluster.node(leader).kill();
+        publishers.wait_for_acks(300, Duration::from_secs(30)).await;
+        cluster.node(leader).restart();
+        publishers.wait_for_acks(200, Duration::from_secs(30)).await;
+        eprintln!(
+            "round {round}: killed leader {leader}, {} acked",
+            publishers.acked_count()
+        );
+    }
+    let acked = publishers.stop().await;
+    let views = wait_converged(&cluster, Duration::from_secs(30)).await;
+    let (code, table) = cluster.cli(&["status"]);
+    assert_eq!(code, 0, "{table}");
+    assert!(
+        table.contains(STREAM) && table.contains("leader"),
+        "status shows the leader: {table}"
+    );
+
+    // The longest pause between two acks in the 10 s after each kill
+    // (from the last ack before it).
+    let mut times: Vec<Instant> = acked.values().map(|(_, at)| *at).collect();
+    times.sort();
+    let pauses: Vec<Duration> = kill_times
+        .iter()
+        .map(|killed| longest_pause(&times, *killed, Duration::from_secs(10)))
+        .collect();
+    eprintln!("unavailability per leader kill: {pauses:?}; converged: {views:?}");
+
+    for node in &mut cluster.nodes {
+        assert!(node.terminate().success(), "a node stops cleanly");
+    }
+    let replicas: Vec<_> = cluster
+        .nodes
+        .iter()
+        .map(|node| read_replica(&node.data_dir))
+        .collect();
+    assert!(
+        replicas[0] == replicas[1] && replicas[1] == replicas[2],
+        "the replicas' logs are identical"
+    );
+    let records = &replicas[0];
+    let mut seen_ids = std::collections::HashSet::new();
+    for (subject, headers, _) in records.values() {
+        assert!(subject.starts_with(b"orders."));
+        let text = String::from_utf8_lossy(headers).to_string();
+        let id = text
+            .lines()
+            .find_map(|line| line.strip_prefix("Nats-Msg-Id: "))
+            .expect("every record has its id")
+            .to_string();
+        assert!(seen_ids.insert(id.clone()), "{id} stored twice");
+    }
+    for (message, (offset, _)) in &acked {
+        let (_, headers, payload) = records
+            .get(offset)
+            .unwrap_or_else(|| panic!("acked message {message} at offset {offset} is missing"));
+        assert_eq!(
+            payload,
+            &payload_of(*message),
+            "offset {offset} holds message {message}"
+        );
+        assert!(String::from_utf8_lossy(headers).contains(&format!("m-{message}\r")));
+    }
+    assert!(acked.len() >= 500 + 300 * kills());
+}
