@@ -85,3 +85,70 @@ fn reads_by_raft_index_during_appends_return_exactly_the_entries_asked() {
     let reads = reader.join().unwrap();
     assert!(reads > 100, "{reads} reads");
 }
+
+/// A reader with a ceiling (a replicated stream's applied end) never hands
+/// out a record at or past it, and `wait` wakes when the ceiling moves.
+#[test]
+fn a_reader_with_a_ceiling_stops_before_uncommitted_frames() {
+    let directory = tempfile::tempdir().unwrap();
+    let file_system: Arc<dyn FileSystem> = Arc::new(OsFileSystem::new(WriteMode::Pwrite));
+    let options = LogOptions {
+        name: "ceiling".to_string(),
+        config: StreamConfig::default(),
+        recovery_mode: RecoveryMode::Strict,
+        keyring: Arc::new(Keyring::default()),
+        node_id: 1,
+        cache: Arc::new(SegmentCache::new(8)),
+        store_locked: None,
+        group_sync: None,
+    };
+    let log = Log::open(file_system, directory.path(), options).unwrap().0;
+    let mut builder = FrameBuilder::new();
+    // Three frames of four records each, all durable.
+    for index in 1..=3u64 {
+        builder.begin();
+        for number in 0..4 {
+            builder.push(&record(index * 4 + number), 1_700_000_000_000_000_000);
+        }
+        let meta = AppendMeta {
+            atomic: false,
+            raft_term: 1,
+            raft_index: index,
+        };
+        log.append(&mut builder, meta, 1_700_000_000_000_000_000)
+            .unwrap();
+    }
+    log.sync().unwrap();
+    let first = log.segments()[0].base_offset();
+    let (ceiling, watched) = tokio::sync::watch::channel(first + 4);
+    let mut reader = natswal::Reader::new(log.clone(), natswal::StartPosition::Earliest, None)
+        .unwrap()
+        .with_ceiling(watched);
+    let offsets = |reader: &mut natswal::Reader| {
+        std::iter::from_fn(|| reader.next().unwrap().map(|record| record.offset))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(offsets(&mut reader), (first..first + 4).collect::<Vec<_>>());
+    // A ceiling inside a frame keeps the whole frame back.
+    ceiling.send(first + 6).unwrap();
+    assert_eq!(offsets(&mut reader), Vec::<u64>::new());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let woken = runtime.block_on(async {
+        let waiting = reader.wait();
+        ceiling.send(first + 12).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await
+    });
+    assert!(
+        matches!(woken, Ok(Ok(()))),
+        "wait wakes when the ceiling moves"
+    );
+    assert_eq!(
+        offsets(&mut reader),
+        (first + 4..first + 12).collect::<Vec<_>>()
+    );
+    drop(reader);
+    log.close().unwrap();
+}

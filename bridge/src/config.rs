@@ -1329,4 +1329,73 @@ recycle_segments = 0
         assert_eq!(config.nats.servers, vec!["nats://x:1", "nats://y:2"]);
         assert_eq!(config.data_dir, PathBuf::from("/tmp/d"));
     }
+
+    const CLUSTER: &str = "[cluster]\nnode_id = 1\nlisten = \"127.0.0.1:7422\"\n[[cluster.peers]]\nid = 2\naddress = \"127.0.0.1:7423\"\n[[cluster.peers]]\nid = 3\naddress = \"127.0.0.1:7424\"\n";
+
+    #[test]
+    fn replicated_streams_need_a_matching_cluster() {
+        let stream = "[[streams]]\nname = \"a\"\nsubjects = [\"a\"]\nreplicas = 3\n";
+        let config = Config::parse(&format!("{CLUSTER}{stream}")).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.streams[0].durability_name(), "quorum");
+        assert_eq!(config.cluster.as_ref().unwrap().members().len(), 3);
+        let without = error_of(stream);
+        assert!(
+            without.contains("streams[0].replicas") && without.contains("[cluster]"),
+            "{without}"
+        );
+        let even = error_of(&format!(
+            "{CLUSTER}{}",
+            stream.replace("replicas = 3", "replicas = 2")
+        ));
+        assert!(even.contains("use 1, 3 or 5"), "{even}");
+        let five = error_of(&format!(
+            "{CLUSTER}{}",
+            stream.replace("replicas = 3", "replicas = 5")
+        ));
+        assert!(five.contains("cluster of 3 nodes"), "{five}");
+        let fsync = error_of(&format!("{CLUSTER}{stream}durability = \"fsync\"\n"));
+        assert!(fsync.contains("quorum"), "{fsync}");
+        let quorum_alone =
+            error_of("[[streams]]\nname = \"a\"\nsubjects = [\"a\"]\ndurability = \"quorum\"\n");
+        assert!(
+            quorum_alone.contains("needs a replicated stream"),
+            "{quorum_alone}"
+        );
+        let batches = error_of(&format!("{CLUSTER}{stream}allow_atomic = true\n"));
+        assert!(
+            batches.contains("not built for replicated streams"),
+            "{batches}"
+        );
+    }
+
+    #[test]
+    fn cluster_sections_name_their_bad_key() {
+        let stream = "[[streams]]\nname = \"a\"\nsubjects = [\"a\"]\n";
+        let reused = error_of(&format!("{}{stream}", CLUSTER.replace("id = 3", "id = 2")));
+        assert!(
+            reused.contains("cluster.peers[1].id") && reused.contains("used twice"),
+            "{reused}"
+        );
+        let own = error_of(&format!("{}{stream}", CLUSTER.replace("id = 2", "id = 1")));
+        assert!(own.contains("cluster.peers[0].id"), "{own}");
+        let zero = error_of(&format!(
+            "{}{stream}",
+            CLUSTER.replace("node_id = 1", "node_id = 0")
+        ));
+        assert!(zero.contains("cluster.node_id"), "{zero}");
+        let address = error_of(&format!(
+            "{}{stream}",
+            CLUSTER.replace("127.0.0.1:7423", "nowhere")
+        ));
+        assert!(
+            address.contains("cluster.peers[0].address") && address.contains("host:port"),
+            "{address}"
+        );
+        let tls = error_of(&format!("{CLUSTER}[cluster.tls]\nca_file = \"/no/ca.pem\"\ncert_file = \"/no/c.pem\"\nkey_file = \"/no/k.pem\"\n{stream}"));
+        assert!(
+            tls.contains("cluster.tls.ca_file") && tls.contains("/no/ca.pem"),
+            "{tls}"
+        );
+    }
 }

@@ -44,6 +44,9 @@ pub struct BridgeMetrics {
     streams: Mutex<Vec<(Arc<Stream>, Arc<StreamCounters>)>>,
     /// The store's group sync, if it has one (its totals are exported).
     pub group_sync: std::sync::OnceLock<Arc<natswal::log::group_sync::GroupSync>>,
+    /// This node's replicated streams (with a `[cluster]`); weak, so
+    /// shutdown can close them while metrics live on.
+    pub raft_groups: std::sync::OnceLock<crate::cluster::WeakGroups>,
 }
 
 impl BridgeMetrics {
@@ -437,7 +440,66 @@ impl BridgeMetrics {
             counter(&mut out, name, help, kind);
             let _ = writeln!(out, "{name} {value}");
         }
+        if let Some(groups) = self.raft_groups.get().and_then(std::sync::Weak::upgrade) {
+            render_raft(&mut out, &groups);
+        }
         out
+    }
+}
+
+/// Each replicated stream's Raft state on this node, and on its leader
+/// each replica's lag.
+fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
+    let statuses: Vec<_> = groups.values().map(|group| group.status()).collect();
+    type Field = fn(&natswal_replication::GroupStatus) -> u64;
+    let gauges: [(&str, &str, Field); 5] = [
+        (
+            "natswal_raft_term",
+            "The stream's Raft term as this node sees it.",
+            |status| status.term,
+        ),
+        (
+            "natswal_raft_is_leader",
+            "1 if this node leads the stream's group.",
+            |status| u64::from(status.is_leader),
+        ),
+        (
+            "natswal_raft_last_index",
+            "Index of the last entry in this node's log (entries counted from 1).",
+            |status| status.last_index.map_or(0, |index| index + 1),
+        ),
+        (
+            "natswal_raft_commit_index",
+            "Index of the last entry this node knows committed (counted from 1).",
+            |status| status.committed.map_or(0, |index| index + 1),
+        ),
+        (
+            "natswal_raft_applied_index",
+            "Index of the last entry applied here: replays read up to it (counted from 1).",
+            |status| status.applied.map_or(0, |index| index + 1),
+        ),
+    ];
+    for (name, help, field) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for status in &statuses {
+            let _ = writeln!(
+                out,
+                "{name}{{stream=\"{}\"}} {}",
+                status.stream,
+                field(status)
+            );
+        }
+    }
+    let name = "natswal_raft_replica_lag_entries";
+    let _ = writeln!(out, "# HELP {name} Entries a replica lacks behind the leader (reported by the leader).\n# TYPE {name} gauge");
+    for status in &statuses {
+        for replica in &status.replicas {
+            let _ = writeln!(
+                out,
+                "{name}{{stream=\"{}\",replica=\"{}\"}} {}",
+                status.stream, replica.node_id, replica.lag_entries
+            );
+        }
     }
 }
 

@@ -247,6 +247,9 @@ async fn start_and_serve(
         .as_ref()
         .map(|node| Arc::clone(&node.groups))
         .unwrap_or_default();
+    if cluster.is_some() {
+        let _ = metrics.raft_groups.set(Arc::downgrade(&groups));
+    }
     if let Some(node) = &cluster {
         for section in config
             .streams

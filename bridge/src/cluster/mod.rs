@@ -28,6 +28,7 @@ pub const REPLICATED_DIRECTORY: &str = "replicated";
 
 /// The replicated streams of this node, by name.
 pub type Groups = Arc<BTreeMap<String, Arc<ReplicatedStream>>>;
+pub type WeakGroups = std::sync::Weak<BTreeMap<String, Arc<ReplicatedStream>>>;
 
 /// This node in its cluster.
 pub struct ClusterNode {
