@@ -137,6 +137,8 @@ enum BenchCommand {
     Streams(bench::streams::StreamsBenchArgs),
     /// A replicated stream's quorum path in one process (three nodes on loopback) beside one node, and failover time.
     Raft(bench::raft::RaftBenchArgs),
+    /// Three natswal nodes at quorum beside a three-node JetStream cluster with an R3 stream, through the same brokers, and natswal's failover time.
+    Cluster(bench::cluster::ClusterBenchArgs),
     /// Internal: the no-op responder of `bench nats` (acks at once, stores nothing).
     #[command(hide = true)]
     NoopResponder {
@@ -165,10 +167,12 @@ fn main() -> ExitCode {
     // warnings, so their output stays readable. RUST_LOG overrides both.
     // The simulator injects the faults the engine logs: it reports them
     // itself.
+    // openraft warns at every heartbeat a down peer misses (ten a second);
+    // natswal reports peers itself, so only openraft's errors are shown.
     let default_level = match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) => "info,openraft=error",
         Command::Sim(_) => "off",
-        _ => "warn",
+        _ => "warn,openraft=error",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -252,6 +256,9 @@ async fn run(command: Command) -> error::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Streams(args)) => {
             bench::streams::run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Cluster(args)) => {
+            bench::cluster::run(args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Raft(args)) => {
             bench::raft::run(args).await.map(|()| ExitCode::SUCCESS)

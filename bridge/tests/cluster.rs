@@ -650,7 +650,14 @@ async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
 
     let address = format!("127.0.0.1:{new_port}");
     let (code, output) = cluster.cli(&["add", "--node-id", "4", "--address", &address]);
-    assert_eq!(code, 0, "cluster add: {output}");
+    if code != 0 {
+        let logs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|node| node.output().join("\n"))
+            .collect();
+        panic!("cluster add: {output}; logs:\n{}", logs.join("\n----\n"));
+    }
     let (code, output) = cluster.cli(&["remove", "--node-id", &dead.to_string()]);
     assert_eq!(code, 0, "cluster remove: {output}");
     let (code, output) = cluster.cli(&["remove", "--node-id", &dead.to_string()]);

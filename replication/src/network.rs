@@ -433,6 +433,9 @@ impl Connection {
 #[derive(Default)]
 pub struct Peers {
     connections: tokio::sync::Mutex<HashMap<String, Arc<Connection>>>,
+    /// Whether the last attempt to reach each address succeeded: an
+    /// unreachable peer is logged once, not at every heartbeat.
+    reachable: tokio::sync::Mutex<HashMap<String, bool>>,
     security: TransportSecurity,
 }
 
@@ -440,19 +443,41 @@ impl Peers {
     pub fn new(security: TransportSecurity) -> Peers {
         Peers {
             connections: tokio::sync::Mutex::new(HashMap::new()),
+            reachable: tokio::sync::Mutex::new(HashMap::new()),
             security,
         }
     }
 
+    /// A live connection to `address`, opened if there is none. The map is
+    /// not locked while connecting: a peer that is slow to answer (a
+    /// partition, a stopped process) must not hold up the others'
+    /// heartbeats. Two callers may both open one; the last one kept wins.
     async fn connection(&self, address: &str) -> Result<Arc<Connection>> {
-        let mut connections = self.connections.lock().await;
-        if let Some(connection) = connections.get(address) {
+        if let Some(connection) = self.connections.lock().await.get(address) {
             if connection.alive.load(Ordering::Acquire) {
                 return Ok(Arc::clone(connection));
             }
         }
-        let connection = Connection::open(address, &self.security).await?;
-        connections.insert(address.to_string(), Arc::clone(&connection));
+        let opened = Connection::open(address, &self.security).await;
+        let mut reachable = self.reachable.lock().await;
+        let was_reachable = reachable.insert(address.to_string(), opened.is_ok());
+        match &opened {
+            Err(error) if was_reachable != Some(false) => {
+                tracing::warn!(
+                    "peer {address} is unreachable: {error} (logged again once it was reached)"
+                );
+            }
+            Ok(_) if was_reachable == Some(false) => {
+                tracing::info!("peer {address} is reachable again")
+            }
+            _ => {}
+        }
+        drop(reachable);
+        let connection = opened?;
+        self.connections
+            .lock()
+            .await
+            .insert(address.to_string(), Arc::clone(&connection));
         Ok(connection)
     }
 

@@ -1,6 +1,7 @@
 //! Benchmark programs (`natswal bench ...`). Figures are reported beside a
 //! peer measured in the same run, since the machine is shared and noisy.
 
+pub mod cluster;
 mod codec;
 pub mod nats;
 pub mod raft;

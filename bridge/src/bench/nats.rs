@@ -227,7 +227,7 @@ pub(super) fn spawn_self(arguments: &[&str], ready: &str) -> Result<ChildProcess
         .map_err(|error| BridgeError::io("cannot find natswal's own executable", error))?;
     let mut child = Command::new(executable)
         .args(arguments)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,openraft=error")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -273,25 +273,25 @@ pub(super) async fn connect(url: &str) -> Result<async_nats::Client> {
 
 /// Result of one load case.
 #[derive(Debug, Clone, Copy)]
-struct Rate {
-    messages: u64,
-    seconds: f64,
-    errors: u64,
+pub(super) struct Rate {
+    pub(super) messages: u64,
+    pub(super) seconds: f64,
+    pub(super) errors: u64,
 }
 
 impl Rate {
-    fn per_second(&self) -> f64 {
+    pub(super) fn per_second(&self) -> f64 {
         self.messages as f64 / self.seconds
     }
 }
 
 /// Publishers with reply subjects, `in_flight` each, for `duration`;
 /// counts successful acks (a JSON body without "error").
-async fn acked_load(
+pub(super) async fn acked_load(
     clients: &[async_nats::Client],
     subject_prefix: &str,
     payload_size: usize,
-    args: &NatsBenchArgs,
+    (publishers, in_flight): (usize, usize),
     duration: Duration,
 ) -> Result<Rate> {
     let payload = Bytes::from(vec![b'x'; payload_size]);
@@ -300,14 +300,14 @@ async fn acked_load(
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     let started = Instant::now();
-    for publisher in 0..args.publishers {
+    for publisher in 0..publishers {
         let client = clients[publisher % clients.len()].clone();
         let reply = format!("{}.{publisher}", client.new_inbox());
         let mut acks = client
             .subscribe(reply.clone())
             .await
             .map_err(|error| BridgeError::nats("cannot subscribe to acks", error))?;
-        let window = Arc::new(tokio::sync::Semaphore::new(args.in_flight));
+        let window = Arc::new(tokio::sync::Semaphore::new(in_flight));
         let counter = {
             let window = Arc::clone(&window);
             let acked = Arc::clone(&acked);
@@ -326,7 +326,6 @@ async fn acked_load(
         let stop = Arc::clone(&stop);
         let payload = payload.clone();
         let subject = format!("{subject_prefix}.{publisher}");
-        let in_flight = args.in_flight;
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match tokio::time::timeout(Duration::from_secs(5), window.acquire()).await {
@@ -819,6 +818,7 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
     create_jetstream_stream(&clients[0], "JSREPLAY", "js.replay.>").await?;
     create_jetstream_stream(&clients_always[0], "JSALWAYS", "js.always.>").await?;
     let duration = Duration::from_secs_f64(args.seconds);
+    let load = (args.publishers, args.in_flight);
     println!("# natswal bench nats");
     println!();
     println!(
@@ -872,8 +872,8 @@ pub async fn run(args: NatsBenchArgs) -> Result<()> {
                 let cpu_before = responder.map_or(f64::NAN, |child| child.cpu_seconds());
                 let rate = match index {
                     0 => core_fanout(&url, size, &args, duration).await?,
-                    6 => acked_load(&clients_always, subject, size, &args, duration).await?,
-                    _ => acked_load(&clients, subject, size, &args, duration).await?,
+                    6 => acked_load(&clients_always, subject, size, load, duration).await?,
+                    _ => acked_load(&clients, subject, size, load, duration).await?,
                 };
                 let cpu = responder.map_or(f64::NAN, |child| child.cpu_seconds()) - cpu_before;
                 let per_message_us = cpu * 1e6 / (rate.messages.max(1) as f64);

@@ -3,8 +3,7 @@
 //! beside the same load on a one-node group in the same run, and the
 //! failover time (leader stopped -> first commit from its successor).
 //! The figures are the replication layer's own ceiling and costs; the
-//! client-facing comparison with JetStream R3 is `bench cluster` (not
-//! built yet, docs/DESIGN-REPLICATION.md).
+//! client-facing comparison with JetStream R3 is `bench cluster`.
 
 use super::percentiles_us;
 use crate::error::{BridgeError, Result};

@@ -58,7 +58,8 @@ pub enum ClusterCommand {
 pub async fn run(command: ClusterCommand) -> Result<()> {
     match command {
         ClusterCommand::Init(connection) => {
-            let answer = request(&connection, "INIT", Bytes::new()).await?;
+            let wait = Duration::from_secs(connection.timeout);
+            let answer = request(&connection, "INIT", Bytes::new(), wait).await?;
             print_answer(&answer)
         }
         ClusterCommand::Status {
@@ -78,6 +79,7 @@ pub async fn run(command: ClusterCommand) -> Result<()> {
                     &connection,
                     &format!("ADD.{stream}"),
                     Bytes::from(body.to_string()),
+                    Duration::from_secs(connection.timeout).max(ADD_WAIT_MIN),
                 )
                 .await?;
                 print_answer(&answer)?;
@@ -95,6 +97,7 @@ pub async fn run(command: ClusterCommand) -> Result<()> {
                     &connection,
                     &format!("REMOVE.{stream}"),
                     Bytes::from(body.to_string()),
+                    Duration::from_secs(connection.timeout),
                 )
                 .await?;
                 print_answer(&answer)?;
@@ -111,6 +114,7 @@ pub async fn run(command: ClusterCommand) -> Result<()> {
                 &connection,
                 &format!("TRANSFER.{stream}"),
                 Bytes::from(body.to_string()),
+                Duration::from_secs(connection.timeout),
             )
             .await?;
             print_answer(&answer)
@@ -118,31 +122,38 @@ pub async fn run(command: ClusterCommand) -> Result<()> {
     }
 }
 
-/// One request answered by one node (the leader, or the `INIT` queue's).
-async fn request(connection: &ConnectionArgs, verb: &str, body: Bytes) -> Result<Value> {
+/// One request answered by one node (the leader, or the `INIT` queue's),
+/// waiting up to `wait` (async-nats's own request timeout is not used: a
+/// learner's catch-up can take minutes).
+async fn request(
+    connection: &ConnectionArgs,
+    verb: &str,
+    body: Bytes,
+    wait: Duration,
+) -> Result<Value> {
     let (client, prefix) = connection.connect().await?;
     let subject = format!("{prefix}.CLUSTER.{verb}");
-    let answer = tokio::time::timeout(
-        Duration::from_secs(connection.timeout),
-        client.request(subject.clone(), body),
-    )
-    .await
-    .map_err(|_| {
-        BridgeError::Nats(format!(
-            "no node answered {subject} within {} s (for a stream: it has no leader now; retry)",
-            connection.timeout
-        ))
-    })?
-    .map_err(|error| {
-        BridgeError::nats(
-            format!("{subject} failed (is a natswal cluster node running?)"),
-            error,
-        )
-    })?;
+    let inbox = client.new_inbox();
+    let mut answers = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|error| BridgeError::nats("cannot subscribe to the reply inbox", error))?;
+    client
+        .publish_with_reply(subject.clone(), inbox, body)
+        .await
+        .map_err(|error| BridgeError::nats(format!("cannot send {subject}"), error))?;
+    let answer = tokio::time::timeout(wait, answers.next())
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| BridgeError::Nats(format!("no node answered {subject} within {} s (is a natswal cluster node running? for a stream: it may have no leader now; retry)", wait.as_secs())))?;
     serde_json::from_slice(&answer.payload).map_err(|error| {
         BridgeError::InvalidArgument(format!("unexpected answer on {subject}: {error}"))
     })
 }
+
+/// How long `add` waits: the learner catches up with the whole log first.
+const ADD_WAIT_MIN: Duration = Duration::from_secs(300);
 
 fn print_answer(answer: &Value) -> Result<()> {
     if let Some(error) = answer.get("error") {
