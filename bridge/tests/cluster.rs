@@ -703,3 +703,60 @@ async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
     });
     assert!(audited, "membership changes are audited");
 }
+
+/// `NATSWAL_CLUSTER_ALL_KILLS` sets the rounds (CI: 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_every_node_at_once_loses_nothing_acknowledged() {
+    let rounds: usize = std::env::var("NATSWAL_CLUSTER_ALL_KILLS")
+        .ok()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(3);
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path());
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let client = connect(&cluster.nats.url()).await;
+    let publishers = Publishers::start(client.clone(), 16);
+    for round in 0..rounds {
+        publishers
+            .wait_for_acks(&cluster, 300, Duration::from_secs(30))
+            .await;
+        // SIGKILL all three while acks are flowing.
+        for node in &mut cluster.nodes {
+            node.kill();
+        }
+        let acked_before = publishers.acked_count();
+        for node in &mut cluster.nodes {
+            node.restart();
+        }
+        publishers
+            .wait_for_acks(&cluster, 300, Duration::from_secs(30))
+            .await;
+        eprintln!(
+            "round {round}: {acked_before} acked before the kill, {} now",
+            publishers.acked_count()
+        );
+    }
+    let acked = publishers.stop().await;
+    wait_converged(&cluster, Duration::from_secs(30)).await;
+    for node in &mut cluster.nodes {
+        assert!(node.terminate().success());
+    }
+    let replicas: Vec<_> = cluster
+        .nodes
+        .iter()
+        .map(|node| read_replica(&node.data_dir))
+        .collect();
+    assert!(
+        replicas[0] == replicas[1] && replicas[1] == replicas[2],
+        "the replicas' logs are identical"
+    );
+    for (message, (offset, _)) in &acked {
+        assert_eq!(
+            replicas[0].get(offset).map(|record| &record.2),
+            Some(&payload_of(*message)),
+            "acked message {message} at offset {offset}"
+        );
+    }
+}
