@@ -111,6 +111,34 @@ impl DuplicateWindow {
         self.expire(now_ns);
     }
 
+    /// Remembers a stored record's `Nats-Msg-Id` (if it has one) at the
+    /// record's time; a record already remembered at this offset is not
+    /// counted twice. Returns whether the record had an id.
+    pub fn remember_record(&mut self, record: &natswal::StoredRecord, now_ns: i64) -> bool {
+        let Some(id) = headers::find(&record.headers, "Nats-Msg-Id") else {
+            return false;
+        };
+        let key = self.key(id);
+        let known = self
+            .entries
+            .get(&key)
+            .is_some_and(|entry| entry.seen == Seen::Stored(record.offset));
+        if !known {
+            let id = id.to_string();
+            self.insert(
+                &id,
+                Seen::Stored(record.offset),
+                record.timestamp_ns.min(now_ns),
+            );
+        }
+        true
+    }
+
+    /// The earliest record time the window still covers at `now_ns`.
+    pub fn covers_since_ns(&self, now_ns: i64) -> i64 {
+        now_ns.saturating_sub(self.window_ns)
+    }
+
     /// The pending copy with ingest `token` was stored at `offset`.
     pub fn resolve(&mut self, id: &str, token: u64, offset: u64) {
         let key = self.key(id);
@@ -148,8 +176,7 @@ impl DuplicateWindow {
         open: impl Fn(StartPosition) -> natswal::Result<Reader>,
         now_ns: i64,
     ) -> natswal::Result<u64> {
-        let since = now_ns.saturating_sub(self.window_ns);
-        let mut reader = open(StartPosition::Time(since))?;
+        let mut reader = open(StartPosition::Time(self.covers_since_ns(now_ns)))?;
         let mut loaded = 0u64;
         loop {
             let record = match reader.next() {
@@ -170,13 +197,7 @@ impl DuplicateWindow {
                 }
                 Err(error) => return Err(error),
             };
-            if let Some(id) = headers::find(&record.headers, "Nats-Msg-Id") {
-                let id = id.to_string();
-                self.insert(
-                    &id,
-                    Seen::Stored(record.offset),
-                    record.timestamp_ns.min(now_ns),
-                );
+            if self.remember_record(&record, now_ns) {
                 loaded += 1;
             }
         }

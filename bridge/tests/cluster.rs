@@ -363,6 +363,19 @@ async fn quorum_acks_survive_leader_kills_on_every_replica() {
         );
     }
     let acked = publishers.stop().await;
+    // The leaders changed since the first messages were acked: a retry of
+    // one is answered with its original offset, as a duplicate.
+    for (message, (offset, _)) in acked.iter().take(20) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("m-{message}").as_str());
+        let reply = client
+            .request_with_headers("orders.retry", headers, payload_of(*message))
+            .await
+            .expect("a retry is answered");
+        let ack: Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(ack["seq"].as_u64(), Some(*offset), "{ack}");
+        assert_eq!(ack["duplicate"], true, "{ack}");
+    }
     let views = wait_converged(&cluster, Duration::from_secs(30)).await;
     let (code, table) = cluster.cli(&["status"]);
     assert_eq!(code, 0, "{table}");

@@ -13,9 +13,11 @@
 //!   offset it took, or an error when its entry was not committed within
 //!   `commit_timeout` or the leader was deposed (never silence, never a
 //!   late ack for something not committed);
-//! - the duplicate window is rebuilt from the committed log whenever this
-//!   node starts to lead, so a new leader answers a retried `Nats-Msg-Id`
-//!   with the original offset.
+//! - the duplicate window follows the committed log on every replica (a
+//!   reader with the applied ceiling feeds it while the node follows), and
+//!   a node that comes to lead reads everything committed before its term
+//!   into it before it checks a message: a new leader answers a retried
+//!   `Nats-Msg-Id` with the original offset.
 
 use crate::ack::{self, ApiError};
 use crate::config::StreamSection;
@@ -63,15 +65,24 @@ struct Completed {
     ids: Vec<Option<String>>,
 }
 
-/// Runs intake whenever this node leads, until shutdown.
+/// Runs intake whenever this node leads, until shutdown; follows the
+/// committed log into the duplicate window while it does not.
 pub async fn run(context: IntakeContext, mut shutdown: watch::Receiver<bool>) {
     let name = context.group.name().to_string();
+    let mut tail = DuplicateTail::new(&context.section);
     loop {
-        let Some(term) = wait_to_lead(&context, &mut shutdown).await else {
+        let Some(term) = follow(&context, &mut tail, &mut shutdown).await else {
             return;
         };
+        // Everything committed before this term is applied: the window
+        // catches up with it before the first new message is checked.
+        if let Err(error) = tail.catch_up(&context.group, usize::MAX).await {
+            tracing::error!(stream = %name, %error, "cannot read the log into the duplicate window: not taking messages");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         tracing::info!(stream = %name, term, "leading: intake starts");
-        lead(&context, term, &mut shutdown).await;
+        lead(&context, term, &mut tail.window, &mut shutdown).await;
         tracing::info!(stream = %name, term, "intake stopped");
         if *shutdown.borrow() {
             return;
@@ -79,10 +90,15 @@ pub async fn run(context: IntakeContext, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// The term this node leads in with fresh quorum contact; `None` at
-/// shutdown.
-async fn wait_to_lead(
+/// Records read into the window per step while following (keeps each
+/// blocking step short).
+const FOLLOW_RECORDS_MAX: usize = 65_536;
+
+/// Follows the committed log into the duplicate window until this node
+/// leads with fresh quorum contact (its term) or shutdown (`None`).
+async fn follow(
     context: &IntakeContext,
+    tail: &mut DuplicateTail,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<u64> {
     let mut check = tokio::time::interval(LEADERSHIP_CHECK);
@@ -94,7 +110,88 @@ async fn wait_to_lead(
         if let Some(term) = leading_term(context) {
             return Some(term);
         }
+        if let Err(error) = tail.catch_up(&context.group, FOLLOW_RECORDS_MAX).await {
+            tracing::warn!(stream = %context.group.name(), %error, "reading the log into the duplicate window failed; it is read again from the window's start");
+        }
     }
+}
+
+/// The duplicate window kept current on every replica: a reader of
+/// committed records (never an entry Raft may still replace) feeds it, so
+/// a node that comes to lead reads only what was committed since it last
+/// looked, not the whole window.
+struct DuplicateTail {
+    window: DuplicateWindow,
+    reader: Option<natswal::Reader>,
+}
+
+impl DuplicateTail {
+    fn new(section: &StreamSection) -> DuplicateTail {
+        DuplicateTail {
+            window: DuplicateWindow::new(section.duplicate_window, section.duplicate_ids_max),
+            reader: None,
+        }
+    }
+
+    /// Reads up to `records_max` committed records into the window, from
+    /// where the last call stopped (the window's start on the first).
+    async fn catch_up(
+        &mut self,
+        group: &Arc<ReplicatedStream>,
+        records_max: usize,
+    ) -> natswal::Result<()> {
+        let window = std::mem::replace(&mut self.window, DuplicateWindow::new(Duration::ZERO, 1));
+        let reader = self.reader.take();
+        let group = Arc::clone(group);
+        let (window, reader, result) = tokio::task::spawn_blocking(move || {
+            let mut window = window;
+            let mut reader = reader;
+            let result = read_into(&group, &mut window, &mut reader, records_max);
+            (window, reader, result)
+        })
+        .await
+        .map_err(|error| natswal::Error::InvalidConfig {
+            key: "duplicate window".to_string(),
+            reason: format!("the read task failed: {error}"),
+        })?;
+        self.window = window;
+        self.reader = reader;
+        result
+    }
+}
+
+/// One blocking step of [`DuplicateTail::catch_up`]. On an error the
+/// reader is dropped: the next step starts again from the window's start.
+fn read_into(
+    group: &ReplicatedStream,
+    window: &mut DuplicateWindow,
+    reader: &mut Option<natswal::Reader>,
+    records_max: usize,
+) -> natswal::Result<()> {
+    let now = now_ns();
+    let mut current = match reader.take() {
+        Some(current) => current,
+        None => group.reader(
+            natswal::StartPosition::Time(window.covers_since_ns(now)),
+            None,
+        )?,
+    };
+    for _ in 0..records_max {
+        match current.next() {
+            Ok(Some(record)) => {
+                window.remember_record(&record, now);
+            }
+            Ok(None) => break,
+            // Records under a key no longer configured keep their ids out
+            // of the window; newer segments are still read.
+            Err(natswal::Error::KeyUnavailable { resume_offset, .. }) => {
+                current = group.reader(natswal::StartPosition::Offset(resume_offset), None)?;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    *reader = Some(current);
+    Ok(())
 }
 
 /// The term this node leads in, if it leads (an entry of its term applied)
@@ -109,16 +206,12 @@ fn leading_term(context: &IntakeContext) -> Option<u64> {
 }
 
 /// Takes messages while leading in `term`.
-async fn lead(context: &IntakeContext, term: u64, shutdown: &mut watch::Receiver<bool>) {
-    let name = context.group.name();
-    let mut window = match rebuild_window(context).await {
-        Ok(window) => window,
-        Err(error) => {
-            tracing::error!(stream = %name, %error, "cannot rebuild the duplicate window from the log: not taking messages");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            return;
-        }
-    };
+async fn lead(
+    context: &IntakeContext,
+    term: u64,
+    window: &mut DuplicateWindow,
+    shutdown: &mut watch::Receiver<bool>,
+) {
     let mut subscription = context.client.subscribe_all(&context.section.subjects);
     let (completions_sender, mut completions) = mpsc::unbounded_channel::<Completed>();
     let slots = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
@@ -140,13 +233,13 @@ async fn lead(context: &IntakeContext, term: u64, shutdown: &mut watch::Receiver
             Event::Check => {}
             Event::Completed(completed) => {
                 in_flight -= 1;
-                finish(context, &mut window, &mut waiting_duplicates, completed);
+                finish(context, window, &mut waiting_duplicates, completed);
             }
             Event::Messages(None) => break,
             Event::Messages(Some(messages)) => {
                 let proposals = accept(
                     context,
-                    &mut window,
+                    window,
                     &mut waiting_duplicates,
                     messages,
                     &mut token,
@@ -177,7 +270,7 @@ async fn lead(context: &IntakeContext, term: u64, shutdown: &mut watch::Receiver
             break;
         };
         in_flight -= 1;
-        finish(context, &mut window, &mut waiting_duplicates, completed);
+        finish(context, window, &mut waiting_duplicates, completed);
     }
 }
 
@@ -398,23 +491,4 @@ fn reply(context: &IntakeContext, subject: Option<async_nats::Subject>, body: by
     if let Err(error) = context.client.publish(&subject, &body) {
         tracing::warn!(stream = %context.group.name(), %error, "cannot publish a reply");
     }
-}
-
-/// The duplicate window from the committed records of the last
-/// `duplicate_window`.
-async fn rebuild_window(context: &IntakeContext) -> natswal::Result<DuplicateWindow> {
-    let group = Arc::clone(&context.group);
-    let section = context.section.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut window = DuplicateWindow::new(section.duplicate_window, section.duplicate_ids_max);
-        window.rebuild(&section.name, |start| group.reader(start, None), now_ns())?;
-        Ok(window)
-    })
-    .await
-    .unwrap_or_else(|error| {
-        Err(natswal::Error::InvalidConfig {
-            key: "duplicate window".to_string(),
-            reason: format!("the rebuild task failed: {error}"),
-        })
-    })
 }
