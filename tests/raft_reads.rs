@@ -10,7 +10,7 @@ use natswal::io::os::OsFileSystem;
 use natswal::io::{FileSystem, WriteMode};
 use natswal::log::writer::AppendMeta;
 use natswal::log::FrameRange;
-use natswal::{Keyring, Log, LogOptions, RecoveryMode, SegmentCache, StreamConfig};
+use natswal::{Log, StreamConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -18,22 +18,14 @@ use std::sync::Arc;
 fn reads_by_raft_index_during_appends_return_exactly_the_entries_asked() {
     let directory = tempfile::tempdir().unwrap();
     let file_system: Arc<dyn FileSystem> = Arc::new(OsFileSystem::new(WriteMode::Pwrite));
-    let options = LogOptions {
-        name: "reads".to_string(),
-        // Small segments: reads cross rotations and new active segments.
-        config: StreamConfig {
-            segment_bytes_max: 1024 * 1024,
-            record_bytes_max: 64 * 1024,
-            frame_bytes_max: 256 * 1024,
-            ..StreamConfig::default()
-        },
-        recovery_mode: RecoveryMode::Strict,
-        keyring: Arc::new(Keyring::default()),
-        node_id: 1,
-        cache: Arc::new(SegmentCache::new(8)),
-        store_locked: None,
-        group_sync: None,
+    // Small segments: reads cross rotations and new active segments.
+    let config = StreamConfig {
+        segment_bytes_max: 1024 * 1024,
+        record_bytes_max: 64 * 1024,
+        frame_bytes_max: 256 * 1024,
+        ..StreamConfig::default()
     };
+    let options = log_options("reads", config);
     let log = Arc::new(Log::open(file_system, directory.path(), options).unwrap().0);
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
@@ -92,16 +84,7 @@ fn reads_by_raft_index_during_appends_return_exactly_the_entries_asked() {
 fn a_reader_with_a_ceiling_stops_before_uncommitted_frames() {
     let directory = tempfile::tempdir().unwrap();
     let file_system: Arc<dyn FileSystem> = Arc::new(OsFileSystem::new(WriteMode::Pwrite));
-    let options = LogOptions {
-        name: "ceiling".to_string(),
-        config: StreamConfig::default(),
-        recovery_mode: RecoveryMode::Strict,
-        keyring: Arc::new(Keyring::default()),
-        node_id: 1,
-        cache: Arc::new(SegmentCache::new(8)),
-        store_locked: None,
-        group_sync: None,
-    };
+    let options = log_options("ceiling", StreamConfig::default());
     let log = Log::open(file_system, directory.path(), options).unwrap().0;
     let mut builder = FrameBuilder::new();
     // Three frames of four records each, all durable.

@@ -262,6 +262,39 @@ fn longest_pause(sorted_times: &[Instant], from: Instant, within: Duration) -> D
         .unwrap_or_default()
 }
 
+type Records = BTreeMap<u64, (Bytes, Bytes, Bytes)>;
+
+/// Stops the nodes at `indexes` cleanly, reads each one's log offline and
+/// asserts they are identical; returns that log.
+fn stop_and_compare(cluster: &mut Cluster, indexes: &[usize]) -> Records {
+    for index in indexes {
+        assert!(
+            cluster.nodes[*index].terminate().success(),
+            "a node stops cleanly"
+        );
+    }
+    let replicas: Vec<Records> = indexes
+        .iter()
+        .map(|index| read_replica(&cluster.nodes[*index].data_dir))
+        .collect();
+    assert!(
+        replicas.windows(2).all(|pair| pair[0] == pair[1]),
+        "the replicas' logs are identical"
+    );
+    replicas.into_iter().next().unwrap()
+}
+
+/// Every acked (message, offset) holds that message's payload.
+fn assert_acked_stored(records: &Records, acked: impl IntoIterator<Item = (u64, u64)>) {
+    for (message, offset) in acked {
+        assert_eq!(
+            records.get(&offset).map(|record| &record.2),
+            Some(&payload_of(message)),
+            "acked message {message} at offset {offset}"
+        );
+    }
+}
+
 fn kills() -> usize {
     std::env::var("NATSWAL_CLUSTER_KILLS")
         .ok()
@@ -407,19 +440,7 @@ async fn quorum_acks_survive_leader_kills_on_every_replica() {
     );
     eprintln!("unavailability per leader kill: {pauses:?}; converged: {views:?}");
 
-    for node in &mut cluster.nodes {
-        assert!(node.terminate().success(), "a node stops cleanly");
-    }
-    let replicas: Vec<_> = cluster
-        .nodes
-        .iter()
-        .map(|node| read_replica(&node.data_dir))
-        .collect();
-    assert!(
-        replicas[0] == replicas[1] && replicas[1] == replicas[2],
-        "the replicas' logs are identical"
-    );
-    let records = &replicas[0];
+    let records = &stop_and_compare(&mut cluster, &[0, 1, 2]);
     let mut seen_ids = std::collections::HashSet::new();
     for (subject, headers, _) in records.values() {
         assert!(subject.starts_with(b"orders."));
@@ -602,24 +623,8 @@ async fn a_leader_cut_off_from_its_followers_acks_nothing_and_replicas_serve_com
     }
     acked.extend(publish_batch(&client, 300, 300).await);
     wait_converged(&cluster, Duration::from_secs(30)).await;
-    for node in &mut cluster.nodes {
-        assert!(node.terminate().success());
-    }
-    let replicas: Vec<_> = cluster
-        .nodes
-        .iter()
-        .map(|node| read_replica(&node.data_dir))
-        .collect();
-    assert!(
-        replicas[0] == replicas[1] && replicas[1] == replicas[2],
-        "the replicas' logs are identical"
-    );
-    for (message, offset) in &acked {
-        assert_eq!(
-            replicas[0].get(offset).map(|record| &record.2),
-            Some(&payload_of(*message))
-        );
-    }
+    let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
+    assert_acked_stored(&records, acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -691,23 +696,9 @@ async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
         assert_eq!(voters, expected, "{view}");
     }
     let live: Vec<usize> = vec![survivors[0] as usize - 1, survivors[1] as usize - 1, 3];
-    for index in &live {
-        assert!(cluster.nodes[*index].terminate().success());
-    }
-    let replicas: Vec<_> = live
-        .iter()
-        .map(|index| read_replica(&cluster.nodes[*index].data_dir))
-        .collect();
-    assert!(
-        replicas[0] == replicas[1] && replicas[1] == replicas[2],
-        "the new node holds the same log"
-    );
-    for (message, offset) in &acked {
-        assert_eq!(
-            replicas[2].get(offset).map(|record| &record.2),
-            Some(&payload_of(*message))
-        );
-    }
+    // The new node (index 3) holds the same log as the survivors.
+    let records = stop_and_compare(&mut cluster, &live);
+    assert_acked_stored(&records, acked);
     // The node that led the changes audited them.
     let audited = live.iter().any(|index| {
         let audit = std::fs::read_to_string(cluster.nodes[*index].data_dir.join("audit.log"))
@@ -753,23 +744,11 @@ async fn killing_every_node_at_once_loses_nothing_acknowledged() {
     }
     let acked = publishers.stop().await;
     wait_converged(&cluster, Duration::from_secs(30)).await;
-    for node in &mut cluster.nodes {
-        assert!(node.terminate().success());
-    }
-    let replicas: Vec<_> = cluster
-        .nodes
-        .iter()
-        .map(|node| read_replica(&node.data_dir))
-        .collect();
-    assert!(
-        replicas[0] == replicas[1] && replicas[1] == replicas[2],
-        "the replicas' logs are identical"
+    let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
+    assert_acked_stored(
+        &records,
+        acked
+            .iter()
+            .map(|(message, (offset, _))| (*message, *offset)),
     );
-    for (message, (offset, _)) in &acked {
-        assert_eq!(
-            replicas[0].get(offset).map(|record| &record.2),
-            Some(&payload_of(*message)),
-            "acked message {message} at offset {offset}"
-        );
-    }
 }

@@ -19,6 +19,20 @@ pub fn mmap_file_system() -> Arc<dyn FileSystem> {
     Arc::new(OsFileSystem::new(WriteMode::Mmap))
 }
 
+/// Options of a standalone Log (strict recovery, no keys, node 1).
+pub fn log_options(name: &str, config: StreamConfig) -> natswal::LogOptions {
+    natswal::LogOptions {
+        name: name.to_string(),
+        config,
+        recovery_mode: natswal::RecoveryMode::Strict,
+        keyring: Arc::new(natswal::Keyring::default()),
+        node_id: 1,
+        cache: Arc::new(SegmentCache::new(8)),
+        store_locked: None,
+        group_sync: None,
+    }
+}
+
 /// A small-segment configuration so tests cross segment boundaries quickly.
 pub fn small_config() -> StreamConfig {
     StreamConfig {

@@ -74,17 +74,8 @@ pub async fn run(command: ClusterCommand) -> Result<()> {
             stream,
         } => {
             let body = serde_json::json!({"node_id": node_id, "address": address});
-            for stream in streams(&connection, stream).await? {
-                let answer = request(
-                    &connection,
-                    &format!("ADD.{stream}"),
-                    Bytes::from(body.to_string()),
-                    Duration::from_secs(connection.timeout).max(ADD_WAIT_MIN),
-                )
-                .await?;
-                print_answer(&answer)?;
-            }
-            Ok(())
+            let wait = Duration::from_secs(connection.timeout).max(ADD_WAIT_MIN);
+            each_stream(&connection, stream, "ADD", &body, wait).await
         }
         ClusterCommand::Remove {
             connection,
@@ -92,17 +83,8 @@ pub async fn run(command: ClusterCommand) -> Result<()> {
             stream,
         } => {
             let body = serde_json::json!({"node_id": node_id});
-            for stream in streams(&connection, stream).await? {
-                let answer = request(
-                    &connection,
-                    &format!("REMOVE.{stream}"),
-                    Bytes::from(body.to_string()),
-                    Duration::from_secs(connection.timeout),
-                )
-                .await?;
-                print_answer(&answer)?;
-            }
-            Ok(())
+            let wait = Duration::from_secs(connection.timeout);
+            each_stream(&connection, stream, "REMOVE", &body, wait).await
         }
         ClusterCommand::TransferLeader {
             connection,
@@ -120,6 +102,23 @@ pub async fn run(command: ClusterCommand) -> Result<()> {
             print_answer(&answer)
         }
     }
+}
+
+/// `verb` with `body` for the stream named, or for every replicated stream
+/// the nodes report, each answered by its leader.
+async fn each_stream(
+    connection: &ConnectionArgs,
+    named: Option<String>,
+    verb: &str,
+    body: &Value,
+    wait: Duration,
+) -> Result<()> {
+    for stream in streams(connection, named).await? {
+        let subject = format!("{verb}.{stream}");
+        let answer = request(connection, &subject, Bytes::from(body.to_string()), wait).await?;
+        print_answer(&answer)?;
+    }
+    Ok(())
 }
 
 /// One request answered by one node (the leader, or the `INIT` queue's),
@@ -204,6 +203,11 @@ async fn streams(connection: &ConnectionArgs, named: Option<String>) -> Result<V
         return Ok(vec![name]);
     }
     let nodes = gather_status(connection, Duration::from_millis(1000)).await?;
+    Ok(stream_names(&nodes))
+}
+
+/// The streams the nodes' status answers name, sorted, each once.
+fn stream_names(nodes: &[Value]) -> Vec<String> {
     let mut names: Vec<String> = nodes
         .iter()
         .flat_map(|node| node["streams"].as_array().cloned().unwrap_or_default())
@@ -211,7 +215,7 @@ async fn streams(connection: &ConnectionArgs, named: Option<String>) -> Result<V
         .collect();
     names.sort();
     names.dedup();
-    Ok(names)
+    names
 }
 
 async fn status(connection: &ConnectionArgs, json: bool, wait: Duration) -> Result<()> {
@@ -226,14 +230,7 @@ async fn status(connection: &ConnectionArgs, json: bool, wait: Duration) -> Resu
         "{:<20} {:>6} {:>8} {:>12} {:>12} {:>14}  REPLICAS (node: role, applied, lag)",
         "STREAM", "LEADER", "TERM", "COMMITTED", "APPLIED", "NEXT OFFSET"
     );
-    let mut names: Vec<String> = nodes
-        .iter()
-        .flat_map(|node| node["streams"].as_array().cloned().unwrap_or_default())
-        .filter_map(|stream| stream["stream"].as_str().map(str::to_string))
-        .collect();
-    names.sort();
-    names.dedup();
-    for name in names {
+    for name in stream_names(&nodes) {
         let views: Vec<(&Value, Value)> = nodes
             .iter()
             .filter_map(|node| {
