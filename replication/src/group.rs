@@ -9,8 +9,11 @@ use crate::network::{GroupNetwork, Peers, Registry};
 use crate::state_machine::StreamStateMachine;
 use crate::types::{Applied, Command, Node, NodeId, Raft, RecordBatch, StreamRaft};
 use natswal::io::FileSystem;
+use natswal::log::restore::restore_raft_frames;
 use natswal::log::writer::now_ns;
-use natswal::{Keyring, Log, LogOptions, RecoveryMode, SegmentCache, StreamConfig};
+use natswal::{
+    Keyring, Log, LogOptions, RecoveryManager, RecoveryMode, SegmentCache, StreamConfig,
+};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, SnapshotPolicy};
@@ -87,60 +90,164 @@ pub struct GroupOptions<'a> {
     pub peer_addresses: Vec<String>,
 }
 
-/// Opens a replicated stream's log. Damage the strict open refuses is
-/// repaired (damaged ranges quarantined) only where that loses no entry
-/// this node may have acknowledged to Raft; otherwise the node refuses to
-/// start the stream, naming the damage, rather than vote with it.
-/// Returns the log and whether its damaged end was cut (entries it had
-/// synced, and so maybe acknowledged to a leader, are gone).
-fn open_log(
+/// A replicated stream's log as opened, and what the open repaired.
+struct OpenedLog {
+    log: Log,
+    /// Its damaged end was cut: entries it had synced (and so maybe
+    /// acknowledged to a leader) are gone.
+    lost_tail: bool,
+    /// Damaged committed entries fetched from peers and written back in
+    /// place.
+    restored: u64,
+}
+
+/// Opens a replicated stream's log after validating all of it (every
+/// frame's CRC: the log is read once per start). Damage is repaired below
+/// openraft, before it runs: a damaged end is cut (its entries are fetched
+/// again afterwards); damaged entries inside the log that this node knows
+/// committed are fetched from a peer by Raft index and written back in
+/// place, never truncated away; damage past the commit index this node
+/// knows cuts the log there (the entries may differ on the leader). When
+/// no peer supplies committed entries, the stream does not start, naming
+/// them, rather than serve or vote with a hole.
+async fn open_log(
     file_system: &Arc<dyn FileSystem>,
     directory: &Path,
     options: LogOptions,
-) -> Result<(Log, bool)> {
+    peers: &Peers,
+    addresses: &[String],
+) -> Result<OpenedLog> {
     let name = options.name.clone();
-    match Log::open(Arc::clone(file_system), directory, options.clone()) {
-        Ok((log, _)) => Ok((log, false)),
-        Err(error) if error.is_corruption() => {
-            let repair = LogOptions {
-                recovery_mode: RecoveryMode::Repair,
-                ..options
-            };
-            let (log, report) = Log::open(Arc::clone(file_system), directory, repair)
-                .map_err(|error| Error::engine(&name, error))?;
-            // A damaged end of the log is cut like a lost tail (the entries
-            // are fetched again): the gap frame the repair wrote for its
-            // records goes too, so the fetched frames take those offsets.
-            // Damage with kept frames after it is a hole.
-            let next_offset = log.written().next_offset;
-            if let [lost] = report.lost.as_slice() {
-                if lost.next_offset == next_offset {
-                    log.truncate_from_offset(lost.first_offset)
-                        .map_err(|error| Error::engine(&name, error))?;
-                }
+    let damaged = match RecoveryManager::verify(file_system, directory, &mut |_| {}) {
+        Ok(report) => !report.problems.is_empty() || !report.recorded_gaps.is_empty(),
+        Err(error) => error.is_corruption(),
+    };
+    let error = if damaged {
+        None
+    } else {
+        match Log::open(Arc::clone(file_system), directory, options.clone()) {
+            Ok((log, _)) => {
+                return Ok(OpenedLog {
+                    log,
+                    lost_tail: false,
+                    restored: 0,
+                })
             }
-            let holes: Vec<_> = report
-                .quarantined
-                .iter()
-                .filter(|range| !is_tail(&log, range))
-                .collect();
-            if !holes.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "stream '{name}': damaged frames inside the log were quarantined ({holes:?}); rewriting committed frames from peers is not built yet, so this replica does not start (it would serve or vote with a hole); first error: {error}"
-                )));
-            }
-            tracing::warn!("stream '{name}': repaired on open: {error}");
-            Ok((log, true))
+            Err(error) if error.is_corruption() => Some(error),
+            Err(error) => return Err(Error::engine(&name, error)),
         }
-        Err(error) => Err(Error::engine(&name, error)),
+    };
+    let repair = LogOptions {
+        recovery_mode: RecoveryMode::Repair,
+        ..options.clone()
+    };
+    let (log, report) = Log::open(Arc::clone(file_system), directory, repair)
+        .map_err(|error| Error::engine(&name, error))?;
+    tracing::warn!(
+        "stream '{name}': damaged log repaired before Raft starts ({}); quarantined: {:?}",
+        error.map_or_else(
+            || "found by validation".to_string(),
+            |error| error.to_string()
+        ),
+        report.quarantined
+    );
+    // A damaged end of the log is cut like a lost tail (the entries are
+    // fetched again): the gap frame the repair wrote for its records goes
+    // too, so the fetched frames take those offsets.
+    let mut lost_tail = false;
+    let next_offset = log.written().next_offset;
+    if let Some(lost) = report.lost.last() {
+        if lost.next_offset == next_offset {
+            log.truncate_from_offset(lost.first_offset)
+                .map_err(|error| Error::engine(&name, error))?;
+            lost_tail = true;
+        }
     }
+    let committed = log.metadata().committed.map_or(0, |id| id.index);
+    let segments: Vec<_> = log
+        .segments()
+        .iter()
+        .map(|segment| segment.path().to_path_buf())
+        .collect();
+    let holes = log
+        .raft_holes(&segments)
+        .map_err(|error| Error::engine(&name, error))?;
+    let mut restorable = Vec::new();
+    for hole in holes {
+        match hole.missing() {
+            Some(missing) if missing.end <= committed + 1 => restorable.push(hole),
+            _ => {
+                log.truncate_after(hole.after_index)
+                    .map_err(|error| Error::engine(&name, error))?;
+                lost_tail = true;
+                break;
+            }
+        }
+    }
+    if restorable.is_empty() {
+        return Ok(OpenedLog {
+            log,
+            lost_tail,
+            restored: 0,
+        });
+    }
+    log.close().map_err(|error| Error::engine(&name, error))?;
+    drop(log);
+    let mut restored = 0;
+    for hole in &restorable {
+        let missing = hole.missing().expect("a restorable hole has a size");
+        let frames = fetch_committed(peers, addresses, &name, missing).await?;
+        restore_raft_frames(file_system, directory, &options.config, hole, &frames)
+            .map_err(|error| Error::engine(&name, error))?;
+        restored += frames.len() as u64;
+    }
+    let (log, _) = Log::open(Arc::clone(file_system), directory, options)
+        .map_err(|error| Error::engine(&name, error))?;
+    tracing::warn!(
+        "stream '{name}': {restored} damaged committed entries were fetched from peers and written back in place"
+    );
+    Ok(OpenedLog {
+        log,
+        lost_tail,
+        restored,
+    })
 }
 
-/// Whether a quarantined range was the end of the log (nothing kept after).
-fn is_tail(log: &Log, range: &natswal::log::recovery::QuarantinedRange) -> bool {
-    log.segments()
-        .last()
-        .is_some_and(|last| last.path() == range.segment && last.progress().length <= range.start)
+/// Committed frames with Raft indexes `wanted` from the first peer that
+/// has them all.
+async fn fetch_committed(
+    peers: &Peers,
+    addresses: &[String],
+    name: &str,
+    wanted: std::ops::Range<u64>,
+) -> Result<Vec<bytes::Bytes>> {
+    let mut failures = Vec::new();
+    for address in addresses {
+        let mut frames = Vec::new();
+        loop {
+            let next = wanted.start + frames.len() as u64;
+            if next >= wanted.end {
+                return Ok(frames);
+            }
+            match peers.fetch(address, name, next, wanted.end).await {
+                Ok(fetched) if fetched.is_empty() => {
+                    failures.push(format!("{address}: has only [{}, {next})", wanted.start));
+                    break;
+                }
+                Ok(fetched) => frames.extend(fetched),
+                Err(error) => {
+                    failures.push(format!("{address}: {error}"));
+                    break;
+                }
+            }
+        }
+    }
+    Err(Error::Invalid(format!(
+        "stream '{name}': committed entries with Raft indexes [{}, {}) are damaged in this node's log and no peer supplied them ({}); this replica does not start (it would serve or vote with a hole)",
+        wanted.start,
+        wanted.end,
+        if failures.is_empty() { "no peers".to_string() } else { failures.join("; ") }
+    )))
 }
 
 /// Fetches the committed entries a log lost from peers, before Raft
@@ -254,6 +361,7 @@ pub struct ReplicatedStream {
     registry: Arc<Registry>,
     peers: Arc<Peers>,
     fetched_on_open: u64,
+    restored_on_open: u64,
     applied_offset: tokio::sync::watch::Receiver<u64>,
 }
 
@@ -281,8 +389,15 @@ impl ReplicatedStream {
             store_locked: None,
             group_sync: None,
         };
-        let (log, lost_tail) = open_log(&file_system, options.directory, log_options)?;
-        let log = Arc::new(log);
+        let opened = open_log(
+            &file_system,
+            options.directory,
+            log_options,
+            &peers,
+            &options.peer_addresses,
+        )
+        .await?;
+        let (log, lost_tail) = (Arc::new(opened.log), opened.lost_tail);
         let fetched = fill_lost_entries(&log, &peers, &options.peer_addresses, lost_tail).await?;
         if fetched > 0 {
             tracing::warn!(
@@ -316,6 +431,7 @@ impl ReplicatedStream {
             registry,
             peers,
             fetched_on_open: fetched,
+            restored_on_open: opened.restored,
             applied_offset,
         })
     }
@@ -425,6 +541,12 @@ impl ReplicatedStream {
     /// Committed entries the log had lost and fetched from peers on open.
     pub fn fetched_on_open(&self) -> u64 {
         self.fetched_on_open
+    }
+
+    /// Damaged committed entries this node fetched from peers and wrote
+    /// back in place when it opened the stream.
+    pub fn restored_on_open(&self) -> u64 {
+        self.restored_on_open
     }
 
     /// Makes `members` the group's first membership (once, on one node).

@@ -344,6 +344,114 @@ async fn a_follower_that_lost_committed_entries_fetches_them_before_it_votes() {
     assert!(error.contains("no peer answered"), "{error}");
 }
 
+/// Flips one byte inside the body of the frame with Raft index
+/// `raft_index` in a closed node's segment files (found by its bytes).
+fn damage_frame(directory: &std::path::Path, frame: &[u8]) {
+    for entry in std::fs::read_dir(directory).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|extension| extension != "log") {
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let Some(position) = bytes
+            .windows(frame.len())
+            .position(|window| window == frame)
+        else {
+            continue;
+        };
+        bytes[position + frame.len() - 3] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        return;
+    }
+    panic!("the frame is in no segment");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_committed_entry_is_fetched_from_a_peer_and_written_back_in_place() {
+    let mut nodes = start_cluster(3).await;
+    let leader_id = await_leader(&nodes).await;
+    let leader = &nodes[(leader_id - 1) as usize];
+    propose_all(stream(leader), 0, 40, 5).await;
+    let last = last_entry(stream(leader));
+    assert_identical_logs(&nodes, last).await;
+    let follower = nodes.iter().position(|node| node.id != leader_id).unwrap();
+    let log = Arc::clone(stream(&nodes[follower]).log());
+    let deadline = std::time::Instant::now() + WAIT;
+    while log.metadata().committed.map_or(0, |id| id.index) < last + 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower saves its commit index"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Two committed record entries in the middle of the log, with entries
+    // after them, lose a bit each.
+    let damaged: Vec<bytes::Bytes> = [last / 3, last / 2]
+        .into_iter()
+        .map(|index| {
+            let frame = log
+                .read_frames(FrameRange::RaftIndex {
+                    start: index,
+                    end: index + 1,
+                })
+                .unwrap()
+                .remove(0);
+            assert!(frame.header.record_count > 0, "entry {index} holds records");
+            frame.bytes
+        })
+        .collect();
+    drop(log);
+    let stopped = nodes[follower].stream.take().unwrap();
+    stopped.shutdown().await.unwrap();
+    for frame in &damaged {
+        damage_frame(nodes[follower].directory.path(), frame);
+    }
+
+    let reopened = open_stream(&nodes[follower]).await;
+    assert_eq!(
+        reopened.restored_on_open(),
+        2,
+        "both damaged entries were restored"
+    );
+    nodes[follower].stream = Some(reopened);
+    // Byte-identical to the leader's log: nothing was truncated away.
+    assert_identical_logs(&nodes, last).await;
+    let quarantine = nodes[follower].directory.path().join("quarantine");
+    assert!(
+        std::fs::read_dir(&quarantine).unwrap().count() >= 2,
+        "the damaged bytes are kept in quarantine"
+    );
+
+    // With no peer to supply them, a damaged replica refuses to start.
+    let damaged_again = stream(&nodes[follower])
+        .log()
+        .read_frames(FrameRange::RaftIndex {
+            start: last / 2,
+            end: last / 2 + 1,
+        })
+        .unwrap()
+        .remove(0)
+        .bytes;
+    for node in &mut nodes {
+        if let Some(stream) = node.stream.take() {
+            stream.shutdown().await.unwrap();
+        }
+    }
+    for node in &nodes {
+        node.registry.remove(STREAM);
+    }
+    damage_frame(nodes[follower].directory.path(), &damaged_again);
+    let error = match try_open_stream(&nodes[follower]).await {
+        Ok(_) => panic!("a replica with a damaged committed entry started without its peers"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("does not start"), "{error}");
+    assert!(
+        error.contains(&format!("Raft indexes [{}, {})", last / 2, last / 2 + 1)),
+        "{error}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_joins_catches_up_becomes_a_voter_and_takes_the_lead() {
     let mut nodes = start_cluster_of(4, 3).await;

@@ -2,7 +2,7 @@
 //! statistics (offsets, records, timestamps, Raft ids) frame by frame, for
 //! the writer, the walker and index rebuilds alike.
 
-use crate::format::frame::FrameHeader;
+use crate::format::frame::{FrameHeader, FrameKind};
 use crate::format::index::{IndexEntry, IndexHeader};
 use crate::format::metadata::LogId;
 
@@ -31,6 +31,9 @@ pub(crate) struct IndexBuilder {
     pub timestamp_max: i64,
     pub first_raft_index: u64,
     pub last_log_id: LogId,
+    /// The last frame added was a repair's gap frame: the Raft entries it
+    /// stands for are missing, so the next entry may jump forward.
+    pub after_gap: bool,
     last_entry_position: Option<u64>,
 }
 
@@ -46,6 +49,7 @@ impl IndexBuilder {
             timestamp_max: i64::MIN,
             first_raft_index: 0,
             last_log_id: LogId::default(),
+            after_gap: false,
             last_entry_position: None,
         }
     }
@@ -68,6 +72,7 @@ impl IndexBuilder {
             timestamp_max: progress.last_timestamp_ns,
             first_raft_index: progress.first_raft_index,
             last_log_id: progress.last_log_id,
+            after_gap: false,
         }
     }
 
@@ -99,7 +104,11 @@ impl IndexBuilder {
             self.record_count += u64::from(records);
             self.timestamp_max = self.timestamp_max.max(header.last_timestamp_ns);
         }
+        if header.kind == FrameKind::Gap {
+            self.after_gap = true;
+        }
         if header.raft_index != 0 {
+            self.after_gap = false;
             self.last_log_id = LogId {
                 term: header.raft_term,
                 index: header.raft_index,
@@ -112,6 +121,16 @@ impl IndexBuilder {
     /// Offsets up to `offset` are lost (a damage the walk stepped over).
     pub fn skip_to(&mut self, offset: u64) {
         self.next_offset = self.next_offset.max(offset);
+    }
+
+    /// Raft entries before `raft_index` are lost with the damage the walk
+    /// stepped over: the frame resuming after it continues the log even
+    /// though its index is not the last one's plus one.
+    pub fn skip_raft_to(&mut self, raft_index: u64) {
+        let last = self.last_log_id.index;
+        if last != 0 && raft_index > last + 1 {
+            self.last_log_id.index = raft_index - 1;
+        }
     }
 
     pub fn header(&self, data_length: u64, salt: u64) -> IndexHeader {

@@ -39,6 +39,7 @@ pub mod durability;
 pub mod group_sync;
 pub mod index;
 pub mod recovery;
+pub mod restore;
 pub mod segment;
 pub(crate) mod walker;
 pub mod writer;

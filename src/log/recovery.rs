@@ -1440,7 +1440,7 @@ fn save_quarantined(
 }
 
 /// Appends a slot holding `frame` to a segment image being rebuilt.
-fn push_slot(image: &mut Vec<u8>, frame: &[u8], salt: u32, generation: u32) {
+pub(crate) fn push_slot(image: &mut Vec<u8>, frame: &[u8], salt: u32, generation: u32) {
     let slot = SlotHeader {
         frame_length: frame.len() as u32,
         durable_position: image.len() as u32,
@@ -1589,15 +1589,41 @@ fn repair_segment(
             report.quarantined.push(saved);
         }
     }
-    // The whole image is durable once written: every slot's
-    // durable_position is its own position.
-    file_system.write_atomic(&analysis.path, &image)?;
-    let index_path = context.directory.join(index_file_name(analysis.base));
+    write_rebuilt_segment(
+        file_system,
+        context.directory,
+        context.config,
+        &header,
+        image,
+        is_last,
+    )?;
+    tracing::warn!(segment = %analysis.path.display(), "segment repaired");
+    Ok(())
+}
+
+/// Writes a rebuilt segment image, then its fresh index, each atomically.
+/// The image must carry a new salt: an index of the old image, left by a
+/// crash between the two writes, then no longer matches it and is ignored
+/// (the next open rebuilds it), never taken to describe the new frames.
+/// The whole image is durable once written: every slot's durable_position
+/// is its own position.
+pub(crate) fn write_rebuilt_segment(
+    file_system: &dyn FileSystem,
+    directory: &Path,
+    config: &StreamConfig,
+    header: &SegmentHeader,
+    image: Vec<u8>,
+    is_last: bool,
+) -> Result<()> {
+    let path = directory.join(segment_file_name(header.base_offset));
+    file_system.write_atomic(&path, &image)?;
+    let index_path = directory.join(index_file_name(header.base_offset));
     let image = Bytes::from(image);
+    let salt = salt_state(header.salt);
     let params = WalkParams::whole(salt, image.len() as u64);
     let start = WalkStart {
         position: SEGMENT_HEADER_LENGTH as u64,
-        builder: IndexBuilder::new(analysis.base, context.config.index_interval_bytes),
+        builder: IndexBuilder::new(header.base_offset, config.index_interval_bytes),
         generation: 0,
     };
     let length = image.len() as u64;
@@ -1616,9 +1642,7 @@ fn repair_segment(
     file_system.write_atomic(
         &index_path,
         &encode_index(&index, &rewalked.builder.entries),
-    )?;
-    tracing::warn!(segment = %analysis.path.display(), "segment repaired");
-    Ok(())
+    )
 }
 
 /// Repairs a segment whose header is damaged. Its index (sealed or

@@ -419,7 +419,9 @@ fn continuity_defect(
         RaftJump::ToPurgePoint(purged) => purged > last_index && index == purged + 1,
         RaftJump::Forward => index > last_index,
     };
-    if index != 0 && last_index != 0 && index != last_index + 1 && !jumps {
+    // A repair's gap frame stands for the entries it lost.
+    let after_gap = builder.after_gap && index > last_index;
+    if index != 0 && last_index != 0 && index != last_index + 1 && !jumps && !after_gap {
         return Some(format!(
             "frame with Raft index {} after Raft index {last_index}",
             frame.header.raft_index
@@ -601,6 +603,7 @@ pub(crate) fn walk(
                 // The frames after a damaged slot continue the numbering of
                 // the frame that resumes it.
                 builder.skip_to(frame.header.base_offset);
+                builder.skip_raft_to(frame.header.raft_index);
                 position = frame.position;
                 pending = Some(frame);
             }

@@ -1,0 +1,313 @@
+//! Restoring lost Raft entries into a repaired log.
+//!
+//! A repair (`recovery.rs`) replaces damaged frames by a gap frame for the
+//! offsets they held; entries that held no offsets (blank, membership)
+//! leave only a jump in the Raft indexes. On a replica those entries are
+//! committed on the other nodes, as the very same bytes (a Raft entry's
+//! frame is identical on every replica), so they are fetched from a peer
+//! and written back where the damage was: the damage then costs nothing.
+//!
+//! [`Log::raft_holes`] finds the entries missing from damaged segments,
+//! with the Raft indexes around them; [`restore_raft_frames`] writes one
+//! hole's entries back into its segment, with the log closed. The segment
+//! is rebuilt whole, every other slot kept as it is, and written as a
+//! repair writes one (write to a temporary, sync, rename, directory sync,
+//! under a new salt; then its index): a crash anywhere leaves the repaired
+//! image or the restored one, never a mix, and the hole is found and
+//! restored again by the next run.
+//!
+//! Invariant: a restore only ever adds the entries that close a hole, in
+//! order, each checked by its own CRC, with consecutive Raft indexes and
+//! offsets covering exactly the hole's gap; anything else is refused.
+
+use super::recovery::{
+    load_metadata, lock_stream_directory, push_slot, segment_bases, write_rebuilt_segment,
+};
+use super::walker::{read_slot, MemorySource, Slot};
+use super::{Log, SegmentSource};
+use crate::config::StreamConfig;
+use crate::error::{Error, Result};
+use crate::format::frame::{check_frame, salt_state, FrameCheck, FrameHeader, FrameKind};
+use crate::format::metadata::METADATA_FILE_NAME;
+use crate::format::segment_header::{SegmentHeader, SEGMENT_HEADER_LENGTH};
+use crate::io::FileSystem;
+use bytes::Bytes;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Raft entries missing from a segment of the log (a repair cut them out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftHole {
+    pub segment: PathBuf,
+    /// Raft index of the last entry before the hole (0: none).
+    pub after_index: u64,
+    /// Raft index of the first entry after it (`None`: the log ends there).
+    pub before_index: Option<u64>,
+    /// The offsets the lost entries held: `[first_offset, next_offset)`
+    /// (empty when they held none).
+    pub first_offset: u64,
+    pub next_offset: u64,
+}
+
+impl RaftHole {
+    /// Raft indexes of the missing entries (`None` at the end of the log,
+    /// where how many were lost is unknown).
+    pub fn missing(&self) -> Option<Range<u64>> {
+        self.before_index.map(|before| self.after_index + 1..before)
+    }
+}
+
+impl Log {
+    /// The Raft entries missing from these segments (paths as the repair
+    /// report names them), in log order: gap frames, and jumps in Raft
+    /// indexes, also across a segment's boundaries.
+    pub fn raft_holes(&self, damaged: &[PathBuf]) -> Result<Vec<RaftHole>> {
+        let segments = self.segments();
+        let purged = self.metadata().last_purged.map_or(0, |purged| purged.index);
+        let mut holes = Vec::new();
+        for (position, segment) in segments.iter().enumerate() {
+            if !damaged.iter().any(|path| path == segment.path()) {
+                continue;
+            }
+            let mut previous = match position {
+                0 => purged,
+                _ => segments[position - 1].last_log_id().index,
+            };
+            let hole = |after_index, before_index, (first_offset, next_offset)| RaftHole {
+                segment: segment.path().to_path_buf(),
+                after_index,
+                before_index,
+                first_offset,
+                next_offset,
+            };
+            let mut gap: Option<(u64, u64)> = None;
+            for header in self.segment_frame_headers(segment)? {
+                if header.kind == FrameKind::Gap {
+                    let first = gap.map_or(header.base_offset, |(first, _)| first);
+                    gap = Some((first, header.next_offset()));
+                    continue;
+                }
+                if header.raft_index == 0 {
+                    continue;
+                }
+                if gap.is_some() || header.raft_index > previous + 1 {
+                    let offsets = gap
+                        .take()
+                        .unwrap_or((header.base_offset, header.base_offset));
+                    holes.push(hole(previous, Some(header.raft_index), offsets));
+                }
+                previous = header.raft_index;
+            }
+            let next = segments.get(position + 1);
+            let next_first = next
+                .map(|next| next.first_raft_index())
+                .filter(|index| *index != 0);
+            // A jump into a damaged next segment is found there (its hole
+            // may begin it).
+            let next_damaged =
+                next.is_some_and(|next| damaged.iter().any(|path| path == next.path()));
+            let jumps = !next_damaged && next_first.is_some_and(|first| first > previous + 1);
+            if gap.is_some() || jumps {
+                let end = segment.next_offset();
+                holes.push(hole(previous, next_first, gap.unwrap_or((end, end))));
+            }
+        }
+        Ok(holes)
+    }
+
+    /// Headers of every frame of a segment, in order.
+    fn segment_frame_headers(
+        &self,
+        segment: &Arc<super::segment::StorageSegment>,
+    ) -> Result<Vec<FrameHeader>> {
+        let end = segment.written_length();
+        let mut source = SegmentSource::new(segment, self.cache(), end);
+        let mut position = SEGMENT_HEADER_LENGTH as u64;
+        let mut headers = Vec::new();
+        while position < end {
+            match read_slot(&mut source, position, segment.salt_state(), u32::MAX)? {
+                Slot::Frame(frame) => {
+                    position = frame.end();
+                    headers.push(frame.header);
+                }
+                Slot::Defect(defect) => {
+                    return Err(Error::corruption(segment.path(), position, defect.reason))
+                }
+            }
+        }
+        Ok(headers)
+    }
+}
+
+/// Writes a hole's lost entries back into its segment, in place of the
+/// gap the repair left. The log must be closed (this takes the directory
+/// lock). `frames` are exactly the entries `hole.missing()`, as stored on
+/// a peer.
+pub fn restore_raft_frames(
+    file_system: &Arc<dyn FileSystem>,
+    directory: &Path,
+    config: &StreamConfig,
+    hole: &RaftHole,
+    frames: &[Bytes],
+) -> Result<()> {
+    let _lock = lock_stream_directory(file_system.as_ref(), directory)?;
+    check_restored_frames(hole, frames)?;
+    let bytes = Bytes::from(file_system.read(&hole.segment)?);
+    let header = SegmentHeader::decode(&bytes, &hole.segment)?;
+    let old_salt = salt_state(header.salt);
+    let header = SegmentHeader {
+        salt: file_system.entropy(),
+        ..header
+    };
+    let salt = salt_state(header.salt);
+    let mut image = header.encode().to_vec();
+    let mut source = MemorySource {
+        bytes: bytes.clone(),
+    };
+    let mut position = SEGMENT_HEADER_LENGTH as u64;
+    let mut restored = false;
+    // Raft index of the last entry kept so far (`None`: none yet, the
+    // segment may begin right after the hole).
+    let mut last_index: Option<u64> = None;
+    let restore = |image: &mut Vec<u8>, generation: u32| {
+        for frame in frames {
+            push_slot(image, frame, salt, generation);
+        }
+    };
+    while position < bytes.len() as u64 {
+        let frame = match read_slot(&mut source, position, old_salt, u32::MAX)? {
+            Slot::Frame(frame) => frame,
+            Slot::Defect(defect) if defect.zeros => break,
+            Slot::Defect(defect) => {
+                return Err(Error::corruption(&hole.segment, position, defect.reason))
+            }
+        };
+        position = frame.end();
+        let frame_header = frame.header;
+        let generation = frame.slot.generation;
+        let in_gap = frame_header.kind == FrameKind::Gap
+            && hole.next_offset > hole.first_offset
+            && frame_header.base_offset >= hole.first_offset
+            && frame_header.next_offset() <= hole.next_offset;
+        if in_gap {
+            if !restored {
+                restore(&mut image, generation);
+                restored = true;
+            }
+            continue;
+        }
+        let before =
+            frame_header.raft_index != 0 && Some(frame_header.raft_index) == hole.before_index;
+        if before && !restored && last_index.is_none_or(|last| last == hole.after_index) {
+            restore(&mut image, generation);
+            restored = true;
+        }
+        if frame_header.raft_index != 0 {
+            last_index = Some(frame_header.raft_index);
+        }
+        push_slot(&mut image, &frame.bytes, salt, generation);
+    }
+    let ends_at_hole = last_index.is_none_or(|last| last == hole.after_index);
+    if !restored && hole.next_offset == hole.first_offset && ends_at_hole {
+        // Entries without offsets lost at the segment's end.
+        restore(&mut image, 0);
+        restored = true;
+    }
+    if !restored {
+        return Err(Error::InvalidInput(format!(
+            "{}: no hole after Raft index {} to restore entries into (was it restored already?)",
+            hole.segment.display(),
+            hole.after_index
+        )));
+    }
+    let bases = segment_bases(file_system.as_ref(), directory)?;
+    let is_last = bases.last() == Some(&header.base_offset);
+    if is_last {
+        // A clean shutdown's mark names the active segment's length before
+        // the restore: it goes first, so the next open walks the new image.
+        if let Some(mut metadata) = load_metadata(file_system.as_ref(), directory)? {
+            if metadata.clean.take().is_some() {
+                file_system
+                    .write_atomic(&directory.join(METADATA_FILE_NAME), &metadata.encode())?;
+            }
+        }
+    }
+    write_rebuilt_segment(
+        file_system.as_ref(),
+        directory,
+        config,
+        &header,
+        image,
+        is_last,
+    )?;
+    tracing::warn!(
+        segment = %hole.segment.display(),
+        entries = frames.len(),
+        "lost Raft entries restored"
+    );
+    Ok(())
+}
+
+/// The frames must close the hole exactly: whole (their own CRCs), Raft
+/// indexes `hole.missing()` in order, terms not decreasing, and offsets
+/// covering the hole's gap without a gap or an overlap.
+fn check_restored_frames(hole: &RaftHole, frames: &[Bytes]) -> Result<()> {
+    let refused = |reason: String| {
+        Err(Error::InvalidInput(format!(
+            "entries offered for the hole after Raft index {} in {}: {reason}",
+            hole.after_index,
+            hole.segment.display()
+        )))
+    };
+    let Some(missing) = hole.missing() else {
+        return refused("the hole is at the end of the log: its size is unknown".into());
+    };
+    if frames.len() as u64 != missing.end - missing.start {
+        return refused(format!(
+            "{} frames for Raft indexes [{}, {})",
+            frames.len(),
+            missing.start,
+            missing.end
+        ));
+    }
+    let mut offset = hole.first_offset;
+    let mut term = 0;
+    for (frame, index) in frames.iter().zip(missing) {
+        let header = match check_frame(frame) {
+            FrameCheck::Valid(header) if header.frame_length as usize == frame.len() => header,
+            FrameCheck::Valid(_) => return refused(format!("frame {index} has trailing bytes")),
+            FrameCheck::Defect(defect) => return refused(format!("frame {index}: {defect}")),
+            FrameCheck::Unsupported(reason) => return refused(format!("frame {index}: {reason}")),
+        };
+        if header.raft_index != index || header.kind == FrameKind::Gap {
+            return refused(format!(
+                "expected Raft entry {index}, got {:?} with Raft index {}",
+                header.kind, header.raft_index
+            ));
+        }
+        if header.raft_term < term {
+            return refused(format!(
+                "frame {index} goes back to term {}",
+                header.raft_term
+            ));
+        }
+        term = header.raft_term;
+        if header.kind.takes_offsets() {
+            if header.base_offset != offset {
+                return refused(format!(
+                    "frame {index} starts at offset {}, expected {offset}",
+                    header.base_offset
+                ));
+            }
+            offset = header.next_offset();
+        }
+    }
+    if offset != hole.next_offset {
+        return refused(format!(
+            "the frames end at offset {offset}, the hole at {}",
+            hole.next_offset
+        ));
+    }
+    Ok(())
+}
