@@ -24,6 +24,9 @@
 //! - [`Log::install_segment`] links in a sealed segment received from a
 //!   peer, checked by CRC and walked before it is renamed in: a crash leaves
 //!   no segment or the whole one;
+//! - [`Log::raft_holes`] and [`restore::restore_raft_frames`] find the
+//!   Raft entries a repair cut out and write a peer's copies of them back
+//!   in place (crash-atomic, like a repair);
 //! - [`Log::metadata`] and the `save_*` methods keep the Raft vote, commit
 //!   index and purge point in the stream's metadata file (atomic, CRC'd; a
 //!   damaged one is an error, never a default).
