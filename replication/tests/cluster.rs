@@ -258,6 +258,19 @@ async fn start_cluster_of(count: u64, voters: u64) -> Vec<TestNode> {
     nodes
 }
 
+/// Waits until a node's log has saved (durably) a commit index of at least
+/// `frame_index`.
+async fn await_saved_commit(log: &natswal::Log, frame_index: u64) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while log.metadata().committed.map_or(0, |id| id.index) < frame_index {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower saves its commit index"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Cuts `bytes` off the data of the node's last segment, as a disk that
 /// lost writes it had acknowledged would.
 fn cut_last_segment(directory: &std::path::Path, data_length: u64, bytes: u64) {
@@ -287,14 +300,7 @@ async fn a_follower_that_lost_committed_entries_fetches_them_before_it_votes() {
     let follower = nodes.iter().position(|node| node.id != leader_id).unwrap();
     let log = Arc::clone(stream(&nodes[follower]).log());
     let committed_frame_index = last + 1;
-    let deadline = std::time::Instant::now() + WAIT;
-    while log.metadata().committed.map_or(0, |id| id.index) < committed_frame_index {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the follower saves its commit index"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    await_saved_commit(&log, committed_frame_index).await;
     let data_length = log.segments().last().unwrap().progress().length;
     drop(log);
     nodes[follower]
@@ -344,8 +350,8 @@ async fn a_follower_that_lost_committed_entries_fetches_them_before_it_votes() {
     assert!(error.contains("no peer answered"), "{error}");
 }
 
-/// Flips one byte inside the body of the frame with Raft index
-/// `raft_index` in a closed node's segment files (found by its bytes).
+/// Flips one byte inside the body of `frame` where a closed node's
+/// segment files store it (found by its bytes).
 fn damage_frame(directory: &std::path::Path, frame: &[u8]) {
     for entry in std::fs::read_dir(directory).unwrap() {
         let path = entry.unwrap().path();
@@ -376,14 +382,7 @@ async fn a_damaged_committed_entry_is_fetched_from_a_peer_and_written_back_in_pl
     assert_identical_logs(&nodes, last).await;
     let follower = nodes.iter().position(|node| node.id != leader_id).unwrap();
     let log = Arc::clone(stream(&nodes[follower]).log());
-    let deadline = std::time::Instant::now() + WAIT;
-    while log.metadata().committed.map_or(0, |id| id.index) < last + 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the follower saves its commit index"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    await_saved_commit(&log, last + 1).await;
     // Two committed record entries in the middle of the log, with entries
     // after them, lose a bit each.
     let damaged: Vec<bytes::Bytes> = [last / 3, last / 2]

@@ -31,9 +31,10 @@ pub(crate) struct IndexBuilder {
     pub timestamp_max: i64,
     pub first_raft_index: u64,
     pub last_log_id: LogId,
-    /// The last frame added was a repair's gap frame: the Raft entries it
-    /// stands for are missing, so the next entry may jump forward.
-    pub after_gap: bool,
+    /// Raft entries are missing here (the last frame added was a repair's
+    /// gap frame, or the walk just stepped over damage): the next entry may
+    /// jump forward.
+    pub after_loss: bool,
     last_entry_position: Option<u64>,
 }
 
@@ -49,7 +50,7 @@ impl IndexBuilder {
             timestamp_max: i64::MIN,
             first_raft_index: 0,
             last_log_id: LogId::default(),
-            after_gap: false,
+            after_loss: false,
             last_entry_position: None,
         }
     }
@@ -72,7 +73,7 @@ impl IndexBuilder {
             timestamp_max: progress.last_timestamp_ns,
             first_raft_index: progress.first_raft_index,
             last_log_id: progress.last_log_id,
-            after_gap: false,
+            after_loss: false,
         }
     }
 
@@ -105,10 +106,10 @@ impl IndexBuilder {
             self.timestamp_max = self.timestamp_max.max(header.last_timestamp_ns);
         }
         if header.kind == FrameKind::Gap {
-            self.after_gap = true;
+            self.after_loss = true;
         }
         if header.raft_index != 0 {
-            self.after_gap = false;
+            self.after_loss = false;
             self.last_log_id = LogId {
                 term: header.raft_term,
                 index: header.raft_index,
@@ -121,16 +122,6 @@ impl IndexBuilder {
     /// Offsets up to `offset` are lost (a damage the walk stepped over).
     pub fn skip_to(&mut self, offset: u64) {
         self.next_offset = self.next_offset.max(offset);
-    }
-
-    /// Raft entries before `raft_index` are lost with the damage the walk
-    /// stepped over: the frame resuming after it continues the log even
-    /// though its index is not the last one's plus one.
-    pub fn skip_raft_to(&mut self, raft_index: u64) {
-        let last = self.last_log_id.index;
-        if last != 0 && raft_index > last + 1 {
-            self.last_log_id.index = raft_index - 1;
-        }
     }
 
     pub fn header(&self, data_length: u64, salt: u64) -> IndexHeader {

@@ -419,9 +419,10 @@ fn continuity_defect(
         RaftJump::ToPurgePoint(purged) => purged > last_index && index == purged + 1,
         RaftJump::Forward => index > last_index,
     };
-    // A repair's gap frame stands for the entries it lost.
-    let after_gap = builder.after_gap && index > last_index;
-    if index != 0 && last_index != 0 && index != last_index + 1 && !jumps && !after_gap {
+    // A repair's gap frame, or damage just stepped over, stands for the
+    // entries lost there.
+    let after_loss = builder.after_loss && index > last_index;
+    if index != 0 && last_index != 0 && index != last_index + 1 && !jumps && !after_loss {
         return Some(format!(
             "frame with Raft index {} after Raft index {last_index}",
             frame.header.raft_index
@@ -603,7 +604,8 @@ pub(crate) fn walk(
                 // The frames after a damaged slot continue the numbering of
                 // the frame that resumes it.
                 builder.skip_to(frame.header.base_offset);
-                builder.skip_raft_to(frame.header.raft_index);
+                // The entries the damage held are lost too.
+                builder.after_loss = true;
                 position = frame.position;
                 pending = Some(frame);
             }
