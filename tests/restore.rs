@@ -128,12 +128,11 @@ fn missing_frames(peer: &[Bytes], hole: &RaftHole) -> Vec<Bytes> {
 #[test]
 fn damaged_entries_cost_only_their_frames_and_come_back_byte_for_byte() {
     let (file_system, peer, second_segment_first) = written();
-    // Two record entries in one segment and the first entry of the next
-    // (entries without offsets, blank or membership, cannot be restored
-    // yet: a repair refuses a log that lost one, naming the jump in Raft
-    // indexes, docs/DESIGN-REPLICATION.md section 6).
-    let second = second_segment_first + u64::from(second_segment_first % 10 == 0);
-    let damaged = [57u64, 121, second];
+    // A blank entry (no offsets: the repair marks it with a gap of no
+    // offsets), two record entries in one segment and the first entry of
+    // the next.
+    let second = second_segment_first;
+    let damaged = [30u64, 57, 121, second];
     assert!(second > 122, "{second}");
     for index in damaged {
         damage(&file_system, &peer[(index - 1) as usize]);
@@ -151,13 +150,13 @@ fn damaged_entries_cost_only_their_frames_and_come_back_byte_for_byte() {
     // Everything but the damaged frames is still there after the repair.
     let log = open_at(&file_system, RecoveryMode::Strict).unwrap();
     let kept = log
-        .read_frames(FrameRange::RaftIndex { start: 1, end: 57 })
+        .read_frames(FrameRange::RaftIndex { start: 31, end: 57 })
         .unwrap();
-    assert_eq!(kept.len(), 56);
+    assert_eq!(kept.len(), 26);
     drop(log);
 
     // Anything but the exact frames is refused, naming why.
-    let hole = &holes[0];
+    let hole = &holes[1];
     let wrong = [
         (vec![peer[57].clone()], "expected Raft entry 57"),
         (vec![], "0 frames"),
@@ -194,9 +193,34 @@ fn damaged_entries_cost_only_their_frames_and_come_back_byte_for_byte() {
 }
 
 #[test]
+fn the_lost_last_entry_of_a_sealed_segment_is_one_hole_restored_in_its_segment() {
+    let (file_system, peer, second_segment_first) = written();
+    let last_of_first = second_segment_first - 1;
+    damage(&file_system, &peer[(last_of_first - 1) as usize]);
+    let holes = repaired_holes(&file_system);
+    assert_eq!(holes.len(), 1, "{holes:?}");
+    assert_eq!(
+        holes[0].missing(),
+        Some(last_of_first..second_segment_first)
+    );
+    restore(&file_system, &holes[0], &missing_frames(&peer, &holes[0])).unwrap();
+    assert!(repaired_holes(&file_system).is_empty());
+    let log = open_at(&file_system, RecoveryMode::Strict).unwrap();
+    assert!(all_frames(&log) == peer, "byte for byte");
+}
+
+#[test]
 fn a_restore_crashed_at_any_step_ends_like_an_uninterrupted_one_when_run_again() {
+    // A record entry, then a blank one (its hole is marked by a gap of no
+    // offsets).
+    for index in [201u64, 200] {
+        crash_a_restore_at_every_step(index);
+    }
+}
+
+fn crash_a_restore_at_every_step(index: u64) {
     let (file_system, peer, _) = written();
-    damage(&file_system, &peer[200]);
+    damage(&file_system, &peer[(index - 1) as usize]);
     let holes = repaired_holes(&file_system);
     assert_eq!(holes.len(), 1, "{holes:?}");
     let repaired = file_system.crash(0);

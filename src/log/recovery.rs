@@ -119,6 +119,9 @@ pub struct RecoveryReport {
     pub rebuilt_indexes: Vec<PathBuf>,
     pub quarantined: Vec<QuarantinedRange>,
     pub lost: Vec<LostOffsets>,
+    /// Damaged Raft entries without offsets (blank, membership) cut out
+    /// and marked by a gap of no offsets.
+    pub lost_raft_entry_marks: usize,
     pub removed_files: Vec<PathBuf>,
     /// Segments whose seal a crash interrupted, finished on open.
     pub completed_seals: Vec<PathBuf>,
@@ -668,6 +671,7 @@ impl RecoveryManager {
             Ok(metadata) => metadata,
             Err(error) => {
                 report.problems.push(error.to_string());
+                report.metadata_problem = Some(error.to_string());
                 None
             }
         };
@@ -679,10 +683,12 @@ impl RecoveryManager {
         }
         let bases = segment_bases(file_system.as_ref(), directory)?;
         if metadata.is_none() && !bases.is_empty() && report.problems.is_empty() {
-            report.problems.push(format!(
+            let problem = format!(
                 "{}: missing although the stream has segments",
                 directory.join(METADATA_FILE_NAME).display()
-            ));
+            );
+            report.problems.push(problem.clone());
+            report.metadata_problem = Some(problem);
         }
         let config = StreamConfig::default();
         let context = Context {
@@ -733,13 +739,18 @@ impl RecoveryManager {
                 ));
             }
             let walked = analysis.walk.as_ref().expect("verify walks every segment");
-            report.recorded_gaps.extend(
-                walked
-                    .frames
-                    .iter()
-                    .filter(|frame| frame.header.kind == FrameKind::Gap)
-                    .map(|frame| (frame.header.base_offset, frame.header.next_offset())),
-            );
+            let gaps = walked
+                .frames
+                .iter()
+                .filter(|frame| frame.header.kind == FrameKind::Gap);
+            for gap in gaps {
+                match gap.header.record_count {
+                    0 => report.lost_raft_entry_marks += 1,
+                    _ => report
+                        .recorded_gaps
+                        .push((gap.header.base_offset, gap.header.next_offset())),
+                }
+            }
             if let Some(problem) = index_problem(
                 file_system.as_ref(),
                 &analysis.path,
@@ -926,6 +937,13 @@ pub struct VerifyReport {
     /// Offset ranges `[first, next)` an earlier repair recorded lost (gap
     /// frames): not damage any more, but the record of it.
     pub recorded_gaps: Vec<(u64, u64)>,
+    /// Gaps of no offsets: Raft entries without offsets (blank,
+    /// membership) that an earlier repair cut out, not restored yet.
+    pub lost_raft_entry_marks: usize,
+    /// The metadata file is damaged, or missing beside segments (also in
+    /// `problems`). A repair rebuilds it from the log, but not a Raft vote,
+    /// commit index or purge point: a replica must not be repaired so.
+    pub metadata_problem: Option<String>,
 }
 
 impl VerifyReport {
@@ -1551,6 +1569,13 @@ fn repair_segment(
                 first_offset,
                 next_offset,
             });
+        } else if end > problem.position && walked.builder.last_log_id.index != 0 {
+            // A Raft entry without offsets (blank, membership) was lost: a
+            // gap of no offsets marks where, so the jump in Raft indexes
+            // after it is expected and a restore from a peer finds it.
+            let mark = encode_empty_frame(FrameKind::Gap, first_offset, 0, 0, 0);
+            push_slot(&mut image, &mark, salt, generation);
+            report.lost_raft_entry_marks += 1;
         }
     }
     // A problem at or after the torn position (offsets the next segment or

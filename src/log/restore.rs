@@ -2,7 +2,7 @@
 //!
 //! A repair (`recovery.rs`) replaces damaged frames by a gap frame for the
 //! offsets they held; entries that held no offsets (blank, membership)
-//! leave only a jump in the Raft indexes. On a replica those entries are
+//! by a gap of no offsets, which marks the jump in Raft indexes after it. On a replica those entries are
 //! committed on the other nodes, as the very same bytes (a Raft entry's
 //! frame is identical on every replica), so they are fetched from a peer
 //! and written back where the damage was: the damage then costs nothing.
@@ -65,7 +65,7 @@ impl Log {
     pub fn raft_holes(&self, damaged: &[PathBuf]) -> Result<Vec<RaftHole>> {
         let segments = self.segments();
         let purged = self.metadata().last_purged.map_or(0, |purged| purged.index);
-        let mut holes = Vec::new();
+        let mut holes: Vec<RaftHole> = Vec::new();
         for (position, segment) in segments.iter().enumerate() {
             if !damaged.iter().any(|path| path == segment.path()) {
                 continue;
@@ -91,7 +91,12 @@ impl Log {
                 if header.raft_index == 0 {
                     continue;
                 }
-                if gap.is_some() || header.raft_index > previous + 1 {
+                // A hole at the end of the previous segment (a gap there)
+                // is the jump into this one: it is reported once.
+                let reported = holes
+                    .last()
+                    .is_some_and(|hole| hole.before_index == Some(header.raft_index));
+                if gap.is_some() || (header.raft_index > previous + 1 && !reported) {
                     let offsets = gap
                         .take()
                         .unwrap_or((header.base_offset, header.base_offset));
@@ -187,9 +192,13 @@ pub fn restore_raft_frames(
         let frame_header = frame.header;
         let generation = frame.slot.generation;
         let in_gap = frame_header.kind == FrameKind::Gap
-            && hole.next_offset > hole.first_offset
-            && frame_header.base_offset >= hole.first_offset
-            && frame_header.next_offset() <= hole.next_offset;
+            && if hole.next_offset > hole.first_offset {
+                frame_header.base_offset >= hole.first_offset
+                    && frame_header.next_offset() <= hole.next_offset
+            } else {
+                // The mark of lost entries that held no offsets.
+                frame_header.record_count == 0 && frame_header.base_offset == hole.first_offset
+            };
         if in_gap {
             if !restored {
                 restore(&mut image, generation);
