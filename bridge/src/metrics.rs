@@ -490,6 +490,34 @@ fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
             );
         }
     }
+    let counters: [(&str, &str, Field); 3] = [
+        (
+            "natswal_raft_elections_total",
+            "Raft terms this node saw begin since it started (each begins with an election, won or not).",
+            |status| status.elections,
+        ),
+        (
+            "natswal_raft_leader_changes_total",
+            "Times the stream's leader, as this node knows it, moved to another node.",
+            |status| status.leader_changes,
+        ),
+        (
+            "natswal_raft_repaired_entries_total",
+            "Committed entries this node had lost or damaged and fetched from peers when it opened the stream.",
+            |status| status.repaired_entries,
+        ),
+    ];
+    for (name, help, field) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for status in &statuses {
+            let _ = writeln!(
+                out,
+                "{name}{{stream=\"{}\"}} {}",
+                status.stream,
+                field(status)
+            );
+        }
+    }
     let name = "natswal_raft_replica_lag_entries";
     let _ = writeln!(out, "# HELP {name} Entries a replica lacks behind the leader (reported by the leader).\n# TYPE {name} gauge");
     for status in &statuses {

@@ -65,7 +65,8 @@ async fn start_and_serve(
     let store = Arc::new(store);
     // Replicated streams are Raft groups with logs of their own, opened
     // (and repaired from peers) before anything is served.
-    let cluster = crate::cluster::ClusterNode::start(&config, &keyring, store.cache()).await?;
+    let cluster =
+        crate::cluster::ClusterNode::start(&config, &keyring, store.cache(), &audit).await?;
     let standalone: Vec<&crate::config::StreamSection> = config
         .streams
         .iter()

@@ -109,7 +109,8 @@ struct OpenedLog {
 /// place, never truncated away; damage past the commit index this node
 /// knows cuts the log there (the entries may differ on the leader). When
 /// no peer supplies committed entries, the stream does not start, naming
-/// them, rather than serve or vote with a hole.
+/// them, rather than serve or vote with a hole; nor does it with a damaged
+/// metadata file (its vote is not rebuilt).
 async fn open_log(
     file_system: &Arc<dyn FileSystem>,
     directory: &Path,
@@ -119,7 +120,16 @@ async fn open_log(
 ) -> Result<OpenedLog> {
     let name = options.name.clone();
     let damaged = match RecoveryManager::verify(file_system, directory, &mut |_| {}) {
-        Ok(report) => !report.problems.is_empty() || !report.recorded_gaps.is_empty(),
+        Ok(report) => {
+            if let Some(problem) = report.metadata_problem {
+                return Err(Error::Invalid(format!(
+                    "stream '{name}': {problem}; a replica's metadata holds its Raft vote, which cannot be rebuilt from the log (a node that forgot its vote could vote twice in one term), so this replica does not start and nothing is changed; replace it as a new node (docs/OPERATIONS.md, \"Replacing a dead node\")"
+                )));
+            }
+            !report.problems.is_empty()
+                || !report.recorded_gaps.is_empty()
+                || report.lost_raft_entry_marks > 0
+        }
         Err(error) => error.is_corruption(),
     };
     let error = if damaged {
@@ -344,6 +354,14 @@ pub struct GroupStatus {
     pub learners: Vec<NodeId>,
     /// Each replica's last matched entry and lag (on the leader only).
     pub replicas: Vec<ReplicaStatus>,
+    /// Terms this node saw begin since it opened the group: each term
+    /// begins with an election (won or not).
+    pub elections: u64,
+    /// Times the leader this node knows changed to another node.
+    pub leader_changes: u64,
+    /// Committed entries this node's log had lost or damaged and fetched
+    /// from peers when it opened the group.
+    pub repaired_entries: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -363,6 +381,44 @@ pub struct ReplicatedStream {
     fetched_on_open: u64,
     restored_on_open: u64,
     applied_offset: tokio::sync::watch::Receiver<u64>,
+    changes: Arc<LeadershipChanges>,
+}
+
+/// Elections and leader changes as this node saw them, counted by a task
+/// that watches openraft's metrics (it ends when the group stops).
+#[derive(Debug, Default)]
+struct LeadershipChanges {
+    elections: std::sync::atomic::AtomicU64,
+    leader_changes: std::sync::atomic::AtomicU64,
+}
+
+impl LeadershipChanges {
+    fn watch(raft: &Raft) -> Arc<LeadershipChanges> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let changes = Arc::new(LeadershipChanges::default());
+        let counted = Arc::clone(&changes);
+        let mut metrics = raft.metrics();
+        let seen = |metrics: &openraft::RaftMetrics<StreamRaft>| {
+            (metrics.current_term, metrics.current_leader)
+        };
+        let (mut term, mut leader) = seen(&metrics.borrow_watched());
+        tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                let (now_term, now_leader) = seen(&metrics.borrow_watched());
+                counted
+                    .elections
+                    .fetch_add(now_term.saturating_sub(term), Relaxed);
+                term = term.max(now_term);
+                if now_leader.is_some() && now_leader != leader {
+                    if leader.is_some() {
+                        counted.leader_changes.fetch_add(1, Relaxed);
+                    }
+                    leader = now_leader;
+                }
+            }
+        });
+        changes
+    }
 }
 
 impl ReplicatedStream {
@@ -424,6 +480,7 @@ impl ReplicatedStream {
             message: error.to_string(),
         })?;
         registry.insert(&name, raft.clone(), Arc::clone(&log));
+        let changes = LeadershipChanges::watch(&raft);
         Ok(ReplicatedStream {
             name,
             log,
@@ -433,6 +490,7 @@ impl ReplicatedStream {
             fetched_on_open: fetched,
             restored_on_open: opened.restored,
             applied_offset,
+            changes,
         })
     }
 
@@ -523,7 +581,7 @@ impl ReplicatedStream {
                 .membership_config
                 .membership()
                 .get_node(&leader)
-                .map(|node| node.addr.clone())
+                .map(|node| self.peers.address_of(leader, &node.addr).to_string())
                 .ok_or_else(|| failed(format!("the leader {leader} has no address")))?;
             let asked = self.peers.read_index(&address, &self.name);
             tokio::time::timeout(timeout, asked)
@@ -563,6 +621,21 @@ impl ReplicatedStream {
     /// Proposes records as one entry; returns the offsets they took once
     /// the entry is committed (synced on a majority) and applied here.
     pub async fn propose(&self, batch: RecordBatch) -> Result<Applied> {
+        // A frame the log cannot store would fail openraft's append, and a
+        // storage error stops the node's Raft: refuse it here instead.
+        let bytes: usize = batch
+            .records
+            .iter()
+            .map(|record| record.to_record().encoded_length())
+            .sum();
+        let frame_bytes_max = self.log.config().frame_bytes_max;
+        if bytes as u64 > frame_bytes_max {
+            return Err(Error::Invalid(format!(
+                "stream '{}': a proposal of {} records takes {bytes} bytes, more than one frame holds (frame_bytes_max {frame_bytes_max})",
+                self.name,
+                batch.records.len()
+            )));
+        }
         self.raft
             .client_write(Command::Records(batch))
             .await
@@ -620,6 +693,7 @@ impl ReplicatedStream {
 
     /// The group as this node sees it: what `natswal cluster status` shows.
     pub fn status(&self) -> GroupStatus {
+        use std::sync::atomic::Ordering::Relaxed;
         let metrics = self.raft.metrics().borrow_watched().clone();
         let last_index = metrics.last_log_index;
         let replicas = metrics
@@ -664,6 +738,9 @@ impl ReplicatedStream {
                 .learner_ids()
                 .collect(),
             replicas,
+            elections: self.changes.elections.load(Relaxed),
+            leader_changes: self.changes.leader_changes.load(Relaxed),
+            repaired_entries: self.fetched_on_open + self.restored_on_open,
         }
     }
 

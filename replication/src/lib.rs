@@ -8,8 +8,8 @@
 //! (the on-disk body of a membership entry), [`log_store`] (openraft's log
 //! storage over the engine's Log API), [`syncer`] (the flush callbacks and
 //! the commit index, after syncs), [`state_machine`] and [`snapshot`]
-//! (applying, and snapshots as manifests of sealed segments), [`codec`] and
-//! [`network`] (node-to-node frames), [`group`] (one stream's group on one
+//! (applying, and snapshots as manifests of sealed segments), [`codec`],
+//! [`identity`] and [`network`] (node-to-node frames; who a peer is), [`group`] (one stream's group on one
 //! node: open, initialize, propose with a quorum ack). The design
 //! and its decisions are in docs/DESIGN-REPLICATION.md.
 
@@ -17,6 +17,7 @@ pub mod codec;
 pub mod entry;
 pub mod error;
 pub mod group;
+pub mod identity;
 pub mod log_store;
 pub mod membership;
 pub mod network;
@@ -28,6 +29,7 @@ pub mod types;
 
 pub use error::{Error, Result};
 pub use group::{GroupOptions, GroupStatus, RaftTiming, ReplicaStatus, ReplicatedStream};
+pub use identity::Identity;
 pub use log_store::{StreamLogReader, StreamLogStore};
 pub use network::{serve, Peers, Registry};
 pub use snapshot::SnapshotManifest;

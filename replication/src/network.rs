@@ -14,6 +14,7 @@
 
 use crate::codec::{decode, encode, read_frame, write_frame};
 use crate::error::{Error, Result};
+use crate::identity::{Hello, HelloReply, Identity};
 use crate::snapshot::SnapshotManifest;
 use crate::tls::{server_name, TransportSecurity};
 use crate::types::{frame_raft_index, NodeId, Raft, SnapshotMeta, StreamRaft, Vote};
@@ -35,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -136,7 +137,7 @@ impl Registry {
 
     fn refuse(&self, peer: std::net::SocketAddr, error: &dyn std::fmt::Display) {
         self.refused_connections.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("refused a peer connection from {peer}: TLS handshake failed: {error}");
+        tracing::warn!("refused a peer connection from {peer}: {error}");
     }
 
     fn get(&self, group: &str) -> Option<Served> {
@@ -150,7 +151,12 @@ impl Registry {
 
 /// Accepts peers' connections and serves their requests until the
 /// listener fails.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, security: TransportSecurity) {
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    security: TransportSecurity,
+    identity: Arc<Identity>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -163,23 +169,84 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, security: Tra
         let _ = stream.set_nodelay(true);
         let registry = Arc::clone(&registry);
         let security = security.clone();
+        let identity = Arc::clone(&identity);
         tokio::spawn(async move {
-            let (reader, writer) = match security {
+            let (mut reader, mut writer) = match security {
                 TransportSecurity::Plain => split(stream),
                 TransportSecurity::MutualTls { acceptor, .. } => {
                     let accepted =
                         tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await;
                     match accepted {
                         Ok(Ok(stream)) => split(stream),
-                        Ok(Err(error)) => return registry.refuse(peer, &error),
+                        Ok(Err(error)) => {
+                            return registry.refuse(peer, &format!("TLS handshake failed: {error}"))
+                        }
                         Err(_) => return registry.refuse(peer, &"no TLS handshake in time"),
                     }
                 }
             };
+            let greeted = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                greet_client(&mut reader, &mut writer, &identity),
+            )
+            .await;
+            match greeted {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return registry.refuse(peer, &error),
+                Err(_) => return registry.refuse(peer, &"no hello in time"),
+            }
             if let Err(error) = serve_connection(reader, writer, registry).await {
                 tracing::info!("peer connection from {peer} ended: {error}");
             }
         });
+    }
+}
+
+/// The server's side of a connection's first exchange: the client's
+/// [`Hello`], checked against the incarnations met before, then this
+/// node's own (or why the client is refused).
+async fn greet_client(reader: &mut Reader, writer: &mut Writer, identity: &Identity) -> Result<()> {
+    let body = read_frame(reader)
+        .await?
+        .ok_or_else(|| Error::Invalid("the peer closed the connection before its hello".into()))?;
+    let hello: Hello = decode(&body)?;
+    let verdict = identity.check(hello);
+    let reply = match &verdict {
+        Ok(()) => HelloReply::Accepted(identity.hello()),
+        Err(why) => HelloReply::Refused(why.clone()),
+    };
+    write_frame(writer, &encode(&reply)?).await?;
+    writer.flush().await.map_err(|source| Error::Io {
+        context: "answering a peer's hello".to_string(),
+        source,
+    })?;
+    verdict.map_err(|why| Error::Invalid(format!("node {}: {why}", hello.node_id)))
+}
+
+/// The client's side: says who this node is, then checks who answered.
+async fn greet_server(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    identity: &Identity,
+    address: &str,
+) -> Result<()> {
+    write_frame(writer, &encode(&identity.hello())?).await?;
+    writer.flush().await.map_err(|source| Error::Io {
+        context: format!("sending a hello to peer {address}"),
+        source,
+    })?;
+    let body = read_frame(reader).await?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "peer {address} closed the connection before its hello"
+        ))
+    })?;
+    match decode::<HelloReply>(&body)? {
+        HelloReply::Accepted(peer) => identity
+            .check(peer)
+            .map_err(|why| Error::Invalid(format!("peer {address} is refused: {why}"))),
+        HelloReply::Refused(why) => Err(Error::Invalid(format!(
+            "peer {address} refused this node: {why}"
+        ))),
     }
 }
 
@@ -325,7 +392,11 @@ struct Connection {
 }
 
 impl Connection {
-    async fn open(address: &str, security: &TransportSecurity) -> Result<Arc<Connection>> {
+    async fn open(
+        address: &str,
+        security: &TransportSecurity,
+        identity: &Identity,
+    ) -> Result<Arc<Connection>> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
             .await
             .map_err(|_| Error::Io {
@@ -337,7 +408,7 @@ impl Connection {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
-        let (mut reader, writer) = match security {
+        let (mut reader, mut writer) = match security {
             TransportSecurity::Plain => split(stream),
             TransportSecurity::MutualTls { connector, .. } => {
                 let name = server_name(address)?;
@@ -360,6 +431,13 @@ impl Connection {
                 }
             }
         };
+        let greeted = greet_server(&mut reader, &mut writer, identity, address);
+        tokio::time::timeout(CONNECT_TIMEOUT, greeted)
+            .await
+            .map_err(|_| Error::Io {
+                context: format!("waiting for peer {address}'s hello"),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+            })??;
         let connection = Arc::new(Connection {
             writer: tokio::sync::Mutex::new(writer),
             pending: Mutex::new(HashMap::new()),
@@ -430,22 +508,48 @@ impl Connection {
 }
 
 /// Connections to peers, by address, shared by every group of a node.
-#[derive(Default)]
 pub struct Peers {
     connections: tokio::sync::Mutex<HashMap<String, Arc<Connection>>>,
-    /// Whether the last attempt to reach each address succeeded: an
-    /// unreachable peer is logged once, not at every heartbeat.
-    reachable: tokio::sync::Mutex<HashMap<String, bool>>,
+    /// How the last attempt to reach each address failed (`None`: it
+    /// succeeded): an unreachable peer is logged once per kind of failure,
+    /// not at every heartbeat.
+    reachable: tokio::sync::Mutex<HashMap<String, Option<String>>>,
     security: TransportSecurity,
+    identity: Arc<Identity>,
+    /// Where this node reaches the peers its own configuration names; they
+    /// take precedence over the addresses in a group's membership, which
+    /// serve only nodes added at run time (the membership holds one address
+    /// per node for every replica, while the way to a peer may differ from
+    /// node to node: NAT, per-node DNS names, a proxy).
+    configured: HashMap<NodeId, String>,
 }
 
 impl Peers {
-    pub fn new(security: TransportSecurity) -> Peers {
+    pub fn new(security: TransportSecurity, identity: Arc<Identity>) -> Peers {
         Peers {
             connections: tokio::sync::Mutex::new(HashMap::new()),
             reachable: tokio::sync::Mutex::new(HashMap::new()),
             security,
+            identity,
+            configured: HashMap::new(),
         }
+    }
+
+    /// Reaches these peers at these addresses rather than the membership's.
+    pub fn with_configured_addresses(
+        mut self,
+        addresses: impl IntoIterator<Item = (NodeId, String)>,
+    ) -> Peers {
+        self.configured.extend(addresses);
+        self
+    }
+
+    /// The address to reach `node_id` at: this node's configured one, else
+    /// the one its group's membership records.
+    pub fn address_of<'a>(&'a self, node_id: NodeId, membership_address: &'a str) -> &'a str {
+        self.configured
+            .get(&node_id)
+            .map_or(membership_address, String::as_str)
     }
 
     /// A live connection to `address`, opened if there is none. The map is
@@ -458,18 +562,17 @@ impl Peers {
                 return Ok(Arc::clone(connection));
             }
         }
-        let opened = Connection::open(address, &self.security).await;
+        let opened = Connection::open(address, &self.security, &self.identity).await;
         let mut reachable = self.reachable.lock().await;
-        let was_reachable = reachable.insert(address.to_string(), opened.is_ok());
-        match &opened {
-            Err(error) if was_reachable != Some(false) => {
+        let failure = opened.as_ref().err().map(ToString::to_string);
+        let before = reachable.insert(address.to_string(), failure.clone());
+        match (&failure, before) {
+            (Some(error), before) if before.as_ref() != Some(&failure) => {
                 tracing::warn!(
-                    "peer {address} is unreachable: {error} (logged again once it was reached)"
+                    "peer {address} is unreachable: {error} (logged again when it fails otherwise or was reached)"
                 );
             }
-            Ok(_) if was_reachable == Some(false) => {
-                tracing::info!("peer {address} is reachable again")
-            }
+            (None, Some(Some(_))) => tracing::info!("peer {address} is reachable again"),
             _ => {}
         }
         drop(reachable);
@@ -572,11 +675,11 @@ pub struct GroupNetwork {
 impl RaftNetworkFactory<StreamRaft> for GroupNetwork {
     type Network = PeerClient;
 
-    async fn new_client(&mut self, _target: NodeId, node: &crate::types::Node) -> PeerClient {
+    async fn new_client(&mut self, target: NodeId, node: &crate::types::Node) -> PeerClient {
         PeerClient {
+            address: self.peers.address_of(target, &node.addr).to_string(),
             peers: Arc::clone(&self.peers),
             group: self.group.clone(),
-            address: node.addr.clone(),
         }
     }
 }

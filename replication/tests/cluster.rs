@@ -11,7 +11,7 @@ use natswal::{Keyring, SegmentCache, StreamConfig};
 use natswal_replication::tls::{TlsFiles, TransportSecurity};
 use natswal_replication::types::{Node, NodeId};
 use natswal_replication::{
-    serve, Error, GroupOptions, Peers, ProposedRecord, RaftTiming, RecordBatch, Registry,
+    serve, Error, GroupOptions, Identity, Peers, ProposedRecord, RaftTiming, RecordBatch, Registry,
     ReplicatedStream,
 };
 use std::collections::BTreeMap;
@@ -80,7 +80,13 @@ async fn start_nodes_with(
     let mut nodes = Vec::new();
     for (id, listener) in (1..=count).zip(listeners) {
         let registry = Arc::new(Registry::default());
-        tokio::spawn(serve(listener, Arc::clone(&registry), security(id)));
+        let identity = Arc::new(Identity::in_memory(id, 1000 + id));
+        tokio::spawn(serve(
+            listener,
+            Arc::clone(&registry),
+            security(id),
+            Arc::clone(&identity),
+        ));
         let address = addresses[(id - 1) as usize].clone();
         let mut node = TestNode {
             id,
@@ -92,7 +98,7 @@ async fn start_nodes_with(
             address,
             directory: tempfile::tempdir().unwrap(),
             registry,
-            peers: Arc::new(Peers::new(security(id))),
+            peers: Arc::new(Peers::new(security(id), identity)),
             stream: None,
         };
         node.stream = Some(open_stream(&node).await);
@@ -384,18 +390,28 @@ async fn a_damaged_committed_entry_is_fetched_from_a_peer_and_written_back_in_pl
     let log = Arc::clone(stream(&nodes[follower]).log());
     await_saved_commit(&log, last + 1).await;
     // Two committed record entries in the middle of the log, with entries
-    // after them, lose a bit each.
-    let damaged: Vec<bytes::Bytes> = [last / 3, last / 2]
+    // after them, lose a bit each, and so does an entry that holds no
+    // records (the first leader's blank entry or the membership).
+    let entry = |index: u64| {
+        log.read_frames(FrameRange::RaftIndex {
+            start: index,
+            end: index + 1,
+        })
+        .unwrap()
+        .remove(0)
+    };
+    let offsetless = (1..last)
+        .find(|index| entry(*index).header.record_count == 0)
+        .expect("the log begins with entries without records");
+    let damaged: Vec<bytes::Bytes> = [offsetless, last / 3, last / 2]
         .into_iter()
         .map(|index| {
-            let frame = log
-                .read_frames(FrameRange::RaftIndex {
-                    start: index,
-                    end: index + 1,
-                })
-                .unwrap()
-                .remove(0);
-            assert!(frame.header.record_count > 0, "entry {index} holds records");
+            let frame = entry(index);
+            assert_eq!(
+                frame.header.record_count > 0,
+                index != offsetless,
+                "entry {index}"
+            );
             frame.bytes
         })
         .collect();
@@ -409,15 +425,15 @@ async fn a_damaged_committed_entry_is_fetched_from_a_peer_and_written_back_in_pl
     let reopened = open_stream(&nodes[follower]).await;
     assert_eq!(
         reopened.restored_on_open(),
-        2,
-        "both damaged entries were restored"
+        3,
+        "every damaged entry was restored"
     );
     nodes[follower].stream = Some(reopened);
     // Byte-identical to the leader's log: nothing was truncated away.
     assert_identical_logs(&nodes, last).await;
     let quarantine = nodes[follower].directory.path().join("quarantine");
     assert!(
-        std::fs::read_dir(&quarantine).unwrap().count() >= 2,
+        std::fs::read_dir(&quarantine).unwrap().count() >= 3,
         "the damaged bytes are kept in quarantine"
     );
 
@@ -599,7 +615,10 @@ async fn replicas_talk_over_mutual_tls_and_refuse_peers_without_a_valid_certific
 
     // A node of another cluster (another CA) gets nothing.
     let foreign = Certificates::generate(&["intruder"]);
-    let intruder = Peers::new(foreign.security("intruder"));
+    let intruder = Peers::new(
+        foreign.security("intruder"),
+        Arc::new(Identity::in_memory(99, 1)),
+    );
     let error = intruder
         .fetch(&nodes[0].address, STREAM, 1, 10)
         .await
@@ -624,10 +643,13 @@ async fn replicas_talk_over_mutual_tls_and_refuse_peers_without_a_valid_certific
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let anonymous = Peers::new(TransportSecurity::MutualTls {
-        acceptor,
-        connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
-    });
+    let anonymous = Peers::new(
+        TransportSecurity::MutualTls {
+            acceptor,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        },
+        Arc::new(Identity::in_memory(98, 1)),
+    );
     assert!(anonymous
         .fetch(&nodes[0].address, STREAM, 1, 10)
         .await
@@ -681,6 +703,18 @@ async fn three_nodes_commit_on_a_quorum_survive_the_leaders_loss_and_converge() 
     let reopened = open_stream(&nodes[old]).await;
     nodes[old].stream = Some(reopened);
     let new_leader = &nodes[(new_leader_id - 1) as usize];
+    // A proposal larger than one frame is refused before it reaches the
+    // log (a failed append would stop the leader's Raft); the group goes on.
+    let frame_bytes_max = stream(new_leader).log().config().frame_bytes_max;
+    let mut oversized = batch(0, 1);
+    oversized.records[0].payload = vec![b'x'; frame_bytes_max as usize].into();
+    let refusal = stream(new_leader).propose(oversized).await.unwrap_err();
+    assert!(
+        refusal.to_string().contains("more than one frame holds"),
+        "{refusal}"
+    );
+    let mut after = propose_all(stream(new_leader), 2000, 2, 5).await;
+    assert_eq!(assert_dense(&mut after, next + 100), next + 110);
     let last = last_entry(stream(new_leader));
     assert_identical_logs(&nodes, last).await;
     for node in &mut nodes {

@@ -13,7 +13,8 @@ use natswal::{Keyring, SegmentCache, StreamConfig};
 use natswal_replication::tls::TransportSecurity;
 use natswal_replication::types::Node;
 use natswal_replication::{
-    serve, GroupOptions, Peers, ProposedRecord, RaftTiming, RecordBatch, Registry, ReplicatedStream,
+    serve, GroupOptions, Identity, Peers, ProposedRecord, RaftTiming, RecordBatch, Registry,
+    ReplicatedStream,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -103,10 +104,14 @@ async fn start(root: &Path, count: u64) -> Result<Vec<BenchNode>> {
     let mut nodes = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
         let registry = Arc::new(Registry::default());
+        let node_id = index as u64 + 1;
+        // One process, fresh directories: an identity in memory suffices.
+        let identity = Arc::new(Identity::in_memory(node_id, node_id));
         tokio::spawn(serve(
             listener,
             Arc::clone(&registry),
             TransportSecurity::Plain,
+            Arc::clone(&identity),
         ));
         let address = addresses[index].clone();
         let directory = root.join(format!("node-{}", index + 1));
@@ -122,7 +127,7 @@ async fn start(root: &Path, count: u64) -> Result<Vec<BenchNode>> {
             address,
             directory,
             registry,
-            peers: Arc::new(Peers::default()),
+            peers: Arc::new(Peers::new(TransportSecurity::Plain, identity)),
             stream: None,
         };
         node.stream = Some(open(&node).await?);

@@ -161,7 +161,10 @@ impl AdminService {
         let mut already = Vec::new();
         for (index, (name, group)) in self.groups.iter().enumerate() {
             let status = group.status();
-            if !status.voters.is_empty() {
+            // A vote or an entry without a membership yet: another node's
+            // init reached this node first and its entries are on the way.
+            let joined = status.term > 0 || status.last_index.is_some();
+            if !status.voters.is_empty() || joined {
                 already.push(name.clone());
                 continue;
             }
@@ -300,5 +303,8 @@ pub fn status_json(status: &GroupStatus, applied_offset: u64) -> Value {
         "voters": status.voters,
         "learners": status.learners,
         "replicas": replicas,
+        "elections": status.elections,
+        "leader_changes": status.leader_changes,
+        "repaired_entries": status.repaired_entries,
     })
 }

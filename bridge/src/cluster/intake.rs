@@ -298,6 +298,9 @@ fn accept(
     let mut proposals = Vec::new();
     let mut current: Option<Proposal> = None;
     let mut current_bytes = 0usize;
+    // One proposal is one frame: its records must fit the stream's frame.
+    let proposal_bytes_max =
+        PROPOSAL_BYTES_MAX.min(context.group.log().config().frame_bytes_max as usize);
     for message in messages {
         let size = message.subject.len() + message.headers.len() + message.payload.len();
         if size as u64 > context.section.max_message_bytes {
@@ -360,7 +363,8 @@ fn accept(
                 None => {}
             }
         }
-        if current_bytes + size > PROPOSAL_BYTES_MAX {
+        let encoded = size + natswal::format::record::RECORD_OVERHEAD;
+        if current_bytes + encoded > proposal_bytes_max {
             proposals.extend(current.take());
             current_bytes = 0;
         }
@@ -379,7 +383,7 @@ fn accept(
         });
         proposal.2.push(message.reply);
         proposal.3.push(message_id);
-        current_bytes += size;
+        current_bytes += encoded;
     }
     proposals.extend(current);
     proposals

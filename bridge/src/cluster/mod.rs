@@ -19,7 +19,7 @@ use natswal::io::os::OsFileSystem;
 use natswal::io::{FileSystem, WriteMode};
 use natswal::{Keyring, SegmentCache};
 use natswal_replication::tls::{TlsFiles, TransportSecurity};
-use natswal_replication::{GroupOptions, Peers, RaftTiming, Registry, ReplicatedStream};
+use natswal_replication::{GroupOptions, Identity, Peers, RaftTiming, Registry, ReplicatedStream};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -45,11 +45,13 @@ pub fn replication_error(error: natswal_replication::Error) -> BridgeError {
 
 impl ClusterNode {
     /// Binds the replication listener and opens the group of every
-    /// replicated stream (repairing each log before its Raft starts).
+    /// replicated stream (repairing each log before its Raft starts; a
+    /// repair is audited).
     pub async fn start(
         config: &Config,
         keyring: &Arc<Keyring>,
         cache: &Arc<SegmentCache>,
+        audit: &crate::audit::AuditLog,
     ) -> Result<Option<ClusterNode>> {
         let Some(cluster) = config.cluster.clone() else {
             return Ok(None);
@@ -71,19 +73,31 @@ impl ClusterNode {
                     error,
                 )
             })?;
+        let file_system: Arc<dyn FileSystem> = Arc::new(OsFileSystem::new(WriteMode::Pwrite));
+        let identity = Arc::new(
+            Identity::open(Arc::clone(&file_system), &config.data_dir, cluster.node_id)
+                .map_err(replication_error)?,
+        );
         let registry = Arc::new(Registry::default());
         let server = tokio::spawn(natswal_replication::serve(
             listener,
             Arc::clone(&registry),
             security.clone(),
+            Arc::clone(&identity),
         ));
-        let peers = Arc::new(Peers::new(security));
+        let peers = Arc::new(
+            Peers::new(security, identity).with_configured_addresses(
+                cluster
+                    .peers
+                    .iter()
+                    .map(|peer| (peer.id, peer.address.clone())),
+            ),
+        );
         let peer_addresses: Vec<String> = cluster
             .peers
             .iter()
             .map(|peer| peer.address.clone())
             .collect();
-        let file_system: Arc<dyn FileSystem> = Arc::new(OsFileSystem::new(WriteMode::Pwrite));
         let timing = RaftTiming::default();
         let mut groups = BTreeMap::new();
         for section in config
@@ -121,8 +135,22 @@ impl ClusterNode {
                 node_id = cluster.node_id,
                 last_index = ?group.status().last_index,
                 fetched_from_peers = group.fetched_on_open(),
+                restored_in_place = group.restored_on_open(),
                 "replicated stream open"
             );
+            if group.fetched_on_open() + group.restored_on_open() > 0 {
+                audit.record_or_log(
+                    "replica_repair",
+                    "natswal",
+                    &section.name,
+                    "ok",
+                    serde_json::json!({
+                        "node_id": cluster.node_id,
+                        "damaged_entries_restored_in_place": group.restored_on_open(),
+                        "lost_entries_fetched": group.fetched_on_open(),
+                    }),
+                );
+            }
             groups.insert(section.name.clone(), Arc::new(group));
         }
         tracing::info!(

@@ -3,7 +3,10 @@
 //! speaking docs/PROTOCOL.md.
 #![allow(dead_code)]
 
+mod link_proxy;
 mod nats_server;
+#[allow(unused_imports)]
+pub use link_proxy::LinkProxy;
 pub use nats_server::*;
 
 use bytes::Bytes;
@@ -266,10 +269,15 @@ impl Natswal {
 
     /// Starts again with the same config and data.
     pub fn restart(&mut self) {
+        self.try_restart().expect("natswal restarts");
+    }
+
+    /// Starts again with the same config and data; the output if it does
+    /// not get ready (it is not running then).
+    pub fn try_restart(&mut self) -> Result<(), String> {
         self.kill();
-        let restarted = Natswal::spawn(&self.data_dir, &self.config_path, self.http_port)
-            .expect("natswal restarts");
-        *self = restarted;
+        *self = Natswal::spawn(&self.data_dir, &self.config_path, self.http_port)?;
+        Ok(())
     }
 
     /// SIGKILL: no chance to sync or ack anything more.
