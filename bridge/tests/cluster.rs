@@ -26,41 +26,97 @@ const STREAM: &str = "orders";
 struct Cluster {
     nats: NatsServer,
     nodes: Vec<Natswal>,
+    leader_killed_last: Option<u64>,
+    /// The link from node `.0` to node `.1`, when the nodes reach each
+    /// other through proxies (`start_partitionable`).
+    links: BTreeMap<(u64, u64), LinkProxy>,
 }
 
-fn node_config(id: u64, ports: &[u16]) -> String {
+/// The replicated stream, with small segments so that tests see sealed
+/// ones (and their indexes).
+fn stream_section() -> String {
+    format!(
+        "[[streams]]\nname = \"{STREAM}\"\nsubjects = [\"orders.>\"]\nreplicas = 3\nsegment_bytes = \"64KiB\"\nmax_message_bytes = \"16KiB\"\n"
+    )
+}
+
+/// Node `id`'s config: it listens on `ports[id - 1]` and reaches peer `p`
+/// at `peer_port(p)`.
+fn node_config(id: u64, ports: &[u16], peer_port: impl Fn(u64) -> u16) -> String {
     let mut config = format!(
         "[cluster]\nnode_id = {id}\nlisten = \"127.0.0.1:{}\"\n",
         ports[id as usize - 1]
     );
-    for (index, port) in ports.iter().enumerate() {
-        let peer = index as u64 + 1;
-        if peer != id {
-            config.push_str(&format!(
-                "[[cluster.peers]]\nid = {peer}\naddress = \"127.0.0.1:{port}\"\n"
-            ));
-        }
+    for peer in (1..=ports.len() as u64).filter(|peer| *peer != id) {
+        let port = peer_port(peer);
+        config.push_str(&format!(
+            "[[cluster.peers]]\nid = {peer}\naddress = \"127.0.0.1:{port}\"\n"
+        ));
     }
-    config.push_str(&format!(
-        "[[streams]]\nname = \"{STREAM}\"\nsubjects = [\"orders.>\"]\nreplicas = 3\n"
-    ));
+    config.push_str(&stream_section());
     config
 }
 
 impl Cluster {
     fn start(root: &Path) -> Cluster {
-        let nats = NatsServer::start();
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        Cluster::start_with_links(root, &ports, BTreeMap::new())
+    }
+
+    /// Three nodes that reach each other only through a proxy per link,
+    /// which the test can cut.
+    async fn start_partitionable(root: &Path) -> Cluster {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut links = BTreeMap::new();
+        for from in 1..=3 {
+            for to in (1..=3).filter(|to| *to != from) {
+                links.insert((from, to), LinkProxy::start(ports[to as usize - 1]).await);
+            }
+        }
+        Cluster::start_with_links(root, &ports, links)
+    }
+
+    fn start_with_links(
+        root: &Path,
+        ports: &[u16],
+        links: BTreeMap<(u64, u64), LinkProxy>,
+    ) -> Cluster {
+        let nats = NatsServer::start();
         let nodes = (1..=3)
             .map(|id| {
+                let peer_port = |peer: u64| {
+                    links
+                        .get(&(id, peer))
+                        .map_or(ports[peer as usize - 1], |link| link.port)
+                };
                 Natswal::start(
                     &nats.url(),
                     &root.join(format!("node-{id}")),
-                    &node_config(id, &ports),
+                    &node_config(id, ports, peer_port),
                 )
             })
             .collect();
-        Cluster { nats, nodes }
+        Cluster {
+            nats,
+            nodes,
+            leader_killed_last: None,
+            links,
+        }
+    }
+
+    /// Cuts every link to and from node `id` (it still reaches NATS).
+    fn isolate(&self, id: u64) {
+        for ((from, to), link) in &self.links {
+            if *from == id || *to == id {
+                link.cut();
+            }
+        }
+    }
+
+    fn heal(&self) {
+        for link in self.links.values() {
+            link.heal();
+        }
     }
 
     fn cli(&self, args: &[&str]) -> (i32, String) {
@@ -295,6 +351,33 @@ fn assert_acked_stored(records: &Records, acked: impl IntoIterator<Item = (u64, 
     }
 }
 
+/// A node's `/metrics` value of the stream's `name`.
+fn node_metric(node: &Natswal, name: &str) -> u64 {
+    let (status, metrics) = node.http_get("/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    let prefix = format!("{name}{{stream=\"{STREAM}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+}
+
+/// Every record has its `Nats-Msg-Id`, and no id is stored twice.
+fn assert_each_id_once(records: &Records) {
+    let mut seen_ids = std::collections::HashSet::new();
+    for (subject, headers, _) in records.values() {
+        assert!(subject.starts_with(b"orders."));
+        let text = String::from_utf8_lossy(headers).to_string();
+        let id = text
+            .lines()
+            .find_map(|line| line.strip_prefix("Nats-Msg-Id: "))
+            .expect("every record has its id")
+            .to_string();
+        assert!(seen_ids.insert(id.clone()), "{id} stored twice");
+    }
+}
+
 fn kills() -> usize {
     std::env::var("NATSWAL_CLUSTER_KILLS")
         .ok()
@@ -327,10 +410,17 @@ async fn wait_converged(cluster: &Cluster, timeout: Duration) -> BTreeMap<u64, V
         {
             return views;
         }
-        assert!(
-            Instant::now() < deadline,
-            "replicas did not converge: {views:?}"
-        );
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(|node| node.output().join("\n"))
+                .collect();
+            panic!(
+                "replicas did not converge: {views:?}; logs:\n{}",
+                logs.join("\n----\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -383,6 +473,7 @@ async fn quorum_acks_survive_leader_kills_on_every_replica() {
         let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
         kill_times.push(Instant::now());
         cluster.node(leader).kill();
+        cluster.leader_killed_last = Some(leader);
         publishers
             .wait_for_acks(&cluster, 300, Duration::from_secs(30))
             .await;
@@ -410,6 +501,20 @@ async fn quorum_acks_survive_leader_kills_on_every_replica() {
         assert_eq!(ack["duplicate"], true, "{ack}");
     }
     let views = wait_converged(&cluster, Duration::from_secs(30)).await;
+    // Every node but the last leader killed (restarted since) saw that
+    // kill's election and its leader change.
+    let last_killed = cluster.leader_killed_last;
+    for id in (1..=3).filter(|id| Some(*id) != last_killed) {
+        let node = cluster.node(id);
+        assert!(
+            node_metric(node, "natswal_raft_elections_total") >= 1,
+            "node {id}"
+        );
+        assert!(
+            node_metric(node, "natswal_raft_leader_changes_total") >= 1,
+            "node {id}"
+        );
+    }
     let (code, table) = cluster.cli(&["status"]);
     assert_eq!(code, 0, "{table}");
     assert!(
@@ -441,17 +546,7 @@ async fn quorum_acks_survive_leader_kills_on_every_replica() {
     eprintln!("unavailability per leader kill: {pauses:?}; converged: {views:?}");
 
     let records = &stop_and_compare(&mut cluster, &[0, 1, 2]);
-    let mut seen_ids = std::collections::HashSet::new();
-    for (subject, headers, _) in records.values() {
-        assert!(subject.starts_with(b"orders."));
-        let text = String::from_utf8_lossy(headers).to_string();
-        let id = text
-            .lines()
-            .find_map(|line| line.strip_prefix("Nats-Msg-Id: "))
-            .expect("every record has its id")
-            .to_string();
-        assert!(seen_ids.insert(id.clone()), "{id} stored twice");
-    }
+    assert_each_id_once(records);
     for (message, (offset, _)) in &acked {
         let (_, headers, payload) = records
             .get(offset)
@@ -640,8 +735,35 @@ async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
     // A follower dies with its disk: its id is never used again.
     let dead = leader % 3 + 1;
     cluster.node(dead).kill();
+    let config_text = std::fs::read(&cluster.node(dead).config_path).unwrap();
     std::fs::remove_dir_all(&cluster.node(dead).data_dir).unwrap();
     let survivors: Vec<u64> = (1..=3).filter(|id| *id != dead).collect();
+
+    // Started again under its old id with an empty directory, it would
+    // have forgotten its votes and the entries it acked: the leader
+    // refuses it (its incarnation is new) and it gets nothing.
+    std::fs::create_dir_all(&cluster.node(dead).data_dir).unwrap();
+    std::fs::write(&cluster.node(dead).config_path, &config_text).unwrap();
+    cluster.node(dead).restart();
+    acked.extend(publish_batch(&client, 300, 100).await);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut leader_output = String::new();
+    while !leader_output.contains("comes back with incarnation") {
+        assert!(
+            Instant::now() < deadline,
+            "the leader did not refuse the wiped node:\n{leader_output}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        leader_output.push_str(&cluster.node(leader).output().join("\n"));
+    }
+    assert!(leader_output.contains("new node id"), "{leader_output}");
+    let views = cluster.views();
+    assert!(
+        views[&dead]["last_index"].is_null() && views[&dead]["voters"] == serde_json::json!([]),
+        "the wiped node received nothing: {:?}",
+        views[&dead]
+    );
+    cluster.node(dead).kill();
     let mut config = String::new();
     let new_port = free_port();
     config.push_str(&format!(
@@ -660,9 +782,7 @@ async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
             "[[cluster.peers]]\nid = {id}\naddress = \"{address}\"\n"
         ));
     }
-    config.push_str(&format!(
-        "[[streams]]\nname = \"{STREAM}\"\nsubjects = [\"orders.>\"]\nreplicas = 3\n"
-    ));
+    config.push_str(&stream_section());
     let newcomer = Natswal::start(&cluster.nats.url(), &root.path().join("node-4"), &config);
     cluster.nodes.push(newcomer);
 
@@ -682,7 +802,7 @@ async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
     assert_ne!(code, 0, "removing a node twice is refused: {output}");
     assert!(output.contains("not a voter"), "{output}");
 
-    acked.extend(publish_batch(&client, 300, 300).await);
+    acked.extend(publish_batch(&client, 400, 300).await);
     let views = wait_converged(&cluster, Duration::from_secs(30)).await;
     let mut expected: Vec<u64> = survivors.clone();
     expected.push(4);
@@ -745,6 +865,326 @@ async fn killing_every_node_at_once_loses_nothing_acknowledged() {
     let acked = publishers.stop().await;
     wait_converged(&cluster, Duration::from_secs(30)).await;
     let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
+    assert_acked_stored(
+        &records,
+        acked
+            .iter()
+            .map(|(message, (offset, _))| (*message, *offset)),
+    );
+}
+
+/// Flips one random bit (any byte of a slot: its header, the frame header,
+/// the records) in a random frame of a stopped node's replicated log;
+/// returns where.
+fn flip_random_bit(data_dir: &Path, random: &mut rand::rngs::StdRng) -> (String, bool) {
+    use natswal::format::segment_header::SEGMENT_HEADER_LENGTH;
+    use rand::Rng;
+    let directory = data_dir.join("replicated").join(STREAM);
+    // One flip in six lands in a segment's header instead.
+    if random.random_range(0..6) == 0 {
+        let segments = segment_files(&directory);
+        let path = &segments[random.random_range(0..segments.len())];
+        let position = random.random_range(0..SEGMENT_HEADER_LENGTH);
+        let bit = random.random_range(0..8);
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[position] ^= 1 << bit;
+        std::fs::write(path, &bytes).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy();
+        return (format!("{name} header byte {position} bit {bit}"), true);
+    }
+    let spans: Vec<(PathBuf, FrameSpan)> = segment_files(&directory)
+        .into_iter()
+        .flat_map(|path| {
+            let spans = frame_spans(&std::fs::read(&path).unwrap());
+            spans.into_iter().map(move |span| (path.clone(), span))
+        })
+        .collect();
+    assert!(!spans.is_empty(), "the replica holds frames");
+    let (path, span) = &spans[random.random_range(0..spans.len())];
+    let position = random.random_range(span.start..span.end);
+    let bit = random.random_range(0..8);
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[position as usize] ^= 1 << bit;
+    std::fs::write(path, &bytes).unwrap();
+    let described = format!(
+        "{} byte {position} bit {bit} (frame at offset {}, {} records)",
+        path.file_name().unwrap().to_string_lossy(),
+        span.base_offset,
+        span.record_count
+    );
+    (described, false)
+}
+
+/// `NATSWAL_CLUSTER_FLIPS` sets the rounds (CI: 5); `NATSWAL_FLIP_SEED`
+/// replays a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_flips_in_committed_frames_of_a_minority_are_repaired_from_peers() {
+    use rand::SeedableRng;
+    let rounds: u64 = std::env::var("NATSWAL_CLUSTER_FLIPS")
+        .ok()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(5);
+    let seed: u64 = std::env::var("NATSWAL_FLIP_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("NATSWAL_FLIP_SEED={seed}");
+    let mut random = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path());
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let client = connect(&cluster.nats.url()).await;
+    let mut acked = BTreeMap::new();
+    for round in 0..rounds {
+        acked.extend(publish_batch(&client, round * 200, 200).await);
+        wait_converged(&cluster, Duration::from_secs(30)).await;
+        // Every entry is committed now; a follower (a minority) loses a
+        // bit of one while it is down.
+        let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+        let follower = (leader + round % 2) % 3 + 1;
+        cluster.node(follower).kill();
+        let (flipped, in_header) = flip_random_bit(&cluster.node(follower).data_dir, &mut random);
+        cluster.node(follower).restart();
+        // Every flip is found before Raft starts. A damaged frame inside
+        // the log is cut out and restored in place; damage to the last
+        // frame looks like a torn write to the engine (nothing after it
+        // proves it was synced) and is cut, and the entry fetched again,
+        // since this node knows it was committed; an intact frame behind a
+        // damaged slot header is kept; a damaged segment header is rebuilt.
+        let startup = cluster
+            .node(follower)
+            .output_until("HTTP endpoints", Duration::from_secs(5));
+        let found = [
+            "repaired before Raft starts",
+            "were missing from this node's log (lost writes) and were fetched",
+        ];
+        assert!(
+            found.iter().any(|needle| startup.contains(needle)),
+            "round {round}: the flip at {flipped} went unnoticed:\n{startup}"
+        );
+        let entries_lost = ["written back in place", "(lost writes)"]
+            .iter()
+            .any(|needle| startup.contains(needle));
+        eprintln!(
+            "round {round}: node {follower}, {flipped}: {}",
+            if entries_lost {
+                "entries restored from a peer"
+            } else if in_header {
+                "header rebuilt"
+            } else {
+                "frame kept intact"
+            }
+        );
+        let repaired = node_metric(
+            cluster.node(follower),
+            "natswal_raft_repaired_entries_total",
+        );
+        assert_eq!(
+            repaired >= 1,
+            entries_lost,
+            "round {round}: {repaired} entries repaired"
+        );
+        if entries_lost {
+            let audit =
+                std::fs::read_to_string(cluster.node(follower).data_dir.join("audit.log")).unwrap();
+            assert!(audit.contains("replica_repair"), "the repair is audited");
+        }
+        let views = wait_converged(&cluster, Duration::from_secs(30)).await;
+        assert_eq!(views.len(), 3, "every replica serves: {views:?}");
+        // Whichever replica answers, it serves every acked record intact.
+        for _ in 0..3 {
+            let payloads = replay_payloads(&client, false).await;
+            for (message, offset) in &acked {
+                assert_eq!(
+                    payloads.get(offset),
+                    Some(&payload_of(*message)),
+                    "round {round}: offset {offset}"
+                );
+            }
+        }
+    }
+    let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
+    assert_acked_stored(&records, acked);
+}
+
+/// Flips one bit in the middle of `path`.
+fn flip_middle_bit(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(path, &bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_vote_file_or_index_on_a_minority_is_refused_or_rebuilt_and_the_cluster_acks() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path());
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let client = connect(&cluster.nats.url()).await;
+    // Enough to seal a 64 KiB segment (with an index).
+    let mut acked = publish_batch(&client, 0, 1000).await;
+    wait_converged(&cluster, Duration::from_secs(30)).await;
+    let (first, second) = (leader % 3 + 1, (leader + 1) % 3 + 1);
+    let stream_directory =
+        |cluster: &mut Cluster, id: u64| cluster.node(id).data_dir.join("replicated").join(STREAM);
+
+    // The vote (and commit index) file: without it the node could vote
+    // twice in a term, so it refuses to start, naming the file; nothing is
+    // deleted.
+    cluster.node(first).kill();
+    let metadata = stream_directory(&mut cluster, first).join("stream.meta");
+    flip_middle_bit(&metadata);
+    let damaged = std::fs::read(&metadata).unwrap();
+    let refusal = cluster
+        .node(first)
+        .try_restart()
+        .expect_err("a replica with a damaged vote file does not start");
+    assert!(refusal.contains("stream.meta"), "{refusal}");
+    assert_eq!(
+        std::fs::read(&metadata).unwrap(),
+        damaged,
+        "the file is kept"
+    );
+    assert!(!segment_files(&stream_directory(&mut cluster, first)).is_empty());
+    // The two others are a quorum: publishing goes on.
+    acked.extend(publish_batch(&client, 1000, 200).await);
+
+    // Indexes are derived data: the second follower rebuilds them from
+    // its segments when the leader is the only other replica up.
+    cluster.node(second).kill();
+    let indexes: Vec<PathBuf> = std::fs::read_dir(stream_directory(&mut cluster, second))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "idx"))
+        .collect();
+    assert!(!indexes.is_empty(), "the replica has indexes");
+    for index in &indexes {
+        flip_middle_bit(index);
+    }
+    cluster.node(second).restart();
+    acked.extend(publish_batch(&client, 1200, 200).await);
+    let leader_index = leader as usize - 1;
+    let records = stop_and_compare(&mut cluster, &[leader_index, second as usize - 1]);
+    assert_acked_stored(&records, acked);
+}
+
+/// Waits until node `id` has applied what the leader had committed when
+/// the wait began (while publishing goes on).
+async fn wait_caught_up(cluster: &Cluster, id: u64) {
+    let leader = wait_for_leader(cluster, Duration::from_secs(15)).await;
+    let committed = cluster.views()[&leader]["committed"].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views = cluster.views();
+        let applied = views.get(&id).and_then(|view| view["applied"].as_u64());
+        if applied.is_some_and(|applied| applied >= committed) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} did not catch up with commit {committed}: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the nodes other than `cut_off` agree on a leader among
+/// themselves.
+async fn wait_for_leader_among_others(cluster: &Cluster, cut_off: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let views = cluster.views();
+        let leaders: Vec<u64> = views
+            .iter()
+            .filter(|(id, _)| **id != cut_off)
+            .filter_map(|(_, view)| view["leader"].as_u64())
+            .collect();
+        if leaders.len() == 2 && leaders[0] == leaders[1] && leaders[0] != cut_off {
+            return leaders[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the majority elected no leader: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The leader loses both links to its followers (blackholed by proxies,
+/// the way a network partition drops packets) while NATS clients still
+/// reach it: it commits and acks nothing more; the majority elects a
+/// leader that goes on acking; after healing every replica converges on
+/// one log holding every acked message once. Then a follower alone is cut
+/// off and heals the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_acks_nothing_while_the_majority_goes_on_and_all_converge() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start_partitionable(root.path()).await;
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    let old_leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let client = connect(&cluster.nats.url()).await;
+    let publishers = Publishers::start(client.clone(), 8);
+    publishers
+        .wait_for_acks(&cluster, 300, Duration::from_secs(30))
+        .await;
+
+    cluster.isolate(old_leader);
+    let new_leader = wait_for_leader_among_others(&cluster, old_leader).await;
+    publishers
+        .wait_for_acks(&cluster, 300, Duration::from_secs(30))
+        .await;
+    // The cut-off node's commit index stands still while the majority
+    // commits: nothing it accepted in the meantime was acked.
+    let commit_of =
+        |id: u64| node_metric(&cluster.nodes[id as usize - 1], "natswal_raft_commit_index");
+    let frozen = commit_of(old_leader);
+    let majority_before = commit_of(new_leader);
+    publishers
+        .wait_for_acks(&cluster, 300, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        commit_of(old_leader),
+        frozen,
+        "the partitioned node committed"
+    );
+    assert!(commit_of(new_leader) > majority_before);
+    eprintln!(
+        "leader {old_leader} cut off at commit {frozen}; node {new_leader} leads, commit {}",
+        commit_of(new_leader)
+    );
+    cluster.heal();
+    publishers
+        .wait_for_acks(&cluster, 300, Duration::from_secs(30))
+        .await;
+    wait_caught_up(&cluster, old_leader).await;
+
+    // A follower alone is cut off: the others go on; it catches up.
+    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let follower = leader % 3 + 1;
+    cluster.isolate(follower);
+    publishers
+        .wait_for_acks(&cluster, 300, Duration::from_secs(30))
+        .await;
+    cluster.heal();
+    publishers
+        .wait_for_acks(&cluster, 300, Duration::from_secs(30))
+        .await;
+    wait_caught_up(&cluster, follower).await;
+    let acked = publishers.stop().await;
+    wait_converged(&cluster, Duration::from_secs(30)).await;
+    let mut cluster = cluster;
+    let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
+    assert_each_id_once(&records);
     assert_acked_stored(
         &records,
         acked
