@@ -1192,3 +1192,247 @@ async fn a_partitioned_leader_acks_nothing_while_the_majority_goes_on_and_all_co
             .map(|(message, (offset, _))| (*message, *offset)),
     );
 }
+
+/// Faults that leave no quorum for a while, combined (`NATSWAL_CLUSTER_FAULT_ROUNDS`
+/// rounds, CI 5; `NATSWAL_FAULT_SEED` replays a run): the leader
+/// partitioned away while another node is SIGKILLed, or a node paused
+/// (SIGSTOP) while another is SIGKILLed, each under continuous publishing.
+/// Afterwards every acked message is in the logs once, at its offset, and
+/// the three logs are identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_and_pauses_combined_with_kills_lose_nothing_acked() {
+    use rand::{Rng, SeedableRng};
+    let rounds: u64 = std::env::var("NATSWAL_CLUSTER_FAULT_ROUNDS")
+        .ok()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(5);
+    let seed: u64 = std::env::var("NATSWAL_FAULT_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("NATSWAL_FAULT_SEED={seed}");
+    let mut random = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_partitionable(root.path()).await;
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let client = connect(&cluster.nats.url()).await;
+    let publishers = Publishers::start(client.clone(), 8);
+    publishers
+        .wait_for_acks(&cluster, 200, Duration::from_secs(30))
+        .await;
+    for round in 0..rounds {
+        let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+        let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+        let killed = others[random.random_range(0..2)];
+        let partition = random.random_bool(0.5);
+        // The paused node is the leader or the node left running.
+        let paused = if random.random_bool(0.5) {
+            leader
+        } else {
+            others.iter().copied().find(|id| *id != killed).unwrap()
+        };
+        if partition {
+            cluster.isolate(leader);
+        } else {
+            cluster.node(paused).signal(libc::SIGSTOP);
+        }
+        cluster.node(killed).kill();
+        // No quorum now; let the survivors time out and campaign.
+        tokio::time::sleep(Duration::from_millis(random.random_range(200..1500))).await;
+        cluster.node(killed).restart();
+        if partition {
+            cluster.heal();
+        } else {
+            cluster.node(paused).signal(libc::SIGCONT);
+        }
+        publishers
+            .wait_for_acks(&cluster, 200, Duration::from_secs(30))
+            .await;
+        let fault = match partition {
+            true => format!("leader {leader} partitioned"),
+            false => format!("node {paused} paused"),
+        };
+        eprintln!(
+            "round {round}: {fault}, node {killed} killed; {} acked",
+            publishers.acked_count()
+        );
+    }
+    let acked = publishers.stop().await;
+    wait_converged(&cluster, Duration::from_secs(30)).await;
+    let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
+    assert_each_id_once(&records);
+    assert_acked_stored(
+        &records,
+        acked
+            .iter()
+            .map(|(message, (offset, _))| (*message, *offset)),
+    );
+}
+
+/// Node `id`'s config for a node added at run time: it reaches `peers`
+/// (id, address) and listens on `port`.
+fn joining_config(id: u64, port: u16, peers: &[(u64, String)]) -> String {
+    let mut config = format!("[cluster]\nnode_id = {id}\nlisten = \"127.0.0.1:{port}\"\n");
+    for (peer, address) in peers {
+        config.push_str(&format!(
+            "[[cluster.peers]]\nid = {peer}\naddress = \"{address}\"\n"
+        ));
+    }
+    config.push_str(&stream_section());
+    config
+}
+
+/// Where node `id` listens for replication, from its config.
+fn replication_address(node: &Natswal) -> String {
+    let text = std::fs::read_to_string(&node.config_path).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("listen = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// Runs `natswal cluster ARGS` off the async workers.
+async fn cli_in_background(
+    cluster: &Cluster,
+    args: &[&str],
+) -> tokio::task::JoinHandle<(i32, String)> {
+    let mut full: Vec<String> = vec!["cluster".into()];
+    full.extend(args.iter().map(|arg| arg.to_string()));
+    full.extend(["--nats-url".to_string(), cluster.nats.url()]);
+    tokio::task::spawn_blocking(move || {
+        let borrowed: Vec<&str> = full.iter().map(String::as_str).collect();
+        natswal_run(&borrowed)
+    })
+}
+
+/// Membership changes while nodes die (`NATSWAL_CLUSTER_CHANGE_ROUNDS`
+/// rounds, CI 3): each round a new node is added (a follower is SIGKILLed
+/// while the learner catches up, and restarted), leadership is moved to
+/// it, the old leader is SIGKILLed right after and restarted, and the
+/// oldest voter is removed (leadership moved off it first) and stopped. Publishing goes
+/// on throughout; at the end the three voters hold identical logs with
+/// every acked message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_under_kills_keep_every_acked_message() {
+    let rounds: u64 = std::env::var("NATSWAL_CLUSTER_CHANGE_ROUNDS")
+        .ok()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(3);
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path());
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let client = connect(&cluster.nats.url()).await;
+    let publishers = Publishers::start(client.clone(), 8);
+    publishers
+        .wait_for_acks(&cluster, 200, Duration::from_secs(30))
+        .await;
+    let mut voters: Vec<u64> = vec![1, 2, 3];
+    for round in 0..rounds {
+        let newcomer = 4 + round;
+        let leaving = voters[0];
+        let port = free_port();
+        // Its peers are the voters that stay: a stream has a copy on every
+        // node of the cluster a config describes.
+        let peers: Vec<(u64, String)> = voters
+            .iter()
+            .filter(|id| **id != leaving)
+            .map(|id| (*id, replication_address(cluster.node(*id))))
+            .collect();
+        let data_dir = root.path().join(format!("node-{newcomer}"));
+        let config = joining_config(newcomer, port, &peers);
+        cluster
+            .nodes
+            .push(Natswal::start(&cluster.nats.url(), &data_dir, &config));
+        assert_eq!(cluster.nodes.len() as u64, newcomer);
+
+        // Added while a follower is down.
+        let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+        let victim = *voters.iter().find(|id| **id != leader).unwrap();
+        let address = format!("127.0.0.1:{port}");
+        let adding = cli_in_background(
+            &cluster,
+            &[
+                "add",
+                "--node-id",
+                &newcomer.to_string(),
+                "--address",
+                &address,
+            ],
+        )
+        .await;
+        cluster.node(victim).kill();
+        let (code, output) = adding.await.unwrap();
+        assert_eq!(code, 0, "round {round}: add {newcomer}: {output}");
+        cluster.node(victim).restart();
+        voters.push(newcomer);
+        publishers
+            .wait_for_acks(&cluster, 100, Duration::from_secs(30))
+            .await;
+
+        // Leadership moves to the newcomer; the old leader dies at once.
+        let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+        let (code, output) = cluster.cli(&[
+            "transfer-leader",
+            "--stream",
+            STREAM,
+            "--to",
+            &newcomer.to_string(),
+        ]);
+        assert_eq!(code, 0, "round {round}: transfer-leader: {output}");
+        cluster.node(leader).kill();
+        publishers
+            .wait_for_acks(&cluster, 100, Duration::from_secs(30))
+            .await;
+        cluster.node(leader).restart();
+
+        // The oldest voter leaves and stops.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while wait_for_leader(&cluster, Duration::from_secs(15)).await == leaving {
+            assert!(Instant::now() < deadline, "leadership stays on {leaving}");
+            let to = newcomer.to_string();
+            cluster.cli(&["transfer-leader", "--stream", STREAM, "--to", &to]);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (code, output) = cluster.cli(&["remove", "--node-id", &leaving.to_string()]);
+        assert_eq!(code, 0, "round {round}: remove {leaving}: {output}");
+        voters.retain(|id| *id != leaving);
+        assert!(cluster.node(leaving).terminate().success());
+        publishers
+            .wait_for_acks(&cluster, 100, Duration::from_secs(30))
+            .await;
+        eprintln!(
+            "round {round}: added {newcomer} (node {victim} killed meanwhile), led by it, removed {leaving}; voters {voters:?}; {} acked",
+            publishers.acked_count()
+        );
+    }
+    let acked = publishers.stop().await;
+    let views = wait_converged(&cluster, Duration::from_secs(30)).await;
+    for view in views.values() {
+        let seen: Vec<u64> = view["voters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        assert_eq!(seen, voters, "{view}");
+    }
+    let indexes: Vec<usize> = voters.iter().map(|id| *id as usize - 1).collect();
+    let records = stop_and_compare(&mut cluster, &indexes);
+    assert_each_id_once(&records);
+    assert_acked_stored(
+        &records,
+        acked
+            .iter()
+            .map(|(message, (offset, _))| (*message, *offset)),
+    );
+}
