@@ -583,7 +583,8 @@ async fn publish_batch(client: &async_nats::Client, first: u64, count: u64) -> B
 async fn replay_payloads(client: &async_nats::Client, linearizable: bool) -> BTreeMap<u64, Bytes> {
     let inbox = client.new_inbox();
     let mut responses = client.subscribe(inbox.clone()).await.unwrap();
-    let request = serde_json::json!({"batch": 10000, "linearizable": linearizable});
+    // The largest batch a request may ask for (the tests store fewer).
+    let request = serde_json::json!({"batch": 65536, "linearizable": linearizable});
     client
         .publish_with_reply(
             format!("$NWAL.REPLAY.{STREAM}"),
@@ -770,14 +771,7 @@ async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
         "[cluster]\nnode_id = 4\nlisten = \"127.0.0.1:{new_port}\"\n"
     ));
     for id in &survivors {
-        // A survivor's address, from its own config.
-        let text = std::fs::read_to_string(&cluster.node(*id).config_path).unwrap();
-        let address = text
-            .lines()
-            .find_map(|line| line.strip_prefix("listen = "))
-            .unwrap()
-            .trim_matches('"')
-            .to_string();
+        let address = replication_address(cluster.node(*id));
         config.push_str(&format!(
             "[[cluster.peers]]\nid = {id}\naddress = \"{address}\"\n"
         ));
@@ -1289,12 +1283,14 @@ fn joining_config(id: u64, port: u16, peers: &[(u64, String)]) -> String {
     config
 }
 
-/// Where node `id` listens for replication, from its config.
+/// Where a node listens for replication: `listen` of its config's
+/// `[cluster]` table (the `[http]` table has a `listen` too).
 fn replication_address(node: &Natswal) -> String {
     let text = std::fs::read_to_string(&node.config_path).unwrap();
     text.lines()
+        .skip_while(|line| *line != "[cluster]")
         .find_map(|line| line.strip_prefix("listen = "))
-        .unwrap()
+        .expect("a [cluster] listen address")
         .trim_matches('"')
         .to_string()
 }

@@ -522,6 +522,9 @@ pub struct Peers {
     /// per node for every replica, while the way to a peer may differ from
     /// node to node: NAT, per-node DNS names, a proxy).
     configured: HashMap<NodeId, String>,
+    /// Nodes whose configured address differs from the membership's, once
+    /// logged.
+    differing_warned: Mutex<std::collections::HashSet<NodeId>>,
 }
 
 impl Peers {
@@ -532,6 +535,7 @@ impl Peers {
             security,
             identity,
             configured: HashMap::new(),
+            differing_warned: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -546,10 +550,18 @@ impl Peers {
 
     /// The address to reach `node_id` at: this node's configured one, else
     /// the one its group's membership records.
+    /// A difference between the two is logged once per node: it is
+    /// deliberate (NAT, a proxy) or a mistake in the config.
     pub fn address_of<'a>(&'a self, node_id: NodeId, membership_address: &'a str) -> &'a str {
-        self.configured
-            .get(&node_id)
-            .map_or(membership_address, String::as_str)
+        let Some(configured) = self.configured.get(&node_id) else {
+            return membership_address;
+        };
+        if configured != membership_address && lock(&self.differing_warned).insert(node_id) {
+            tracing::warn!(
+                "node {node_id}: reached at {configured} as this node's config says, not at {membership_address} as the group's membership records (logged once)"
+            );
+        }
+        configured
     }
 
     /// A live connection to `address`, opened if there is none. The map is
