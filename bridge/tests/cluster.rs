@@ -487,9 +487,17 @@ async fn quorum_acks_survive_leader_kills_on_every_replica() {
         );
     }
     let acked = publishers.stop().await;
-    // The leaders changed since the first messages were acked: a retry of
-    // one is answered with its original offset, as a duplicate.
-    for (message, (offset, _)) in acked.iter().take(20) {
+    // The leader changed since the messages acked just before the last
+    // kill (recent enough to be in the duplicate window of 100 000 ids): a
+    // retry of one is answered with its original offset, as a duplicate.
+    let last_kill = *kill_times.last().expect("a kill");
+    let mut before_last_kill: Vec<(u64, u64, Instant)> = acked
+        .iter()
+        .filter(|(_, (_, at))| *at < last_kill)
+        .map(|(message, (offset, at))| (*message, *offset, *at))
+        .collect();
+    before_last_kill.sort_by_key(|(_, _, at)| *at);
+    for (message, offset, _) in before_last_kill.iter().rev().take(20) {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("m-{message}").as_str());
         let reply = client
