@@ -452,63 +452,58 @@ impl BridgeMetrics {
 fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
     let statuses: Vec<_> = groups.values().map(|group| group.status()).collect();
     type Field = fn(&natswal_replication::GroupStatus) -> u64;
-    let gauges: [(&str, &str, Field); 5] = [
+    let series: [(&str, &str, &str, Field); 8] = [
         (
             "natswal_raft_term",
+            "gauge",
             "The stream's Raft term as this node sees it.",
             |status| status.term,
         ),
         (
             "natswal_raft_is_leader",
+            "gauge",
             "1 if this node leads the stream's group.",
             |status| u64::from(status.is_leader),
         ),
         (
             "natswal_raft_last_index",
+            "gauge",
             "Index of the last entry in this node's log (entries counted from 1).",
             |status| status.last_index.map_or(0, |index| index + 1),
         ),
         (
             "natswal_raft_commit_index",
+            "gauge",
             "Index of the last entry this node knows committed (counted from 1).",
             |status| status.committed.map_or(0, |index| index + 1),
         ),
         (
             "natswal_raft_applied_index",
+            "gauge",
             "Index of the last entry applied here: replays read up to it (counted from 1).",
             |status| status.applied.map_or(0, |index| index + 1),
         ),
-    ];
-    for (name, help, field) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for status in &statuses {
-            let _ = writeln!(
-                out,
-                "{name}{{stream=\"{}\"}} {}",
-                status.stream,
-                field(status)
-            );
-        }
-    }
-    let counters: [(&str, &str, Field); 3] = [
         (
             "natswal_raft_elections_total",
+            "counter",
             "Raft terms this node saw begin since it started (each begins with an election, won or not).",
             |status| status.elections,
         ),
         (
             "natswal_raft_leader_changes_total",
+            "counter",
             "Times the stream's leader, as this node knows it, moved to another node.",
             |status| status.leader_changes,
         ),
         (
             "natswal_raft_repaired_entries_total",
+            "counter",
             "Committed entries this node had lost or damaged and fetched from peers when it opened the stream.",
             |status| status.repaired_entries,
         ),
     ];
-    for (name, help, field) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (name, kind, help, field) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for status in &statuses {
             let _ = writeln!(
                 out,

@@ -378,11 +378,33 @@ fn assert_each_id_once(records: &Records) {
     }
 }
 
-fn kills() -> usize {
-    std::env::var("NATSWAL_CLUSTER_KILLS")
+/// A count from the environment (a full run), else the CI default.
+fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
         .ok()
         .and_then(|count| count.parse().ok())
-        .unwrap_or(3)
+        .unwrap_or(default)
+}
+
+/// A random source seeded from `name` in the environment, else from the
+/// clock; the seed is printed, so a failing run can be replayed.
+fn seeded_random(name: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var(name)
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{name}={seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+fn kills() -> usize {
+    env_count("NATSWAL_CLUSTER_KILLS", 3) as usize
 }
 
 async fn wait_for_leader(cluster: &Cluster, timeout: Duration) -> u64 {
@@ -833,10 +855,7 @@ async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
 /// `NATSWAL_CLUSTER_ALL_KILLS` sets the rounds (CI: 3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_every_node_at_once_loses_nothing_acknowledged() {
-    let rounds: usize = std::env::var("NATSWAL_CLUSTER_ALL_KILLS")
-        .ok()
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(3);
+    let rounds = env_count("NATSWAL_CLUSTER_ALL_KILLS", 3) as usize;
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
     let (code, output) = cluster.cli(&["init"]);
@@ -921,22 +940,8 @@ fn flip_random_bit(data_dir: &Path, random: &mut rand::rngs::StdRng) -> (String,
 /// replays a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bit_flips_in_committed_frames_of_a_minority_are_repaired_from_peers() {
-    use rand::SeedableRng;
-    let rounds: u64 = std::env::var("NATSWAL_CLUSTER_FLIPS")
-        .ok()
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(5);
-    let seed: u64 = std::env::var("NATSWAL_FLIP_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("NATSWAL_FLIP_SEED={seed}");
-    let mut random = rand::rngs::StdRng::seed_from_u64(seed);
+    let rounds: u64 = env_count("NATSWAL_CLUSTER_FLIPS", 5);
+    let mut random = seeded_random("NATSWAL_FLIP_SEED");
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
     let (code, output) = cluster.cli(&["init"]);
@@ -1203,22 +1208,9 @@ async fn a_partitioned_leader_acks_nothing_while_the_majority_goes_on_and_all_co
 /// the three logs are identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_and_pauses_combined_with_kills_lose_nothing_acked() {
-    use rand::{Rng, SeedableRng};
-    let rounds: u64 = std::env::var("NATSWAL_CLUSTER_FAULT_ROUNDS")
-        .ok()
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(5);
-    let seed: u64 = std::env::var("NATSWAL_FAULT_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("NATSWAL_FAULT_SEED={seed}");
-    let mut random = rand::rngs::StdRng::seed_from_u64(seed);
+    use rand::Rng;
+    let rounds: u64 = env_count("NATSWAL_CLUSTER_FAULT_ROUNDS", 5);
+    let mut random = seeded_random("NATSWAL_FAULT_SEED");
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start_partitionable(root.path()).await;
     let (code, output) = cluster.cli(&["init"]);
@@ -1326,10 +1318,7 @@ async fn cli_in_background(
 /// every acked message once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_changes_under_kills_keep_every_acked_message() {
-    let rounds: u64 = std::env::var("NATSWAL_CLUSTER_CHANGE_ROUNDS")
-        .ok()
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(3);
+    let rounds: u64 = env_count("NATSWAL_CLUSTER_CHANGE_ROUNDS", 3);
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
     let (code, output) = cluster.cli(&["init"]);

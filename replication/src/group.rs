@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::log_store::StreamLogStore;
 use crate::network::{GroupNetwork, Peers, Registry};
 use crate::state_machine::StreamStateMachine;
-use crate::types::{Applied, Command, Node, NodeId, Raft, RecordBatch, StreamRaft};
+use crate::types::{Applied, Command, Node, NodeId, ProposedRecord, Raft, RecordBatch, StreamRaft};
 use natswal::io::FileSystem;
 use natswal::log::restore::restore_raft_frames;
 use natswal::log::writer::now_ns;
@@ -626,7 +626,7 @@ impl ReplicatedStream {
         let bytes: usize = batch
             .records
             .iter()
-            .map(|record| record.to_record().encoded_length())
+            .map(ProposedRecord::encoded_length)
             .sum();
         let frame_bytes_max = self.log.config().frame_bytes_max;
         if bytes as u64 > frame_bytes_max {

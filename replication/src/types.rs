@@ -85,6 +85,14 @@ pub struct ProposedRecord {
 }
 
 impl ProposedRecord {
+    /// Bytes it takes inside a plain frame body (as [`Record::encoded_length`]).
+    pub fn encoded_length(&self) -> usize {
+        natswal::format::record::RECORD_OVERHEAD
+            + self.subject.len()
+            + self.headers.len()
+            + self.payload.len()
+    }
+
     pub fn to_record(&self) -> Record {
         Record {
             timestamp_ns: self.timestamp_ns,
