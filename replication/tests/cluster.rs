@@ -528,20 +528,26 @@ async fn a_learner_joins_catches_up_becomes_a_voter_and_takes_the_lead() {
         .expect("the leader tracks node 4");
     assert_eq!(replica.lag_entries, 0, "{status:?}");
 
-    // Leadership moves to the new voter, which goes on with the offsets.
-    stream(leader).transfer_leader(4).await.unwrap();
-    stream(&nodes[3])
-        .raft()
-        .wait(Some(WAIT))
-        .metrics(|metrics| metrics.state.is_leader(), "node 4 leads")
-        .await
-        .expect("leadership moves to node 4");
-    let new_leader = await_leader(&nodes).await;
-    assert_eq!(new_leader, 4);
-    let mut more = propose_all(stream(&nodes[3]), 500, 10, 4).await;
-    assert_eq!(assert_dense(&mut more, next), next + 40);
+    // The removed node is stopped, as docs/OPERATIONS.md says: it may have
+    // missed the configuration that leaves it out, and a node left running
+    // with the joint one calls elections (openraft 0.10 has no pre-vote) that
+    // can depose a leader its peers have not yet heard from.
     let removed_node = nodes[(removed - 1) as usize].stream.take().unwrap();
     removed_node.shutdown().await.unwrap();
+
+    // Leadership moves to the new voter, which goes on with the offsets.
+    let leader = &nodes[(leader_id - 1) as usize];
+    stream(leader).transfer_leader(4).await.unwrap();
+    // Node 4 takes writes once the blank entry of its term is committed (a
+    // quorum acked it, so its leader lease holds): until then openraft
+    // refuses writes with "lease expired". (Asking node 1 who leads would
+    // not do: it may not yet have heard of the term node 4 won.)
+    stream(&nodes[3])
+        .wait_to_lead(WAIT)
+        .await
+        .expect("leadership moves to node 4");
+    let mut more = propose_all(stream(&nodes[3]), 500, 10, 4).await;
+    assert_eq!(assert_dense(&mut more, next), next + 40);
     let last = last_entry(stream(&nodes[3]));
     assert_identical_logs(&nodes, last).await;
     for node in &mut nodes {
