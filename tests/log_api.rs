@@ -422,6 +422,32 @@ fn raft_entries_without_records_take_no_offsets_and_readers_skip_them() {
 }
 
 #[test]
+fn committed_entries_fill_a_log_that_ends_below_its_purge_point() {
+    let (_, file_system) = memory();
+    let source = open_log(&file_system, Path::new("/source"), small_config());
+    for index in 1..=4 {
+        append_entry(&source, (index - 1) * 2, 2, 1, index);
+    }
+    source.sync().unwrap();
+    let frames = source
+        .read_frames(FrameRange::RaftIndex { start: 1, end: 5 })
+        .unwrap();
+    // A log cut back to entry 2 whose purge point is 3 (a repair or a
+    // shipped snapshot fills it): appends follow the purge point, fills
+    // follow the log.
+    let log = open_log(&file_system, Path::new("/l"), small_config());
+    log.append_stored(&frames[0].bytes, NOW).unwrap();
+    log.append_stored(&frames[1].bytes, NOW).unwrap();
+    log.save_purged(LogId { term: 1, index: 3 }).unwrap();
+    let error = log.append_stored(&frames[2].bytes, NOW).unwrap_err();
+    assert!(error.to_string().contains("does not follow"), "{error}");
+    log.fill_stored(&frames[2].bytes, NOW).unwrap();
+    log.append_stored(&frames[3].bytes, NOW).unwrap();
+    log.sync().unwrap();
+    assert_eq!(records_of(&log).len(), 8);
+}
+
+#[test]
 fn purging_past_the_last_entry_makes_the_next_entry_follow_the_purge_point() {
     let (_, file_system) = memory();
     let log = open_log(&file_system, Path::new("/l"), small_config());
@@ -523,6 +549,108 @@ fn installing_a_sealed_segment_checks_it_and_links_it_in_whole() {
     for stored in &records {
         assert_record(stored, &record(stored.offset - FIRST_OFFSET), stored.offset);
     }
+    drop(memory);
+}
+
+#[test]
+fn a_segment_shipped_in_chunks_installs_after_frames_of_the_active_segment() {
+    let (memory, file_system) = memory();
+    let (leader, sealed) = sealed_copy_source(&file_system);
+    let follower = open_log(&file_system, Path::new("/follower"), small_config());
+    // The follower holds the first segment's entries as frames of its own
+    // active segment (it received them one by one), not as that file.
+    let first = &sealed[0];
+    for frame in leader
+        .read_frames(FrameRange::RaftIndex {
+            start: first.first_raft_index,
+            end: first.last_log_id.index + 1,
+        })
+        .unwrap()
+    {
+        follower.append_stored(&frame.bytes, 1).unwrap();
+    }
+    assert!(follower.sealed_segments().is_empty());
+    // The second segment travels in chunks of 1000 bytes; a chunk of a
+    // segment the leader does not hold (another CRC) is refused.
+    let second = &sealed[1];
+    assert!(leader
+        .read_sealed_segment(second.base_offset, second.crc32c ^ 1, 0, 1000)
+        .is_err());
+    let mut position = 0;
+    loop {
+        let chunk = leader
+            .read_sealed_segment(second.base_offset, second.crc32c, position, 1000)
+            .unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        position = follower
+            .receive_segment_bytes(second.base_offset, position, &chunk)
+            .unwrap();
+    }
+    assert_eq!(position, second.length);
+    assert_eq!(
+        follower
+            .received_segment_length(second.base_offset)
+            .unwrap(),
+        second.length
+    );
+    let received = follower.incoming_path(second.base_offset).unwrap();
+    follower.install_segment(&received, second).unwrap();
+    assert_eq!(follower.written().next_offset, second.next_offset);
+    assert_eq!(follower.written().last_log_id, second.last_log_id);
+    let records = records_of(&follower);
+    assert_eq!(records.len() as u64, second.next_offset - FIRST_OFFSET);
+    for stored in &records {
+        assert_record(stored, &record(stored.offset - FIRST_OFFSET), stored.offset);
+    }
+    // Frames after the installed file, then a cut back into the first
+    // segment's entries: the log ends there, and takes that entry again.
+    let third = &sealed[2];
+    let frames_after = leader
+        .read_frames(FrameRange::RaftIndex {
+            start: third.first_raft_index,
+            end: third.first_raft_index + 3,
+        })
+        .unwrap();
+    for frame in &frames_after {
+        follower.append_stored(&frame.bytes, 1).unwrap();
+    }
+    follower.sync().unwrap();
+    // A cut right after the installed file removes only the active
+    // segment's frames.
+    follower.truncate_after(second.last_log_id.index).unwrap();
+    assert_eq!(follower.written().last_log_id, second.last_log_id);
+    for frame in &frames_after {
+        follower.append_stored(&frame.bytes, 1).unwrap();
+    }
+    follower.sync().unwrap();
+    let keep = first.last_log_id.index - 2;
+    follower.truncate_after(keep).unwrap();
+    assert_eq!(follower.written().last_log_id.index, keep);
+    let again = leader
+        .read_frames(FrameRange::RaftIndex {
+            start: keep + 1,
+            end: second.last_log_id.index + 1,
+        })
+        .unwrap();
+    for frame in &again {
+        follower.append_stored(&frame.bytes, 1).unwrap();
+    }
+    for frame in &frames_after {
+        follower.append_stored(&frame.bytes, 1).unwrap();
+    }
+    follower.sync().unwrap();
+    let records = records_of(&follower);
+    // Reopened, the follower has both: its own sealed frames, then the file.
+    follower.close().unwrap();
+    drop(follower);
+    let reopened = open_log(&file_system, Path::new("/follower"), small_config());
+    assert_eq!(records_of(&reopened).len(), records.len());
+    assert_eq!(
+        reopened.written().last_log_id.index,
+        third.first_raft_index + 2
+    );
     drop(memory);
 }
 

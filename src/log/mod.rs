@@ -23,7 +23,10 @@
 //!   the cut get [`Error::Truncated`], never stale bytes;
 //! - [`Log::install_segment`] links in a sealed segment received from a
 //!   peer, checked by CRC and walked before it is renamed in: a crash leaves
-//!   no segment or the whole one;
+//!   no segment or the whole one; [`Log::read_sealed_segment`] and
+//!   [`Log::receive_segment_bytes`] carry such a file in chunks, and
+//!   [`Log::fill_stored`] appends committed frames that fill a log back up
+//!   below its purge point;
 //! - [`Log::raft_holes`] and [`restore::restore_raft_frames`] find the
 //!   Raft entries a repair cut out and write a peer's copies of them back
 //!   in place (crash-atomic, like a repair);
@@ -756,7 +759,16 @@ impl Log {
 
     /// Appends a frame exactly as a leader stored it.
     pub fn append_stored(&self, frame: &[u8], now_ns: i64) -> Result<Appended> {
-        self.writer().append_stored(&self.shared, frame, now_ns)
+        self.writer()
+            .append_stored(&self.shared, frame, now_ns, false)
+    }
+
+    /// Appends a committed frame fetched from a peer to fill the log back
+    /// up (a repair, segment shipping): it follows the log's last entry
+    /// even where the log ends below the purge point.
+    pub fn fill_stored(&self, frame: &[u8], now_ns: i64) -> Result<Appended> {
+        self.writer()
+            .append_stored(&self.shared, frame, now_ns, true)
     }
 
     /// Appends a Raft entry that holds no records: a blank entry, or an
@@ -787,7 +799,7 @@ impl Log {
         };
         let mut frame = header.encode().to_vec();
         frame.extend_from_slice(body);
-        writer.append_stored(&self.shared, &frame, now_ns)
+        writer.append_stored(&self.shared, &frame, now_ns, false)
     }
 
     /// Makes every frame written so far durable (one sync: group commit),
@@ -1304,6 +1316,94 @@ impl Log {
         Ok(report)
     }
 
+    /// `length` bytes (fewer at the end) at `position` of this log's sealed
+    /// segment with `base_offset` and whole-file CRC `crc32c`, as a peer
+    /// ships it. Fails, naming it, when the log holds no such sealed
+    /// segment (retention removed it, or this log's segment there is
+    /// another file).
+    pub fn read_sealed_segment(
+        &self,
+        base_offset: u64,
+        crc32c: u32,
+        position: u64,
+        length: usize,
+    ) -> Result<Vec<u8>> {
+        let segment = self
+            .shared
+            .segments_snapshot()
+            .into_iter()
+            .find(|segment| {
+                segment.is_indexed()
+                    && segment.base_offset() == base_offset
+                    && segment.segment_crc() == crc32c
+            })
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "stream '{}' holds no sealed segment at offset {base_offset} with CRC {crc32c:#010x}",
+                    self.name()
+                ))
+            })?;
+        let end = segment
+            .visible_length()
+            .min(position.saturating_add(length as u64));
+        let mut bytes = vec![0; end.saturating_sub(position) as usize];
+        let file = self.shared.file_system.open(segment.path(), false)?;
+        let mut read = 0;
+        while read < bytes.len() {
+            let count = file.read_at(position + read as u64, &mut bytes[read..])?;
+            if count == 0 {
+                return Err(Error::corruption(
+                    segment.path(),
+                    position + read as u64,
+                    "the sealed segment is shorter than its index says".to_string(),
+                ));
+            }
+            read += count;
+        }
+        Ok(bytes)
+    }
+
+    /// Writes `bytes` at `position` of the file received for the segment
+    /// at `base_offset` (at [`incoming_path`](Log::incoming_path)); position
+    /// 0 starts the file over. Returns the file's length after the write.
+    pub fn receive_segment_bytes(
+        &self,
+        base_offset: u64,
+        position: u64,
+        bytes: &[u8],
+    ) -> Result<u64> {
+        let path = self.incoming_path(base_offset)?;
+        let file_system = &self.shared.file_system;
+        if position == 0 && file_system.exists(&path) {
+            file_system.remove(&path)?;
+        }
+        let file = if file_system.exists(&path) {
+            file_system.open(&path, true)?
+        } else {
+            file_system.create(&path)?
+        };
+        file.write_at(position, bytes)?;
+        file_system.file_length(&path)
+    }
+
+    /// The length of the file received so far for the segment at
+    /// `base_offset` (0 if none): a transfer resumes from there.
+    pub fn received_segment_length(&self, base_offset: u64) -> Result<u64> {
+        let path = self.incoming_path(base_offset)?;
+        if self.shared.file_system.exists(&path) {
+            self.shared.file_system.file_length(&path)
+        } else {
+            Ok(0)
+        }
+    }
+
+    /// The CRC32C of the file received so far for the segment at
+    /// `base_offset`.
+    pub fn received_segment_crc(&self, base_offset: u64) -> Result<u32> {
+        let path = self.incoming_path(base_offset)?;
+        Ok(crc32c::crc32c(&self.shared.file_system.read(&path)?))
+    }
+
     /// Where a segment file received from a peer is written before
     /// [`install_segment`](Log::install_segment) links it in.
     pub fn incoming_path(&self, base_offset: u64) -> Result<PathBuf> {
@@ -1316,20 +1416,12 @@ impl Log {
     /// [`incoming_path`](Log::incoming_path)): checked against the
     /// expected length and CRC, walked whole, synced, then renamed in. It
     /// must continue the log (its first offset is the log's next, its first
-    /// Raft index follows the log's last), and the active segment must be
-    /// empty. A crash leaves no segment or the whole one.
+    /// Raft index follows the log's last); the active segment's frames are
+    /// sealed first. A crash leaves no segment or the whole one.
     pub fn install_segment(&self, received: &Path, expected: &SealedSegment) -> Result<()> {
         let mut writer = self.writer();
         let shared = &self.shared;
         shared.gate_check()?;
-        if let Some(active) = &writer.state.active {
-            if active.position > SEGMENT_HEADER_LENGTH as u64 {
-                return Err(Error::InvalidInput(format!(
-                    "cannot install a segment while the active segment {} holds frames",
-                    active.segment.path().display()
-                )));
-            }
-        }
         if expected.base_offset != writer.state.next_offset {
             return Err(Error::InvalidInput(format!(
                 "segment starting at offset {} does not continue the log at offset {}",
@@ -1392,6 +1484,9 @@ impl Log {
             )));
         }
         shared.gate.sync_file(file.as_ref(), true, 0, 0)?;
+        // The installed segment follows the active one's frames: seal them
+        // (an empty active segment is removed instead).
+        writer.state.rotate(shared)?;
         // Its slots carry the peer's generations: ours must be above them
         // before anything is written after it.
         let generation_max = walked.generation;
@@ -1399,10 +1494,6 @@ impl Log {
             metadata.generation = metadata.generation.max(generation_max);
             metadata.clean = None;
         })?;
-        if let Some(active) = writer.state.active.take() {
-            shared.gate.clear_active();
-            shared.remove_empty_segment(&active.segment)?;
-        }
         let path = shared
             .directory
             .join(crate::format::segment_file_name(header.base_offset));

@@ -201,7 +201,8 @@ impl SegmentWriter {
             ));
         }
         shared.gate_check()?;
-        self.state.check_raft_id(meta.raft_term, meta.raft_index)?;
+        self.state
+            .check_raft_id(meta.raft_term, meta.raft_index, false)?;
         self.raise_generation(shared)?;
         let header = FrameHeader {
             base_offset: self.state.next_offset,
@@ -238,6 +239,7 @@ impl SegmentWriter {
         shared: &LogShared,
         frame: &[u8],
         now_ns: i64,
+        filling: bool,
     ) -> Result<Appended> {
         shared.gate_check()?;
         let header = match crate::format::frame::check_frame(frame) {
@@ -274,7 +276,7 @@ impl SegmentWriter {
             )));
         }
         self.state
-            .check_raft_id(header.raft_term, header.raft_index)?;
+            .check_raft_id(header.raft_term, header.raft_index, filling)?;
         self.raise_generation(shared)?;
         let key = (header.key_id, header.cipher);
         let mut header_bytes = [0u8; FRAME_HEADER_LENGTH];
@@ -304,12 +306,20 @@ impl SegmentWriter {
 }
 
 impl WriterState {
-    fn check_raft_id(&self, term: u64, index: u64) -> Result<()> {
+    fn check_raft_id(&self, term: u64, index: u64, filling: bool) -> Result<()> {
         if index == 0 {
             return Ok(());
         }
         let last = self.last_log_id;
-        let follows = last.index.max(self.raft_floor);
+        // Past a purge point beyond the log's end (a snapshot whose missing
+        // entries hold no record) the next entry follows the point, except
+        // for committed entries that fill the log up to it (a repair,
+        // segment shipping), which follow the log's last.
+        let follows = if filling {
+            last.index
+        } else {
+            last.index.max(self.raft_floor)
+        };
         if follows != 0 && index != follows + 1 {
             return Err(Error::InvalidInput(format!(
                 "Raft index {index} does not follow the log's last index {follows}"
