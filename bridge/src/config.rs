@@ -211,6 +211,14 @@ pub struct ClusterConfig {
     /// gets an error (a deposed or cut-off leader's pending messages).
     #[serde(default = "default_commit_timeout", with = "duration_text")]
     pub commit_timeout: Duration,
+    /// Raft entries applied between two snapshots of a replicated stream
+    /// (a snapshot is a manifest of sealed segments).
+    #[serde(default = "default_snapshot_entries")]
+    pub snapshot_entries: u64,
+    /// Raft entries kept behind a snapshot: a follower further behind
+    /// catches up by receiving the leader's sealed segment files.
+    #[serde(default = "default_snapshot_entries")]
+    pub snapshot_kept_entries: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,6 +235,10 @@ pub struct ClusterTlsConfig {
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+}
+
+fn default_snapshot_entries() -> u64 {
+    natswal_replication::SnapshotSettings::default().entries_between
 }
 
 fn default_commit_timeout() -> Duration {
@@ -285,6 +297,12 @@ impl ClusterConfig {
         }
         if self.commit_timeout.is_zero() {
             return Err(invalid("cluster.commit_timeout", "must be longer than 0"));
+        }
+        if self.snapshot_entries == 0 {
+            return Err(invalid(
+                "cluster.snapshot_entries",
+                "must be at least 1 (entries between two snapshots)",
+            ));
         }
         Ok(())
     }

@@ -452,7 +452,7 @@ impl BridgeMetrics {
 fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
     let statuses: Vec<_> = groups.values().map(|group| group.status()).collect();
     type Field = fn(&natswal_replication::GroupStatus) -> u64;
-    let series: [(&str, &str, &str, Field); 8] = [
+    let series: [(&str, &str, &str, Field); 11] = [
         (
             "natswal_raft_term",
             "gauge",
@@ -500,6 +500,24 @@ fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
             "counter",
             "Committed entries this node had lost or damaged and fetched from peers when it opened the stream.",
             |status| status.repaired_entries,
+        ),
+        (
+            "natswal_raft_snapshots_installed_total",
+            "counter",
+            "Snapshots this node installed as a follower by receiving the leader's segments.",
+            |status| status.shipping.snapshots_installed,
+        ),
+        (
+            "natswal_raft_segments_received_total",
+            "counter",
+            "Sealed segment files this node received from a leader (segment shipping).",
+            |status| status.shipping.segments_received,
+        ),
+        (
+            "natswal_raft_segment_bytes_received_total",
+            "counter",
+            "Bytes of sealed segment files this node received from a leader.",
+            |status| status.shipping.bytes_received,
         ),
     ];
     for (name, kind, help, field) in series {

@@ -35,16 +35,27 @@ struct Cluster {
 /// The replicated stream, with small segments so that tests see sealed
 /// ones (and their indexes).
 fn stream_section() -> String {
+    stream_section_with("64KiB")
+}
+
+fn stream_section_with(segment_bytes: &str) -> String {
     format!(
-        "[[streams]]\nname = \"{STREAM}\"\nsubjects = [\"orders.>\"]\nreplicas = 3\nsegment_bytes = \"64KiB\"\nmax_message_bytes = \"16KiB\"\n"
+        "[[streams]]\nname = \"{STREAM}\"\nsubjects = [\"orders.>\"]\nreplicas = 3\nsegment_bytes = \"{segment_bytes}\"\nmax_message_bytes = \"16KiB\"\n"
     )
 }
 
-/// Node `id`'s config: it listens on `ports[id - 1]` and reaches peer `p`
-/// at `peer_port(p)`.
-fn node_config(id: u64, ports: &[u16], peer_port: impl Fn(u64) -> u16) -> String {
+/// Node `id`'s config: it listens on `ports[id - 1]`, reaches peer `p`
+/// at `peer_port(p)`, and has `keys.cluster` in its `[cluster]` table and
+/// segments of `keys.segment_bytes`.
+fn node_config(
+    id: u64,
+    ports: &[u16],
+    peer_port: impl Fn(u64) -> u16,
+    keys: &ConfigKeys,
+) -> String {
+    let cluster_keys = keys.cluster;
     let mut config = format!(
-        "[cluster]\nnode_id = {id}\nlisten = \"127.0.0.1:{}\"\n",
+        "[cluster]\nnode_id = {id}\nlisten = \"127.0.0.1:{}\"\n{cluster_keys}",
         ports[id as usize - 1]
     );
     for peer in (1..=ports.len() as u64).filter(|peer| *peer != id) {
@@ -53,14 +64,29 @@ fn node_config(id: u64, ports: &[u16], peer_port: impl Fn(u64) -> u16) -> String
             "[[cluster.peers]]\nid = {peer}\naddress = \"127.0.0.1:{port}\"\n"
         ));
     }
-    config.push_str(&stream_section());
+    config.push_str(&stream_section_with(keys.segment_bytes));
     config
 }
 
+/// What a test changes in the nodes' configs.
+struct ConfigKeys {
+    cluster: &'static str,
+    segment_bytes: &'static str,
+}
+
+const DEFAULT_KEYS: ConfigKeys = ConfigKeys {
+    cluster: "",
+    segment_bytes: "64KiB",
+};
+
 impl Cluster {
     fn start(root: &Path) -> Cluster {
+        Cluster::start_with_keys(root, &DEFAULT_KEYS)
+    }
+
+    fn start_with_keys(root: &Path, keys: &ConfigKeys) -> Cluster {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        Cluster::start_with_links(root, &ports, BTreeMap::new())
+        Cluster::start_with_links(root, &ports, BTreeMap::new(), keys)
     }
 
     /// Three nodes that reach each other only through a proxy per link,
@@ -73,13 +99,14 @@ impl Cluster {
                 links.insert((from, to), LinkProxy::start(ports[to as usize - 1]).await);
             }
         }
-        Cluster::start_with_links(root, &ports, links)
+        Cluster::start_with_links(root, &ports, links, &DEFAULT_KEYS)
     }
 
     fn start_with_links(
         root: &Path,
         ports: &[u16],
         links: BTreeMap<(u64, u64), LinkProxy>,
+        keys: &ConfigKeys,
     ) -> Cluster {
         let nats = NatsServer::start();
         let nodes = (1..=3)
@@ -92,7 +119,7 @@ impl Cluster {
                 Natswal::start(
                     &nats.url(),
                     &root.join(format!("node-{id}")),
-                    &node_config(id, ports, peer_port),
+                    &node_config(id, ports, peer_port, keys),
                 )
             })
             .collect();
@@ -235,7 +262,15 @@ impl Publishers {
     }
 }
 
+/// Messages from this id on carry 8 KiB payloads (bulk writes).
+const BULK_FIRST: u64 = 1 << 32;
+
 fn payload_of(message: u64) -> Bytes {
+    if message >= BULK_FIRST {
+        let mut payload = format!("bulk {message} ").into_bytes();
+        payload.resize(8192, b'a' + (message % 26) as u8);
+        return Bytes::from(payload);
+    }
     Bytes::from(format!(
         "order {message} {}",
         "x".repeat((message % 90) as usize)
@@ -850,6 +885,119 @@ async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
         audit.contains("cluster_add") && audit.contains("cluster_remove")
     });
     assert!(audited, "membership changes are audited");
+}
+
+/// Publishes `count` messages from `first`, `window` at a time.
+async fn publish_windowed(
+    client: &async_nats::Client,
+    first: u64,
+    count: u64,
+    window: u64,
+) -> BTreeMap<u64, u64> {
+    let mut acked = BTreeMap::new();
+    let mut next = first;
+    while next < first + count {
+        let size = window.min(first + count - next);
+        acked.extend(publish_batch(client, next, size).await);
+        next += size;
+    }
+    acked
+}
+
+/// A follower SIGKILLed while the leader takes `NATSWAL_CLUSTER_SHIP_MIB`
+/// MiB (CI: 8) comes back behind the leader's purged Raft log and catches
+/// up by receiving its sealed segment files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_stopped_while_the_leader_writes_catches_up_by_segment_shipping() {
+    let mib = env_count("NATSWAL_CLUSTER_SHIP_MIB", 8);
+    let root = tempfile::tempdir().unwrap();
+    // 1 MiB segments: the follower receives about one file per MiB.
+    let keys = ConfigKeys {
+        cluster: "snapshot_entries = 4\nsnapshot_kept_entries = 1\n",
+        segment_bytes: "1MiB",
+    };
+    let mut cluster = Cluster::start_with_keys(root.path(), &keys);
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let client = connect(&cluster.nats.url()).await;
+    let mut acked = publish_batch(&client, 0, 200).await;
+    let stopped = leader % 3 + 1;
+    let stopped_last = cluster.views()[&stopped]["last_index"]
+        .as_u64()
+        .expect("the follower's last index");
+    cluster.node(stopped).kill();
+
+    let started = Instant::now();
+    let messages = mib * 1024 * 1024 / 8192;
+    // Small windows make many Raft entries: the bridge puts the messages
+    // waiting together into one.
+    acked.extend(publish_windowed(&client, BULK_FIRST, messages, 32).await);
+    let written = started.elapsed();
+    // The leader snapshots and purges in the background: the stopped node
+    // comes back once its last entry is purged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views = cluster.views();
+        let purged = views
+            .values()
+            .find(|view| view["is_leader"] == true)
+            .and_then(|view| view["purged"].as_u64());
+        if purged.is_some_and(|purged| purged > stopped_last + 4) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader did not purge its log: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.node(stopped).restart();
+    let catching_up = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(30 + mib / 4);
+    loop {
+        let views = cluster.views();
+        let leader_committed = views
+            .values()
+            .find(|view| view["is_leader"] == true)
+            .and_then(|view| view["committed"].as_u64());
+        let applied = views
+            .get(&stopped)
+            .and_then(|view| view["applied"].as_u64());
+        if leader_committed.is_some() && applied >= leader_committed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {stopped} did not catch up: {views:?}\n{}",
+            cluster.node(stopped).output().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let caught_up = catching_up.elapsed();
+    let node = cluster.node(stopped);
+    let segments = node_metric(node, "natswal_raft_segments_received_total");
+    let bytes = node_metric(node, "natswal_raft_segment_bytes_received_total");
+    let installed = node_metric(node, "natswal_raft_snapshots_installed_total");
+    eprintln!(
+        "{mib} MiB written in {written:?} while node {stopped} was down; it received {segments} segments ({bytes} bytes) and caught up in {caught_up:?}"
+    );
+    let logs: Vec<String> = cluster
+        .nodes
+        .iter()
+        .flat_map(|node| node.output())
+        .filter(|line| line.contains("snapshot") || line.contains("purge") || line.contains("ship"))
+        .collect();
+    assert!(
+        installed >= 1 && segments >= 1,
+        "node {stopped} caught up without segment shipping ({installed} snapshots, {segments} segments):\n{}",
+        logs.join("\n")
+    );
+    acked.extend(publish_batch(&client, 200, 100).await);
+    wait_converged(&cluster, Duration::from_secs(30)).await;
+    let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
+    assert_eq!(records.len(), acked.len());
+    assert_acked_stored(&records, acked);
 }
 
 /// `NATSWAL_CLUSTER_ALL_KILLS` sets the rounds (CI: 3).

@@ -6,6 +6,7 @@
 use crate::error::{Error, Result};
 use crate::log_store::StreamLogStore;
 use crate::network::{GroupNetwork, Peers, Registry};
+use crate::shipping::{Inbox, ShippingCounters};
 use crate::state_machine::StreamStateMachine;
 use crate::types::{Applied, Command, Node, NodeId, ProposedRecord, Raft, RecordBatch, StreamRaft};
 use natswal::io::FileSystem;
@@ -54,17 +55,39 @@ impl RaftTiming {
     }
 }
 
+/// When a group builds snapshots and purges its Raft log. Purging is
+/// logical (the frames stay for retention and replay), so its only effect
+/// is that a follower lagging more than `kept_entries` behind the last
+/// snapshot catches up by segment shipping rather than entry by entry.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotSettings {
+    /// Entries applied between two snapshots (a snapshot is a manifest of
+    /// sealed segments: cheap).
+    pub entries_between: u64,
+    /// Entries kept in the Raft log behind a snapshot.
+    pub kept_entries: u64,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        SnapshotSettings {
+            entries_between: 16_384,
+            kept_entries: 16_384,
+        }
+    }
+}
+
 /// openraft's configuration for a stream's group.
-pub fn raft_config(timing: RaftTiming) -> Result<Arc<Config>> {
+pub fn raft_config(timing: RaftTiming, snapshots: SnapshotSettings) -> Result<Arc<Config>> {
     let config = Config {
         cluster_name: "natswal".to_string(),
         heartbeat_interval: timing.heartbeat_interval_ms,
         election_timeout_min: timing.election_timeout_min_ms,
         election_timeout_max: timing.election_timeout_max_ms,
-        // Snapshots are manifests of sealed segments; until segment
-        // shipping lands no snapshot is built, so nothing is purged and
-        // every follower catches up from the log itself.
-        snapshot_policy: SnapshotPolicy::Never,
+        // Snapshots are manifests of sealed segments; a follower too far
+        // behind receives the segments (crate::shipping).
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshots.entries_between),
+        max_in_snapshot_log_to_keep: snapshots.kept_entries,
         // A follower whose log moved backwards (lost writes) must not
         // panic the leader; it is repaired instead.
         allow_log_reversion: Some(true),
@@ -85,6 +108,7 @@ pub struct GroupOptions<'a> {
     pub keyring: Arc<Keyring>,
     pub cache: Arc<SegmentCache>,
     pub timing: RaftTiming,
+    pub snapshots: SnapshotSettings,
     /// The other replicas' addresses: where a log that lost committed
     /// entries fetches them before Raft starts.
     pub peer_addresses: Vec<String>,
@@ -310,7 +334,7 @@ async fn fill_lost_entries(
                 break;
             }
             for frame in frames {
-                log.append_stored(&frame, now_ns())
+                log.fill_stored(&frame, now_ns())
                     .map_err(|error| Error::engine(log.name(), error))?;
                 last += 1;
             }
@@ -350,6 +374,9 @@ pub struct GroupStatus {
     pub last_index: Option<u64>,
     pub committed: Option<u64>,
     pub applied: Option<u64>,
+    /// The last entry purged from the Raft log (logically: the frames
+    /// stay); a follower behind it catches up by segment shipping.
+    pub purged: Option<u64>,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     /// Each replica's last matched entry and lag (on the leader only).
@@ -362,6 +389,8 @@ pub struct GroupStatus {
     /// Committed entries this node's log had lost or damaged and fetched
     /// from peers when it opened the group.
     pub repaired_entries: u64,
+    /// Snapshot transfers this node received as a follower.
+    pub shipping: ShippingCounters,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +407,7 @@ pub struct ReplicatedStream {
     raft: Raft,
     registry: Arc<Registry>,
     peers: Arc<Peers>,
+    inbox: Arc<Inbox>,
     fetched_on_open: u64,
     restored_on_open: u64,
     applied_offset: tokio::sync::watch::Receiver<u64>,
@@ -460,7 +490,9 @@ impl ReplicatedStream {
                 "stream '{name}': {fetched} committed entries were missing from this node's log (lost writes) and were fetched from peers before Raft started"
             );
         }
-        let state_machine = StreamStateMachine::open(Arc::clone(&log), file_system)?;
+        let inbox = Arc::new(Inbox::default());
+        let state_machine =
+            StreamStateMachine::open(Arc::clone(&log), file_system, Arc::clone(&inbox))?;
         let applied_offset = state_machine.subscribe_applied_offset();
         let log_store = StreamLogStore::new(Arc::clone(&log));
         let network = GroupNetwork {
@@ -469,7 +501,7 @@ impl ReplicatedStream {
         };
         let raft = Raft::new(
             options.node_id,
-            raft_config(options.timing)?,
+            raft_config(options.timing, options.snapshots)?,
             network,
             log_store,
             state_machine,
@@ -479,7 +511,13 @@ impl ReplicatedStream {
             stream: name.clone(),
             message: error.to_string(),
         })?;
-        registry.insert(&name, raft.clone(), Arc::clone(&log));
+        registry.insert(
+            &name,
+            raft.clone(),
+            Arc::clone(&log),
+            Arc::clone(&peers),
+            Arc::clone(&inbox),
+        );
         let changes = LeadershipChanges::watch(&raft);
         Ok(ReplicatedStream {
             name,
@@ -487,6 +525,7 @@ impl ReplicatedStream {
             raft,
             registry,
             peers,
+            inbox,
             fetched_on_open: fetched,
             restored_on_open: opened.restored,
             applied_offset,
@@ -731,6 +770,7 @@ impl ReplicatedStream {
             last_index,
             committed: metrics.local_committed.map(|id| id.index),
             applied: metrics.last_applied.map(|id| id.index),
+            purged: metrics.purged.map(|id| id.index),
             voters: metrics.membership_config.membership().voter_ids().collect(),
             learners: metrics
                 .membership_config
@@ -741,6 +781,7 @@ impl ReplicatedStream {
             elections: self.changes.elections.load(Relaxed),
             leader_changes: self.changes.leader_changes.load(Relaxed),
             repaired_entries: self.fetched_on_open + self.restored_on_open,
+            shipping: self.inbox.counters(),
         }
     }
 

@@ -8,7 +8,8 @@
 //! (the on-disk body of a membership entry), [`log_store`] (openraft's log
 //! storage over the engine's Log API), [`syncer`] (the flush callbacks and
 //! the commit index, after syncs), [`state_machine`] and [`snapshot`]
-//! (applying, and snapshots as manifests of sealed segments), [`codec`],
+//! (applying, and snapshots as manifests of sealed segments), [`shipping`]
+//! (a follower downloading and installing the segments a snapshot names), [`codec`],
 //! [`identity`] and [`network`] (node-to-node frames; who a peer is), [`group`] (one stream's group on one
 //! node: open, initialize, propose with a quorum ack). The design
 //! and its decisions are in docs/DESIGN-REPLICATION.md.
@@ -21,6 +22,7 @@ pub mod identity;
 pub mod log_store;
 pub mod membership;
 pub mod network;
+pub mod shipping;
 pub mod snapshot;
 pub mod state_machine;
 pub mod syncer;
@@ -28,10 +30,13 @@ pub mod tls;
 pub mod types;
 
 pub use error::{Error, Result};
-pub use group::{GroupOptions, GroupStatus, RaftTiming, ReplicaStatus, ReplicatedStream};
+pub use group::{
+    GroupOptions, GroupStatus, RaftTiming, ReplicaStatus, ReplicatedStream, SnapshotSettings,
+};
 pub use identity::Identity;
 pub use log_store::{StreamLogReader, StreamLogStore};
 pub use network::{serve, Peers, Registry};
+pub use shipping::ShippingCounters;
 pub use snapshot::SnapshotManifest;
 pub use state_machine::StreamStateMachine;
 pub use types::{Applied, Command, ProposedRecord, RecordBatch, StreamRaft};

@@ -15,6 +15,7 @@
 use crate::codec::{decode, encode, read_frame, write_frame};
 use crate::error::{Error, Result};
 use crate::identity::{Hello, HelloReply, Identity};
+use crate::shipping::Inbox;
 use crate::snapshot::SnapshotManifest;
 use crate::tls::{server_name, TransportSecurity};
 use crate::types::{frame_raft_index, NodeId, Raft, SnapshotMeta, StreamRaft, Vote};
@@ -44,6 +45,9 @@ use tokio::sync::oneshot;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one fetch of committed frames may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a follower may take to answer a snapshot (it downloads the
+/// segments it lacks first).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Serialize, Deserialize)]
 enum Request {
@@ -63,6 +67,14 @@ enum Request {
         start: u64,
         end: u64,
     },
+    /// `length` bytes at `position` of the sealed segment at `base_offset`
+    /// with whole-file CRC `crc32c` (segment shipping).
+    SegmentChunk {
+        base_offset: u64,
+        crc32c: u32,
+        position: u64,
+        length: u64,
+    },
     /// The leader's read index (openraft index) once it confirmed its
     /// leadership with a quorum: a follower that has applied through it
     /// serves a read linearizable with the leader.
@@ -80,6 +92,8 @@ enum Reply {
     Frames(Vec<bytes::Bytes>),
     /// A read index (openraft index).
     ReadIndex(u64),
+    /// Bytes of a sealed segment.
+    SegmentChunk(bytes::Bytes),
     /// The peer could not serve the request (an unknown group, a Raft that
     /// stopped, a malformed message).
     Refused(String),
@@ -105,16 +119,35 @@ struct Served {
     raft: Raft,
     log: Arc<Log>,
     directory: PathBuf,
+    /// Where a follower downloads a snapshot's segments from the leader.
+    peers: Arc<Peers>,
+    inbox: Arc<Inbox>,
+    /// Appends carrying entries hold it shared; a snapshot's download and
+    /// install hold it alone, so that the log does not move under them
+    /// (heartbeats pass: they only move the commit index within the
+    /// prefix this log shares with the leader).
+    appends: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Registry {
-    /// Serves `raft` for `group`; `directory` is its stream's directory.
-    pub fn insert(&self, group: &str, raft: Raft, log: Arc<Log>) {
+    /// Serves `raft` for `group`; snapshots it receives are shipped
+    /// through `peers` into `inbox` (its state machine's).
+    pub fn insert(
+        &self,
+        group: &str,
+        raft: Raft,
+        log: Arc<Log>,
+        peers: Arc<Peers>,
+        inbox: Arc<Inbox>,
+    ) {
         let directory = log.directory().to_path_buf();
         let served = Served {
             raft,
             log,
             directory,
+            peers,
+            inbox,
+            appends: Arc::default(),
         };
         self.groups
             .write()
@@ -294,6 +327,9 @@ async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
         raft,
         log,
         directory,
+        peers,
+        inbox,
+        appends,
     }) = registry.get(group)
     else {
         return Reply::Refused(format!(
@@ -303,10 +339,17 @@ async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
     let refused =
         |error: &dyn std::fmt::Display| Reply::Refused(format!("stream '{group}': {error}"));
     match request {
-        Request::Append(request) => match raft.append_entries(request).await {
-            Ok(response) => Reply::Append(response),
-            Err(error) => refused(&error),
-        },
+        Request::Append(request) => {
+            let _shared = if request.entries.is_empty() {
+                None
+            } else {
+                Some(appends.read().await)
+            };
+            match raft.append_entries(request).await {
+                Ok(response) => Reply::Append(response),
+                Err(error) => refused(&error),
+            }
+        }
         Request::Vote(request) => match raft.vote(request).await {
             Ok(response) => Reply::Vote(response),
             Err(error) => refused(&error),
@@ -325,6 +368,28 @@ async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
                 Ok(manifest) => manifest,
                 Err(error) => return refused(&error),
             };
+            // What the log lacks is downloaded before openraft installs the
+            // snapshot; a failed download refuses it, and the leader sends
+            // it again.
+            let leader = vote.leader_id.voted_for;
+            let Some(node) = meta.last_membership.get_node(&leader) else {
+                return refused(&format!(
+                    "the snapshot's membership does not name its leader {leader}"
+                ));
+            };
+            let address = peers.address_of(leader, &node.addr).to_string();
+            let _alone = appends.write().await;
+            let committed = raft
+                .metrics()
+                .borrow_watched()
+                .local_committed
+                .map_or(0, |id| frame_raft_index(id.index));
+            if let Err(error) =
+                crate::shipping::receive(&log, &peers, &address, &manifest, &inbox, committed).await
+            {
+                tracing::warn!(stream = %group, %error, "receiving a snapshot's segments failed; the leader sends it again");
+                return refused(&error);
+            }
             let snapshot = Snapshot {
                 meta,
                 snapshot: manifest,
@@ -341,6 +406,20 @@ async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
         Request::Fetch { start, end } => match committed_frames(&raft, &log, start, end) {
             Ok(frames) => Reply::Frames(frames),
             Err(error) => refused(&error),
+        },
+        Request::SegmentChunk {
+            base_offset,
+            crc32c,
+            position,
+            length,
+        } => match log.read_sealed_segment(
+            base_offset,
+            crc32c,
+            position,
+            length.min(crate::shipping::CHUNK_BYTES) as usize,
+        ) {
+            Ok(bytes) => Reply::SegmentChunk(bytes.into()),
+            Err(error) => refused(&Error::engine(log.name(), error)),
         },
         Request::ReadIndex => match raft
             .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
@@ -619,6 +698,35 @@ impl Peers {
         }
     }
 
+    /// Bytes `[position, position + length)` of the peer's sealed segment
+    /// `segment` (fewer at its end).
+    pub async fn segment_chunk(
+        &self,
+        address: &str,
+        group: &str,
+        segment: &natswal::SealedSegment,
+        position: u64,
+        length: u64,
+    ) -> Result<bytes::Bytes> {
+        let request = Request::SegmentChunk {
+            base_offset: segment.base_offset,
+            crc32c: segment.crc32c,
+            position,
+            length,
+        };
+        match self.call(address, group, request, FETCH_TIMEOUT).await {
+            Ok(Reply::SegmentChunk(bytes)) => Ok(bytes),
+            Ok(Reply::Refused(message)) => Err(Error::Raft {
+                stream: group.to_string(),
+                message: format!("peer {address} refused a segment chunk: {message}"),
+            }),
+            Ok(_) => Err(Error::Format(format!(
+                "peer {address} answered a segment chunk with another kind of reply"
+            ))),
+            Err(CallError::Unreachable(error) | CallError::Network(error)) => Err(error),
+        }
+    }
+
     /// The read index of `group`'s leader at `address` (openraft index).
     pub async fn read_index(&self, address: &str, group: &str) -> Result<u64> {
         match self
@@ -762,7 +870,7 @@ impl RaftNetworkV2<StreamRaft> for PeerClient {
             SnapshotManifest,
         >,
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
-        option: RPCOption,
+        _option: RPCOption,
     ) -> std::result::Result<SnapshotResponse<StreamRaft>, StreamingError<StreamRaft>> {
         let request = Request::Snapshot {
             vote,
@@ -771,7 +879,9 @@ impl RaftNetworkV2<StreamRaft> for PeerClient {
         };
         let reply = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
-            reply = self.peers.call(&self.address, &self.group, request, option.hard_ttl()) => reply,
+            // The follower downloads the segments it lacks before it
+            // answers: far longer than one RPC's deadline.
+            reply = self.peers.call(&self.address, &self.group, request, SNAPSHOT_TIMEOUT) => reply,
         };
         match reply {
             Ok(Reply::Snapshot(response)) => Ok(response),

@@ -8,13 +8,13 @@
 //! opening the state machine reads it back (the applied state a restart
 //! starts from; openraft re-applies the committed entries after it).
 //! Installing a snapshot whose entries the local log already holds, or
-//! whose missing entries hold no record, adopts it; installing one that
-//! needs records shipped from the leader is refused with an error that
-//! says so (segment shipping is not built yet, and the Raft config never
-//! purges, so no leader sends one).
+//! whose missing entries hold no record, adopts it; otherwise the entries
+//! the transport downloaded for it ([`crate::shipping`]) are installed
+//! into the log first.
 
 use crate::error::{Error, Result};
 use crate::log_store::first_stored_frame_index;
+use crate::shipping::Inbox;
 use crate::snapshot::{SnapshotManifest, SNAPSHOT_FILE_NAME};
 use crate::types::{
     frame_raft_index, Applied, Command, LogId, SnapshotMeta, StoredMembership, StreamRaft,
@@ -45,6 +45,8 @@ pub struct StreamStateMachine {
     applied: Option<LogId>,
     membership: StoredMembership,
     current: Option<SnapshotManifest>,
+    /// What the transport received for a snapshot being installed.
+    inbox: Arc<Inbox>,
     /// The offset after the last applied record: readers of a replicated
     /// stream read below it, so they see committed records only.
     applied_offset: tokio::sync::watch::Sender<u64>,
@@ -53,7 +55,11 @@ pub struct StreamStateMachine {
 impl StreamStateMachine {
     /// Opens the state machine of `log`, from its snapshot manifest if one
     /// was written.
-    pub fn open(log: Arc<Log>, file_system: Arc<dyn FileSystem>) -> Result<StreamStateMachine> {
+    pub fn open(
+        log: Arc<Log>,
+        file_system: Arc<dyn FileSystem>,
+        inbox: Arc<Inbox>,
+    ) -> Result<StreamStateMachine> {
         let manifest_path = log.directory().join(SNAPSHOT_FILE_NAME);
         let current = load_manifest(&log, file_system.as_ref(), &manifest_path)?;
         let (applied, membership) = match &current {
@@ -68,6 +74,7 @@ impl StreamStateMachine {
             applied,
             membership,
             current,
+            inbox,
             applied_offset: tokio::sync::watch::Sender::new(applied_offset),
         })
     }
@@ -152,9 +159,8 @@ impl StreamStateMachine {
 
     /// Whether the local log holds the entry `id` (same term).
     fn log_holds(&self, id: &LogId) -> io::Result<bool> {
-        Ok(self
-            .frame_at(frame_raft_index(id.index))?
-            .is_some_and(|header| header.raft_term == id.leader_id.term))
+        crate::shipping::holds(&self.log, frame_raft_index(id.index), id.leader_id.term)
+            .map_err(Error::into_io)
     }
 }
 
@@ -246,9 +252,13 @@ impl RaftStateMachine<StreamRaft> for StreamStateMachine {
             let written = self.log.written();
             let beyond_log = written.last_log_id.index < frame_raft_index(last.index);
             let lacks_records = written.next_offset != snapshot.next_offset;
-            if !self.log_holds(last)? && (lacks_records || !beyond_log) {
+            let shipped = || {
+                crate::shipping::install(&self.log, &self.inbox, frame_raft_index(last.index))
+                    .map_err(Error::into_io)
+            };
+            if !self.log_holds(last)? && !shipped()? && (lacks_records || !beyond_log) {
                 return Err(Error::Invalid(format!(
-                    "stream '{}': installing snapshot through {last} needs its segments shipped from the leader, which this version cannot do yet",
+                    "stream '{}': installing snapshot through {last} needs the entries the transport downloads from the leader, and none were received",
                     self.log.name()
                 ))
                 .into_io());

@@ -12,7 +12,7 @@ use natswal_replication::tls::{TlsFiles, TransportSecurity};
 use natswal_replication::types::{Node, NodeId};
 use natswal_replication::{
     serve, Error, GroupOptions, Identity, Peers, ProposedRecord, RaftTiming, RecordBatch, Registry,
-    ReplicatedStream,
+    ReplicatedStream, SnapshotSettings,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +28,8 @@ struct TestNode {
     registry: Arc<Registry>,
     peers: Arc<Peers>,
     peer_addresses: Vec<String>,
+    config: StreamConfig,
+    snapshots: SnapshotSettings,
     stream: Option<ReplicatedStream>,
 }
 
@@ -46,10 +48,11 @@ async fn try_open_stream(node: &TestNode) -> natswal_replication::Result<Replica
         node_id: node.id,
         name: STREAM,
         directory: node.directory.path(),
-        config: StreamConfig::default(),
+        config: node.config.clone(),
         keyring: Arc::new(Keyring::default()),
         cache: Arc::new(SegmentCache::new(16)),
         timing: RaftTiming::default(),
+        snapshots: node.snapshots,
         peer_addresses: node.peer_addresses.clone(),
     };
     ReplicatedStream::open(
@@ -68,6 +71,21 @@ async fn start_nodes(count: u64) -> Vec<TestNode> {
 async fn start_nodes_with(
     count: u64,
     security: impl Fn(NodeId) -> TransportSecurity,
+) -> Vec<TestNode> {
+    start_nodes_configured(
+        count,
+        security,
+        StreamConfig::default(),
+        SnapshotSettings::default(),
+    )
+    .await
+}
+
+async fn start_nodes_configured(
+    count: u64,
+    security: impl Fn(NodeId) -> TransportSecurity,
+    config: StreamConfig,
+    snapshots: SnapshotSettings,
 ) -> Vec<TestNode> {
     let mut listeners = Vec::new();
     for _ in 1..=count {
@@ -99,6 +117,8 @@ async fn start_nodes_with(
             directory: tempfile::tempdir().unwrap(),
             registry,
             peers: Arc::new(Peers::new(security(id), identity)),
+            config: config.clone(),
+            snapshots,
             stream: None,
         };
         node.stream = Some(open_stream(&node).await);
@@ -549,6 +569,95 @@ async fn a_learner_joins_catches_up_becomes_a_voter_and_takes_the_lead() {
     let mut more = propose_all(stream(&nodes[3]), 500, 10, 4).await;
     assert_eq!(assert_dense(&mut more, next), next + 40);
     let last = last_entry(stream(&nodes[3]));
+    assert_identical_logs(&nodes, last).await;
+    for node in &mut nodes {
+        if let Some(stream) = node.stream.take() {
+            stream.shutdown().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_behind_the_purged_log_catch_up_by_receiving_sealed_segments() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    // 64 KiB segments; a snapshot every 20 entries with 5 kept behind it,
+    // so a follower down for a few hundred entries cannot catch up from
+    // the leader's Raft log.
+    let config = StreamConfig {
+        segment_bytes_max: 64 * 1024,
+        record_bytes_max: 16 * 1024,
+        frame_bytes_max: 32 * 1024,
+        ..StreamConfig::default()
+    };
+    let snapshots = SnapshotSettings {
+        entries_between: 20,
+        kept_entries: 5,
+    };
+    let mut nodes =
+        start_nodes_configured(4, |_| TransportSecurity::Plain, config, snapshots).await;
+    initialize(&nodes, 3).await;
+    let leader_id = await_leader(&nodes).await;
+    let leader_index = (leader_id - 1) as usize;
+    let mut offsets = propose_all(stream(&nodes[leader_index]), 0, 40, 4).await;
+    let follower_index = (0..3).find(|index| *index != leader_index).unwrap();
+    let follower_last = last_entry(stream(&nodes[follower_index]));
+    let stopped = nodes[follower_index].stream.take().unwrap();
+    stopped.shutdown().await.unwrap();
+
+    offsets.extend(propose_all(stream(&nodes[leader_index]), 160, 400, 50).await);
+    let next = assert_dense(&mut offsets, natswal::FIRST_OFFSET);
+    assert_eq!(next, natswal::FIRST_OFFSET + 160 + 400 * 50);
+    let leader = stream(&nodes[leader_index]);
+    assert!(
+        leader.log().sealed_segments().len() >= 4,
+        "{:?}",
+        leader.log().sealed_segments()
+    );
+    leader
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(
+            |metrics| {
+                metrics
+                    .purged
+                    .is_some_and(|purged| purged.index > follower_last + 50)
+            },
+            "the leader purged what the stopped follower lacks",
+        )
+        .await
+        .expect("the leader snapshots and purges");
+
+    // The follower comes back; node 4 joins as a new learner with an
+    // empty log. Both receive the leader's segments.
+    nodes[follower_index].stream = Some(open_stream(&nodes[follower_index]).await);
+    let leader = stream(&nodes[leader_index]);
+    leader
+        .add_learner(4, &nodes[3].address)
+        .await
+        .expect("adding a learner");
+    let last = last_entry(leader);
+    assert_identical_logs(&nodes, last).await;
+    for index in [follower_index, 3] {
+        let shipping = stream(&nodes[index]).status().shipping;
+        eprintln!("node {}: {shipping:?}", nodes[index].id);
+        assert!(
+            shipping.snapshots_installed >= 1 && shipping.segments_received >= 1,
+            "node {} caught up without segment shipping: {shipping:?}",
+            nodes[index].id
+        );
+    }
+
+    // The shipped logs take the entries that follow, and a restart of the
+    // shipped follower finds its log whole.
+    let mut more = propose_all(stream(&nodes[leader_index]), 30_000, 16, 4).await;
+    assert_eq!(assert_dense(&mut more, next), next + 64);
+    let restarted = nodes[follower_index].stream.take().unwrap();
+    restarted.shutdown().await.unwrap();
+    nodes[follower_index].stream = Some(open_stream(&nodes[follower_index]).await);
+    let last = last_entry(stream(&nodes[leader_index]));
     assert_identical_logs(&nodes, last).await;
     for node in &mut nodes {
         if let Some(stream) = node.stream.take() {

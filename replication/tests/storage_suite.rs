@@ -33,9 +33,12 @@ impl StoreBuilder<StreamRaft, StreamLogStore, StreamStateMachine, tempfile::Temp
         let (log, _) = Log::open(Arc::clone(&self.file_system), directory.path(), options)
             .expect("opening the log");
         let log = Arc::new(log);
-        let state_machine =
-            StreamStateMachine::open(Arc::clone(&log), Arc::clone(&self.file_system))
-                .expect("opening the state machine");
+        let state_machine = StreamStateMachine::open(
+            Arc::clone(&log),
+            Arc::clone(&self.file_system),
+            Default::default(),
+        )
+        .expect("opening the state machine");
         Ok((directory, StreamLogStore::new(log), state_machine))
     }
 }

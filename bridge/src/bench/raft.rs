@@ -74,6 +74,7 @@ async fn open(node: &BenchNode) -> Result<Arc<ReplicatedStream>> {
         keyring: Arc::new(Keyring::default()),
         cache: Arc::new(SegmentCache::new(16)),
         timing: RaftTiming::default(),
+        snapshots: natswal_replication::SnapshotSettings::default(),
         peer_addresses: node.peer_addresses.clone(),
     };
     ReplicatedStream::open(

@@ -299,6 +299,7 @@ pub fn status_json(status: &GroupStatus, applied_offset: u64) -> Value {
         "last_index": status.last_index,
         "committed": status.committed,
         "applied": status.applied,
+        "purged": status.purged,
         "next_offset": applied_offset,
         "voters": status.voters,
         "learners": status.learners,
@@ -306,5 +307,8 @@ pub fn status_json(status: &GroupStatus, applied_offset: u64) -> Value {
         "elections": status.elections,
         "leader_changes": status.leader_changes,
         "repaired_entries": status.repaired_entries,
+        "snapshots_installed": status.shipping.snapshots_installed,
+        "segments_received": status.shipping.segments_received,
+        "segment_bytes_received": status.shipping.bytes_received,
     })
 }

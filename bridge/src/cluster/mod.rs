@@ -19,7 +19,9 @@ use natswal::io::os::OsFileSystem;
 use natswal::io::{FileSystem, WriteMode};
 use natswal::{Keyring, SegmentCache};
 use natswal_replication::tls::{TlsFiles, TransportSecurity};
-use natswal_replication::{GroupOptions, Identity, Peers, RaftTiming, Registry, ReplicatedStream};
+use natswal_replication::{
+    GroupOptions, Identity, Peers, RaftTiming, Registry, ReplicatedStream, SnapshotSettings,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -120,6 +122,10 @@ impl ClusterNode {
                 keyring: Arc::clone(keyring),
                 cache: Arc::clone(cache),
                 timing,
+                snapshots: SnapshotSettings {
+                    entries_between: cluster.snapshot_entries,
+                    kept_entries: cluster.snapshot_kept_entries,
+                },
                 peer_addresses: peer_addresses.clone(),
             };
             let group = ReplicatedStream::open(

@@ -206,7 +206,10 @@ impl Natswal {
         let mut child = Command::new(natswal_binary())
             .args(["serve", "--config"])
             .arg(config_path)
-            .env("RUST_LOG", "warn,natswal::server=info")
+            .env(
+                "RUST_LOG",
+                "warn,natswal::server=info,natswal_replication::shipping=info",
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
