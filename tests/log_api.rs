@@ -647,6 +647,19 @@ fn a_segment_shipped_in_chunks_installs_after_frames_of_the_active_segment() {
     drop(follower);
     let reopened = open_log(&file_system, Path::new("/follower"), small_config());
     assert_eq!(records_of(&reopened).len(), records.len());
+    // A leader's segment damaged after it was sealed is refused when a
+    // transfer of it begins, naming the damage.
+    let damaged = file_system.open(&third.path, true).unwrap();
+    let mut byte = [0u8; 1];
+    damaged.read_at(700, &mut byte).unwrap();
+    damaged.write_at(700, &[byte[0] ^ 0x10]).unwrap();
+    let error = leader
+        .read_sealed_segment(third.base_offset, third.crc32c, 0, 1000)
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("damaged after it was sealed"),
+        "{error}"
+    );
     assert_eq!(
         reopened.written().last_log_id.index,
         third.first_raft_index + 2

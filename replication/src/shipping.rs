@@ -157,6 +157,12 @@ pub async fn receive(
             .iter()
             .find(|segment| segment.first_raft_index == next)
         {
+            if segment.last_log_id.index < segment.first_raft_index {
+                return Err(Error::Format(format!(
+                    "leader {address} sent a manifest whose segment at offset {} ends at Raft index {} before it begins ({})",
+                    segment.base_offset, segment.last_log_id.index, segment.first_raft_index
+                )));
+            }
             let path = receive_segment(log, peers, address, segment, inbox).await?;
             next = segment.last_log_id.index + 1;
             pieces.push(Piece::Segment {

@@ -1343,24 +1343,29 @@ impl Log {
                     self.name()
                 ))
             })?;
-        let end = segment
-            .visible_length()
-            .min(position.saturating_add(length as u64));
-        let mut bytes = vec![0; end.saturating_sub(position) as usize];
+        let visible = segment.visible_length();
         let file = self.shared.file_system.open(segment.path(), false)?;
-        let mut read = 0;
-        while read < bytes.len() {
-            let count = file.read_at(position + read as u64, &mut bytes[read..])?;
-            if count == 0 {
+        if position == 0 {
+            // A transfer begins: a file damaged since it was sealed is
+            // refused here, naming it, rather than shipped to fail the
+            // peer's check again and again.
+            let whole = crate::io::read_exact(file.as_ref(), 0, visible as usize)?;
+            let crc = crc32c::crc32c(&whole);
+            if crc != crc32c {
                 return Err(Error::corruption(
                     segment.path(),
-                    position + read as u64,
-                    "the sealed segment is shorter than its index says".to_string(),
+                    0,
+                    format!("the sealed segment's CRC is {crc:#010x}, its index says {crc32c:#010x}: it was damaged after it was sealed"),
                 ));
             }
-            read += count;
         }
-        Ok(bytes)
+        let end = visible.min(position.saturating_add(length as u64));
+        let bytes = crate::io::read_exact(
+            file.as_ref(),
+            position.min(end),
+            end.saturating_sub(position) as usize,
+        )?;
+        Ok(bytes.to_vec())
     }
 
     /// Writes `bytes` at `position` of the file received for the segment
