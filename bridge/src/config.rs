@@ -1079,6 +1079,22 @@ impl Config {
                 "atomic and fast-ingest batches are not built for replicated streams yet",
             ));
         }
+        // Removing a replicated stream's segments must follow the Raft purge
+        // point on every replica (a follower behind a removed segment could
+        // not catch up): until it does, a limit here would be ignored, so it
+        // is refused instead.
+        let limits = [
+            ("max_age", stream.max_age.is_some()),
+            ("max_bytes", stream.max_bytes.is_some()),
+            ("max_messages", stream.max_messages.is_some()),
+            ("segment_max_age", stream.segment_max_age.is_some()),
+        ];
+        if let Some((name, _)) = limits.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                key(name),
+                "retention and age-based sealing are not built for replicated streams yet (segments stay until removed by hand)",
+            ));
+        }
         Ok(())
     }
 }
@@ -1385,6 +1401,20 @@ recycle_segments = 0
             batches.contains("not built for replicated streams"),
             "{batches}"
         );
+        for limit in [
+            "max_age = \"7d\"",
+            "max_bytes = \"1GiB\"",
+            "max_messages = 10",
+            "segment_max_age = \"1h\"",
+        ] {
+            let error = error_of(&format!("{CLUSTER}{stream}{limit}\n"));
+            let key = limit.split(' ').next().unwrap();
+            assert!(
+                error.contains(&format!("streams[0].{key}"))
+                    && error.contains("not built for replicated streams"),
+                "{error}"
+            );
+        }
     }
 
     #[test]
