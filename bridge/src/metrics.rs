@@ -452,7 +452,7 @@ impl BridgeMetrics {
 fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
     let statuses: Vec<_> = groups.values().map(|group| group.status()).collect();
     type Field = fn(&natswal_replication::GroupStatus) -> u64;
-    let series: [(&str, &str, &str, Field); 11] = [
+    let series: [(&str, &str, &str, Field); 12] = [
         (
             "natswal_raft_term",
             "gauge",
@@ -518,6 +518,12 @@ fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
             "counter",
             "Bytes of sealed segment files this node received from a leader.",
             |status| status.shipping.bytes_received,
+        ),
+        (
+            "natswal_raft_snapshot_transfers_failed_total",
+            "counter",
+            "Segment downloads for a snapshot that failed on this node (each is retried).",
+            |status| status.shipping.transfers_failed,
         ),
     ];
     for (name, kind, help, field) in series {

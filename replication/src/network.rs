@@ -45,6 +45,9 @@ use tokio::sync::oneshot;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one fetch of committed frames may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a follower waits before it refuses a snapshot whose transfer
+/// failed (the leader retries at once).
+const TRANSFER_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How long a follower may take to answer a snapshot (it downloads the
 /// segments it lacks first).
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -388,6 +391,11 @@ async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
                 crate::shipping::receive(&log, &peers, &address, &manifest, &inbox, committed).await
             {
                 tracing::warn!(stream = %group, %error, "receiving a snapshot's segments failed; the leader sends it again");
+                inbox.count_failed_transfer();
+                // The leader sends the snapshot again as soon as this
+                // answers: pace its retries (appends go on meanwhile).
+                drop(_alone);
+                tokio::time::sleep(TRANSFER_RETRY_PAUSE).await;
                 return refused(&error);
             }
             let snapshot = Snapshot {

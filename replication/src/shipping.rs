@@ -68,6 +68,7 @@ pub struct Inbox {
     segments_received: AtomicU64,
     bytes_received: AtomicU64,
     snapshots_installed: AtomicU64,
+    transfers_failed: AtomicU64,
 }
 
 /// Transfer counters of a group since it opened.
@@ -77,6 +78,9 @@ pub struct ShippingCounters {
     pub bytes_received: u64,
     /// Snapshots installed by shipping (not those the log already held).
     pub snapshots_installed: u64,
+    /// Downloads that failed (the leader unreachable, a segment it no
+    /// longer has or refuses as damaged); each is retried.
+    pub transfers_failed: u64,
 }
 
 impl Inbox {
@@ -101,7 +105,12 @@ impl Inbox {
             segments_received: self.segments_received.load(Ordering::Relaxed),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             snapshots_installed: self.snapshots_installed.load(Ordering::Relaxed),
+            transfers_failed: self.transfers_failed.load(Ordering::Relaxed),
         }
+    }
+
+    pub fn count_failed_transfer(&self) {
+        self.transfers_failed.fetch_add(1, Ordering::Relaxed);
     }
 }
 

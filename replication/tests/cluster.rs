@@ -577,15 +577,11 @@ async fn a_learner_joins_catches_up_becomes_a_voter_and_takes_the_lead() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn followers_behind_the_purged_log_catch_up_by_receiving_sealed_segments() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    // 64 KiB segments; a snapshot every 20 entries with 5 kept behind it,
-    // so a follower down for a few hundred entries cannot catch up from
-    // the leader's Raft log.
+/// Four nodes (three voters) with 64 KiB segments and a snapshot every 20
+/// entries, 5 kept behind it; a follower stopped while 400 entries are
+/// written, until the leader purged what it lacks. Returns the nodes, the
+/// leader's and the stopped follower's indexes, and the next offset.
+async fn start_with_a_follower_behind_the_purge_point() -> (Vec<TestNode>, usize, usize, u64) {
     let config = StreamConfig {
         segment_bytes_max: 64 * 1024,
         record_bytes_max: 16 * 1024,
@@ -629,6 +625,13 @@ async fn followers_behind_the_purged_log_catch_up_by_receiving_sealed_segments()
         )
         .await
         .expect("the leader snapshots and purges");
+    (nodes, leader_index, follower_index, next)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_behind_the_purged_log_catch_up_by_receiving_sealed_segments() {
+    let (mut nodes, leader_index, follower_index, next) =
+        start_with_a_follower_behind_the_purge_point().await;
 
     // The follower comes back; node 4 joins as a new learner with an
     // empty log. Both receive the leader's segments.
@@ -659,6 +662,63 @@ async fn followers_behind_the_purged_log_catch_up_by_receiving_sealed_segments()
     nodes[follower_index].stream = Some(open_stream(&nodes[follower_index]).await);
     let last = last_entry(stream(&nodes[leader_index]));
     assert_identical_logs(&nodes, last).await;
+    for node in &mut nodes {
+        if let Some(stream) = node.stream.take() {
+            stream.shutdown().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_never_ships_a_damaged_segment_and_the_follower_catches_up_from_the_next() {
+    let (mut nodes, leader_index, follower_index, _) =
+        start_with_a_follower_behind_the_purge_point().await;
+    // A bit flips in a sealed segment of the leader that the follower needs.
+    let sealed = stream(&nodes[leader_index]).log().sealed_segments();
+    let damaged = &sealed[sealed.len() / 2];
+    let mut bytes = std::fs::read(&damaged.path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x08;
+    std::fs::write(&damaged.path, &bytes).unwrap();
+
+    // The follower comes back: the leader refuses to ship that file, so
+    // the follower installs nothing from it.
+    nodes[follower_index].stream = Some(open_stream(&nodes[follower_index]).await);
+    let follower = stream(&nodes[follower_index]);
+    let refused = tokio::time::timeout(WAIT, async {
+        while follower.status().shipping.transfers_failed == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "the leader shipped its damaged segment");
+    assert_eq!(follower.status().shipping.snapshots_installed, 0);
+
+    // Leadership moves to the healthy replica, whose own segments the
+    // follower receives; it ends with the healthy replica's log.
+    let healthy = (0..3)
+        .find(|index| *index != leader_index && *index != follower_index)
+        .unwrap();
+    let healthy_id = nodes[healthy].id;
+    stream(&nodes[leader_index])
+        .transfer_leader(healthy_id)
+        .await
+        .unwrap();
+    stream(&nodes[healthy])
+        .wait_to_lead(WAIT)
+        .await
+        .expect("the healthy replica leads");
+    let mut more = propose_all(stream(&nodes[healthy]), 40_000, 8, 4).await;
+    assert_eq!(more.len(), 8);
+    more.sort_unstable();
+    let last = last_entry(stream(&nodes[healthy]));
+    let old_leader = nodes[leader_index].stream.take().unwrap();
+    old_leader.shutdown().await.unwrap();
+    let learner = nodes[3].stream.take().unwrap();
+    learner.shutdown().await.unwrap();
+    assert_identical_logs(&nodes, last).await;
+    let shipping = stream(&nodes[follower_index]).status().shipping;
+    assert!(shipping.snapshots_installed >= 1, "{shipping:?}");
     for node in &mut nodes {
         if let Some(stream) = node.stream.take() {
             stream.shutdown().await.unwrap();

@@ -310,5 +310,6 @@ pub fn status_json(status: &GroupStatus, applied_offset: u64) -> Value {
         "snapshots_installed": status.shipping.snapshots_installed,
         "segments_received": status.shipping.segments_received,
         "segment_bytes_received": status.shipping.bytes_received,
+        "snapshot_transfers_failed": status.shipping.transfers_failed,
     })
 }
