@@ -21,12 +21,29 @@ pub fn nats_server_binary() -> PathBuf {
     path
 }
 
+/// A port nothing listens on, below the kernel's ephemeral range
+/// (32768-60999 here): a port the kernel hands out for binding port 0 can
+/// be taken by an outgoing connection's local end before the server the
+/// test starts binds it (seen as a node that did not start). Each port is
+/// handed out once per test process; the start is spread by the pid.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local address")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const COUNT: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % COUNT,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + COUNT);
 }
 
 /// Polls `condition` until it holds or `timeout` passes.
