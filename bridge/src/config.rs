@@ -219,6 +219,10 @@ pub struct ClusterConfig {
     /// catches up by receiving the leader's sealed segment files.
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_kept_entries: u64,
+    /// Bytes per second each replicated stream's background scrub re-reads
+    /// its sealed segments at, checking their CRCs (0: no scrub).
+    #[serde(default = "default_scrub_bytes_per_second", with = "size_text")]
+    pub scrub_bytes_per_second: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,6 +239,10 @@ pub struct ClusterTlsConfig {
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+}
+
+fn default_scrub_bytes_per_second() -> u64 {
+    4 << 20
 }
 
 fn default_snapshot_entries() -> u64 {

@@ -452,7 +452,7 @@ impl BridgeMetrics {
 fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
     let statuses: Vec<_> = groups.values().map(|group| group.status()).collect();
     type Field = fn(&natswal_replication::GroupStatus) -> u64;
-    let series: [(&str, &str, &str, Field); 12] = [
+    let series: [(&str, &str, &str, Field); 14] = [
         (
             "natswal_raft_term",
             "gauge",
@@ -524,6 +524,18 @@ fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
             "counter",
             "Segment downloads for a snapshot that failed on this node (each is retried).",
             |status| status.shipping.transfers_failed,
+        ),
+        (
+            "natswal_raft_scrub_segments_checked_total",
+            "counter",
+            "Sealed segments the background scrub re-read and checked against their CRC.",
+            |status| status.scrub.segments_checked,
+        ),
+        (
+            "natswal_raft_scrub_damaged_segments",
+            "gauge",
+            "Sealed segments the scrub found damaged since the node started (the next start repairs them from peers).",
+            |status| status.scrub.damaged_segments,
         ),
     ];
     for (name, kind, help, field) in series {

@@ -6,6 +6,7 @@
 use crate::error::{Error, Result};
 use crate::log_store::StreamLogStore;
 use crate::network::{GroupNetwork, Peers, Registry};
+use crate::scrub::{Scrub, ScrubCounters};
 use crate::shipping::{Inbox, ShippingCounters};
 use crate::state_machine::StreamStateMachine;
 use crate::types::{Applied, Command, Node, NodeId, ProposedRecord, Raft, RecordBatch, StreamRaft};
@@ -109,6 +110,9 @@ pub struct GroupOptions<'a> {
     pub cache: Arc<SegmentCache>,
     pub timing: RaftTiming,
     pub snapshots: SnapshotSettings,
+    /// Bytes per second the background scrub re-reads sealed segments at
+    /// (0: no scrub).
+    pub scrub_bytes_per_second: u64,
     /// The other replicas' addresses: where a log that lost committed
     /// entries fetches them before Raft starts.
     pub peer_addresses: Vec<String>,
@@ -391,6 +395,7 @@ pub struct GroupStatus {
     pub repaired_entries: u64,
     /// Snapshot transfers this node received as a follower.
     pub shipping: ShippingCounters,
+    pub scrub: ScrubCounters,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -412,6 +417,17 @@ pub struct ReplicatedStream {
     restored_on_open: u64,
     applied_offset: tokio::sync::watch::Receiver<u64>,
     changes: Arc<LeadershipChanges>,
+    scrub: Arc<Scrub>,
+    scrubbing: Option<AbortOnDrop>,
+}
+
+/// A task that ends when its owner drops this (the scrub holds the log).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Elections and leader changes as this node saw them, counted by a task
@@ -519,6 +535,12 @@ impl ReplicatedStream {
             Arc::clone(&inbox),
         );
         let changes = LeadershipChanges::watch(&raft);
+        let scrub = Arc::new(Scrub::default());
+        let scrubbing = (options.scrub_bytes_per_second > 0).then(|| {
+            AbortOnDrop(tokio::spawn(
+                Arc::clone(&scrub).run(Arc::clone(&log), options.scrub_bytes_per_second),
+            ))
+        });
         Ok(ReplicatedStream {
             name,
             log,
@@ -530,6 +552,8 @@ impl ReplicatedStream {
             restored_on_open: opened.restored,
             applied_offset,
             changes,
+            scrub,
+            scrubbing,
         })
     }
 
@@ -782,11 +806,13 @@ impl ReplicatedStream {
             leader_changes: self.changes.leader_changes.load(Relaxed),
             repaired_entries: self.fetched_on_open + self.restored_on_open,
             shipping: self.inbox.counters(),
+            scrub: self.scrub.counters(),
         }
     }
 
     /// Stops the group and closes its log.
     pub async fn shutdown(self) -> Result<()> {
+        drop(self.scrubbing);
         self.registry.remove(&self.name);
         self.raft.shutdown().await.map_err(|error| Error::Raft {
             stream: self.name.clone(),

@@ -9,7 +9,8 @@
 //! storage over the engine's Log API), [`syncer`] (the flush callbacks and
 //! the commit index, after syncs), [`state_machine`] and [`snapshot`]
 //! (applying, and snapshots as manifests of sealed segments), [`shipping`]
-//! (a follower downloading and installing the segments a snapshot names), [`codec`],
+//! (a follower downloading and installing the segments a snapshot names),
+//! [`scrub`] (re-checking sealed segments in the background), [`codec`],
 //! [`identity`] and [`network`] (node-to-node frames; who a peer is), [`group`] (one stream's group on one
 //! node: open, initialize, propose with a quorum ack). The design
 //! and its decisions are in docs/DESIGN-REPLICATION.md.
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod log_store;
 pub mod membership;
 pub mod network;
+pub mod scrub;
 pub mod shipping;
 pub mod snapshot;
 pub mod state_machine;
@@ -36,6 +38,7 @@ pub use group::{
 pub use identity::Identity;
 pub use log_store::{StreamLogReader, StreamLogStore};
 pub use network::{serve, Peers, Registry};
+pub use scrub::ScrubCounters;
 pub use shipping::ShippingCounters;
 pub use snapshot::SnapshotManifest;
 pub use state_machine::StreamStateMachine;

@@ -1349,15 +1349,7 @@ impl Log {
             // A transfer begins: a file damaged since it was sealed is
             // refused here, naming it, rather than shipped to fail the
             // peer's check again and again.
-            let whole = crate::io::read_exact(file.as_ref(), 0, visible as usize)?;
-            let crc = crc32c::crc32c(&whole);
-            if crc != crc32c {
-                return Err(Error::corruption(
-                    segment.path(),
-                    0,
-                    format!("the sealed segment's CRC is {crc:#010x}, its index says {crc32c:#010x}: it was damaged after it was sealed"),
-                ));
-            }
+            verify_whole(file.as_ref(), visible, crc32c)?;
         }
         let end = visible.min(position.saturating_add(length as u64));
         let bytes = crate::io::read_exact(
@@ -1366,6 +1358,28 @@ impl Log {
             end.saturating_sub(position) as usize,
         )?;
         Ok(bytes.to_vec())
+    }
+
+    /// Re-reads the sealed segment with `base_offset` whole (1 MiB at a
+    /// time) and checks it against the CRC its index recorded when it was
+    /// sealed: `Ok(false)` when the log no longer holds it (retention), an
+    /// [`Error::Corruption`] naming the file when a byte changed since.
+    pub fn verify_sealed_segment(&self, base_offset: u64) -> Result<bool> {
+        let Some(segment) = self
+            .shared
+            .segments_snapshot()
+            .into_iter()
+            .find(|segment| segment.is_indexed() && segment.base_offset() == base_offset)
+        else {
+            return Ok(false);
+        };
+        let file = self.shared.file_system.open(segment.path(), false)?;
+        verify_whole(
+            file.as_ref(),
+            segment.visible_length(),
+            segment.segment_crc(),
+        )?;
+        Ok(true)
     }
 
     /// Writes `bytes` at `position` of the file received for the segment
@@ -1578,4 +1592,26 @@ impl Log {
         shared.notify_readers();
         Ok(())
     }
+}
+
+/// Checks the first `length` bytes of a sealed segment file against `crc32c`,
+/// reading 1 MiB at a time.
+fn verify_whole(file: &dyn crate::io::File, length: u64, crc32c: u32) -> Result<()> {
+    const CHUNK_BYTES: u64 = 1 << 20;
+    let mut crc = 0;
+    let mut position = 0;
+    while position < length {
+        let chunk = CHUNK_BYTES.min(length - position);
+        let bytes = crate::io::read_exact(file, position, chunk as usize)?;
+        crc = crc32c::crc32c_append(crc, &bytes);
+        position += chunk;
+    }
+    if crc != crc32c {
+        return Err(Error::corruption(
+            file.path(),
+            0,
+            format!("the sealed segment's CRC is {crc:#010x}, its index says {crc32c:#010x}: it was damaged after it was sealed"),
+        ));
+    }
+    Ok(())
 }

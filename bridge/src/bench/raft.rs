@@ -75,6 +75,7 @@ async fn open(node: &BenchNode) -> Result<Arc<ReplicatedStream>> {
         cache: Arc::new(SegmentCache::new(16)),
         timing: RaftTiming::default(),
         snapshots: natswal_replication::SnapshotSettings::default(),
+        scrub_bytes_per_second: 0,
         peer_addresses: node.peer_addresses.clone(),
     };
     ReplicatedStream::open(

@@ -311,5 +311,7 @@ pub fn status_json(status: &GroupStatus, applied_offset: u64) -> Value {
         "segments_received": status.shipping.segments_received,
         "segment_bytes_received": status.shipping.bytes_received,
         "snapshot_transfers_failed": status.shipping.transfers_failed,
+        "scrub_segments_checked": status.scrub.segments_checked,
+        "scrub_damaged_segments": status.scrub.damaged_segments,
     })
 }

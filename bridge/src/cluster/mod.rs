@@ -126,6 +126,7 @@ impl ClusterNode {
                     entries_between: cluster.snapshot_entries,
                     kept_entries: cluster.snapshot_kept_entries,
                 },
+                scrub_bytes_per_second: cluster.scrub_bytes_per_second,
                 peer_addresses: peer_addresses.clone(),
             };
             let group = ReplicatedStream::open(
