@@ -160,18 +160,19 @@ impl AdminService {
         let mut initialized = Vec::new();
         let mut already = Vec::new();
         for (index, (name, group)) in self.groups.iter().enumerate() {
-            let status = group.status();
-            // A vote or an entry without a membership yet: another node's
-            // init reached this node first and its entries are on the way.
-            let joined = status.term > 0 || status.last_index.is_some();
-            if !status.voters.is_empty() || joined {
+            if initialized_elsewhere(group) {
                 already.push(name.clone());
                 continue;
             }
-            group
-                .initialize(members.clone())
-                .await
-                .map_err(|error| error.to_string())?;
+            if let Err(error) = group.initialize(members.clone()).await {
+                // Another node's init reached this node between the check
+                // and here: the group is initialized.
+                if initialized_elsewhere(group) {
+                    already.push(name.clone());
+                    continue;
+                }
+                return Err(error.to_string());
+            }
             self.audit.record_or_log(
                 "cluster_init",
                 "natswal",
@@ -182,10 +183,20 @@ impl AdminService {
             // Stream i is led by the i-th node: leaders spread.
             let target = node_ids[index % node_ids.len()];
             if target != self.node_id {
-                group
-                    .wait_to_lead(LEAD_WAIT)
-                    .await
-                    .map_err(|error| error.to_string())?;
+                if let Err(error) = group.wait_to_lead(LEAD_WAIT).await {
+                    // Two inits at once (both nodes untouched when asked)
+                    // made the same membership; the other node leads and
+                    // spreads the leaders.
+                    if group
+                        .status()
+                        .leader
+                        .is_some_and(|leader| leader != self.node_id)
+                    {
+                        already.push(name.clone());
+                        continue;
+                    }
+                    return Err(error.to_string());
+                }
                 group
                     .transfer_leader(target)
                     .await
@@ -314,4 +325,12 @@ pub fn status_json(status: &GroupStatus, applied_offset: u64) -> Value {
         "scrub_segments_checked": status.scrub.segments_checked,
         "scrub_damaged_segments": status.scrub.damaged_segments,
     })
+}
+
+/// Whether the group has a membership, or a vote or an entry without one
+/// yet (another node's init reached this node first and its entries are on
+/// the way).
+fn initialized_elsewhere(group: &natswal_replication::ReplicatedStream) -> bool {
+    let status = group.status();
+    !status.voters.is_empty() || status.term > 0 || status.last_index.is_some()
 }
