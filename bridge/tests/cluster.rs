@@ -887,6 +887,31 @@ async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
     assert!(audited, "membership changes are audited");
 }
 
+/// The view of the node that says it leads.
+fn leader_view(views: &BTreeMap<u64, Value>) -> Option<&Value> {
+    views.values().find(|view| view["is_leader"] == true)
+}
+
+/// Polls the nodes' views every 100 ms until `done` holds (returns them),
+/// or `timeout` passes (returns the last ones as the error).
+async fn poll_views(
+    cluster: &Cluster,
+    timeout: Duration,
+    done: impl Fn(&BTreeMap<u64, Value>) -> bool,
+) -> Result<BTreeMap<u64, Value>, BTreeMap<u64, Value>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let views = cluster.views();
+        if done(&views) {
+            return Ok(views);
+        }
+        if Instant::now() >= deadline {
+            return Err(views);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Publishes `count` messages from `first`, `window` at a time.
 async fn publish_windowed(
     client: &async_nats::Client,
@@ -936,43 +961,28 @@ async fn a_follower_stopped_while_the_leader_writes_catches_up_by_segment_shippi
     let written = started.elapsed();
     // The leader snapshots and purges in the background: the stopped node
     // comes back once its last entry is purged.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let views = cluster.views();
-        let purged = views
-            .values()
-            .find(|view| view["is_leader"] == true)
-            .and_then(|view| view["purged"].as_u64());
-        if purged.is_some_and(|purged| purged > stopped_last + 4) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the leader did not purge its log: {views:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_views(&cluster, Duration::from_secs(30), |views| {
+        leader_view(views)
+            .and_then(|view| view["purged"].as_u64())
+            .is_some_and(|purged| purged > stopped_last + 4)
+    })
+    .await
+    .unwrap_or_else(|views| panic!("the leader did not purge its log: {views:?}"));
     cluster.node(stopped).restart();
     let catching_up = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(30 + mib / 4);
-    loop {
-        let views = cluster.views();
-        let leader_committed = views
-            .values()
-            .find(|view| view["is_leader"] == true)
-            .and_then(|view| view["committed"].as_u64());
+    let polled = poll_views(&cluster, Duration::from_secs(30 + mib / 4), |views| {
+        let committed = leader_view(views).and_then(|view| view["committed"].as_u64());
         let applied = views
             .get(&stopped)
             .and_then(|view| view["applied"].as_u64());
-        if leader_committed.is_some() && applied >= leader_committed {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
+        committed.is_some() && applied >= committed
+    })
+    .await;
+    if let Err(views) = polled {
+        panic!(
             "node {stopped} did not catch up: {views:?}\n{}",
             cluster.node(stopped).output().join("\n")
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let caught_up = catching_up.elapsed();
     let node = cluster.node(stopped);

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::network::Peers;
 use crate::snapshot::SnapshotManifest;
 use crate::types::frame_raft_index;
-use natswal::format::frame::{check_header, FrameCheck};
+use natswal::format::frame::{check_header, FrameCheck, FrameHeader};
 use natswal::log::writer::now_ns;
 use natswal::{Log, SealedSegment};
 use std::path::PathBuf;
@@ -118,14 +118,16 @@ fn engine(log: &Log, error: natswal::Error) -> Error {
     Error::engine(log.name(), error)
 }
 
-/// Whether the log holds the entry with frame Raft index `index` and `term`.
-pub fn holds(log: &Log, index: u64, term: u64) -> Result<bool> {
-    if index == 0 || log.written().last_log_id.index < index {
-        return Ok(false);
-    }
+/// The header of the stored frame with frame Raft index `index`, if the
+/// log holds it (not purged away, not past its end).
+pub fn frame_header_at(log: &Log, index: u64) -> Result<Option<FrameHeader>> {
     let first_stored = crate::log_store::first_stored_frame_index(log);
-    if first_stored == 0 || index < first_stored {
-        return Ok(false);
+    if index == 0
+        || first_stored == 0
+        || index < first_stored
+        || log.written().last_log_id.index < index
+    {
+        return Ok(None);
     }
     let frames = log
         .read_frames(natswal::log::FrameRange::RaftIndex {
@@ -133,9 +135,12 @@ pub fn holds(log: &Log, index: u64, term: u64) -> Result<bool> {
             end: index + 1,
         })
         .map_err(|error| engine(log, error))?;
-    Ok(frames
-        .first()
-        .is_some_and(|frame| frame.header.raft_term == term))
+    Ok(frames.first().map(|frame| frame.header))
+}
+
+/// Whether the log holds the entry with frame Raft index `index` and `term`.
+pub fn holds(log: &Log, index: u64, term: u64) -> Result<bool> {
+    Ok(frame_header_at(log, index)?.is_some_and(|header| header.raft_term == term))
 }
 
 /// Downloads from the leader at `address` what the log lacks of the
@@ -258,20 +263,21 @@ async fn receive_segment(
             .receive_segment_bytes(segment.base_offset, position, &chunk)
             .map_err(|error| engine(log, error))?;
     }
-    let crc = log
-        .received_segment_crc(segment.base_offset)
-        .map_err(|error| engine(log, error))?;
-    if crc != segment.crc32c {
-        // Start over next time rather than resume a damaged file.
-        log.receive_segment_bytes(segment.base_offset, 0, &[])
-            .map_err(|error| engine(log, error))?;
-        return Err(Error::Raft {
-            stream: log.name().to_string(),
-            message: format!(
-                "the segment at offset {} received from {address} does not match its CRC {:#010x}; it is fetched again",
-                segment.base_offset, segment.crc32c
-            ),
-        });
+    match log.check_received_segment(segment.base_offset, segment.length, segment.crc32c) {
+        Ok(()) => {}
+        Err(error) if error.is_corruption() => {
+            // Start over next time rather than resume a damaged file.
+            log.receive_segment_bytes(segment.base_offset, 0, &[])
+                .map_err(|error| engine(log, error))?;
+            return Err(Error::Raft {
+                stream: log.name().to_string(),
+                message: format!(
+                    "the segment at offset {} received from {address} does not match its CRC {:#010x} ({error}); it is fetched again",
+                    segment.base_offset, segment.crc32c
+                ),
+            });
+        }
+        Err(error) => return Err(engine(log, error)),
     }
     inbox.segments_received.fetch_add(1, Ordering::Relaxed);
     Ok(path)

@@ -13,16 +13,14 @@
 //! into the log first.
 
 use crate::error::{Error, Result};
-use crate::log_store::first_stored_frame_index;
 use crate::shipping::Inbox;
 use crate::snapshot::{SnapshotManifest, SNAPSHOT_FILE_NAME};
 use crate::types::{
     frame_raft_index, Applied, Command, LogId, SnapshotMeta, StoredMembership, StreamRaft,
 };
 use futures_util::StreamExt;
-use natswal::format::frame::{check_header, FrameCheck, FrameHeader};
+use natswal::format::frame::{check_header, FrameCheck};
 use natswal::io::FileSystem;
-use natswal::log::FrameRange;
 use natswal::Log;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend};
@@ -97,12 +95,13 @@ impl StreamStateMachine {
             .applied
             .as_ref()
             .map_or(0, |id| frame_raft_index(id.index));
-        let next_offset = match self.frame_at(through)? {
-            Some(header) => header.next_offset(),
-            // Only a state machine fed entries its log never held (the
-            // storage test suite) gets here.
-            None => self.log.written().next_offset,
-        };
+        let next_offset =
+            match crate::shipping::frame_header_at(&self.log, through).map_err(Error::into_io)? {
+                Some(header) => header.next_offset(),
+                // Only a state machine fed entries its log never held (the
+                // storage test suite) gets here.
+                None => self.log.written().next_offset,
+            };
         let segments = self
             .log
             .sealed_segments()
@@ -117,26 +116,6 @@ impl StreamStateMachine {
             membership: self.membership.clone(),
             segments,
         })
-    }
-
-    /// The header of the local frame with frame Raft index `index`.
-    fn frame_at(&self, index: u64) -> io::Result<Option<FrameHeader>> {
-        let stored = first_stored_frame_index(&self.log);
-        if index == 0
-            || stored == 0
-            || index < stored
-            || self.log.written().last_log_id.index < index
-        {
-            return Ok(None);
-        }
-        let frames = self
-            .log
-            .read_frames(FrameRange::RaftIndex {
-                start: index,
-                end: index + 1,
-            })
-            .map_err(|error| Error::engine(self.log.name(), error).into_io())?;
-        Ok(frames.first().map(|frame| frame.header))
     }
 
     fn save(&mut self, manifest: SnapshotManifest) -> io::Result<()> {

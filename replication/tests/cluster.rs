@@ -257,6 +257,26 @@ async fn assert_identical_logs(nodes: &[TestNode], index: u64) {
     }
 }
 
+/// Stops every running node.
+async fn shutdown_all(nodes: &mut [TestNode]) {
+    for node in nodes {
+        if let Some(stream) = node.stream.take() {
+            stream.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds; fails after `WAIT`.
+async fn wait_for(what: &str, condition: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(WAIT, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting for {what}");
+}
+
 /// Starts `count` nodes and makes them one group.
 async fn start_cluster(count: u64) -> Vec<TestNode> {
     start_cluster_of(count, count).await
@@ -362,11 +382,7 @@ async fn a_follower_that_lost_committed_entries_fetches_them_before_it_votes() {
         .shutdown()
         .await
         .unwrap();
-    for node in &mut nodes {
-        if let Some(stream) = node.stream.take() {
-            stream.shutdown().await.unwrap();
-        }
-    }
+    shutdown_all(&mut nodes).await;
     for node in &nodes {
         node.registry.remove(STREAM);
     }
@@ -470,11 +486,7 @@ async fn a_damaged_committed_entry_is_fetched_from_a_peer_and_written_back_in_pl
         .unwrap()
         .remove(0)
         .bytes;
-    for node in &mut nodes {
-        if let Some(stream) = node.stream.take() {
-            stream.shutdown().await.unwrap();
-        }
-    }
+    shutdown_all(&mut nodes).await;
     for node in &nodes {
         node.registry.remove(STREAM);
     }
@@ -573,11 +585,7 @@ async fn a_learner_joins_catches_up_becomes_a_voter_and_takes_the_lead() {
     assert_eq!(assert_dense(&mut more, next), next + 40);
     let last = last_entry(stream(&nodes[3]));
     assert_identical_logs(&nodes, last).await;
-    for node in &mut nodes {
-        if let Some(stream) = node.stream.take() {
-            stream.shutdown().await.unwrap();
-        }
-    }
+    shutdown_all(&mut nodes).await;
 }
 
 /// Four nodes (three voters) with 64 KiB segments and a snapshot every 20
@@ -665,11 +673,7 @@ async fn followers_behind_the_purged_log_catch_up_by_receiving_sealed_segments()
     nodes[follower_index].stream = Some(open_stream(&nodes[follower_index]).await);
     let last = last_entry(stream(&nodes[leader_index]));
     assert_identical_logs(&nodes, last).await;
-    for node in &mut nodes {
-        if let Some(stream) = node.stream.take() {
-            stream.shutdown().await.unwrap();
-        }
-    }
+    shutdown_all(&mut nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -688,13 +692,11 @@ async fn a_leader_never_ships_a_damaged_segment_and_the_follower_catches_up_from
     // the follower installs nothing from it.
     nodes[follower_index].stream = Some(open_stream(&nodes[follower_index]).await);
     let follower = stream(&nodes[follower_index]);
-    let refused = tokio::time::timeout(WAIT, async {
-        while follower.status().shipping.transfers_failed == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    wait_for(
+        "a refused transfer (the leader shipped its damaged segment)",
+        || follower.status().shipping.transfers_failed > 0,
+    )
     .await;
-    assert!(refused.is_ok(), "the leader shipped its damaged segment");
     assert_eq!(follower.status().shipping.snapshots_installed, 0);
 
     // Leadership moves to the healthy replica, whose own segments the
@@ -722,11 +724,7 @@ async fn a_leader_never_ships_a_damaged_segment_and_the_follower_catches_up_from
     assert_identical_logs(&nodes, last).await;
     let shipping = stream(&nodes[follower_index]).status().shipping;
     assert!(shipping.snapshots_installed >= 1, "{shipping:?}");
-    for node in &mut nodes {
-        if let Some(stream) = node.stream.take() {
-            stream.shutdown().await.unwrap();
-        }
-    }
+    shutdown_all(&mut nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -788,13 +786,10 @@ async fn the_scrub_reports_a_segment_damaged_while_running_and_a_restart_repairs
         file.sync_all().unwrap();
     }
     let follower_stream = stream(&nodes[follower]);
-    tokio::time::timeout(WAIT, async {
-        while follower_stream.status().scrub.damaged_segments == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    wait_for("the scrub to find the damaged segment", || {
+        follower_stream.status().scrub.damaged_segments > 0
     })
-    .await
-    .expect("the scrub finds the damaged segment");
+    .await;
     assert_eq!(follower_stream.status().scrub.damaged_segments, 1);
 
     // A restart validates the log and writes the entry back from a peer;
@@ -805,20 +800,13 @@ async fn the_scrub_reports_a_segment_damaged_while_running_and_a_restart_repairs
     let repaired = stream(&nodes[follower]);
     assert_eq!(repaired.restored_on_open(), 1);
     let sealed_count = repaired.log().sealed_segments().len() as u64;
-    tokio::time::timeout(WAIT, async {
-        while repaired.status().scrub.segments_checked < sealed_count {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    wait_for("the scrub to check every sealed segment", || {
+        repaired.status().scrub.segments_checked >= sealed_count
     })
-    .await
-    .expect("the scrub checks every sealed segment");
+    .await;
     assert_eq!(repaired.status().scrub.damaged_segments, 0);
     assert_identical_logs(&nodes, last).await;
-    for node in &mut nodes {
-        if let Some(stream) = node.stream.take() {
-            stream.shutdown().await.unwrap();
-        }
-    }
+    shutdown_all(&mut nodes).await;
 }
 
 /// A CA and, per name, a certificate for 127.0.0.1 signed by it.

@@ -1416,11 +1416,21 @@ impl Log {
         }
     }
 
-    /// The CRC32C of the file received so far for the segment at
-    /// `base_offset`.
-    pub fn received_segment_crc(&self, base_offset: u64) -> Result<u32> {
+    /// Checks the file received for the segment at `base_offset` against
+    /// the `length` and `crc32c` its sender announced (1 MiB at a time): an
+    /// [`Error::Corruption`] naming the file when they differ.
+    pub fn check_received_segment(&self, base_offset: u64, length: u64, crc32c: u32) -> Result<()> {
         let path = self.incoming_path(base_offset)?;
-        Ok(crc32c::crc32c(&self.shared.file_system.read(&path)?))
+        let file = self.shared.file_system.open(&path, false)?;
+        let received = file.length()?;
+        if received != length {
+            return Err(Error::corruption(
+                &path,
+                received,
+                format!("{received} bytes were received, the sender announced {length}"),
+            ));
+        }
+        verify_whole(file.as_ref(), length, crc32c)
     }
 
     /// Where a segment file received from a peer is written before
