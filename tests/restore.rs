@@ -3,6 +3,9 @@
 //! hole is found with the Raft indexes around it, the very frames a peer
 //! holds close it byte for byte, anything else offered is refused, and a
 //! restore crashed at any step ends, run again, like an uninterrupted one.
+//! A sealed segment damaged while the log runs is restored the same way,
+//! online: readers in it go on, and a crash at any step leaves the damaged
+//! segment (found again) or the restored one.
 
 mod common;
 
@@ -11,7 +14,7 @@ use common::*;
 use natswal::format::frame::{FrameBuilder, FrameKind};
 use natswal::io::memory::MemoryFileSystem;
 use natswal::io::FileSystem;
-use natswal::log::restore::{restore_raft_frames, RaftHole};
+use natswal::log::restore::{restore_raft_frames, DamagedSegment, RaftHole};
 use natswal::log::writer::AppendMeta;
 use natswal::log::FrameRange;
 use natswal::{Log, Record, RecoveryMode};
@@ -248,4 +251,142 @@ fn crash_a_restore_at_every_step(index: u64) {
         crashes += 1;
     }
     assert!(crashes >= 4, "the restore has several steps ({crashes})");
+}
+
+/// Every sealed segment of `log` verifies against its sealing CRC.
+fn sealed_segments_verify(log: &Log) -> bool {
+    log.sealed_segments()
+        .iter()
+        .all(|segment| log.verify_sealed_segment(segment.base_offset).is_ok())
+}
+
+/// The peer's frames for each damaged range.
+fn frames_for(peer: &[Bytes], damaged: &DamagedSegment) -> Vec<Vec<Bytes>> {
+    damaged
+        .ranges
+        .iter()
+        .map(|range| {
+            let indexes = &range.raft_indexes;
+            peer[(indexes.start - 1) as usize..(indexes.end - 1) as usize].to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn a_sealed_segment_damaged_while_the_log_runs_is_restored_in_place_from_a_peer() {
+    let (file_system, peer, second_segment_first) = written();
+    let log = open_at(&file_system, RecoveryMode::Strict).unwrap();
+    let first = log.sealed_segments()[0].clone();
+    assert_eq!(first.first_raft_index, 1);
+    assert_eq!(first.last_log_id.index + 1, second_segment_first);
+    // A reader is inside the segment when it is damaged and restored.
+    let mut reader =
+        natswal::Reader::new(log.clone(), natswal::StartPosition::Earliest, None).unwrap();
+    for _ in 0..10 {
+        reader.next().unwrap().expect("records before the damage");
+    }
+    // A blank entry, two adjacent record entries, the segment's first and
+    // its last entry.
+    let last = first.last_log_id.index;
+    let damaged_indexes = [1u64, 30, 57, 58, last];
+    for index in damaged_indexes {
+        damage(&file_system, &peer[(index - 1) as usize]);
+    }
+    let error = log.verify_sealed_segment(first.base_offset).unwrap_err();
+    assert!(error.is_corruption(), "{error}");
+    assert!(
+        log.read_frames(FrameRange::RaftIndex { start: 57, end: 58 })
+            .is_err(),
+        "a damaged frame is never served"
+    );
+
+    let damaged = log
+        .sealed_segment_damage(first.base_offset)
+        .unwrap()
+        .expect("the damage is found");
+    let mut found: Vec<u64> = damaged
+        .ranges
+        .iter()
+        .flat_map(|range| range.raft_indexes.clone())
+        .collect();
+    found.sort_unstable();
+    assert_eq!(found, damaged_indexes, "{damaged:?}");
+    assert_eq!(damaged.segment_crc, first.crc32c);
+
+    // Anything but the peer's frames for exactly those entries is refused
+    // and changes nothing.
+    let mut shifted = frames_for(&peer, &damaged);
+    shifted[0] = vec![peer[1].clone()];
+    let error = log
+        .restore_sealed_segment(&damaged, &shifted)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("expected Raft entry 1"), "{error}");
+    let error = log
+        .restore_sealed_segment(&damaged, &frames_for(&peer, &damaged)[1..])
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("damaged ranges"), "{error}");
+    assert!(log.verify_sealed_segment(first.base_offset).is_err());
+
+    log.restore_sealed_segment(&damaged, &frames_for(&peer, &damaged))
+        .unwrap();
+    assert!(sealed_segments_verify(&log));
+    assert_eq!(log.sealed_segment_damage(first.base_offset).unwrap(), None);
+    assert!(all_frames(&log) == peer, "the log is the peer's again");
+    let error = log
+        .restore_sealed_segment(&damaged, &frames_for(&peer, &damaged))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("restored or removed since"), "{error}");
+    // The reader goes on through the restored segment to the end, every
+    // record in order.
+    let mut next = reader.next().unwrap().expect("a record").offset + 1;
+    while let Some(record) = reader.next().unwrap() {
+        assert_eq!(record.offset, next);
+        next += 1;
+    }
+    assert_eq!(next, log.written().next_offset);
+    log.close().unwrap();
+    let log = open_at(&file_system, RecoveryMode::Strict).unwrap();
+    assert!(sealed_segments_verify(&log));
+    assert!(all_frames(&log) == peer);
+}
+
+#[test]
+fn a_sealed_segment_restore_crashed_at_any_step_leaves_the_damaged_segment_or_the_restored_one() {
+    let (file_system, peer, _) = written();
+    damage(&file_system, &peer[56]);
+    let damaged_image = file_system.crash(0);
+    let mut outcomes = [0usize; 2];
+    for step in 1.. {
+        let trial = damaged_image.crash(0);
+        let log = open_at(&trial, RecoveryMode::Strict).unwrap();
+        let base_offset = log.sealed_segments()[0].base_offset;
+        let damaged = log.sealed_segment_damage(base_offset).unwrap().unwrap();
+        trial.crash_after_operations(step);
+        let outcome = log.restore_sealed_segment(&damaged, &frames_for(&peer, &damaged));
+        let crashed = trial.has_crashed();
+        assert!(crashed || outcome.is_ok(), "step {step}: {outcome:?}");
+        drop(log);
+        let image = trial.crash(step);
+        let log = open_at(&image, RecoveryMode::Strict)
+            .unwrap_or_else(|error| panic!("step {step}: {error}"));
+        match log.sealed_segment_damage(base_offset).unwrap() {
+            None => outcomes[1] += 1,
+            Some(again) => {
+                assert!(crashed, "step {step}: a finished restore was lost");
+                assert_eq!(again.ranges, damaged.ranges, "step {step}");
+                outcomes[0] += 1;
+                log.restore_sealed_segment(&again, &frames_for(&peer, &again))
+                    .unwrap();
+            }
+        }
+        assert!(sealed_segments_verify(&log), "step {step}");
+        assert!(all_frames(&log) == peer, "step {step}: the log differs");
+        if !crashed {
+            break;
+        }
+    }
+    assert!(outcomes[0] >= 2 && outcomes[1] >= 2, "{outcomes:?}");
 }

@@ -452,7 +452,7 @@ impl BridgeMetrics {
 fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
     let statuses: Vec<_> = groups.values().map(|group| group.status()).collect();
     type Field = fn(&natswal_replication::GroupStatus) -> u64;
-    let series: [(&str, &str, &str, Field); 14] = [
+    let series: [(&str, &str, &str, Field); 15] = [
         (
             "natswal_raft_term",
             "gauge",
@@ -534,8 +534,14 @@ fn render_raft(out: &mut String, groups: &crate::cluster::Groups) {
         (
             "natswal_raft_scrub_damaged_segments",
             "gauge",
-            "Sealed segments the scrub found damaged since the node started (the next start repairs them from peers).",
+            "Sealed segments the scrub found damaged since the node started (each is then restored from peers).",
             |status| status.scrub.damaged_segments,
+        ),
+        (
+            "natswal_raft_scrub_restored_segments_total",
+            "counter",
+            "Damaged sealed segments the scrub restored from peers while the node ran.",
+            |status| status.scrub.restored_segments,
         ),
     ];
     for (name, kind, help, field) in series {

@@ -1094,6 +1094,25 @@ fn flip_random_bit(data_dir: &Path, random: &mut rand::rngs::StdRng) -> (String,
     (described, false)
 }
 
+/// Three replays (whichever replica answers each) serve every acked
+/// message's payload intact at its offset.
+async fn assert_replays_serve(
+    client: &async_nats::Client,
+    acked: &BTreeMap<u64, u64>,
+    context: &str,
+) {
+    for _ in 0..3 {
+        let payloads = replay_payloads(client, false).await;
+        for (message, offset) in acked {
+            assert_eq!(
+                payloads.get(offset),
+                Some(&payload_of(*message)),
+                "{context}: offset {offset}"
+            );
+        }
+    }
+}
+
 /// `NATSWAL_CLUSTER_FLIPS` sets the rounds (CI: 5); `NATSWAL_FLIP_SEED`
 /// replays a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1163,18 +1182,74 @@ async fn bit_flips_in_committed_frames_of_a_minority_are_repaired_from_peers() {
         }
         let views = wait_converged(&cluster, Duration::from_secs(30)).await;
         assert_eq!(views.len(), 3, "every replica serves: {views:?}");
-        // Whichever replica answers, it serves every acked record intact.
-        for _ in 0..3 {
-            let payloads = replay_payloads(&client, false).await;
-            for (message, offset) in &acked {
-                assert_eq!(
-                    payloads.get(offset),
-                    Some(&payload_of(*message)),
-                    "round {round}: offset {offset}"
-                );
-            }
-        }
+        assert_replays_serve(&client, &acked, &format!("round {round}")).await;
     }
+    let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
+    assert_acked_stored(&records, acked);
+}
+
+/// A follower's sealed segment damaged while the node runs: the scrub finds
+/// it, fetches the damaged entry from a peer and restores the segment in
+/// place, audited, without a restart; every replica serves every acked
+/// record intact meanwhile and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_damaged_on_a_running_follower_is_restored_by_the_scrub_and_audited() {
+    let root = tempfile::tempdir().unwrap();
+    let keys = ConfigKeys {
+        cluster: "scrub_bytes_per_second = \"64MiB\"\n",
+        segment_bytes: "64KiB",
+    };
+    let mut cluster = Cluster::start_with_keys(root.path(), &keys);
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let client = connect(&cluster.nats.url()).await;
+    let acked = publish_batch(&client, 0, 2400).await;
+    wait_converged(&cluster, Duration::from_secs(30)).await;
+    let follower = leader % 3 + 1;
+    let directory = cluster
+        .node(follower)
+        .data_dir
+        .join("replicated")
+        .join(STREAM);
+    let segments = segment_files(&directory);
+    assert!(segments.len() >= 3, "{segments:?}");
+    // A bit in the middle of a frame of a sealed segment, written in place
+    // (the engine maps the file: it is never truncated under it).
+    let path = &segments[segments.len() / 2];
+    let spans = frame_spans(&std::fs::read(path).unwrap());
+    let span = spans[spans.len() / 2];
+    let position = (span.start + span.end) / 2;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, position).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x04], position).unwrap();
+        file.sync_all().unwrap();
+    }
+    let node = cluster.node(follower);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node_metric(node, "natswal_raft_scrub_restored_segments_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the scrub restored nothing in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(node_metric(node, "natswal_raft_scrub_damaged_segments"), 1);
+    assert_eq!(node_metric(node, "natswal_raft_repaired_entries_total"), 1);
+    let audit = std::fs::read_to_string(node.data_dir.join("audit.log")).unwrap();
+    let restore = audit
+        .lines()
+        .find(|line| line.contains("replica_repair"))
+        .unwrap_or_else(|| panic!("the restore is not audited:\n{audit}"));
+    assert!(restore.contains("\"by\":\"scrub\""), "{restore}");
+    assert_replays_serve(&client, &acked, "after the restore").await;
     let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
     assert_acked_stored(&records, acked);
 }

@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::log_store::StreamLogStore;
 use crate::network::{GroupNetwork, Peers, Registry};
-use crate::scrub::{Scrub, ScrubCounters};
+use crate::scrub::{RestoreHook, Scrub, ScrubCounters, ScrubSource};
 use crate::shipping::{Inbox, ShippingCounters};
 use crate::state_machine::StreamStateMachine;
 use crate::types::{Applied, Command, Node, NodeId, ProposedRecord, Raft, RecordBatch, StreamRaft};
@@ -114,8 +114,11 @@ pub struct GroupOptions<'a> {
     /// (0: no scrub).
     pub scrub_bytes_per_second: u64,
     /// The other replicas' addresses: where a log that lost committed
-    /// entries fetches them before Raft starts.
+    /// entries fetches them before Raft starts, and the scrub those of a
+    /// damaged segment.
     pub peer_addresses: Vec<String>,
+    /// Hears of each sealed segment the scrub restores (an audit).
+    pub on_scrub_restore: Option<RestoreHook>,
 }
 
 /// A replicated stream's log as opened, and what the open repaired.
@@ -234,7 +237,13 @@ async fn open_log(
     let mut restored = 0;
     for hole in &restorable {
         let missing = hole.missing().expect("a restorable hole has a size");
-        let frames = fetch_committed(peers, addresses, &name, missing).await?;
+        let frames = fetch_committed(peers, addresses, &name, missing)
+            .await
+            .map_err(|error| {
+                Error::Invalid(format!(
+                    "{error}; this replica does not start (it would serve or vote with a hole)"
+                ))
+            })?;
         restore_raft_frames(file_system, directory, &options.config, hole, &frames)
             .map_err(|error| Error::engine(&name, error))?;
         restored += frames.len() as u64;
@@ -253,7 +262,7 @@ async fn open_log(
 
 /// Committed frames with Raft indexes `wanted` from the first peer that
 /// has them all.
-async fn fetch_committed(
+pub(crate) async fn fetch_committed(
     peers: &Peers,
     addresses: &[String],
     name: &str,
@@ -281,7 +290,7 @@ async fn fetch_committed(
         }
     }
     Err(Error::Invalid(format!(
-        "stream '{name}': committed entries with Raft indexes [{}, {}) are damaged in this node's log and no peer supplied them ({}); this replica does not start (it would serve or vote with a hole)",
+        "stream '{name}': committed entries with Raft indexes [{}, {}) are damaged in this node's log and no peer supplied them ({})",
         wanted.start,
         wanted.end,
         if failures.is_empty() { "no peers".to_string() } else { failures.join("; ") }
@@ -391,7 +400,7 @@ pub struct GroupStatus {
     /// Times the leader this node knows changed to another node.
     pub leader_changes: u64,
     /// Committed entries this node's log had lost or damaged and fetched
-    /// from peers when it opened the group.
+    /// from peers (when it opened the group, or by the scrub since).
     pub repaired_entries: u64,
     /// Snapshot transfers this node received as a follower.
     pub shipping: ShippingCounters,
@@ -537,9 +546,16 @@ impl ReplicatedStream {
         let changes = LeadershipChanges::watch(&raft);
         let scrub = Arc::new(Scrub::default());
         let scrubbing = (options.scrub_bytes_per_second > 0).then(|| {
-            AbortOnDrop(tokio::spawn(
-                Arc::clone(&scrub).run(Arc::clone(&log), options.scrub_bytes_per_second),
-            ))
+            let source = ScrubSource {
+                peers: Arc::clone(&peers),
+                addresses: options.peer_addresses.clone(),
+                on_restore: options.on_scrub_restore.clone(),
+            };
+            AbortOnDrop(tokio::spawn(Arc::clone(&scrub).run(
+                Arc::clone(&log),
+                source,
+                options.scrub_bytes_per_second,
+            )))
         });
         Ok(ReplicatedStream {
             name,
@@ -781,6 +797,7 @@ impl ReplicatedStream {
                     .collect()
             })
             .unwrap_or_default();
+        let scrub = self.scrub.counters();
         GroupStatus {
             stream: self.name.clone(),
             node_id: metrics.id,
@@ -804,9 +821,9 @@ impl ReplicatedStream {
             replicas,
             elections: self.changes.elections.load(Relaxed),
             leader_changes: self.changes.leader_changes.load(Relaxed),
-            repaired_entries: self.fetched_on_open + self.restored_on_open,
+            repaired_entries: self.fetched_on_open + self.restored_on_open + scrub.restored_entries,
             shipping: self.inbox.counters(),
-            scrub: self.scrub.counters(),
+            scrub,
         }
     }
 

@@ -29,7 +29,9 @@
 //!   below its purge point;
 //! - [`Log::raft_holes`] and [`restore::restore_raft_frames`] find the
 //!   Raft entries a repair cut out and write a peer's copies of them back
-//!   in place (crash-atomic, like a repair);
+//!   in place (crash-atomic, like a repair); [`Log::sealed_segment_damage`]
+//!   and [`Log::restore_sealed_segment`] do the same for a sealed segment
+//!   damaged while the log runs, swapping the rebuilt segment in;
 //! - [`Log::metadata`] and the `save_*` methods keep the Raft vote, commit
 //!   index and purge point in the stream's metadata file (atomic, CRC'd; a
 //!   damaged one is an error, never a default).
@@ -211,6 +213,20 @@ impl LogShared {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(segment);
+    }
+
+    /// Puts `replacement` where `segment` is in the list (a sealed
+    /// segment restored while the log runs).
+    pub fn replace_segment(&self, segment: &Arc<StorageSegment>, replacement: Arc<StorageSegment>) {
+        let mut segments = self
+            .segments
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let slot = segments
+            .iter_mut()
+            .find(|listed| Arc::ptr_eq(listed, segment))
+            .expect("a segment replaced is listed (the writer lock is held)");
+        *slot = replacement;
     }
 
     pub fn notify_readers(&self) {

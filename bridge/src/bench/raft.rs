@@ -77,6 +77,7 @@ async fn open(node: &BenchNode) -> Result<Arc<ReplicatedStream>> {
         snapshots: natswal_replication::SnapshotSettings::default(),
         scrub_bytes_per_second: 0,
         peer_addresses: node.peer_addresses.clone(),
+        on_scrub_restore: None,
     };
     ReplicatedStream::open(
         file_system,

@@ -324,6 +324,7 @@ pub fn status_json(status: &GroupStatus, applied_offset: u64) -> Value {
         "snapshot_transfers_failed": status.shipping.transfers_failed,
         "scrub_segments_checked": status.scrub.segments_checked,
         "scrub_damaged_segments": status.scrub.damaged_segments,
+        "scrub_restored_segments": status.scrub.restored_segments,
     })
 }
 

@@ -41,6 +41,27 @@ pub struct ClusterNode {
     server: tokio::task::JoinHandle<()>,
 }
 
+/// Audits each sealed segment the scrub restores from peers.
+fn scrub_restore_audit(
+    audit: Arc<crate::audit::AuditLog>,
+    node_id: u64,
+) -> natswal_replication::scrub::RestoreHook {
+    Arc::new(move |restored: &natswal_replication::scrub::ScrubRestore| {
+        audit.record_or_log(
+            "replica_repair",
+            "natswal",
+            &restored.stream,
+            "ok",
+            serde_json::json!({
+                "node_id": node_id,
+                "by": "scrub",
+                "segment": restored.segment.display().to_string(),
+                "damaged_entries_restored_in_place": restored.entries,
+            }),
+        );
+    })
+}
+
 pub fn replication_error(error: natswal_replication::Error) -> BridgeError {
     BridgeError::InvalidArgument(error.to_string())
 }
@@ -53,7 +74,7 @@ impl ClusterNode {
         config: &Config,
         keyring: &Arc<Keyring>,
         cache: &Arc<SegmentCache>,
-        audit: &crate::audit::AuditLog,
+        audit: &Arc<crate::audit::AuditLog>,
     ) -> Result<Option<ClusterNode>> {
         let Some(cluster) = config.cluster.clone() else {
             return Ok(None);
@@ -128,6 +149,7 @@ impl ClusterNode {
                 },
                 scrub_bytes_per_second: cluster.scrub_bytes_per_second,
                 peer_addresses: peer_addresses.clone(),
+                on_scrub_restore: Some(scrub_restore_audit(Arc::clone(audit), cluster.node_id)),
             };
             let group = ReplicatedStream::open(
                 Arc::clone(&file_system),
