@@ -113,6 +113,34 @@ pub enum Precondition {
     ExpectedLastMessageId(String),
 }
 
+impl Precondition {
+    /// Checks the condition against the stream's last offset (0: empty)
+    /// and the message id of its last record (`None`: none, or no id).
+    pub fn check(
+        &self,
+        last_offset: u64,
+        last_message_id: Option<&str>,
+    ) -> std::result::Result<(), PreconditionFailure> {
+        match self {
+            Precondition::ExpectedLastOffset(expected) if *expected != last_offset => {
+                Err(PreconditionFailure::WrongLastOffset {
+                    expected: *expected,
+                    last: last_offset,
+                })
+            }
+            Precondition::ExpectedLastMessageId(expected)
+                if last_message_id != Some(expected.as_str()) =>
+            {
+                Err(PreconditionFailure::WrongLastMessageId {
+                    expected: expected.clone(),
+                    last: last_message_id.map(str::to_string),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What a producer asks to append.
 #[derive(Debug, Clone, Default)]
 pub struct AppendRequest {
@@ -655,28 +683,12 @@ impl BatchCoordinator {
                 .iter()
                 .find_map(|(index, precondition)| {
                     let last = next + u64::from(*index) - 1;
-                    match precondition {
-                        Precondition::ExpectedLastOffset(expected) if *expected != last => {
-                            Some(PreconditionFailure::WrongLastOffset {
-                                expected: *expected,
-                                last,
-                            })
-                        }
-                        Precondition::ExpectedLastMessageId(expected) => {
-                            let actual = if *index == 0 {
-                                last_message_id.as_deref()
-                            } else {
-                                None
-                            };
-                            (actual != Some(expected.as_str())).then(|| {
-                                PreconditionFailure::WrongLastMessageId {
-                                    expected: expected.clone(),
-                                    last: actual.map(str::to_string),
-                                }
-                            })
-                        }
-                        _ => None,
-                    }
+                    let last_id = if *index == 0 {
+                        last_message_id.as_deref()
+                    } else {
+                        None
+                    };
+                    precondition.check(last, last_id).err()
                 });
             match failure {
                 Some(failure) => {

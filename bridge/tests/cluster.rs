@@ -1188,6 +1188,178 @@ async fn bit_flips_in_committed_frames_of_a_minority_are_repaired_from_peers() {
     assert_acked_stored(&records, acked);
 }
 
+/// Publishes one message with `Nats-Msg-Id: id` and the header `pairs`
+/// until a node answers other than "not stored at quorum" (503, retried
+/// with the same id: a stored copy is answered as a duplicate); returns
+/// the reply.
+async fn publish_conditional(
+    client: &async_nats::Client,
+    id: &str,
+    pairs: &[(&str, &str)],
+) -> Value {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id);
+    for (name, value) in pairs {
+        headers.insert(*name, *value);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "{id}: no answer in 30 s");
+        let request =
+            client.request_with_headers("orders.c", headers.clone(), Bytes::from(id.to_string()));
+        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(2), request).await {
+            let answer: Value = serde_json::from_slice(&reply.payload).unwrap();
+            if answer["error"]["code"].as_u64() != Some(503) {
+                return answer;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn err_code(answer: &Value) -> Option<u64> {
+    answer["error"]["err_code"].as_u64()
+}
+
+/// `Nats-Expected-*` on a replicated stream is checked against the stream
+/// as every entry before the message leaves it (never ignored): behind
+/// messages still being committed, between racing publishers (one wins),
+/// and on a new leader after the old one was killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_preconditions_hold_in_log_order_across_racing_publishers_and_failover() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path());
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let client = connect(&cluster.nats.url()).await;
+    let first = publish_conditional(&client, "c1", &[("Nats-Expected-Last-Sequence", "0")]).await;
+    assert_eq!(first["seq"].as_u64(), Some(1), "{first}");
+    let stale = publish_conditional(&client, "c2", &[("Nats-Expected-Last-Sequence", "0")]).await;
+    assert_eq!(err_code(&stale), Some(10071), "{stale}");
+    assert!(
+        stale.to_string().contains("wrong last sequence: 1"),
+        "{stale}"
+    );
+    let second = publish_conditional(&client, "c3", &[("Nats-Expected-Last-Msg-Id", "c1")]).await;
+    assert_eq!(second["seq"].as_u64(), Some(2), "{second}");
+    let wrong_id = publish_conditional(&client, "c4", &[("Nats-Expected-Last-Msg-Id", "c1")]).await;
+    assert_eq!(err_code(&wrong_id), Some(10070), "{wrong_id}");
+    let refused = [
+        (("Nats-Expected-Stream", "other"), 10060),
+        (("Nats-Expected-Last-Subject-Sequence", "1"), 10003),
+        (("Nats-Required-Api-Level", "99"), 10185),
+    ];
+    for (pair, code) in refused {
+        let answer = publish_conditional(&client, "c5", &[pair]).await;
+        assert_eq!(err_code(&answer), Some(code), "{pair:?}: {answer}");
+    }
+    // Racing publishers expecting the same last sequence: exactly one wins.
+    let racing: Vec<_> = (0..8)
+        .map(|racer| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                publish_conditional(
+                    &client,
+                    &format!("race-{racer}"),
+                    &[("Nats-Expected-Last-Sequence", "2")],
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for answer in futures_util::future::join_all(racing).await {
+        let answer = answer.unwrap();
+        match answer["seq"].as_u64() {
+            Some(offset) => winners.push(offset),
+            None => assert_eq!(err_code(&answer), Some(10071), "{answer}"),
+        }
+    }
+    assert_eq!(winners, [3], "one racer wins");
+    // A conditional message behind 200 others still being committed is
+    // checked after them: it expects the last of them.
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(format!("{inbox}.*")).await.unwrap();
+    for message in 0..200u64 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("m-{message}").as_str());
+        client
+            .publish_with_reply_and_headers(
+                format!("orders.{}", message % 5),
+                format!("{inbox}.{message}"),
+                headers,
+                payload_of(message),
+            )
+            .await
+            .unwrap();
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "behind");
+    headers.insert("Nats-Expected-Last-Sequence", "203");
+    client
+        .publish_with_reply_and_headers(
+            "orders.c",
+            format!("{inbox}.behind"),
+            headers,
+            Bytes::from("behind"),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let mut acked = BTreeMap::new();
+    let mut behind = None;
+    while acked.len() < 200 || behind.is_none() {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::StreamExt::next(&mut replies),
+        )
+        .await
+        .expect("every message is answered")
+        .unwrap();
+        let answer: Value = serde_json::from_slice(&reply.payload).unwrap();
+        let name = reply.subject.rsplit('.').next().unwrap().to_string();
+        let offset = answer["seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: {answer}"));
+        match name.parse::<u64>() {
+            Ok(message) => {
+                acked.insert(message, offset);
+            }
+            Err(_) => behind = Some(offset),
+        }
+    }
+    assert_eq!(behind, Some(204));
+    assert_eq!(acked.values().copied().max(), Some(203));
+    // The leader is killed: the new one checks against the same log.
+    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    cluster.node(leader).kill();
+    wait_for_leader_among_others(&cluster, leader).await;
+    let failover = publish_conditional(
+        &client,
+        "after",
+        &[
+            ("Nats-Expected-Last-Msg-Id", "behind"),
+            ("Nats-Expected-Last-Sequence", "204"),
+        ],
+    )
+    .await;
+    assert_eq!(failover["seq"].as_u64(), Some(205), "{failover}");
+    let stale = publish_conditional(
+        &client,
+        "after-2",
+        &[("Nats-Expected-Last-Msg-Id", "behind")],
+    )
+    .await;
+    assert_eq!(err_code(&stale), Some(10070), "{stale}");
+    cluster.node(leader).restart();
+    wait_converged(&cluster, Duration::from_secs(30)).await;
+    let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
+    assert_eq!(records.len(), 205, "only what was acked is stored");
+    assert_acked_stored(&records, acked);
+    assert_eq!(records[&205].2, Bytes::from("after"));
+}
+
 /// A follower's sealed segment damaged while the node runs: the scrub finds
 /// it, fetches the damaged entry from a peer and restores the segment in
 /// place, audited, without a restart; every replica serves every acked

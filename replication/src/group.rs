@@ -675,6 +675,29 @@ impl ReplicatedStream {
             .map_err(|error| failed(format!("applying through the read index {index}: {error}")))
     }
 
+    /// On the leader: waits until every entry of its log is applied and
+    /// returns the stream's next offset then. With nothing else proposing
+    /// meanwhile (the intake is the only proposer of records), that is the
+    /// stream as the entries before the next proposal leave it: what a
+    /// publish precondition is checked against.
+    pub async fn settle(&self, timeout: std::time::Duration) -> Result<u64> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let failed = |message: String| Error::Raft {
+            stream: self.name.clone(),
+            message,
+        };
+        if !metrics.state.is_leader() {
+            return Err(failed("this node does not lead the stream".into()));
+        }
+        let last = metrics.last_log_index;
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(last, "settle")
+            .await
+            .map_err(|error| failed(format!("applying the leader's log: {error}")))?;
+        Ok(self.applied_offset())
+    }
+
     /// Committed entries the log had lost and fetched from peers on open.
     pub fn fetched_on_open(&self) -> u64 {
         self.fetched_on_open

@@ -17,7 +17,14 @@
 //!   reader with the applied ceiling feeds it while the node follows), and
 //!   a node that comes to lead reads everything committed before its term
 //!   into it before it checks a message: a new leader answers a retried
-//!   `Nats-Msg-Id` with the original offset.
+//!   `Nats-Msg-Id` with the original offset;
+//! - a message with preconditions (`Nats-Expected-Last-Sequence`,
+//!   `-Last-Msg-Id`, `-Stream`) is checked against the stream as every
+//!   entry before it leaves it: intake waits for its proposals in flight
+//!   and for the leader's whole log to be applied, checks, and proposes it
+//!   first in a new entry (the messages after it wait, in order). Since
+//!   the intake is the only proposer of records, nothing lands between the
+//!   check and the entry; a condition is never ignored.
 
 use crate::ack::{self, ApiError};
 use crate::config::StreamSection;
@@ -237,27 +244,59 @@ async fn lead(
             }
             Event::Messages(None) => break,
             Event::Messages(Some(messages)) => {
-                let proposals = accept(
-                    context,
-                    window,
-                    &mut waiting_duplicates,
-                    messages,
-                    &mut token,
-                );
-                for (proposal_token, batch, replies, ids) in proposals {
-                    let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                let mut pending = messages;
+                let mut first_checked = false;
+                loop {
+                    let (proposals, held) = accept(
+                        context,
+                        window,
+                        &mut waiting_duplicates,
+                        pending,
+                        &mut token,
+                        first_checked,
+                    );
+                    for (proposal_token, batch, replies, ids) in proposals {
+                        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                            break;
+                        };
+                        in_flight += 1;
+                        spawn_proposal(
+                            context,
+                            proposal_token,
+                            batch,
+                            replies,
+                            ids,
+                            slot,
+                            completions_sender.clone(),
+                        );
+                    }
+                    let Some(first) = held.first() else {
                         break;
                     };
-                    in_flight += 1;
-                    spawn_proposal(
-                        context,
-                        proposal_token,
-                        batch,
-                        replies,
-                        ids,
-                        slot,
-                        completions_sender.clone(),
-                    );
+                    // A message with preconditions is checked against the
+                    // stream as every entry before it leaves it: the
+                    // proposals in flight finish and the log is applied
+                    // first (the messages after it wait, in order).
+                    while in_flight > 0 {
+                        let Some(completed) = completions.recv().await else {
+                            break;
+                        };
+                        in_flight -= 1;
+                        finish(context, window, &mut waiting_duplicates, completed);
+                    }
+                    match check_preconditions(context, first).await {
+                        Ok(()) => {
+                            pending = held;
+                            first_checked = true;
+                        }
+                        Err(refusal) => {
+                            let mut held = held.into_iter();
+                            let first = held.next().expect("a held message");
+                            reply(context, first.reply, refusal);
+                            pending = held.collect();
+                            first_checked = false;
+                        }
+                    }
                 }
             }
         }
@@ -286,14 +325,18 @@ type Proposal = (
 );
 
 /// Checks a chunk of messages, answers the refused and the duplicates of
-/// stored ones at once, and groups the rest into proposals.
+/// stored ones at once, and groups the rest into proposals, up to the
+/// first message with preconditions (unless `first_checked`: the caller
+/// checked those of the chunk's first message): it and the messages after
+/// it are returned held, for the caller to check it once the log settles.
 fn accept(
     context: &IntakeContext,
     window: &mut DuplicateWindow,
     waiting_duplicates: &mut Waiting,
     messages: Vec<crate::wire::Message>,
     token: &mut u64,
-) -> Vec<Proposal> {
+    mut first_checked: bool,
+) -> (Vec<Proposal>, Vec<crate::wire::Message>) {
     let now = now_ns();
     let mut proposals = Vec::new();
     let mut current: Option<Proposal> = None;
@@ -301,7 +344,9 @@ fn accept(
     // One proposal is one frame: its records must fit the stream's frame.
     let proposal_bytes_max =
         PROPOSAL_BYTES_MAX.min(context.group.log().config().frame_bytes_max as usize);
-    for message in messages {
+    let mut messages = messages.into_iter();
+    while let Some(message) = messages.next() {
+        let checked = std::mem::take(&mut first_checked);
         let size = message.subject.len() + message.headers.len() + message.payload.len();
         if size as u64 > context.section.max_message_bytes {
             reply(
@@ -338,6 +383,15 @@ fn accept(
             reply(context, message.reply, ack::error_ack(&batches_refused()));
             continue;
         }
+        let conditions = crate::batch::check_api_level(header_map.as_ref())
+            .and_then(|()| crate::batch::preconditions(header_map.as_ref(), context.group.name()));
+        let has_conditions = match conditions {
+            Ok(conditions) => !conditions.is_empty(),
+            Err(error) => {
+                reply(context, message.reply, ack::error_ack(&error));
+                continue;
+            }
+        };
         let message_id = header_map
             .as_ref()
             .and_then(|headers| headers.get(crate::batch::HEADER_MSG_ID))
@@ -363,6 +417,12 @@ fn accept(
                 None => {}
             }
         }
+        if has_conditions && !checked {
+            proposals.extend(current);
+            let mut held = vec![message];
+            held.extend(messages);
+            return (proposals, held);
+        }
         let encoded = size + natswal::format::record::RECORD_OVERHEAD;
         if current_bytes + encoded > proposal_bytes_max {
             proposals.extend(current.take());
@@ -386,7 +446,66 @@ fn accept(
         current_bytes += encoded;
     }
     proposals.extend(current);
-    proposals
+    (proposals, Vec::new())
+}
+
+/// Checks a held message's preconditions against the stream once every
+/// entry of the leader's log is applied (nothing proposes meanwhile), or
+/// returns the reply that refuses it.
+async fn check_preconditions(
+    context: &IntakeContext,
+    message: &crate::wire::Message,
+) -> Result<(), bytes::Bytes> {
+    let header_map = headers::parse_received(&message.headers)
+        .map_err(|reason| ack::error_ack(&ApiError::bad_headers(&reason)))?;
+    let conditions = crate::batch::preconditions(header_map.as_ref(), context.group.name())
+        .map_err(|error| ack::error_ack(&error))?;
+    let unsettled = |reason: String| ack::error_ack(&not_committed(&reason));
+    let next_offset = context
+        .group
+        .settle(context.commit_timeout)
+        .await
+        .map_err(|error| unsettled(error.to_string()))?;
+    let last_offset = if next_offset > natswal::FIRST_OFFSET {
+        next_offset - 1
+    } else {
+        0
+    };
+    let last_id = last_message_id(&context.group, last_offset)
+        .await
+        .map_err(unsettled)?;
+    for condition in &conditions {
+        condition
+            .check(last_offset, last_id.as_deref())
+            .map_err(|failure| ack::error_ack(&crate::batch::precondition_error(&failure)))?;
+    }
+    Ok(())
+}
+
+/// The `Nats-Msg-Id` of the record at `offset` (0: none; `None` without
+/// an id), read from the applied log.
+async fn last_message_id(
+    group: &Arc<ReplicatedStream>,
+    offset: u64,
+) -> Result<Option<String>, String> {
+    if offset == 0 {
+        return Ok(None);
+    }
+    let group = Arc::clone(group);
+    let read = tokio::task::spawn_blocking(move || -> natswal::Result<Option<String>> {
+        let mut reader = group.reader(natswal::StartPosition::Offset(offset), None)?;
+        let record = reader.next()?.filter(|record| record.offset == offset);
+        Ok(record.and_then(|record| {
+            headers::find(&record.headers, crate::batch::HEADER_MSG_ID)
+                .filter(|id| !id.is_empty())
+                .map(str::to_string)
+        }))
+    });
+    match read.await {
+        Ok(Ok(id)) => Ok(id),
+        Ok(Err(error)) => Err(format!("reading the last record: {error}")),
+        Err(error) => Err(format!("reading the last record: {error}")),
+    }
 }
 
 fn spawn_proposal(
