@@ -67,6 +67,25 @@ pub struct ServerBatchLimits {
     pub fast_inflight: AtomicUsize,
 }
 
+impl BatchLimits {
+    /// The limits a stream's section sets, sharing the server's.
+    pub fn of_section(
+        section: &crate::config::StreamSection,
+        server: &Arc<ServerBatchLimits>,
+    ) -> BatchLimits {
+        BatchLimits {
+            allow_atomic: section.allow_atomic,
+            allow_batched: section.allow_batched,
+            atomic_messages_max: section.atomic_batch_max_messages,
+            atomic_inflight_max: section.atomic_batches_max,
+            atomic_staging_bytes_max: section.atomic_staging_bytes,
+            fast_inflight_max: section.fast_batches_max,
+            timeout: section.batch_timeout,
+            server: Arc::clone(server),
+        }
+    }
+}
+
 impl ServerBatchLimits {
     pub fn new(atomic_inflight_max: usize, fast_inflight_max: usize) -> ServerBatchLimits {
         ServerBatchLimits {
@@ -279,6 +298,11 @@ impl AtomicBatches {
             }
             None => false,
         }
+    }
+
+    /// Ids of the batches staged now.
+    pub fn staged_ids(&self) -> Vec<String> {
+        self.batches.keys().cloned().collect()
     }
 
     /// Batches idle past the timeout, removed.

@@ -1081,10 +1081,10 @@ impl Config {
                 format!("{} replicas on a cluster of {nodes} nodes: a replicated stream has a copy on every node (placing it on some of them is not built)", stream.replicas),
             ));
         }
-        if stream.allow_atomic || stream.allow_batched {
+        if stream.allow_batched {
             return Err(invalid(
-                key("allow_atomic"),
-                "atomic and fast-ingest batches are not built for replicated streams yet",
+                key("allow_batched"),
+                "fast-ingest batches are not built for replicated streams yet (atomic batches are: allow_atomic)",
             ));
         }
         // Removing a replicated stream's segments must follow the Raft purge
@@ -1404,9 +1404,9 @@ recycle_segments = 0
             quorum_alone.contains("needs a replicated stream"),
             "{quorum_alone}"
         );
-        let batches = error_of(&format!("{CLUSTER}{stream}allow_atomic = true\n"));
+        let batches = error_of(&format!("{CLUSTER}{stream}allow_batched = true\n"));
         assert!(
-            batches.contains("not built for replicated streams"),
+            batches.contains("fast-ingest batches are not built for replicated streams"),
             "{batches}"
         );
         for limit in [

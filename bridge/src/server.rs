@@ -220,16 +220,7 @@ async fn start_and_serve(
             client: ingest_client.clone(),
             duplicates: Arc::clone(&windows[&section.name]),
             max_message_bytes: section.max_message_bytes,
-            limits: crate::batch::BatchLimits {
-                allow_atomic: section.allow_atomic,
-                allow_batched: section.allow_batched,
-                atomic_messages_max: section.atomic_batch_max_messages,
-                atomic_inflight_max: section.atomic_batches_max,
-                atomic_staging_bytes_max: section.atomic_staging_bytes,
-                fast_inflight_max: section.fast_batches_max,
-                timeout: section.batch_timeout,
-                server: Arc::clone(&server_limits),
-            },
+            limits: crate::batch::BatchLimits::of_section(section, &server_limits),
             // A quarter of the subscription's buffer for fast-ingest
             // windows leaves the rest for ordinary publishers.
             fast: Arc::new(Mutex::new(crate::batch::FastBatches::new(
@@ -263,6 +254,7 @@ async fn start_and_serve(
                 client: ingest_client.clone(),
                 commit_timeout: node.config.commit_timeout,
                 quorum_contact_max: node.timing.quorum_contact_max(),
+                limits: crate::batch::BatchLimits::of_section(section, &server_limits),
             };
             ingest_tasks.push(tokio::spawn(crate::cluster::intake::run(
                 context,

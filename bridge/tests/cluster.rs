@@ -40,7 +40,7 @@ fn stream_section() -> String {
 
 fn stream_section_with(segment_bytes: &str) -> String {
     format!(
-        "[[streams]]\nname = \"{STREAM}\"\nsubjects = [\"orders.>\"]\nreplicas = 3\nsegment_bytes = \"{segment_bytes}\"\nmax_message_bytes = \"16KiB\"\n"
+        "[[streams]]\nname = \"{STREAM}\"\nsubjects = [\"orders.>\"]\nreplicas = 3\nsegment_bytes = \"{segment_bytes}\"\nmax_message_bytes = \"16KiB\"\nallow_atomic = true\n"
     )
 }
 
@@ -1358,6 +1358,131 @@ async fn publish_preconditions_hold_in_log_order_across_racing_publishers_and_fa
     assert_eq!(records.len(), 205, "only what was acked is stored");
     assert_acked_stored(&records, acked);
     assert_eq!(records[&205].2, Bytes::from("after"));
+}
+
+/// One message of atomic batch `batch` (sequence `sequence`; `commit`
+/// ends it) with extra header `pairs`; returns the reply (empty: staged).
+async fn batch_message(
+    client: &async_nats::Client,
+    batch: &str,
+    sequence: u64,
+    commit: bool,
+    pairs: &[(&str, &str)],
+) -> Bytes {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Batch-Id", batch);
+    headers.insert("Nats-Batch-Sequence", sequence.to_string().as_str());
+    if commit {
+        headers.insert("Nats-Batch-Commit", "1");
+    }
+    for (name, value) in pairs {
+        headers.insert(*name, *value);
+    }
+    let payload = Bytes::from(format!("{batch}/{sequence}"));
+    let request = client.request_with_headers("orders.b", headers, payload);
+    tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect("a batch message is answered")
+        .expect("a node answers")
+        .payload
+}
+
+/// Publishes atomic batch `batch` of `count` messages (`first_pairs` on
+/// the first); returns the commit's reply.
+async fn publish_atomic(
+    client: &async_nats::Client,
+    batch: &str,
+    count: u64,
+    first_pairs: &[(&str, &str)],
+) -> Value {
+    for sequence in 1..count {
+        let pairs = if sequence == 1 { first_pairs } else { &[] };
+        let staged = batch_message(client, batch, sequence, false, pairs).await;
+        assert!(
+            staged.is_empty(),
+            "{batch}/{sequence}: {}",
+            String::from_utf8_lossy(&staged)
+        );
+    }
+    let pairs = if count == 1 { first_pairs } else { &[] };
+    let commit = batch_message(client, batch, count, true, pairs).await;
+    serde_json::from_slice(&commit).unwrap()
+}
+
+/// Atomic batches on a replicated stream: staged on the leader, committed
+/// as one entry (one frame) and acknowledged once at quorum; refused whole
+/// on a failed precondition, a duplicate id or a gap; a batch staged on a
+/// leader that is killed is refused by the next one, and none of it is
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atomic_batches_on_a_replicated_stream_commit_whole_or_not_at_all() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path());
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    let client = connect(&cluster.nats.url()).await;
+    let first = publish_atomic(&client, "b1", 5, &[("Nats-Expected-Last-Sequence", "0")]).await;
+    assert_eq!(
+        (
+            first["seq"].as_u64(),
+            first["batch"].as_str(),
+            first["count"].as_u64()
+        ),
+        (Some(5), Some("b1"), Some(5)),
+        "{first}"
+    );
+    let stale = publish_atomic(&client, "b2", 3, &[("Nats-Expected-Last-Sequence", "0")]).await;
+    assert_eq!(err_code(&stale), Some(10071), "{stale}");
+    let second = publish_atomic(&client, "b3", 3, &[("Nats-Expected-Last-Sequence", "5")]).await;
+    assert_eq!(second["seq"].as_u64(), Some(8), "{second}");
+    // Two messages of one batch with the same id.
+    batch_message(&client, "b4", 1, false, &[("Nats-Msg-Id", "same")]).await;
+    let duplicate = batch_message(&client, "b4", 2, true, &[("Nats-Msg-Id", "same")]).await;
+    let duplicate: Value = serde_json::from_slice(&duplicate).unwrap();
+    assert_eq!(err_code(&duplicate), Some(10201), "{duplicate}");
+    // A gap in the sequence abandons the batch.
+    batch_message(&client, "b5", 1, false, &[]).await;
+    let gap: Value =
+        serde_json::from_slice(&batch_message(&client, "b5", 3, true, &[]).await).unwrap();
+    assert_eq!(err_code(&gap), Some(10176), "{gap}");
+    // Plain messages between batches take the next offsets.
+    let plain = publish_conditional(&client, "plain", &[]).await;
+    assert_eq!(plain["seq"].as_u64(), Some(9), "{plain}");
+    // A batch staged on a leader that is killed: the new leader never saw
+    // its first messages and refuses the commit.
+    batch_message(&client, "b6", 1, false, &[]).await;
+    batch_message(&client, "b6", 2, false, &[]).await;
+    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
+    cluster.node(leader).kill();
+    wait_for_leader_among_others(&cluster, leader).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let orphan = loop {
+        let answer: Value =
+            serde_json::from_slice(&batch_message(&client, "b6", 3, true, &[]).await).unwrap();
+        if answer["error"]["code"].as_u64() != Some(503) {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "{answer}");
+    };
+    assert_eq!(err_code(&orphan), Some(10176), "{orphan}");
+    let after = publish_atomic(&client, "b7", 2, &[("Nats-Expected-Last-Sequence", "9")]).await;
+    assert_eq!(after["seq"].as_u64(), Some(11), "{after}");
+    cluster.node(leader).restart();
+    wait_converged(&cluster, Duration::from_secs(30)).await;
+    let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
+    let payloads: Vec<String> = records
+        .values()
+        .map(|record| String::from_utf8_lossy(&record.2).to_string())
+        .collect();
+    let expected = [
+        "b1/1", "b1/2", "b1/3", "b1/4", "b1/5", "b3/1", "b3/2", "b3/3", "plain", "b7/1", "b7/2",
+    ];
+    assert_eq!(payloads, expected);
+    assert_eq!(
+        records.keys().copied().collect::<Vec<_>>(),
+        (1..=11).collect::<Vec<u64>>()
+    );
 }
 
 /// A follower's sealed segment damaged while the node runs: the scrub finds

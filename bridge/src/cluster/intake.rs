@@ -18,6 +18,9 @@
 //!   a node that comes to lead reads everything committed before its term
 //!   into it before it checks a message: a new leader answers a retried
 //!   `Nats-Msg-Id` with the original offset;
+//! - an atomic batch is staged on the leader and proposed whole as one
+//!   entry (one frame) at its commit message, which gets the batch ack
+//!   once that entry is committed; a leader change drops staged batches;
 //! - a message with preconditions (`Nats-Expected-Last-Sequence`,
 //!   `-Last-Msg-Id`, `-Stream`) is checked against the stream as every
 //!   entry before it leaves it: intake waits for its proposals in flight
@@ -27,6 +30,7 @@
 //!   check and the entry; a condition is never ignored.
 
 use crate::ack::{self, ApiError};
+use crate::batch::{AtomicBatches, AtomicOutcome, BatchLimits, CommittedBatch};
 use crate::config::StreamSection;
 use crate::dedup::{now_ns, DuplicateWindow, Seen};
 use crate::headers;
@@ -52,6 +56,8 @@ pub struct IntakeContext {
     pub commit_timeout: Duration,
     /// Longest silence from a quorum a leader takes messages through.
     pub quorum_contact_max: Duration,
+    /// Atomic batch limits (the stream's and the server's).
+    pub limits: BatchLimits,
 }
 
 /// What woke the intake loop.
@@ -70,6 +76,8 @@ struct Completed {
     replies: Vec<Option<async_nats::Subject>>,
     /// `Nats-Msg-Id` of each record.
     ids: Vec<Option<String>>,
+    /// An atomic batch's id and commit reply.
+    atomic: Option<(String, Option<async_nats::Subject>)>,
 }
 
 /// Runs intake whenever this node leads, until shutdown; follows the
@@ -220,263 +228,474 @@ async fn lead(
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let mut subscription = context.client.subscribe_all(&context.section.subjects);
-    let (completions_sender, mut completions) = mpsc::unbounded_channel::<Completed>();
-    let slots = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
-    let mut waiting_duplicates: Waiting = HashMap::new();
-    let mut token = 0u64;
-    let mut in_flight = 0usize;
+    let mut leading = Leading::new(context, window);
     let mut check = tokio::time::interval(LEADERSHIP_CHECK);
     loop {
         let event = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => Event::Stop,
             _ = check.tick() => Event::Check,
-            Some(completed) = completions.recv() => Event::Completed(completed),
-            chunk = subscription.next_chunk(PROPOSAL_RECORDS_MAX), if slots.available_permits() > 0 => Event::Messages(chunk),
+            Some(completed) = leading.completions.recv() => Event::Completed(completed),
+            chunk = subscription.next_chunk(PROPOSAL_RECORDS_MAX), if leading.slots.available_permits() > 0 => Event::Messages(chunk),
         };
         match event {
             Event::Stop => break,
             Event::Check if leading_term(context) != Some(term) => break,
-            Event::Check => {}
-            Event::Completed(completed) => {
-                in_flight -= 1;
-                finish(context, window, &mut waiting_duplicates, completed);
-            }
+            Event::Check => leading.expire_batches(),
+            Event::Completed(completed) => leading.complete(completed),
             Event::Messages(None) => break,
-            Event::Messages(Some(messages)) => {
-                let mut pending = messages;
-                let mut first_checked = false;
-                loop {
-                    let (proposals, held) = accept(
-                        context,
-                        window,
-                        &mut waiting_duplicates,
-                        pending,
-                        &mut token,
-                        first_checked,
-                    );
-                    for (proposal_token, batch, replies, ids) in proposals {
-                        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                            break;
-                        };
-                        in_flight += 1;
-                        spawn_proposal(
-                            context,
-                            proposal_token,
-                            batch,
-                            replies,
-                            ids,
-                            slot,
-                            completions_sender.clone(),
-                        );
-                    }
-                    let Some(first) = held.first() else {
-                        break;
-                    };
-                    // A message with preconditions is checked against the
-                    // stream as every entry before it leaves it: the
-                    // proposals in flight finish and the log is applied
-                    // first (the messages after it wait, in order).
-                    while in_flight > 0 {
-                        let Some(completed) = completions.recv().await else {
-                            break;
-                        };
-                        in_flight -= 1;
-                        finish(context, window, &mut waiting_duplicates, completed);
-                    }
-                    match check_preconditions(context, first).await {
-                        Ok(()) => {
-                            pending = held;
-                            first_checked = true;
-                        }
-                        Err(refusal) => {
-                            let mut held = held.into_iter();
-                            let first = held.next().expect("a held message");
-                            reply(context, first.reply, refusal);
-                            pending = held.collect();
-                            first_checked = false;
-                        }
-                    }
-                }
-            }
+            Event::Messages(Some(messages)) => leading.take(messages).await,
         }
     }
     // No new messages from here on; every accepted one still gets its
-    // reply (its proposal resolves within the commit timeout).
+    // reply (its proposal resolves within the commit timeout). Staged
+    // atomic batches are dropped: their commit reaches the next leader,
+    // which refuses it as incomplete.
     drop(subscription);
-    while in_flight > 0 {
-        let Some(completed) = completions.recv().await else {
-            break;
-        };
-        in_flight -= 1;
-        finish(context, window, &mut waiting_duplicates, completed);
-    }
+    leading.drain().await;
+    leading.abandon_batches();
 }
 
 /// Copies of a `Nats-Msg-Id` that arrived while the first copy's proposal
 /// (by token) was in flight: each reply subject with the id.
 type Waiting = HashMap<u64, Vec<(Option<async_nats::Subject>, String)>>;
 
-type Proposal = (
-    u64,
-    RecordBatch,
-    Vec<Option<async_nats::Subject>>,
-    Vec<Option<String>>,
-);
+/// Records proposed as one entry, and who hears of the outcome.
+struct Proposal {
+    token: u64,
+    batch: RecordBatch,
+    /// Reply subject of each record, in order.
+    replies: Vec<Option<async_nats::Subject>>,
+    /// `Nats-Msg-Id` of each record.
+    ids: Vec<Option<String>>,
+    /// An atomic batch: its id and the commit message's reply (one batch
+    /// ack for all its records).
+    atomic: Option<(String, Option<async_nats::Subject>)>,
+}
 
-/// Checks a chunk of messages, answers the refused and the duplicates of
-/// stored ones at once, and groups the rest into proposals, up to the
-/// first message with preconditions (unless `first_checked`: the caller
-/// checked those of the chunk's first message): it and the messages after
-/// it are returned held, for the caller to check it once the log settles.
-fn accept(
-    context: &IntakeContext,
-    window: &mut DuplicateWindow,
-    waiting_duplicates: &mut Waiting,
+/// What waits for a check once the log settles: a committed atomic batch
+/// with preconditions, or else a message with them (the first of
+/// `messages`); then the messages after it, in order.
+#[derive(Default)]
+struct Held {
+    batch: Option<(CommittedBatch, Option<async_nats::Subject>)>,
     messages: Vec<crate::wire::Message>,
-    token: &mut u64,
-    mut first_checked: bool,
-) -> (Vec<Proposal>, Vec<crate::wire::Message>) {
-    let now = now_ns();
-    let mut proposals = Vec::new();
-    let mut current: Option<Proposal> = None;
-    let mut current_bytes = 0usize;
-    // One proposal is one frame: its records must fit the stream's frame.
-    let proposal_bytes_max =
-        PROPOSAL_BYTES_MAX.min(context.group.log().config().frame_bytes_max as usize);
-    let mut messages = messages.into_iter();
-    while let Some(message) = messages.next() {
-        let checked = std::mem::take(&mut first_checked);
-        let size = message.subject.len() + message.headers.len() + message.payload.len();
-        if size as u64 > context.section.max_message_bytes {
-            reply(
-                context,
-                message.reply,
-                ack::error_ack(&ApiError::too_large()),
-            );
-            continue;
+}
+
+/// What intake keeps while it leads in one term.
+struct Leading<'a> {
+    context: &'a IntakeContext,
+    window: &'a mut DuplicateWindow,
+    waiting_duplicates: Waiting,
+    atomic: AtomicBatches,
+    token: u64,
+    in_flight: usize,
+    slots: Arc<tokio::sync::Semaphore>,
+    completions_sender: mpsc::UnboundedSender<Completed>,
+    completions: mpsc::UnboundedReceiver<Completed>,
+}
+
+impl<'a> Leading<'a> {
+    fn new(context: &'a IntakeContext, window: &'a mut DuplicateWindow) -> Leading<'a> {
+        let (completions_sender, completions) = mpsc::unbounded_channel::<Completed>();
+        Leading {
+            context,
+            window,
+            waiting_duplicates: HashMap::new(),
+            atomic: AtomicBatches::new(),
+            token: 0,
+            in_flight: 0,
+            slots: Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX)),
+            completions_sender,
+            completions,
         }
-        let header_map = match headers::parse_received(&message.headers) {
-            Ok(header_map) => header_map,
-            Err(reason) => {
-                reply(
-                    context,
-                    message.reply,
-                    ack::error_ack(&ApiError::bad_headers(&reason)),
-                );
+    }
+
+    /// Checks, groups and proposes a chunk of messages in order. A message
+    /// or batch with preconditions is checked against the stream as every
+    /// entry before it leaves it: the proposals in flight finish and the
+    /// log is applied first (the messages after it wait).
+    async fn take(&mut self, messages: Vec<crate::wire::Message>) {
+        let mut pending = messages;
+        let mut first_checked = false;
+        loop {
+            let (proposals, held) = self.accept(pending, first_checked);
+            for proposal in proposals {
+                self.propose(proposal).await;
+            }
+            pending = held.messages;
+            first_checked = false;
+            if let Some((committed, reply_subject)) = held.batch {
+                self.drain().await;
+                match check_preconditions(self.context, &committed.preconditions).await {
+                    Ok(()) => {
+                        let proposal = self.batch_proposal(committed, reply_subject);
+                        self.propose(proposal).await;
+                    }
+                    Err(refusal) => reply(self.context, reply_subject, refusal),
+                }
                 continue;
             }
+            let Some(first) = pending.first() else {
+                return;
+            };
+            self.drain().await;
+            let checked = match message_preconditions(self.context, first) {
+                Ok(conditions) => check_preconditions(self.context, &conditions).await,
+                Err(refusal) => Err(refusal),
+            };
+            match checked {
+                Ok(()) => first_checked = true,
+                Err(refusal) => {
+                    let first = pending.remove(0);
+                    reply(self.context, first.reply, refusal);
+                }
+            }
+        }
+    }
+
+    async fn propose(&mut self, proposal: Proposal) {
+        let Ok(slot) = Arc::clone(&self.slots).acquire_owned().await else {
+            return;
         };
-        if let Some(name) = headers::first_reserved(header_map.as_ref()) {
-            reply(
-                context,
-                message.reply,
-                ack::error_ack(&ApiError::reserved_header(&name)),
-            );
-            continue;
+        self.in_flight += 1;
+        spawn_proposal(
+            self.context,
+            proposal,
+            slot,
+            self.completions_sender.clone(),
+        );
+    }
+
+    fn complete(&mut self, completed: Completed) {
+        self.in_flight -= 1;
+        finish(
+            self.context,
+            self.window,
+            &mut self.waiting_duplicates,
+            completed,
+        );
+    }
+
+    /// Waits for every proposal in flight and answers its publishers.
+    async fn drain(&mut self) {
+        while self.in_flight > 0 {
+            let Some(completed) = self.completions.recv().await else {
+                return;
+            };
+            self.complete(completed);
         }
-        let fast = message
-            .reply
-            .as_deref()
-            .is_some_and(|subject| crate::batch::parse_fast_reply(subject).is_some());
-        if fast || crate::batch::atomic_headers(header_map.as_ref()).is_some() {
-            reply(context, message.reply, ack::error_ack(&batches_refused()));
-            continue;
+    }
+
+    fn expire_batches(&mut self) {
+        for id in self
+            .atomic
+            .expire(std::time::Instant::now(), &self.context.limits)
+        {
+            tracing::info!(stream = %self.context.group.name(), batch = %id, "an atomic batch timed out and was abandoned");
         }
-        let conditions = crate::batch::check_api_level(header_map.as_ref())
-            .and_then(|()| crate::batch::preconditions(header_map.as_ref(), context.group.name()));
-        let has_conditions = match conditions {
-            Ok(conditions) => !conditions.is_empty(),
+    }
+
+    fn abandon_batches(&mut self) {
+        for id in self.atomic.staged_ids() {
+            self.atomic.abandon(&id, &self.context.limits);
+        }
+    }
+}
+
+impl Leading<'_> {
+    /// Checks a chunk of messages, answers the refused, the staged atomic
+    /// messages and the duplicates of stored ones at once, and groups the
+    /// rest into proposals, up to the first message or committed batch
+    /// with preconditions (unless `first_checked`: the caller checked
+    /// those of the chunk's first message), which is returned held with
+    /// the messages after it.
+    fn accept(
+        &mut self,
+        messages: Vec<crate::wire::Message>,
+        mut first_checked: bool,
+    ) -> (Vec<Proposal>, Held) {
+        let context = self.context;
+        let now = now_ns();
+        let mut proposals = Vec::new();
+        let mut current: Option<Proposal> = None;
+        let mut current_bytes = 0usize;
+        // One proposal is one frame: its records must fit the stream's frame.
+        let proposal_bytes_max =
+            PROPOSAL_BYTES_MAX.min(context.group.log().config().frame_bytes_max as usize);
+        let mut messages = messages.into_iter();
+        while let Some(message) = messages.next() {
+            let checked = std::mem::take(&mut first_checked);
+            let size = message.subject.len() + message.headers.len() + message.payload.len();
+            let header_map = match refusal_of(context, &message, size) {
+                Ok(header_map) => header_map,
+                Err(refusal) => {
+                    reply(context, message.reply, refusal);
+                    continue;
+                }
+            };
+            let message_id = header_map
+                .as_ref()
+                .and_then(|headers| headers.get(crate::batch::HEADER_MSG_ID))
+                .map(|value| value.as_str().to_string())
+                .filter(|id| !id.is_empty());
+            if let Some(control) = crate::batch::atomic_headers(header_map.as_ref()) {
+                let Some((committed, reply_subject)) =
+                    self.accept_atomic(control, header_map.as_ref(), message, message_id)
+                else {
+                    continue;
+                };
+                proposals.extend(current.take());
+                current_bytes = 0;
+                if !committed.preconditions.is_empty() {
+                    let held = Held {
+                        batch: Some((committed, reply_subject)),
+                        messages: messages.collect(),
+                    };
+                    return (proposals, held);
+                }
+                proposals.push(self.batch_proposal(committed, reply_subject));
+                continue;
+            }
+            let has_conditions = match message_preconditions(context, &message) {
+                Ok(conditions) => !conditions.is_empty(),
+                Err(refusal) => {
+                    reply(context, message.reply, refusal);
+                    continue;
+                }
+            };
+            if let Some(id) = &message_id {
+                match self.window.check(id, now) {
+                    Some(Seen::Stored(offset)) => {
+                        let body = ack::pub_ack(context.group.name(), offset, true);
+                        reply(context, message.reply, body);
+                        continue;
+                    }
+                    Some(Seen::Pending(first)) => {
+                        self.waiting_duplicates
+                            .entry(first)
+                            .or_default()
+                            .push((message.reply, id.clone()));
+                        continue;
+                    }
+                    None => {}
+                }
+            }
+            if has_conditions && !checked {
+                proposals.extend(current);
+                let mut held = vec![message];
+                held.extend(messages);
+                let held = Held {
+                    batch: None,
+                    messages: held,
+                };
+                return (proposals, held);
+            }
+            let encoded = size + natswal::format::record::RECORD_OVERHEAD;
+            if current_bytes + encoded > proposal_bytes_max {
+                proposals.extend(current.take());
+                current_bytes = 0;
+            }
+            let proposal = current.get_or_insert_with(|| {
+                self.token += 1;
+                Proposal {
+                    token: self.token,
+                    batch: RecordBatch::default(),
+                    replies: Vec::new(),
+                    ids: Vec::new(),
+                    atomic: None,
+                }
+            });
+            if let Some(id) = &message_id {
+                self.window.insert(id, Seen::Pending(proposal.token), now);
+            }
+            proposal.batch.records.push(ProposedRecord {
+                timestamp_ns: 0,
+                subject: message.subject,
+                headers: message.headers,
+                payload: message.payload,
+            });
+            proposal.replies.push(message.reply);
+            proposal.ids.push(message_id);
+            current_bytes += encoded;
+        }
+        proposals.extend(current);
+        (proposals, Held::default())
+    }
+
+    /// One message of an atomic batch (the checks and staging of a
+    /// standalone stream, `batch::AtomicBatches`): answered at once unless
+    /// it commits the batch, whose records and ids are new.
+    fn accept_atomic(
+        &mut self,
+        control: crate::batch::AtomicHeaders,
+        header_map: Option<&async_nats::HeaderMap>,
+        message: crate::wire::Message,
+        message_id: Option<String>,
+    ) -> Option<(CommittedBatch, Option<async_nats::Subject>)> {
+        let context = self.context;
+        let limits = &context.limits;
+        let preconditions = match crate::batch::preconditions(header_map, context.group.name()) {
+            Ok(preconditions) => preconditions,
             Err(error) => {
+                // A message that can never pass fails its batch now.
+                self.atomic.abandon(&control.id, limits);
                 reply(context, message.reply, ack::error_ack(&error));
-                continue;
+                return None;
             }
         };
-        let message_id = header_map
-            .as_ref()
-            .and_then(|headers| headers.get(crate::batch::HEADER_MSG_ID))
-            .map(|value| value.as_str().to_string())
-            .filter(|id| !id.is_empty());
-        if let Some(id) = &message_id {
-            match window.check(id, now) {
-                Some(Seen::Stored(offset)) => {
-                    reply(
-                        context,
-                        message.reply,
-                        ack::pub_ack(context.group.name(), offset, true),
-                    );
-                    continue;
-                }
-                Some(Seen::Pending(first)) => {
-                    waiting_duplicates
-                        .entry(first)
-                        .or_default()
-                        .push((message.reply, id.clone()));
-                    continue;
-                }
-                None => {}
-            }
-        }
-        if has_conditions && !checked {
-            proposals.extend(current);
-            let mut held = vec![message];
-            held.extend(messages);
-            return (proposals, held);
-        }
-        let encoded = size + natswal::format::record::RECORD_OVERHEAD;
-        if current_bytes + encoded > proposal_bytes_max {
-            proposals.extend(current.take());
-            current_bytes = 0;
-        }
-        let proposal = current.get_or_insert_with(|| {
-            *token += 1;
-            (*token, RecordBatch::default(), Vec::new(), Vec::new())
-        });
-        if let Some(id) = &message_id {
-            window.insert(id, Seen::Pending(proposal.0), now);
-        }
-        proposal.1.records.push(ProposedRecord {
+        let record = natswal::Record {
             timestamp_ns: 0,
             subject: message.subject,
             headers: message.headers,
             payload: message.payload,
-        });
-        proposal.2.push(message.reply);
-        proposal.3.push(message_id);
-        current_bytes += encoded;
+        };
+        let outcome = self.atomic.accept(
+            limits,
+            control,
+            header_map,
+            record,
+            message_id,
+            preconditions,
+            std::time::Instant::now(),
+        );
+        let committed = match outcome {
+            AtomicOutcome::Staged => {
+                reply(context, message.reply, bytes::Bytes::new());
+                return None;
+            }
+            AtomicOutcome::Refused { error, .. } => {
+                reply(context, message.reply, ack::error_ack(&error));
+                return None;
+            }
+            AtomicOutcome::Commit(committed) => committed,
+        };
+        // Message ids must be new, in the window as well as in the batch.
+        let now = now_ns();
+        let duplicate = committed
+            .message_ids
+            .iter()
+            .any(|(_, id)| self.window.check(id, now).is_some());
+        if duplicate {
+            let error = ApiError::new(
+                400,
+                10201,
+                "atomic publish batch contains duplicate message id",
+            );
+            reply(context, message.reply, ack::error_ack(&error));
+            return None;
+        }
+        Some((committed, message.reply))
     }
-    proposals.extend(current);
-    (proposals, Vec::new())
+
+    /// A committed atomic batch as one proposal (one entry, one frame),
+    /// its ids pending in the window.
+    fn batch_proposal(
+        &mut self,
+        committed: CommittedBatch,
+        reply_subject: Option<async_nats::Subject>,
+    ) -> Proposal {
+        self.token += 1;
+        let now = now_ns();
+        let count = committed.records.len();
+        let mut ids = vec![None; count];
+        for (index, id) in committed.message_ids {
+            self.window.insert(&id, Seen::Pending(self.token), now);
+            ids[index as usize] = Some(id);
+        }
+        let records = committed
+            .records
+            .into_iter()
+            .map(|record| ProposedRecord {
+                timestamp_ns: 0,
+                subject: record.subject,
+                headers: record.headers,
+                payload: record.payload,
+            })
+            .collect();
+        Proposal {
+            token: self.token,
+            batch: RecordBatch {
+                atomic: true,
+                records,
+            },
+            replies: vec![None; count],
+            ids,
+            atomic: Some((committed.id, reply_subject)),
+        }
+    }
 }
 
-/// Checks a held message's preconditions against the stream once every
-/// entry of the leader's log is applied (nothing proposes meanwhile), or
-/// returns the reply that refuses it.
-async fn check_preconditions(
+/// The header map of a message, or the reply that refuses it (too large,
+/// malformed or reserved headers, fast ingest).
+fn refusal_of(
     context: &IntakeContext,
     message: &crate::wire::Message,
-) -> Result<(), bytes::Bytes> {
+    size: usize,
+) -> Result<Option<async_nats::HeaderMap>, bytes::Bytes> {
+    if size as u64 > context.section.max_message_bytes {
+        return Err(ack::error_ack(&ApiError::too_large()));
+    }
     let header_map = headers::parse_received(&message.headers)
         .map_err(|reason| ack::error_ack(&ApiError::bad_headers(&reason)))?;
-    let conditions = crate::batch::preconditions(header_map.as_ref(), context.group.name())
-        .map_err(|error| ack::error_ack(&error))?;
+    if let Some(name) = headers::first_reserved(header_map.as_ref()) {
+        return Err(ack::error_ack(&ApiError::reserved_header(&name)));
+    }
+    let fast = message
+        .reply
+        .as_deref()
+        .is_some_and(|subject| crate::batch::parse_fast_reply(subject).is_some());
+    if fast {
+        return Err(ack::error_ack(&fast_ingest_refused()));
+    }
+    Ok(header_map)
+}
+
+/// A plain message's preconditions (and API level), or the reply that
+/// refuses it.
+fn message_preconditions(
+    context: &IntakeContext,
+    message: &crate::wire::Message,
+) -> Result<Vec<(u32, natswal::Precondition)>, bytes::Bytes> {
+    let header_map = headers::parse_received(&message.headers)
+        .map_err(|reason| ack::error_ack(&ApiError::bad_headers(&reason)))?;
+    crate::batch::check_api_level(header_map.as_ref())
+        .and_then(|()| crate::batch::preconditions(header_map.as_ref(), context.group.name()))
+        .map(|conditions| {
+            conditions
+                .into_iter()
+                .map(|condition| (0, condition))
+                .collect()
+        })
+        .map_err(|error| ack::error_ack(&error))
+}
+
+/// Checks preconditions (each before record `index` of its entry) against
+/// the stream once every entry of the leader's log is applied (nothing
+/// proposes meanwhile), or returns the reply that refuses them.
+async fn check_preconditions(
+    context: &IntakeContext,
+    conditions: &[(u32, natswal::Precondition)],
+) -> Result<(), bytes::Bytes> {
     let unsettled = |reason: String| ack::error_ack(&not_committed(&reason));
     let next_offset = context
         .group
         .settle(context.commit_timeout)
         .await
         .map_err(|error| unsettled(error.to_string()))?;
-    let last_offset = if next_offset > natswal::FIRST_OFFSET {
-        next_offset - 1
-    } else {
-        0
-    };
+    let last_offset = next_offset.saturating_sub(natswal::FIRST_OFFSET);
     let last_id = last_message_id(&context.group, last_offset)
         .await
         .map_err(unsettled)?;
-    for condition in &conditions {
+    for (index, condition) in conditions {
+        let last = last_offset + u64::from(*index);
+        let id = if *index == 0 {
+            last_id.as_deref()
+        } else {
+            None
+        };
         condition
-            .check(last_offset, last_id.as_deref())
+            .check(last, id)
             .map_err(|failure| ack::error_ack(&crate::batch::precondition_error(&failure)))?;
     }
     Ok(())
@@ -510,16 +729,20 @@ async fn last_message_id(
 
 fn spawn_proposal(
     context: &IntakeContext,
-    token: u64,
-    batch: RecordBatch,
-    replies: Vec<Option<async_nats::Subject>>,
-    ids: Vec<Option<String>>,
+    proposal: Proposal,
     slot: tokio::sync::OwnedSemaphorePermit,
     completions: mpsc::UnboundedSender<Completed>,
 ) {
     let group = Arc::clone(&context.group);
     let timeout = context.commit_timeout;
     tokio::spawn(async move {
+        let Proposal {
+            token,
+            batch,
+            replies,
+            ids,
+            atomic,
+        } = proposal;
         let result = match tokio::time::timeout(timeout, group.propose(batch)).await {
             Ok(Ok(applied)) => Ok(applied),
             Ok(Err(error)) => Err(error.to_string()),
@@ -534,6 +757,7 @@ fn spawn_proposal(
             result,
             replies,
             ids,
+            atomic,
         });
     });
 }
@@ -566,6 +790,11 @@ fn finish(
                 }
                 reply(context, reply_subject, writer.pub_ack(offset, false));
             }
+            if let Some((batch_id, reply_subject)) = &completed.atomic {
+                let last = applied.next_offset - 1;
+                let body = ack::batch_ack(stream, last, batch_id, count);
+                reply(context, reply_subject.clone(), body);
+            }
             for (reply_subject, id) in duplicates {
                 let position = completed
                     .ids
@@ -582,9 +811,11 @@ fn finish(
                 window.forget(id, completed.token);
             }
             let error = ack::error_ack(&not_committed(&reason));
+            let batch_reply = completed.atomic.and_then(|(_, reply)| reply);
             for reply_subject in completed
                 .replies
                 .into_iter()
+                .chain(std::iter::once(batch_reply))
                 .chain(duplicates.into_iter().map(|(reply, _)| reply))
             {
                 reply(context, reply_subject, error.clone());
@@ -599,11 +830,11 @@ fn not_committed(reason: &str) -> ApiError {
     ApiError::new(503, 10008, format!("not stored at quorum: {reason}"))
 }
 
-fn batches_refused() -> ApiError {
+fn fast_ingest_refused() -> ApiError {
     ApiError::new(
         400,
         10003,
-        "atomic and fast-ingest batches are not built for replicated streams yet",
+        "fast-ingest batches are not built for replicated streams yet (atomic batches are)",
     )
 }
 
