@@ -442,6 +442,15 @@ fn kills() -> usize {
     env_count("NATSWAL_CLUSTER_KILLS", 3) as usize
 }
 
+/// Runs `natswal cluster init`, waits for a leader and connects a client:
+/// the leader's id and the client.
+async fn initialized(cluster: &Cluster) -> (u64, async_nats::Client) {
+    let (code, output) = cluster.cli(&["init"]);
+    assert_eq!(code, 0, "cluster init: {output}");
+    let leader = wait_for_leader(cluster, Duration::from_secs(15)).await;
+    (leader, connect(&cluster.nats.url()).await)
+}
+
 async fn wait_for_leader(cluster: &Cluster, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
     loop {
@@ -690,10 +699,7 @@ async fn replay_payloads(client: &async_nats::Client, linearizable: bool) -> BTr
 async fn a_leader_cut_off_from_its_followers_acks_nothing_and_replicas_serve_committed_reads() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (leader, client) = initialized(&cluster).await;
     let mut acked = publish_batch(&client, 0, 300).await;
     let (status, metrics) = cluster.node(leader).http_get("/metrics");
     assert_eq!(status, 200);
@@ -792,10 +798,7 @@ async fn a_leader_cut_off_from_its_followers_acks_nothing_and_replicas_serve_com
 async fn a_dead_node_is_replaced_by_a_new_node_that_catches_up() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (leader, client) = initialized(&cluster).await;
     let mut acked = publish_batch(&client, 0, 300).await;
 
     // A follower dies with its disk: its id is never used again.
@@ -942,10 +945,7 @@ async fn a_follower_stopped_while_the_leader_writes_catches_up_by_segment_shippi
         segment_bytes: "1MiB",
     };
     let mut cluster = Cluster::start_with_keys(root.path(), &keys);
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (leader, client) = initialized(&cluster).await;
     let mut acked = publish_batch(&client, 0, 200).await;
     let stopped = leader % 3 + 1;
     let stopped_last = cluster.views()[&stopped]["last_index"]
@@ -1016,10 +1016,7 @@ async fn killing_every_node_at_once_loses_nothing_acknowledged() {
     let rounds = env_count("NATSWAL_CLUSTER_ALL_KILLS", 3) as usize;
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (_, client) = initialized(&cluster).await;
     let publishers = Publishers::start(client.clone(), 16);
     for round in 0..rounds {
         publishers
@@ -1121,10 +1118,7 @@ async fn bit_flips_in_committed_frames_of_a_minority_are_repaired_from_peers() {
     let mut random = seeded_random("NATSWAL_FLIP_SEED");
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (_, client) = initialized(&cluster).await;
     let mut acked = BTreeMap::new();
     for round in 0..rounds {
         acked.extend(publish_batch(&client, round * 200, 200).await);
@@ -1229,10 +1223,7 @@ fn err_code(answer: &Value) -> Option<u64> {
 async fn publish_preconditions_hold_in_log_order_across_racing_publishers_and_failover() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (_, client) = initialized(&cluster).await;
     let first = publish_conditional(&client, "c1", &[("Nats-Expected-Last-Sequence", "0")]).await;
     assert_eq!(first["seq"].as_u64(), Some(1), "{first}");
     let stale = publish_conditional(&client, "c2", &[("Nats-Expected-Last-Sequence", "0")]).await;
@@ -1418,10 +1409,7 @@ async fn publish_atomic(
 async fn atomic_batches_on_a_replicated_stream_commit_whole_or_not_at_all() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (_, client) = initialized(&cluster).await;
     let first = publish_atomic(&client, "b1", 5, &[("Nats-Expected-Last-Sequence", "0")]).await;
     assert_eq!(
         (
@@ -1497,10 +1485,7 @@ async fn a_segment_damaged_on_a_running_follower_is_restored_by_the_scrub_and_au
         segment_bytes: "64KiB",
     };
     let mut cluster = Cluster::start_with_keys(root.path(), &keys);
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (leader, client) = initialized(&cluster).await;
     let acked = publish_batch(&client, 0, 2400).await;
     wait_converged(&cluster, Duration::from_secs(30)).await;
     let follower = leader % 3 + 1;
@@ -1563,10 +1548,7 @@ fn flip_middle_bit(path: &Path) {
 async fn a_damaged_vote_file_or_index_on_a_minority_is_refused_or_rebuilt_and_the_cluster_acks() {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    let leader = wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (leader, client) = initialized(&cluster).await;
     // Enough to seal a 64 KiB segment (with an index).
     let mut acked = publish_batch(&client, 0, 1000).await;
     wait_converged(&cluster, Duration::from_secs(30)).await;
@@ -1743,10 +1725,7 @@ async fn partitions_and_pauses_combined_with_kills_lose_nothing_acked() {
     let mut random = seeded_random("NATSWAL_FAULT_SEED");
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start_partitionable(root.path()).await;
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (_, client) = initialized(&cluster).await;
     let publishers = Publishers::start(client.clone(), 8);
     publishers
         .wait_for_acks(&cluster, 200, Duration::from_secs(30))
@@ -1851,10 +1830,7 @@ async fn membership_changes_under_kills_keep_every_acked_message() {
     let rounds: u64 = env_count("NATSWAL_CLUSTER_CHANGE_ROUNDS", 3);
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
-    let (code, output) = cluster.cli(&["init"]);
-    assert_eq!(code, 0, "cluster init: {output}");
-    wait_for_leader(&cluster, Duration::from_secs(15)).await;
-    let client = connect(&cluster.nats.url()).await;
+    let (_, client) = initialized(&cluster).await;
     let publishers = Publishers::start(client.clone(), 8);
     publishers
         .wait_for_acks(&cluster, 200, Duration::from_secs(30))
