@@ -1473,22 +1473,28 @@ impl Log {
                 expected.base_offset, writer.state.next_offset
             )));
         }
+        // Checked and walked in 1 MiB reads: a segment is never read whole
+        // into memory.
         let file = shared.file_system.open(received, true)?;
-        let bytes = recovery::read_whole(file.as_ref())?;
-        let crc = crc32c::crc32c(&bytes);
-        if bytes.len() as u64 != expected.length || crc != expected.crc32c {
+        let length = file.length()?;
+        let crc = if length == expected.length {
+            crc_of(file.as_ref(), length)?
+        } else {
+            0
+        };
+        if length != expected.length || crc != expected.crc32c {
             return Err(Error::corruption(
                 received,
                 0,
                 format!(
-                    "received segment is {} bytes with CRC {crc:#010x}, expected {} bytes with CRC {:#010x}",
-                    bytes.len(),
+                    "received segment is {length} bytes with CRC {crc:#010x}, expected {} bytes with CRC {:#010x}",
                     expected.length,
                     expected.crc32c
                 ),
             ));
         }
-        let header = SegmentHeader::decode(&bytes, received)?;
+        let head = crate::io::read_up_to(file.as_ref(), 0, SEGMENT_HEADER_LENGTH)?;
+        let header = SegmentHeader::decode(&head, received)?;
         if header.base_offset != expected.base_offset {
             return Err(Error::corruption(
                 received,
@@ -1499,8 +1505,12 @@ impl Log {
                 ),
             ));
         }
-        let walked =
-            recovery::walk_whole(bytes.clone(), &header, shared.config.index_interval_bytes)?;
+        let walked = recovery::walk_whole_file(
+            file.as_ref(),
+            length,
+            &header,
+            shared.config.index_interval_bytes,
+        )?;
         if let Some(damage) = walked.damages.first() {
             return Err(Error::corruption(
                 received,
@@ -1508,7 +1518,7 @@ impl Log {
                 damage.reason.clone(),
             ));
         }
-        if walked.end != bytes.len() as u64 || walked.builder.next_offset != expected.next_offset {
+        if walked.end != length || walked.builder.next_offset != expected.next_offset {
             return Err(Error::corruption(
                 received,
                 walked.end,
@@ -1516,7 +1526,7 @@ impl Log {
                     "the frames end at byte {} (offset {}), the file is {} bytes to offset {}",
                     walked.end,
                     walked.builder.next_offset,
-                    bytes.len(),
+                    length,
                     expected.next_offset
                 ),
             ));
@@ -1622,7 +1632,8 @@ impl Log {
 
 /// Checks the first `length` bytes of a sealed segment file against `crc32c`,
 /// reading 1 MiB at a time.
-fn verify_whole(file: &dyn crate::io::File, length: u64, crc32c: u32) -> Result<()> {
+/// CRC32C of `[0, length)` of a file, read 1 MiB at a time.
+fn crc_of(file: &dyn crate::io::File, length: u64) -> Result<u32> {
     const CHUNK_BYTES: u64 = 1 << 20;
     let mut crc = 0;
     let mut position = 0;
@@ -1632,6 +1643,11 @@ fn verify_whole(file: &dyn crate::io::File, length: u64, crc32c: u32) -> Result<
         crc = crc32c::crc32c_append(crc, &bytes);
         position += chunk;
     }
+    Ok(crc)
+}
+
+fn verify_whole(file: &dyn crate::io::File, length: u64, crc32c: u32) -> Result<()> {
+    let crc = crc_of(file, length)?;
     if crc != crc32c {
         return Err(Error::corruption(
             file.path(),

@@ -2180,6 +2180,23 @@ pub(crate) fn walk_whole(bytes: Bytes, header: &SegmentHeader, interval: u64) ->
     walk(&mut MemorySource { bytes }, start, &params)
 }
 
+/// Walks a whole segment file of `length` bytes (all of it durable) in
+/// 1 MiB reads.
+pub(crate) fn walk_whole_file(
+    file: &dyn File,
+    length: u64,
+    header: &SegmentHeader,
+    interval: u64,
+) -> Result<Walk> {
+    let params = WalkParams::whole(salt_state(header.salt), length);
+    let start = WalkStart {
+        position: SEGMENT_HEADER_LENGTH as u64,
+        builder: IndexBuilder::new(header.base_offset, interval),
+        generation: 0,
+    };
+    walk(&mut FileSource::new(file, length, 1 << 20), start, &params)
+}
+
 /// Reads one whole file (a helper for install and tests).
 pub(crate) fn read_whole(file: &dyn File) -> Result<Bytes> {
     let length = file.length()?;
