@@ -39,6 +39,10 @@ pub struct ClusterBenchArgs {
     /// Payload sizes in bytes.
     #[arg(long, value_delimiter = ',', default_value = "128,1024")]
     pub sizes: Vec<usize>,
+    /// Atomic batch sizes (messages per batch; each publisher waits for
+    /// its batch's commit before the next).
+    #[arg(long, value_delimiter = ',', default_value = "10,100")]
+    pub atomic_sizes: Vec<u64>,
     /// natswal leader kills to time.
     #[arg(long, default_value_t = 20)]
     pub kills: usize,
@@ -103,7 +107,7 @@ fn write_node_configs(directory: &Path, urls: &[String]) -> Result<Vec<Node>> {
             }
         }
         config.push_str(&format!(
-            "[[streams]]\nname = \"quorum\"\nsubjects = [\"{NATSWAL_SUBJECTS}.>\"]\nreplicas = 3\nmax_message_bytes = \"4MiB\"\n"
+            "[[streams]]\nname = \"quorum\"\nsubjects = [\"{NATSWAL_SUBJECTS}.>\"]\nreplicas = 3\nmax_message_bytes = \"4MiB\"\nallow_atomic = true\natomic_batches_max = 1000\natomic_staging_bytes = \"512MiB\"\n"
         ));
         let path = directory.join(format!("natswal-{id}.toml"));
         std::fs::write(&path, config)
@@ -203,6 +207,7 @@ async fn create_r3_stream(client: &async_nats::Client) -> Result<()> {
                 subjects: vec![format!("{JETSTREAM_SUBJECTS}.>")],
                 storage: async_nats::jetstream::stream::StorageType::File,
                 num_replicas: 3,
+                allow_atomic_publish: true,
                 ..Default::default()
             })
             .await;
@@ -219,6 +224,98 @@ async fn create_r3_stream(client: &async_nats::Client) -> Result<()> {
         }
     }
 }
+
+/// Messages one publisher sends one at a time, each after the previous ack.
+const LATENCY_MESSAGES: usize = 500;
+
+/// The ack latency of one publisher sending one message at a time: what a
+/// commit round trip costs when nothing shares it.
+async fn latency_cases(client: &async_nats::Client) -> Result<()> {
+    println!();
+    println!("Ack latency, one publisher, one 128 B message at a time ({LATENCY_MESSAGES} messages):");
+    println!();
+    println!("| target | p50 ms | p99 ms |");
+    println!("| --- | ---: | ---: |");
+    let payload = Bytes::from(vec![b'a'; 128]);
+    for (name, subject) in [
+        ("natswal quorum", format!("{NATSWAL_SUBJECTS}.latency")),
+        ("JetStream R3", format!("{JETSTREAM_SUBJECTS}.latency")),
+    ] {
+        let mut latencies = Vec::with_capacity(LATENCY_MESSAGES);
+        for _ in 0..LATENCY_MESSAGES {
+            let started = Instant::now();
+            let reply = tokio::time::timeout(
+                Duration::from_secs(10),
+                client.request(subject.clone(), payload.clone()),
+            )
+            .await
+            .map_err(|_| BridgeError::InvalidArgument(format!("{name}: no ack in 10 s")))?
+            .map_err(|error| BridgeError::nats(format!("{name}: publish"), error))?;
+            if super::nats::memchr_error(&reply.payload) {
+                return Err(BridgeError::InvalidArgument(format!(
+                    "{name}: {}",
+                    String::from_utf8_lossy(&reply.payload)
+                )));
+            }
+            latencies.push(started.elapsed().as_nanos() as u64);
+        }
+        let figures = percentiles_us(&mut latencies, &[0.5, 0.99]);
+        println!(
+            "| {name} | {:.2} | {:.2} |",
+            figures[0] / 1e3,
+            figures[1] / 1e3
+        );
+    }
+    Ok(())
+}
+
+/// Atomic batches: each publisher sends a batch (its first message and
+/// its commit as requests) and waits for the commit's ack before the next.
+async fn atomic_cases(args: &ClusterBenchArgs, clients: &[async_nats::Client]) -> Result<()> {
+    println!();
+    println!(
+        "Atomic batches ({} publishers, each waiting for its batch's commit):",
+        args.publishers
+    );
+    println!();
+    println!("| payload | messages per batch | natswal quorum msgs/s | JetStream R3 msgs/s | ratio | failed batches (natswal / JetStream) |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    let duration = Duration::from_secs_f64(args.seconds);
+    for size in &args.sizes {
+        for batch_size in &args.atomic_sizes {
+            let (mut ours, mut theirs, mut errors) = (Vec::new(), Vec::new(), (0, 0));
+            for _ in 0..args.rounds {
+                let load = |prefix: &'static str| {
+                    super::nats::atomic_load(
+                        clients,
+                        prefix,
+                        *batch_size,
+                        *size,
+                        args.publishers,
+                        duration,
+                    )
+                };
+                let natswal = load(ATOMIC_NATSWAL).await?;
+                let jetstream = load(ATOMIC_JETSTREAM).await?;
+                ours.push(natswal.per_second());
+                theirs.push(jetstream.per_second());
+                errors.0 += natswal.errors;
+                errors.1 += jetstream.errors;
+            }
+            let (ours, theirs) = (median(ours), median(theirs));
+            println!(
+                "| {size} B | {batch_size} | {ours:.0} | {theirs:.0} | {:.2}x | {} / {} |",
+                ours / theirs.max(1.0),
+                errors.0,
+                errors.1
+            );
+        }
+    }
+    Ok(())
+}
+
+const ATOMIC_NATSWAL: &str = "nwq.atomic";
+const ATOMIC_JETSTREAM: &str = "jsr3.atomic";
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -316,6 +413,8 @@ pub async fn run(args: ClusterBenchArgs) -> Result<()> {
             errors.1
         );
     }
+    latency_cases(&clients[0]).await?;
+    atomic_cases(&args, &clients).await?;
     println!();
     let mut failovers = Vec::new();
     for _ in 0..args.kills {

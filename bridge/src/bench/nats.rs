@@ -1100,7 +1100,7 @@ async fn replay_table(
 /// Atomic batch publishers: the first message and the commit are requests,
 /// the messages between are published without a reply (as JetStream
 /// clients do by default). Counts messages of committed batches.
-async fn atomic_load(
+pub(super) async fn atomic_load(
     clients: &[async_nats::Client],
     subject_prefix: &str,
     batch_size: u64,
