@@ -5,7 +5,7 @@
 //! every replica exactly once, at the offset its PubAck named, and the
 //! replicas' logs must be identical.
 //!
-//! `NATSWAL_CLUSTER_KILLS` sets the number of leader kills (CI: 3).
+//! `NATSWAL_CLUSTER_KILLS` sets the number of leader kills (CI: 10).
 
 mod support;
 
@@ -439,7 +439,7 @@ fn seeded_random(name: &str) -> rand::rngs::StdRng {
 }
 
 fn kills() -> usize {
-    env_count("NATSWAL_CLUSTER_KILLS", 3) as usize
+    env_count("NATSWAL_CLUSTER_KILLS", 10) as usize
 }
 
 /// Runs `natswal cluster init`, waits for a leader and connects a client:
@@ -1010,10 +1010,10 @@ async fn a_follower_stopped_while_the_leader_writes_catches_up_by_segment_shippi
     assert_acked_stored(&records, acked);
 }
 
-/// `NATSWAL_CLUSTER_ALL_KILLS` sets the rounds (CI: 3).
+/// `NATSWAL_CLUSTER_ALL_KILLS` sets the rounds (CI: 5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_every_node_at_once_loses_nothing_acknowledged() {
-    let rounds = env_count("NATSWAL_CLUSTER_ALL_KILLS", 3) as usize;
+    let rounds = env_count("NATSWAL_CLUSTER_ALL_KILLS", 5) as usize;
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path());
     let (_, client) = initialized(&cluster).await;
