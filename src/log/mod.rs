@@ -1524,10 +1524,7 @@ impl Log {
                 walked.end,
                 format!(
                     "the frames end at byte {} (offset {}), the file is {} bytes to offset {}",
-                    walked.end,
-                    walked.builder.next_offset,
-                    length,
-                    expected.next_offset
+                    walked.end, walked.builder.next_offset, length, expected.next_offset
                 ),
             ));
         }

@@ -232,7 +232,9 @@ const LATENCY_MESSAGES: usize = 500;
 /// commit round trip costs when nothing shares it.
 async fn latency_cases(client: &async_nats::Client) -> Result<()> {
     println!();
-    println!("Ack latency, one publisher, one 128 B message at a time ({LATENCY_MESSAGES} messages):");
+    println!(
+        "Ack latency, one publisher, one 128 B message at a time ({LATENCY_MESSAGES} messages):"
+    );
     println!();
     println!("| target | p50 ms | p99 ms |");
     println!("| --- | ---: | ---: |");
