@@ -350,6 +350,54 @@ fn online_truncation_repositions_readers_before_the_cut_and_fails_those_past_it(
     );
 }
 
+/// A truncation replaces the segment it cuts; reads of the entries it keeps
+/// in that segment, running meanwhile, always return them whole (Raft's
+/// apply reads committed entries while a conflict truncates the tail).
+#[test]
+fn reads_of_kept_entries_go_on_while_truncations_replace_their_segment() {
+    let (_, file_system) = memory();
+    let log = open_log(&file_system, Path::new("/t"), small_config());
+    for entry in 0..20u64 {
+        append_entry(&log, entry * 2, 2, 1, entry + 1);
+    }
+    log.sync().unwrap();
+    let kept = FrameRange::RaftIndex { start: 1, end: 21 };
+    let expected: Vec<_> = log
+        .read_frames(kept)
+        .unwrap()
+        .into_iter()
+        .map(|frame| frame.bytes)
+        .collect();
+    assert_eq!(
+        log.segments().len(),
+        1,
+        "one segment holds kept and cut entries"
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let frames = log
+                    .read_frames(kept)
+                    .unwrap_or_else(|error| panic!("read {reads}: {error}"));
+                let bytes: Vec<_> = frames.into_iter().map(|frame| frame.bytes).collect();
+                assert!(bytes == expected, "read {reads} differs");
+                reads += 1;
+            }
+            reads
+        });
+        for round in 0..300u64 {
+            for entry in 20..25u64 {
+                append_entry(&log, 1_000 + round * 10 + entry, 2, round + 2, entry + 1);
+            }
+            log.truncate_after(20).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    });
+}
+
 #[test]
 fn metadata_survives_reopen_and_damage_is_refused() {
     let (memory, file_system) = memory();

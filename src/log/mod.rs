@@ -106,6 +106,11 @@ pub struct SealedSegment {
     pub last_log_id: LogId,
 }
 
+/// How often a read of frames starts over after the segment it was in
+/// was replaced (a truncation or restore each time): a log that keeps a
+/// removed segment listed (a truncation failed half way) fails it.
+const READ_RETRIES_MAX: u32 = 8;
+
 /// A range of frames to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameRange {
@@ -1030,7 +1035,29 @@ impl Log {
 
     /// Reads stored frames, exactly as on disk. Every frame of the range
     /// is returned or the call fails: a range is never short.
+    ///
+    /// A truncation (or a restore) replaces a segment while a read may be
+    /// in it: the old one then fails with `SegmentRemoved`, and the read
+    /// starts over once the replacement is listed (the writer lock, which
+    /// the replacement holds throughout, is taken and let go first). The
+    /// frames the cut kept are read from the new segment; a range it cut
+    /// fails as a range beyond the log does. Openraft's apply once failed
+    /// fatally on a committed entry that shared a segment with entries a
+    /// conflict truncated.
     pub fn read_frames(&self, range: FrameRange) -> Result<Vec<StoredFrame>> {
+        let mut attempts = 0;
+        loop {
+            match self.read_frames_once(range) {
+                Err(Error::SegmentRemoved { .. }) if attempts < READ_RETRIES_MAX => {
+                    attempts += 1;
+                    drop(self.writer());
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn read_frames_once(&self, range: FrameRange) -> Result<Vec<StoredFrame>> {
         let (start, end) = match range {
             FrameRange::RaftIndex { start, end } | FrameRange::Offset { start, end } => {
                 (start, end)
