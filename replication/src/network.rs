@@ -48,6 +48,9 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a follower waits before it refuses a snapshot whose transfer
 /// failed (the leader retries at once).
 const TRANSFER_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How long a follower's snapshot waits for the appends in flight before
+/// it refuses (the leader sends it again).
+const APPENDS_DRAIN_MAX: Duration = Duration::from_secs(10);
 /// How long a follower may take to answer a snapshot (it downloads the
 /// segments it lacks first).
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -348,7 +351,12 @@ async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
             } else {
                 Some(appends.read().await)
             };
-            match raft.append_entries(request).await {
+            let started = std::time::Instant::now();
+            let result = raft.append_entries(request).await;
+            if started.elapsed() > APPENDS_DRAIN_MAX / 2 {
+                tracing::warn!(stream = %group, elapsed_ms = started.elapsed().as_millis() as u64, "an append took long (a snapshot waits for appends in flight)");
+            }
+            match result {
                 Ok(response) => Reply::Append(response),
                 Err(error) => refused(&error),
             }
@@ -381,7 +389,12 @@ async fn dispatch(registry: &Registry, group: &str, request: Request) -> Reply {
                 ));
             };
             let address = peers.address_of(leader, &node.addr).to_string();
-            let _alone = appends.write().await;
+            // Never an unbounded wait: a refusal is logged, and the leader
+            // sends the snapshot again.
+            let Ok(_alone) = tokio::time::timeout(APPENDS_DRAIN_MAX, appends.write()).await else {
+                tracing::warn!(stream = %group, "a snapshot waited {} s for the appends in flight to finish; it is refused and the leader sends it again", APPENDS_DRAIN_MAX.as_secs());
+                return refused(&"appends in flight did not finish in time for a snapshot");
+            };
             let committed = raft
                 .metrics()
                 .borrow_watched()
