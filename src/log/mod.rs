@@ -1372,14 +1372,8 @@ impl Log {
         length: usize,
     ) -> Result<Vec<u8>> {
         let segment = self
-            .shared
-            .segments_snapshot()
-            .into_iter()
-            .find(|segment| {
-                segment.is_indexed()
-                    && segment.base_offset() == base_offset
-                    && segment.segment_crc() == crc32c
-            })
+            .sealed_segment_at(base_offset)
+            .filter(|segment| segment.segment_crc() == crc32c)
             .ok_or_else(|| {
                 Error::InvalidInput(format!(
                     "stream '{}' holds no sealed segment at offset {base_offset} with CRC {crc32c:#010x}",
@@ -1403,17 +1397,21 @@ impl Log {
         Ok(bytes.to_vec())
     }
 
+    /// The sealed (indexed) segment that begins at `base_offset`, if the
+    /// log holds one.
+    fn sealed_segment_at(&self, base_offset: u64) -> Option<Arc<StorageSegment>> {
+        self.shared
+            .segments_snapshot()
+            .into_iter()
+            .find(|segment| segment.is_indexed() && segment.base_offset() == base_offset)
+    }
+
     /// Re-reads the sealed segment with `base_offset` whole (1 MiB at a
     /// time) and checks it against the CRC its index recorded when it was
     /// sealed: `Ok(false)` when the log no longer holds it (retention), an
     /// [`Error::Corruption`] naming the file when a byte changed since.
     pub fn verify_sealed_segment(&self, base_offset: u64) -> Result<bool> {
-        let Some(segment) = self
-            .shared
-            .segments_snapshot()
-            .into_iter()
-            .find(|segment| segment.is_indexed() && segment.base_offset() == base_offset)
-        else {
+        let Some(segment) = self.sealed_segment_at(base_offset) else {
             return Ok(false);
         };
         let file = self.shared.file_system.open(segment.path(), false)?;
@@ -1654,8 +1652,6 @@ impl Log {
     }
 }
 
-/// Checks the first `length` bytes of a sealed segment file against `crc32c`,
-/// reading 1 MiB at a time.
 /// CRC32C of `[0, length)` of a file, read 1 MiB at a time.
 fn crc_of(file: &dyn crate::io::File, length: u64) -> Result<u32> {
     const CHUNK_BYTES: u64 = 1 << 20;
@@ -1670,6 +1666,8 @@ fn crc_of(file: &dyn crate::io::File, length: u64) -> Result<u32> {
     Ok(crc)
 }
 
+/// Checks the first `length` bytes of a sealed segment file against
+/// `crc32c`.
 fn verify_whole(file: &dyn crate::io::File, length: u64, crc32c: u32) -> Result<()> {
     let crc = crc_of(file, length)?;
     if crc != crc32c {

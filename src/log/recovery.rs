@@ -389,11 +389,7 @@ impl Context<'_> {
             start: SEGMENT_HEADER_LENGTH as u64,
             next_path: next_base.map(|next| self.directory.join(segment_file_name(next))),
         };
-        let mut start = WalkStart {
-            position: SEGMENT_HEADER_LENGTH as u64,
-            builder: IndexBuilder::new(base, self.config.index_interval_bytes),
-            generation: 0,
-        };
+        let mut start = WalkStart::segment_start(base, self.config.index_interval_bytes);
         if let Some((sealed, entries)) = sealed_index {
             if trust_index
                 && sealed.data_length == file_length
@@ -442,11 +438,7 @@ impl Context<'_> {
                 analysis.expectation.data_end = Some(clean.data_length);
                 analysis.expectation.search = false;
                 if start.position > clean.data_length {
-                    start = WalkStart {
-                        position: SEGMENT_HEADER_LENGTH as u64,
-                        builder: IndexBuilder::new(base, self.config.index_interval_bytes),
-                        generation: 0,
-                    };
+                    start = WalkStart::segment_start(base, self.config.index_interval_bytes);
                 }
             }
             analysis.expectation.durable_floor = floor;
@@ -1644,21 +1636,8 @@ pub(crate) fn write_rebuilt_segment(
     file_system.write_atomic(&path, &image)?;
     let index_path = directory.join(index_file_name(header.base_offset));
     let image = Bytes::from(image);
-    let salt = salt_state(header.salt);
-    let params = WalkParams::whole(salt, image.len() as u64);
-    let start = WalkStart {
-        position: SEGMENT_HEADER_LENGTH as u64,
-        builder: IndexBuilder::new(header.base_offset, config.index_interval_bytes),
-        generation: 0,
-    };
     let length = image.len() as u64;
-    let rewalked = walk(
-        &mut MemorySource {
-            bytes: image.clone(),
-        },
-        start,
-        &params,
-    )?;
+    let rewalked = walk_whole(image.clone(), header, config.index_interval_bytes)?;
     let mut index = rewalked.builder.header(length, header.salt);
     if !is_last {
         index.flags |= INDEX_FLAG_SEALED;
@@ -2171,13 +2150,7 @@ pub(crate) fn retire_segment_file(
 /// Walks a whole segment image from its first slot (install checks).
 pub(crate) fn walk_whole(bytes: Bytes, header: &SegmentHeader, interval: u64) -> Result<Walk> {
     let length = bytes.len() as u64;
-    let params = WalkParams::whole(salt_state(header.salt), length);
-    let start = WalkStart {
-        position: SEGMENT_HEADER_LENGTH as u64,
-        builder: IndexBuilder::new(header.base_offset, interval),
-        generation: 0,
-    };
-    walk(&mut MemorySource { bytes }, start, &params)
+    walk_whole_source(&mut MemorySource { bytes }, length, header, interval)
 }
 
 /// Walks a whole segment file of `length` bytes (all of it durable) in
@@ -2188,16 +2161,22 @@ pub(crate) fn walk_whole_file(
     header: &SegmentHeader,
     interval: u64,
 ) -> Result<Walk> {
-    let params = WalkParams::whole(salt_state(header.salt), length);
-    let start = WalkStart {
-        position: SEGMENT_HEADER_LENGTH as u64,
-        builder: IndexBuilder::new(header.base_offset, interval),
-        generation: 0,
-    };
-    walk(&mut FileSource::new(file, length, 1 << 20), start, &params)
+    let mut source = FileSource::new(file, length, 1 << 20);
+    walk_whole_source(&mut source, length, header, interval)
 }
 
-/// Reads one whole file (a helper for install and tests).
+fn walk_whole_source(
+    source: &mut dyn ByteSource,
+    length: u64,
+    header: &SegmentHeader,
+    interval: u64,
+) -> Result<Walk> {
+    let params = WalkParams::whole(salt_state(header.salt), length);
+    let start = WalkStart::segment_start(header.base_offset, interval);
+    walk(source, start, &params)
+}
+
+/// Reads one whole file (a helper for recovery and tests).
 pub(crate) fn read_whole(file: &dyn File) -> Result<Bytes> {
     let length = file.length()?;
     crate::io::read_exact(file, 0, length as usize)

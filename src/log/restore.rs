@@ -30,7 +30,6 @@
 //! order, each checked by its own CRC, with consecutive Raft indexes and
 //! offsets covering exactly the hole's gap; anything else is refused.
 
-use super::index::IndexBuilder;
 use super::recovery::{
     load_metadata, lock_stream_directory, push_slot, segment_bases, write_rebuilt_segment,
 };
@@ -387,7 +386,7 @@ impl Log {
     /// mend while the log runs (its header, a range without Raft entries)
     /// is an error naming it; the next start repairs it.
     pub fn sealed_segment_damage(&self, base_offset: u64) -> Result<Option<DamagedSegment>> {
-        let Some(segment) = self.indexed_segment(base_offset) else {
+        let Some(segment) = self.sealed_segment_at(base_offset) else {
             return Ok(None);
         };
         let walked = self.walk_sealed(&segment)?;
@@ -412,7 +411,7 @@ impl Log {
         let shared = &self.shared;
         shared.gate_check()?;
         let segment = self
-            .indexed_segment(damaged.base_offset)
+            .sealed_segment_at(damaged.base_offset)
             .filter(|segment| segment.segment_crc() == damaged.segment_crc)
             .ok_or_else(|| {
                 Error::InvalidInput(format!(
@@ -504,13 +503,6 @@ impl Log {
         Ok(())
     }
 
-    fn indexed_segment(&self, base_offset: u64) -> Option<Arc<super::segment::StorageSegment>> {
-        self.shared
-            .segments_snapshot()
-            .into_iter()
-            .find(|segment| segment.is_indexed() && segment.base_offset() == base_offset)
-    }
-
     /// Reads a sealed segment whole and walks it, searching past damage
     /// across the whole file (all of it was durable).
     fn walk_sealed(&self, segment: &Arc<super::segment::StorageSegment>) -> Result<WalkedSealed> {
@@ -530,11 +522,8 @@ impl Log {
             collect_frames: true,
             ..WalkParams::whole(salt_state(header.salt), length)
         };
-        let start = WalkStart {
-            position: SEGMENT_HEADER_LENGTH as u64,
-            builder: IndexBuilder::new(header.base_offset, self.shared.config.index_interval_bytes),
-            generation: 0,
-        };
+        let start =
+            WalkStart::segment_start(header.base_offset, self.shared.config.index_interval_bytes);
         let walk = walk(
             &mut MemorySource {
                 bytes: bytes.clone(),

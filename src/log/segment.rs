@@ -16,7 +16,7 @@
 //! recycled file may already hold another segment.
 
 use super::cache::SegmentCache;
-use super::index::{progress_of, IndexBuilder, SegmentProgress};
+use super::index::{progress_of, SegmentProgress};
 use super::walker::{walk, MemorySource, WalkParams, WalkStart};
 use crate::error::{Error, Result};
 use crate::format::frame::salt_state;
@@ -442,11 +442,8 @@ impl StorageSegment {
         let bytes = self.visible_bytes(cache)?;
         let length = bytes.len() as u64;
         let mut source = MemorySource { bytes };
-        let start = WalkStart {
-            position: SEGMENT_HEADER_LENGTH as u64,
-            builder: IndexBuilder::new(self.base_offset, crate::config::INDEX_INTERVAL_DEFAULT),
-            generation: 0,
-        };
+        let start =
+            WalkStart::segment_start(self.base_offset, crate::config::INDEX_INTERVAL_DEFAULT);
         let params = WalkParams::whole(self.salt_state, length);
         let walked = walk(&mut source, start, &params)?;
         if let Some(damage) = walked.damages.first() {

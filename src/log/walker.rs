@@ -271,6 +271,17 @@ pub(crate) struct WalkStart {
     pub generation: u32,
 }
 
+impl WalkStart {
+    /// A walk from the first slot of the segment at `base_offset`.
+    pub fn segment_start(base_offset: u64, index_interval_bytes: u64) -> WalkStart {
+        WalkStart {
+            position: crate::format::segment_header::SEGMENT_HEADER_LENGTH as u64,
+            builder: IndexBuilder::new(base_offset, index_interval_bytes),
+            generation: 0,
+        }
+    }
+}
+
 /// What the walker may assume.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WalkParams {
