@@ -340,7 +340,10 @@ impl<'a> Leading<'a> {
                 return;
             };
             self.drain().await;
-            let checked = match message_preconditions(self.context, first) {
+            let conditions = headers::parse_received(&first.headers)
+                .map_err(|reason| ack::error_ack(&ApiError::bad_headers(&reason)))
+                .and_then(|header_map| message_preconditions(self.context, header_map.as_ref()));
+            let checked = match conditions {
                 Ok(conditions) => check_preconditions(self.context, &conditions).await,
                 Err(refusal) => Err(refusal),
             };
@@ -457,7 +460,7 @@ impl Leading<'_> {
                 proposals.push(self.batch_proposal(committed, reply_subject));
                 continue;
             }
-            let has_conditions = match message_preconditions(context, &message) {
+            let has_conditions = match message_preconditions(context, header_map.as_ref()) {
                 Ok(conditions) => !conditions.is_empty(),
                 Err(refusal) => {
                     reply(context, message.reply, refusal);
@@ -655,12 +658,10 @@ fn refusal_of(
 /// refuses it.
 fn message_preconditions(
     context: &IntakeContext,
-    message: &crate::wire::Message,
+    header_map: Option<&async_nats::HeaderMap>,
 ) -> Result<Vec<(u32, natswal::Precondition)>, bytes::Bytes> {
-    let header_map = headers::parse_received(&message.headers)
-        .map_err(|reason| ack::error_ack(&ApiError::bad_headers(&reason)))?;
-    crate::batch::check_api_level(header_map.as_ref())
-        .and_then(|()| crate::batch::preconditions(header_map.as_ref(), context.group.name()))
+    crate::batch::check_api_level(header_map)
+        .and_then(|()| crate::batch::preconditions(header_map, context.group.name()))
         .map(|conditions| {
             conditions
                 .into_iter()
@@ -788,7 +789,10 @@ fn finish(
                 if let Some(id) = id {
                     window.resolve(id, completed.token, offset);
                 }
-                reply(context, reply_subject, writer.pub_ack(offset, false));
+                // An atomic batch's records have none: its commit gets one ack.
+                if reply_subject.is_some() {
+                    reply(context, reply_subject, writer.pub_ack(offset, false));
+                }
             }
             if let Some((batch_id, reply_subject)) = &completed.atomic {
                 let last = applied.next_offset - 1;
