@@ -283,11 +283,13 @@ async fn atomic_cases(args: &ClusterBenchArgs, clients: &[async_nats::Client]) -
     println!("| payload | messages per batch | natswal quorum msgs/s | JetStream R3 msgs/s | ratio | failed batches (natswal / JetStream) |");
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     let duration = Duration::from_secs_f64(args.seconds);
+    let natswal_subjects = format!("{NATSWAL_SUBJECTS}.atomic");
+    let jetstream_subjects = format!("{JETSTREAM_SUBJECTS}.atomic");
     for size in &args.sizes {
         for batch_size in &args.atomic_sizes {
-            let (mut ours, mut theirs, mut errors) = (Vec::new(), Vec::new(), (0, 0));
+            let mut rounds = Rounds::default();
             for _ in 0..args.rounds {
-                let load = |prefix: &'static str| {
+                let load = |prefix| {
                     super::nats::atomic_load(
                         clients,
                         prefix,
@@ -297,27 +299,43 @@ async fn atomic_cases(args: &ClusterBenchArgs, clients: &[async_nats::Client]) -
                         duration,
                     )
                 };
-                let natswal = load(ATOMIC_NATSWAL).await?;
-                let jetstream = load(ATOMIC_JETSTREAM).await?;
-                ours.push(natswal.per_second());
-                theirs.push(jetstream.per_second());
-                errors.0 += natswal.errors;
-                errors.1 += jetstream.errors;
+                let natswal = load(natswal_subjects.as_str()).await?;
+                let jetstream = load(jetstream_subjects.as_str()).await?;
+                rounds.push(&natswal, &jetstream);
             }
-            let (ours, theirs) = (median(ours), median(theirs));
-            println!(
-                "| {size} B | {batch_size} | {ours:.0} | {theirs:.0} | {:.2}x | {} / {} |",
-                ours / theirs.max(1.0),
-                errors.0,
-                errors.1
-            );
+            println!("| {size} B | {batch_size} | {} |", rounds.cells());
         }
     }
     Ok(())
 }
 
-const ATOMIC_NATSWAL: &str = "nwq.atomic";
-const ATOMIC_JETSTREAM: &str = "jsr3.atomic";
+/// One case's rounds, natswal's and JetStream's in turn.
+#[derive(Default)]
+struct Rounds {
+    ours: Vec<f64>,
+    theirs: Vec<f64>,
+    errors: (u64, u64),
+}
+
+impl Rounds {
+    fn push(&mut self, natswal: &super::nats::Rate, jetstream: &super::nats::Rate) {
+        self.ours.push(natswal.per_second());
+        self.theirs.push(jetstream.per_second());
+        self.errors.0 += natswal.errors;
+        self.errors.1 += jetstream.errors;
+    }
+
+    /// The table cells: both medians, their ratio, both error counts.
+    fn cells(&self) -> String {
+        let (ours, theirs) = (median(self.ours.clone()), median(self.theirs.clone()));
+        format!(
+            "{ours:.0} | {theirs:.0} | {:.2}x | {} / {}",
+            ours / theirs.max(1.0),
+            self.errors.0,
+            self.errors.1
+        )
+    }
+}
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -384,7 +402,7 @@ pub async fn run(args: ClusterBenchArgs) -> Result<()> {
     let duration = Duration::from_secs_f64(args.seconds);
     let load = (args.publishers, args.in_flight);
     for size in &args.sizes {
-        let (mut ours, mut theirs, mut errors) = (Vec::new(), Vec::new(), (0, 0));
+        let mut rounds = Rounds::default();
         for _ in 0..args.rounds {
             let natswal = acked_load(
                 &clients,
@@ -402,18 +420,9 @@ pub async fn run(args: ClusterBenchArgs) -> Result<()> {
                 duration,
             )
             .await?;
-            ours.push(natswal.per_second());
-            theirs.push(jetstream.per_second());
-            errors.0 += natswal.errors;
-            errors.1 += jetstream.errors;
+            rounds.push(&natswal, &jetstream);
         }
-        let (ours, theirs) = (median(ours), median(theirs));
-        println!(
-            "| {size} B | {ours:.0} | {theirs:.0} | {:.2}x | {} / {} |",
-            ours / theirs.max(1.0),
-            errors.0,
-            errors.1
-        );
+        println!("| {size} B | {} |", rounds.cells());
     }
     latency_cases(&clients[0]).await?;
     atomic_cases(&args, &clients).await?;
