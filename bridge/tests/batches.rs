@@ -20,12 +20,6 @@ const BATCH_STREAM: &str =
     "[[streams]]\nname = \"events\"\nsubjects = [\"events.>\"]\nallow_atomic = true\nallow_batched = true\n";
 const PLAIN_STREAM: &str = "[[streams]]\nname = \"plain\"\nsubjects = [\"plain.>\"]\n";
 
-fn err_code(reply: &Value) -> u64 {
-    reply["error"]["err_code"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("expected an error, got {reply}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_extra_atomic_batches_get_correct_acks() {
     use jetstream_extra::batch_publish::BatchPublishExt;

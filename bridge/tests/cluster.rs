@@ -1191,11 +1191,8 @@ async fn publish_conditional(
     id: &str,
     pairs: &[(&str, &str)],
 ) -> Value {
-    let mut headers = async_nats::HeaderMap::new();
+    let mut headers = header_map(pairs);
     headers.insert("Nats-Msg-Id", id);
-    for (name, value) in pairs {
-        headers.insert(*name, *value);
-    }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         assert!(Instant::now() < deadline, "{id}: no answer in 30 s");
@@ -1211,10 +1208,6 @@ async fn publish_conditional(
     }
 }
 
-fn err_code(answer: &Value) -> Option<u64> {
-    answer["error"]["err_code"].as_u64()
-}
-
 /// `Nats-Expected-*` on a replicated stream is checked against the stream
 /// as every entry before the message leaves it (never ignored): behind
 /// messages still being committed, between racing publishers (one wins),
@@ -1227,7 +1220,7 @@ async fn publish_preconditions_hold_in_log_order_across_racing_publishers_and_fa
     let first = publish_conditional(&client, "c1", &[("Nats-Expected-Last-Sequence", "0")]).await;
     assert_eq!(first["seq"].as_u64(), Some(1), "{first}");
     let stale = publish_conditional(&client, "c2", &[("Nats-Expected-Last-Sequence", "0")]).await;
-    assert_eq!(err_code(&stale), Some(10071), "{stale}");
+    assert_eq!(err_code(&stale), 10071, "{stale}");
     assert!(
         stale.to_string().contains("wrong last sequence: 1"),
         "{stale}"
@@ -1235,7 +1228,7 @@ async fn publish_preconditions_hold_in_log_order_across_racing_publishers_and_fa
     let second = publish_conditional(&client, "c3", &[("Nats-Expected-Last-Msg-Id", "c1")]).await;
     assert_eq!(second["seq"].as_u64(), Some(2), "{second}");
     let wrong_id = publish_conditional(&client, "c4", &[("Nats-Expected-Last-Msg-Id", "c1")]).await;
-    assert_eq!(err_code(&wrong_id), Some(10070), "{wrong_id}");
+    assert_eq!(err_code(&wrong_id), 10070, "{wrong_id}");
     let refused = [
         (("Nats-Expected-Stream", "other"), 10060),
         (("Nats-Expected-Last-Subject-Sequence", "1"), 10003),
@@ -1243,7 +1236,7 @@ async fn publish_preconditions_hold_in_log_order_across_racing_publishers_and_fa
     ];
     for (pair, code) in refused {
         let answer = publish_conditional(&client, "c5", &[pair]).await;
-        assert_eq!(err_code(&answer), Some(code), "{pair:?}: {answer}");
+        assert_eq!(err_code(&answer), code, "{pair:?}: {answer}");
     }
     // Racing publishers expecting the same last sequence: exactly one wins.
     let racing: Vec<_> = (0..8)
@@ -1264,7 +1257,7 @@ async fn publish_preconditions_hold_in_log_order_across_racing_publishers_and_fa
         let answer = answer.unwrap();
         match answer["seq"].as_u64() {
             Some(offset) => winners.push(offset),
-            None => assert_eq!(err_code(&answer), Some(10071), "{answer}"),
+            None => assert_eq!(err_code(&answer), 10071, "{answer}"),
         }
     }
     assert_eq!(winners, [3], "one racer wins");
@@ -1342,7 +1335,7 @@ async fn publish_preconditions_hold_in_log_order_across_racing_publishers_and_fa
         &[("Nats-Expected-Last-Msg-Id", "behind")],
     )
     .await;
-    assert_eq!(err_code(&stale), Some(10070), "{stale}");
+    assert_eq!(err_code(&stale), 10070, "{stale}");
     cluster.node(leader).restart();
     wait_converged(&cluster, Duration::from_secs(30)).await;
     let records = stop_and_compare(&mut cluster, &[0, 1, 2]);
@@ -1360,14 +1353,11 @@ async fn batch_message(
     commit: bool,
     pairs: &[(&str, &str)],
 ) -> Bytes {
-    let mut headers = async_nats::HeaderMap::new();
+    let mut headers = header_map(pairs);
     headers.insert("Nats-Batch-Id", batch);
     headers.insert("Nats-Batch-Sequence", sequence.to_string().as_str());
     if commit {
         headers.insert("Nats-Batch-Commit", "1");
-    }
-    for (name, value) in pairs {
-        headers.insert(*name, *value);
     }
     let payload = Bytes::from(format!("{batch}/{sequence}"));
     let request = client.request_with_headers("orders.b", headers, payload);
@@ -1421,19 +1411,19 @@ async fn atomic_batches_on_a_replicated_stream_commit_whole_or_not_at_all() {
         "{first}"
     );
     let stale = publish_atomic(&client, "b2", 3, &[("Nats-Expected-Last-Sequence", "0")]).await;
-    assert_eq!(err_code(&stale), Some(10071), "{stale}");
+    assert_eq!(err_code(&stale), 10071, "{stale}");
     let second = publish_atomic(&client, "b3", 3, &[("Nats-Expected-Last-Sequence", "5")]).await;
     assert_eq!(second["seq"].as_u64(), Some(8), "{second}");
     // Two messages of one batch with the same id.
     batch_message(&client, "b4", 1, false, &[("Nats-Msg-Id", "same")]).await;
     let duplicate = batch_message(&client, "b4", 2, true, &[("Nats-Msg-Id", "same")]).await;
     let duplicate: Value = serde_json::from_slice(&duplicate).unwrap();
-    assert_eq!(err_code(&duplicate), Some(10201), "{duplicate}");
+    assert_eq!(err_code(&duplicate), 10201, "{duplicate}");
     // A gap in the sequence abandons the batch.
     batch_message(&client, "b5", 1, false, &[]).await;
     let gap: Value =
         serde_json::from_slice(&batch_message(&client, "b5", 3, true, &[]).await).unwrap();
-    assert_eq!(err_code(&gap), Some(10176), "{gap}");
+    assert_eq!(err_code(&gap), 10176, "{gap}");
     // Plain messages between batches take the next offsets.
     let plain = publish_conditional(&client, "plain", &[]).await;
     assert_eq!(plain["seq"].as_u64(), Some(9), "{plain}");
@@ -1453,7 +1443,7 @@ async fn atomic_batches_on_a_replicated_stream_commit_whole_or_not_at_all() {
         }
         assert!(Instant::now() < deadline, "{answer}");
     };
-    assert_eq!(err_code(&orphan), Some(10176), "{orphan}");
+    assert_eq!(err_code(&orphan), 10176, "{orphan}");
     let after = publish_atomic(&client, "b7", 2, &[("Nats-Expected-Last-Sequence", "9")]).await;
     assert_eq!(after["seq"].as_u64(), Some(11), "{after}");
     cluster.node(leader).restart();

@@ -7,7 +7,7 @@
 use natswal::io::os::OsFileSystem;
 use natswal::io::{FileSystem, WriteMode};
 use natswal::log::FrameRange;
-use natswal::{Keyring, SegmentCache, StreamConfig};
+use natswal::{Keyring, Log, SegmentCache, StreamConfig};
 use natswal_replication::tls::{TlsFiles, TransportSecurity};
 use natswal_replication::types::{Node, NodeId};
 use natswal_replication::{
@@ -761,13 +761,15 @@ async fn the_scrub_restores_a_segment_damaged_while_the_node_runs_from_peers() {
     let sealed = log.sealed_segments();
     assert!(sealed.len() >= 3, "{sealed:?}");
     let target = &sealed[sealed.len() / 2];
-    let frame = log
-        .read_frames(FrameRange::RaftIndex {
+    let first_frame_of_target = |log: &Log| {
+        log.read_frames(FrameRange::RaftIndex {
             start: target.first_raft_index,
             end: target.first_raft_index + 1,
         })
         .unwrap()
-        .remove(0);
+        .remove(0)
+    };
+    let frame = first_frame_of_target(&log);
     drop(log);
     let bytes = std::fs::read(&target.path).unwrap();
     let position = bytes
@@ -802,14 +804,7 @@ async fn the_scrub_restores_a_segment_damaged_while_the_node_runs_from_peers() {
     for segment in log.sealed_segments() {
         assert!(log.verify_sealed_segment(segment.base_offset).unwrap());
     }
-    let restored = log
-        .read_frames(FrameRange::RaftIndex {
-            start: target.first_raft_index,
-            end: target.first_raft_index + 1,
-        })
-        .unwrap()
-        .remove(0);
-    assert_eq!(restored.bytes, frame.bytes);
+    assert_eq!(first_frame_of_target(log).bytes, frame.bytes);
     assert_identical_logs(&nodes, last).await;
 
     // The restored segment opens cleanly: a restart finds nothing to repair.

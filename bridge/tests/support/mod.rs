@@ -157,6 +157,14 @@ pub async fn request_with_pairs(
     }
 }
 
+/// The `err_code` of an error reply; panics, naming the reply, if it is
+/// not one.
+pub fn err_code(reply: &serde_json::Value) -> u64 {
+    reply["error"]["err_code"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("expected an error, got {reply}"))
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
